@@ -1,0 +1,104 @@
+use super::Globals;
+use crate::source::Delivery;
+use crate::source::embedded::local;
+use clap::Args;
+use std::io::Write;
+use std::process::ExitCode;
+
+/// Print messages of a topic, partition by partition, and exit at the end of each partition.
+#[derive(Debug, Args)]
+pub struct ConsumeCommand {
+    /// Topic to read
+    topic: String,
+    /// Start at this group's committed offset and commit what was printed [default: no group]
+    #[arg(long)]
+    group: Option<String>,
+    /// Start at the first message [default: the group's offset; without a group, the end]
+    #[arg(long)]
+    from_beginning: bool,
+    /// Stop after this many messages in all [default: no limit]
+    #[arg(long)]
+    max: Option<u64>,
+    /// One JSON object per line (topic, partition, offset, key, headers, payload, timestamp_ms)
+    #[arg(long)]
+    json: bool,
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn print(out: &mut impl Write, d: &Delivery, json: bool) -> std::io::Result<()> {
+    if json {
+        let headers: serde_json::Map<String, serde_json::Value> = d
+            .record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(text(v))))
+            .collect();
+        let v = serde_json::json!({
+            "topic": &*d.topic, "partition": d.partition, "offset": d.offset,
+            "key": d.record.key.as_deref().map(text), "headers": headers,
+            "payload": text(&d.record.payload), "timestamp_ms": d.record.timestamp_ms,
+        });
+        writeln!(out, "{v}")
+    } else {
+        let key = d
+            .record
+            .key
+            .as_deref()
+            .map(text)
+            .unwrap_or_else(|| "-".into());
+        let headers: Vec<String> = d
+            .record
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}={}", text(v)))
+            .collect();
+        let headers = if headers.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", headers.join(", "))
+        };
+        writeln!(
+            out,
+            "{}/{}@{} key={key}{headers} {}",
+            d.topic,
+            d.partition,
+            d.offset,
+            text(&d.record.payload)
+        )
+    }
+}
+
+impl ConsumeCommand {
+    pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
+        let mut log = local::open(&g.data_dir)?;
+        let stats = log.stats(Some(&self.topic))?;
+        let partitions = &stats[0].partitions;
+        let mut left = self.max.unwrap_or(u64::MAX);
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        for p in partitions {
+            let mut from = match (&self.group, self.from_beginning) {
+                (_, true) => 0,
+                (Some(group), false) => log.committed(group, &self.topic, p.partition)?,
+                (None, false) => p.end_offset,
+            };
+            while left > 0 && from < p.end_offset {
+                let batch = log.read(&self.topic, p.partition, from, left.min(1000) as usize)?;
+                let Some(last) = batch.last() else { break };
+                from = last.offset + 1;
+                for d in &batch {
+                    print(&mut out, d, self.json)?;
+                }
+                left -= batch.len() as u64;
+                if let Some(group) = &self.group {
+                    log.commit_offset(group, &self.topic, p.partition, from)?;
+                }
+            }
+        }
+        out.flush()?;
+        Ok(ExitCode::SUCCESS)
+    }
+}

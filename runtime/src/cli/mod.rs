@@ -1,0 +1,135 @@
+//! The `weir` command line. One struct per subcommand, each with `execute`; exit codes are
+//! chosen in one place, [`exit_code`].
+
+mod check;
+mod consume;
+mod produce;
+mod run;
+mod topics;
+
+use crate::config::{ConfigError, FileConfig};
+use crate::host::LoadError;
+use crate::source::SourceError;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// weir: run message handlers, compiled to WebAssembly components, over a durable log.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Data directory of the embedded log [default: ./weir-data]
+    #[arg(long, global = true, env = "WEIR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Config file (TOML; the same names as the flags) [default: none]
+    #[arg(long, global = true, env = "WEIR_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Log format on standard error [default: pretty]
+    #[arg(long, global = true, env = "WEIR_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create and list topics
+    #[command(subcommand)]
+    Topics(topics::TopicsCommand),
+    /// Append messages to a topic
+    Produce(produce::ProduceCommand),
+    /// Print messages of a topic
+    Consume(consume::ConsumeCommand),
+    /// Run a handler module over topics
+    Run(run::RunCommand),
+    /// Check that a file is a handler component weir can run
+    Check(check::CheckCommand),
+}
+
+/// What every subcommand gets: the resolved global settings.
+#[derive(Debug)]
+struct Globals {
+    data_dir: PathBuf,
+    file: FileConfig,
+}
+
+/// Marks an error as the user's input to fix (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
+fn bad_input(msg: impl Into<String>) -> anyhow::Error {
+    BadInput(msg.into()).into()
+}
+
+/// Exit codes: 0 success; 1 weir failed (storage, engine); 2 bad input (usage, config, module,
+/// topic, file); 3 the data directory cannot be used (locked by another process, corrupt).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(s) = cause.downcast_ref::<SourceError>() {
+            return match s {
+                SourceError::Locked { .. } | SourceError::Corrupt { .. } => 3,
+                s if s.is_bad_input() => 2,
+                _ => 1,
+            };
+        }
+        if cause.is::<LoadError>() || cause.is::<ConfigError>() || cause.is::<BadInput>() {
+            return 2;
+        }
+    }
+    1
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,weir=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.with_target(false).compact().init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format.unwrap_or(LogFormat::Pretty));
+    match execute(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    let file = match &cli.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .or(file.data_dir.clone())
+        .unwrap_or_else(crate::config::default_data_dir);
+    let globals = Globals { data_dir, file };
+    match cli.command {
+        Command::Topics(c) => c.execute(globals),
+        Command::Produce(c) => c.execute(globals),
+        Command::Consume(c) => c.execute(globals),
+        Command::Run(c) => c.execute(globals),
+        Command::Check(c) => c.execute(globals),
+    }
+}

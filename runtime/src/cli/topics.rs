@@ -1,0 +1,69 @@
+use super::Globals;
+use crate::source::embedded::local;
+use clap::Subcommand;
+use std::process::ExitCode;
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create a topic
+    Create {
+        /// Topic name (letters, digits, `.`, `_`, `-`)
+        topic: String,
+        /// Number of partitions [default: 1]
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+    },
+    /// List topics with each partition's depth and each consumer group's committed offset and lag
+    List {
+        /// Only this topic [default: all]
+        topic: Option<String>,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl TopicsCommand {
+    pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
+        let mut log = local::open(&g.data_dir)?;
+        match self {
+            TopicsCommand::Create { topic, partitions } => {
+                log.create_topic(&topic, partitions)?;
+                eprintln!("created topic {topic} with {partitions} partition(s)");
+            }
+            TopicsCommand::List { topic, json } => {
+                let stats = log.stats(topic.as_deref())?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&stats)?);
+                } else {
+                    println!(
+                        "{:<24} {:>9} {:>12}  {:<20} {:>12} {:>10}",
+                        "TOPIC", "PARTITION", "END", "GROUP", "COMMITTED", "LAG"
+                    );
+                    for t in &stats {
+                        for p in &t.partitions {
+                            if p.groups.is_empty() {
+                                println!(
+                                    "{:<24} {:>9} {:>12}  {:<20} {:>12} {:>10}",
+                                    t.topic, p.partition, p.end_offset, "-", "-", "-"
+                                );
+                            }
+                            for gr in &p.groups {
+                                println!(
+                                    "{:<24} {:>9} {:>12}  {:<20} {:>12} {:>10}",
+                                    t.topic,
+                                    p.partition,
+                                    p.end_offset,
+                                    gr.group,
+                                    gr.committed,
+                                    gr.lag
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

@@ -1,0 +1,408 @@
+//! Configuration: `weir.toml`, command-line flags and `WEIR_*` variables, under one set of
+//! names (`--batch-size`, `batch-size = ...`, `WEIR_BATCH_SIZE`). A flag or variable wins over
+//! the file; the file wins over the default. Everything is validated here, before anything
+//! runs, so a bad value is reported with its name and never half-way through a run.
+
+use crate::engine::retry::{Backoff, Jitter};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration problem: names the setting (and the file) and says what is expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The default data directory.
+pub fn default_data_dir() -> PathBuf {
+    PathBuf::from("./weir-data")
+}
+
+/// `weir.toml`. Unknown keys are errors, so a typo is not silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub run: RunFile,
+    /// What the handler reads through its `config` import.
+    #[serde(default)]
+    pub handler_config: BTreeMap<String, String>,
+}
+
+/// The `[run]` table: the same names as `weir run`'s flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RunFile {
+    pub module: Option<PathBuf>,
+    pub topic: Option<Vec<String>>,
+    pub group: Option<String>,
+    pub drain: Option<bool>,
+    pub batch_size: Option<usize>,
+    pub instances: Option<usize>,
+    pub memory_limit: Option<String>,
+    pub call_timeout: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub backoff_base: Option<String>,
+    pub backoff_max: Option<String>,
+    pub backoff_factor: Option<f64>,
+    pub jitter: Option<Jitter>,
+    pub dlq_topic: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| {
+            ConfigError(
+                format!("config file {}: {}", path.display(), e.message().trim_end())
+                    .replace('\n', " "),
+            )
+            .with_span(&text, e.span())
+        })
+    }
+}
+
+impl ConfigError {
+    fn with_span(self, text: &str, span: Option<std::ops::Range<usize>>) -> ConfigError {
+        match span {
+            Some(s) => {
+                let line = text[..s.start.min(text.len())].lines().count().max(1);
+                let what = text.get(s.clone()).unwrap_or("").trim();
+                ConfigError(format!("{} (line {line}: `{what}`)", self.0))
+            }
+            None => self,
+        }
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is milliseconds).
+pub fn parse_duration(name: &str, s: &str) -> Result<Duration, ConfigError> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| {
+        ConfigError(format!(
+            "{name}: `{s}` is not a duration; write it like 250ms, 5s or 2m"
+        ))
+    })?;
+    let secs = match unit.trim() {
+        "" | "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(ConfigError(format!(
+                "{name}: unknown unit `{other}` in `{s}`; use ms, s, m or h"
+            )));
+        }
+    };
+    if !secs.is_finite() || secs > 86_400.0 * 365.0 {
+        return Err(ConfigError(format!("{name}: `{s}` is out of range")));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `64MiB`, `512KiB`, `1GiB`, `1000000` (bytes).
+pub fn parse_size(name: &str, s: &str) -> Result<usize, ConfigError> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().map_err(|_| {
+        ConfigError(format!(
+            "{name}: `{s}` is not a size; write it like 64MiB or 1GiB"
+        ))
+    })?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        other => {
+            return Err(ConfigError(format!(
+                "{name}: unknown unit `{other}` in `{s}`; use KiB, MiB or GiB"
+            )));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| ConfigError(format!("{name}: `{s}` is too large")))
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_pair(name: &str, s: &str) -> Result<(String, String), ConfigError> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(ConfigError(format!("{name}: `{s}` is not KEY=VALUE"))),
+    }
+}
+
+/// Defaults of `weir run`, named so `--help`, the README and the code agree.
+pub mod defaults {
+    pub const BATCH_SIZE: usize = 256;
+    pub const MEMORY_LIMIT: &str = "64MiB";
+    pub const CALL_TIMEOUT: &str = "5s";
+    pub const MAX_ATTEMPTS: u32 = 5;
+    pub const BACKOFF_BASE: &str = "100ms";
+    pub const BACKOFF_MAX: &str = "30s";
+    pub const BACKOFF_FACTOR: f64 = 2.0;
+    pub const DLQ_TOPIC: &str = "{topic}.dlq";
+    /// Instances default to the number of CPUs.
+    pub fn instances() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    }
+}
+
+/// `weir run`'s settings after merging and validation.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub module: PathBuf,
+    pub engine: crate::engine::EngineConfig,
+    pub host: crate::host::HostConfig,
+}
+
+/// Everything `weir run` may be told on the command line (flags and `WEIR_*`), before merging.
+#[derive(Debug, Default, Clone)]
+pub struct RunOverrides {
+    pub module: Option<PathBuf>,
+    pub topic: Vec<String>,
+    pub group: Option<String>,
+    pub drain: bool,
+    pub batch_size: Option<usize>,
+    pub instances: Option<usize>,
+    pub memory_limit: Option<String>,
+    pub call_timeout: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub backoff_base: Option<String>,
+    pub backoff_max: Option<String>,
+    pub backoff_factor: Option<f64>,
+    pub jitter: Option<Jitter>,
+    pub dlq_topic: Option<String>,
+    pub handler_config: Vec<String>,
+}
+
+impl RunOverrides {
+    pub fn resolve(self, file: FileConfig, data_dir: &Path) -> Result<RunSettings, ConfigError> {
+        let f = file.run;
+        let module = self
+            .module
+            .or(f.module)
+            .ok_or_else(|| ConfigError("no handler module: pass --module handler.wasm (or `module` under [run] in weir.toml)".into()))?;
+        let topics = if self.topic.is_empty() {
+            f.topic.unwrap_or_default()
+        } else {
+            self.topic
+        };
+        if topics.is_empty() {
+            return Err(ConfigError(
+                "no topic to consume: pass --topic NAME (or `topic = [...]` under [run])".into(),
+            ));
+        }
+        for t in &topics {
+            crate::source::embedded::validate_topic_name(t)
+                .map_err(|e| ConfigError(format!("--topic: {e}")))?;
+        }
+        let group = self.group.or(f.group).ok_or_else(|| {
+            ConfigError("no consumer group: pass --group NAME (or `group` under [run])".into())
+        })?;
+        if group.is_empty() || group.contains('\0') {
+            return Err(ConfigError("--group: must be a non-empty name".into()));
+        }
+        let batch_size = self
+            .batch_size
+            .or(f.batch_size)
+            .unwrap_or(defaults::BATCH_SIZE);
+        if !(1..=10_000).contains(&batch_size) {
+            return Err(ConfigError(format!(
+                "--batch-size: {batch_size} is not between 1 and 10000"
+            )));
+        }
+        let instances = self
+            .instances
+            .or(f.instances)
+            .unwrap_or_else(defaults::instances);
+        if !(1..=1024).contains(&instances) {
+            return Err(ConfigError(format!(
+                "--instances: {instances} is not between 1 and 1024"
+            )));
+        }
+        let memory_limit = parse_size(
+            "--memory-limit",
+            &self
+                .memory_limit
+                .or(f.memory_limit)
+                .unwrap_or(defaults::MEMORY_LIMIT.into()),
+        )?;
+        if memory_limit < (1 << 20) || memory_limit > (4 << 30) {
+            return Err(ConfigError(
+                "--memory-limit: must be between 1MiB and 4GiB".into(),
+            ));
+        }
+        let call_timeout = parse_duration(
+            "--call-timeout",
+            &self
+                .call_timeout
+                .or(f.call_timeout)
+                .unwrap_or(defaults::CALL_TIMEOUT.into()),
+        )?;
+        if call_timeout.is_zero() {
+            return Err(ConfigError("--call-timeout: must be more than 0".into()));
+        }
+        let max_attempts = self
+            .max_attempts
+            .or(f.max_attempts)
+            .unwrap_or(defaults::MAX_ATTEMPTS);
+        if max_attempts == 0 {
+            return Err(ConfigError(
+                "--max-attempts: must be at least 1 (the first delivery)".into(),
+            ));
+        }
+        let base = parse_duration(
+            "--backoff-base",
+            &self
+                .backoff_base
+                .or(f.backoff_base)
+                .unwrap_or(defaults::BACKOFF_BASE.into()),
+        )?;
+        let max = parse_duration(
+            "--backoff-max",
+            &self
+                .backoff_max
+                .or(f.backoff_max)
+                .unwrap_or(defaults::BACKOFF_MAX.into()),
+        )?;
+        if base > max {
+            return Err(ConfigError(
+                "--backoff-base: must not be more than --backoff-max".into(),
+            ));
+        }
+        let factor = self
+            .backoff_factor
+            .or(f.backoff_factor)
+            .unwrap_or(defaults::BACKOFF_FACTOR);
+        if !(1.0..=100.0).contains(&factor) {
+            return Err(ConfigError(format!(
+                "--backoff-factor: {factor} is not between 1 and 100"
+            )));
+        }
+        let jitter = self.jitter.or(f.jitter).unwrap_or(Jitter::Full);
+        let dlq_topic = self
+            .dlq_topic
+            .or(f.dlq_topic)
+            .unwrap_or(defaults::DLQ_TOPIC.into());
+        crate::source::embedded::validate_topic_name(&dlq_topic.replace("{topic}", "t"))
+            .map_err(|e| ConfigError(format!("--dlq-topic: {e}")))?;
+        let mut handler_config = file.handler_config;
+        for pair in &self.handler_config {
+            let (k, v) = parse_pair("--handler-config", pair)?;
+            handler_config.insert(k, v);
+        }
+        Ok(RunSettings {
+            module,
+            engine: crate::engine::EngineConfig {
+                group,
+                topics,
+                batch_size,
+                instances,
+                drain: self.drain || f.drain.unwrap_or(false),
+                backoff: Backoff {
+                    base,
+                    factor,
+                    max,
+                    jitter,
+                    max_attempts,
+                },
+                dlq_topic,
+                idle_poll: Duration::from_millis(20),
+            },
+            host: crate::host::HostConfig {
+                memory_limit,
+                call_timeout,
+                max_instances: instances as u32,
+                cache_dir: Some(data_dir.join("compiled")),
+                handler_config,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse_with_units() {
+        assert_eq!(
+            parse_duration("x", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(parse_duration("x", "5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("x", "2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("x", "40").unwrap(),
+            Duration::from_millis(40)
+        );
+        assert!(
+            parse_duration("x", "5 parsecs")
+                .unwrap_err()
+                .0
+                .contains("unknown unit")
+        );
+        assert!(parse_duration("x", "").is_err());
+        assert_eq!(parse_size("x", "64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("x", "1024").unwrap(), 1024);
+        assert!(parse_size("x", "99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors_that_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weir.toml");
+        std::fs::write(&path, "[run]\nbatch-sise = 5\n").unwrap();
+        let err = FileConfig::load(&path).unwrap_err().0;
+        assert!(
+            err.contains("batch-sise") && err.contains("line 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file: FileConfig =
+            toml::from_str("[run]\nmodule = \"a.wasm\"\ntopic = [\"t\"]\ngroup = \"g\"\nbatch-size = 7\nmax-attempts = 2\n").unwrap();
+        let o = RunOverrides {
+            batch_size: Some(9),
+            ..Default::default()
+        };
+        let s = o.resolve(file, Path::new("d")).unwrap();
+        assert_eq!(s.engine.batch_size, 9);
+        assert_eq!(s.engine.backoff.max_attempts, 2);
+        assert_eq!(s.engine.backoff.base, Duration::from_millis(100));
+        assert_eq!(s.module, PathBuf::from("a.wasm"));
+    }
+
+    #[test]
+    fn missing_and_invalid_settings_are_named() {
+        let err = RunOverrides::default()
+            .resolve(FileConfig::default(), Path::new("d"))
+            .unwrap_err()
+            .0;
+        assert!(err.contains("--module"), "{err}");
+        let o = RunOverrides {
+            module: Some("m.wasm".into()),
+            topic: vec!["t".into()],
+            group: Some("g".into()),
+            batch_size: Some(0),
+            ..Default::default()
+        };
+        assert!(
+            o.resolve(FileConfig::default(), Path::new("d"))
+                .unwrap_err()
+                .0
+                .contains("--batch-size")
+        );
+    }
+}

@@ -1,0 +1,761 @@
+//! The WebAssembly host: loads a handler component and runs messages through it.
+//!
+//! A [`Module`] is compiled once (the compiled code is cached on disk, keyed by the SHA-256 of
+//! the component and the engine's compatibility hash) and pre-instantiated. Each [`Instance`]
+//! has its own `Store` with a memory limit, and every call runs under an epoch deadline. WASI
+//! preview 2 is linked with nothing granted: no files, no network, no environment, no args.
+//!
+//! The engine talks to this module in terms of [`Delivery`], [`Output`] and [`RunResult`];
+//! nothing of wasmtime leaks out.
+
+mod bindings;
+
+use crate::source::{Delivery, Output, Record};
+use bindings::exports::weir::r#stream::{batch_handler, handler};
+use bindings::weir::r#stream::{config, emit, log, types};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// How often the epoch advances; call deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The exported interfaces weir calls, as they appear in a component.
+pub const HANDLER_EXPORT: &str = "weir:stream/handler@0.1.0";
+pub const BATCH_HANDLER_EXPORT: &str = "weir:stream/batch-handler@0.1.0";
+
+/// Limits and settings of the host, fixed when a module is loaded.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Linear memory an instance may use, in bytes.
+    pub memory_limit: usize,
+    /// How long one message may run; a batch call gets this per message.
+    pub call_timeout: Duration,
+    /// The most instances alive at once (sizes the pooling allocator).
+    pub max_instances: u32,
+    /// Where compiled components are cached; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+    /// What the handler reads through the `config` import.
+    pub handler_config: BTreeMap<String, String>,
+}
+
+/// Why a module could not be loaded. Each says which file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read handler module {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a WebAssembly file (it does not start with \\0asm); \
+         pass the .wasm your handler's build produced"
+    )]
+    NotWasm { path: String },
+    #[error(
+        "{path} is a core WebAssembly module, not a component; build it for the \
+         wasm32-wasip2 target (`cargo build --target wasm32-wasip2`), or wrap it with \
+         `wasm-tools component new`"
+    )]
+    CoreModule { path: String },
+    #[error("{path} is not a valid WebAssembly component: {detail}")]
+    Invalid { path: String, detail: String },
+    #[error(
+        "{path} does not implement weir's handler world: it exports neither `{HANDLER_EXPORT}` \
+         nor `{BATCH_HANDLER_EXPORT}` (it exports: {exports}); build it against world \
+         `consumer` or `batch-consumer` of weir's wit/"
+    )]
+    NoHandler { path: String, exports: String },
+    #[error(
+        "{path} cannot be linked: {detail}; weir provides only its own `weir:stream` interfaces and WASI 0.2 (with nothing granted)"
+    )]
+    Imports { path: String, detail: String },
+    #[error("{path}: the handler's exports do not match weir's contract: {detail}")]
+    Signature { path: String, detail: String },
+    #[error("wasmtime engine: {0}")]
+    Engine(String),
+}
+
+/// What happened to one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled; ack it and publish its outputs.
+    Ok,
+    /// The handler asked to be called again later.
+    Retry {
+        reason: String,
+        delay: Option<Duration>,
+    },
+    /// The handler says the message can never succeed.
+    Reject { reason: String },
+    /// The host stopped the call: the instance is gone and must be replaced.
+    Fault { kind: FaultKind, detail: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The guest trapped (a panic, `unreachable`, an out-of-bounds access...).
+    Trap,
+    /// The call ran past its deadline.
+    Timeout,
+    /// The instance tried to grow its memory past the limit.
+    Memory,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Trap => "trap",
+            FaultKind::Timeout => "timeout",
+            FaultKind::Memory => "memory",
+        }
+    }
+}
+
+/// The result of running a run of messages: the first `done` succeeded (their outputs are in
+/// `outputs`), and `stop`, if any, is what happened to message number `done`; the messages
+/// after it were not run (the engine keeps per-partition order by stopping there).
+#[derive(Debug, Default)]
+pub struct RunResult {
+    pub done: usize,
+    pub outputs: Vec<Output>,
+    pub stop: Option<Outcome>,
+}
+
+/// Which entry point the component exports (the batch one is preferred).
+#[derive(Clone)]
+enum Entry {
+    Single(handler::GuestIndices),
+    Batch(batch_handler::GuestIndices),
+}
+
+/// What every instance of a module shares.
+struct Shared {
+    name: Arc<str>,
+    config: BTreeMap<String, String>,
+    /// Asks the source whether an output topic exists, so `emit.send` can refuse at once.
+    topic_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+/// A loaded, compiled, pre-instantiated handler component.
+#[derive(Clone)]
+pub struct Module {
+    engine: Engine,
+    pre: InstancePre<State>,
+    entry: Entry,
+    shared: Arc<Shared>,
+    digest: Arc<str>,
+    memory_limit: usize,
+    ticks_per_message: u64,
+    /// Keeps the epoch ticker running.
+    ticker: Arc<()>,
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module")
+            .field("name", &self.shared.name)
+            .field("digest", &self.digest)
+            .finish()
+    }
+}
+
+/// A description of a component, for `weir check`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Description {
+    pub name: String,
+    pub digest: String,
+    pub size: usize,
+    pub entry: &'static str,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+}
+
+fn make_engine(cfg: &HostConfig) -> Result<Engine, LoadError> {
+    let mut pool = PoolingAllocationConfig::default();
+    // Each instance is one component instance; guests built by wit-bindgen or componentize
+    // tools hold a handful of core instances, memories and tables. Room for replacements too.
+    let slots = cfg.max_instances.saturating_mul(2).max(8);
+    pool.total_component_instances(slots)
+        .total_core_instances(slots.saturating_mul(8))
+        .total_memories(slots.saturating_mul(2))
+        .total_tables(slots.saturating_mul(4))
+        .total_stacks(slots)
+        .max_memory_size(cfg.memory_limit)
+        .max_core_instances_per_component(50)
+        .max_memories_per_component(10)
+        .max_tables_per_component(20)
+        .max_core_instance_size(4 << 20)
+        .max_component_instance_size(4 << 20)
+        .table_elements(200_000);
+    let mut config = wasmtime::Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        // Async-component machinery weir does not use costs ~1 µs per call (TOOLCHAIN.md).
+        .concurrency_support(false)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config).map_err(|e| LoadError::Engine(format!("{e:#}")))
+}
+
+/// Advances the engine's epoch every tick while any module or instance of the engine lives
+/// (each holds the returned token). This thread is the only clock call deadlines see.
+fn start_epoch_ticker(engine: &Engine) -> Arc<()> {
+    let token = Arc::new(());
+    let alive: Weak<()> = Arc::downgrade(&token);
+    let engine = engine.clone();
+    std::thread::Builder::new()
+        .name("weir-epoch".into())
+        .spawn(move || {
+            while alive.strong_count() > 0 {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        })
+        .expect("spawn the epoch ticker thread");
+    token
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Reads and classifies a file before handing it to wasmtime, so each kind of wrong file gets
+/// its own message.
+fn read_component(path: &Path) -> Result<Vec<u8>, LoadError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(LoadError::NotWasm { path: shown });
+    }
+    // The layer field after the magic: 1 is a core module, 0x0d (with layer 1) a component.
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(LoadError::CoreModule { path: shown });
+    }
+    Ok(bytes)
+}
+
+fn compile(
+    engine: &Engine,
+    bytes: &[u8],
+    digest: &str,
+    cache_dir: Option<&Path>,
+    shown: &str,
+) -> Result<Component, LoadError> {
+    let invalid = |e: wasmtime::Error| LoadError::Invalid {
+        path: shown.to_string(),
+        detail: format!("{e:#}"),
+    };
+    let Some(dir) = cache_dir else {
+        return Component::new(engine, bytes).map_err(invalid);
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    let cached = dir.join(format!("{digest}-{:016x}.cwasm", h.finish()));
+    if cached.is_file() {
+        // SAFETY: the file was written by `Component::serialize` below, by this build of weir
+        // (the name carries the engine's compatibility hash), into weir's own data directory,
+        // which is trusted like the log it holds. Wasmtime checks the header and version too.
+        #[allow(unsafe_code)]
+        match unsafe { Component::deserialize_file(engine, &cached) } {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                tracing::warn!(file = %cached.display(), error = %e, "ignoring unusable compiled-module cache entry")
+            }
+        }
+    }
+    let component = Component::new(engine, bytes).map_err(invalid)?;
+    // A cache we cannot write only costs time on the next start.
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, component.serialize().map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, &cached)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot cache the compiled module");
+    }
+    Ok(component)
+}
+
+impl Module {
+    /// Loads the component at `path`. `topic_exists` lets `emit.send` refuse unknown topics.
+    pub fn load(
+        path: &Path,
+        cfg: &HostConfig,
+        topic_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    ) -> Result<Module, LoadError> {
+        let shown = path.display().to_string();
+        let bytes = read_component(path)?;
+        let digest = sha256_hex(&bytes);
+        let engine = make_engine(cfg)?;
+        let ticker = start_epoch_ticker(&engine);
+        let component = compile(&engine, &bytes, &digest, cfg.cache_dir.as_deref(), &shown)?;
+
+        let mut linker: Linker<State> = Linker::new(&engine);
+        let link_err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link_err)?;
+        types::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
+        emit::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
+        log::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
+        config::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
+
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Imports {
+                path: shown.clone(),
+                detail: format!("{e:#}"),
+            })?;
+        let entry = match batch_handler::GuestIndices::new(&pre) {
+            Ok(b) => Entry::Batch(b),
+            Err(_) => match handler::GuestIndices::new(&pre) {
+                Ok(s) => Entry::Single(s),
+                Err(_) => {
+                    let exports = component
+                        .component_type()
+                        .exports(&engine)
+                        .map(|(n, _)| n.to_string())
+                        .collect::<Vec<_>>();
+                    let exports = if exports.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        exports.join(", ")
+                    };
+                    return Err(LoadError::NoHandler {
+                        path: shown,
+                        exports,
+                    });
+                }
+            },
+        };
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("handler");
+        let ticks = (cfg.call_timeout.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64 + 1;
+        let module = Module {
+            engine,
+            pre,
+            entry,
+            shared: Arc::new(Shared {
+                name: Arc::from(name),
+                config: cfg.handler_config.clone(),
+                topic_exists,
+            }),
+            digest: Arc::from(digest),
+            memory_limit: cfg.memory_limit,
+            ticks_per_message: ticks,
+            ticker,
+        };
+        // Instantiate once now: type mismatches in the exports, and guests that trap in their
+        // start function, are load errors, not per-message faults.
+        module.instantiate().map_err(|e| LoadError::Signature {
+            path: shown.clone(),
+            detail: format!("{e:?}"),
+        })?;
+        Ok(module)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// SHA-256 of the component's bytes, hex.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Whether the component exports the batch entry point.
+    pub fn is_batch(&self) -> bool {
+        matches!(self.entry, Entry::Batch(_))
+    }
+
+    pub fn describe(&self, size: usize) -> Description {
+        let ty = self.pre.component().component_type();
+        Description {
+            name: self.shared.name.to_string(),
+            digest: self.digest.to_string(),
+            size,
+            entry: if self.is_batch() {
+                BATCH_HANDLER_EXPORT
+            } else {
+                HANDLER_EXPORT
+            },
+            imports: ty
+                .imports(&self.engine)
+                .map(|(n, _)| n.to_string())
+                .collect(),
+            exports: ty
+                .exports(&self.engine)
+                .map(|(n, _)| n.to_string())
+                .collect(),
+        }
+    }
+
+    /// A fresh instance. Errors are faults (the component trapped while starting).
+    pub fn instantiate(&self) -> Result<Instance, Outcome> {
+        let wasi = WasiCtx::builder().build();
+        let state = State {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit: self.memory_limit,
+                hit: false,
+            },
+            outputs: Vec::new(),
+            emit_error: None,
+            shared: self.shared.clone(),
+            context: String::new(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.ticks_per_message.saturating_mul(10));
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(&store, &e))?;
+        let entry = match &self.entry {
+            Entry::Single(ix) => LoadedEntry::Single(
+                ix.load(&mut store, &instance)
+                    .map_err(|e| classify(&store, &e))?,
+            ),
+            Entry::Batch(ix) => LoadedEntry::Batch(
+                ix.load(&mut store, &instance)
+                    .map_err(|e| classify(&store, &e))?,
+            ),
+        };
+        Ok(Instance {
+            store,
+            entry,
+            ticks_per_message: self.ticks_per_message,
+            _ticker: self.ticker.clone(),
+        })
+    }
+}
+
+enum LoadedEntry {
+    Single(handler::Guest),
+    Batch(batch_handler::Guest),
+}
+
+/// One live instance of a module. Serves one caller at a time; after a [`Outcome::Fault`] it
+/// must be dropped and replaced (its memory may be half-written).
+pub struct Instance {
+    store: Store<State>,
+    entry: LoadedEntry,
+    ticks_per_message: u64,
+    _ticker: Arc<()>,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("module", &self.store.data().shared.name)
+            .finish()
+    }
+}
+
+fn to_wit(d: &Delivery, attempt: u32) -> types::Message {
+    types::Message {
+        topic: d.topic.to_string(),
+        partition: d.partition,
+        offset: d.offset,
+        key: d.record.key.clone(),
+        payload: d.record.payload.clone(),
+        headers: d.record.headers.clone(),
+        timestamp_ms: d.record.timestamp_ms,
+        attempt,
+    }
+}
+
+fn from_failure(f: types::Failure) -> Outcome {
+    match f {
+        types::Failure::Retry(r) => Outcome::Retry {
+            reason: r.reason,
+            delay: r.delay_ms.map(Duration::from_millis),
+        },
+        types::Failure::Reject(reason) => Outcome::Reject { reason },
+    }
+}
+
+/// Turns a wasmtime error from a call into a fault with its kind.
+fn classify(store: &Store<State>, e: &wasmtime::Error) -> Outcome {
+    let kind = if store.data().limiter.hit {
+        FaultKind::Memory
+    } else if matches!(
+        e.downcast_ref::<wasmtime::Trap>(),
+        Some(wasmtime::Trap::Interrupt)
+    ) {
+        FaultKind::Timeout
+    } else {
+        FaultKind::Trap
+    };
+    let detail = match kind {
+        FaultKind::Memory => format!(
+            "memory limit of {} bytes reached: {e}",
+            store.data().limiter.limit
+        ),
+        FaultKind::Timeout => "the call ran past its deadline (--call-timeout)".to_string(),
+        FaultKind::Trap => format!("{e:#}"),
+    };
+    Outcome::Fault { kind, detail }
+}
+
+impl Instance {
+    /// Runs `msgs` in order, stopping at the first that does not succeed. `attempts[i]` is the
+    /// delivery attempt of `msgs[i]` (1 for a first delivery).
+    pub fn run(&mut self, msgs: &[Delivery], attempts: &[u32]) -> RunResult {
+        match self.entry {
+            LoadedEntry::Single(_) => self.run_singly(msgs, attempts),
+            LoadedEntry::Batch(_) => self.run_batch(msgs, attempts),
+        }
+    }
+
+    fn arm(&mut self, messages: usize, context: String) {
+        self.store.set_epoch_deadline(
+            self.ticks_per_message
+                .saturating_mul(messages.max(1) as u64),
+        );
+        let s = self.store.data_mut();
+        s.outputs.clear();
+        s.emit_error = None;
+        s.context = context;
+    }
+
+    fn run_singly(&mut self, msgs: &[Delivery], attempts: &[u32]) -> RunResult {
+        let LoadedEntry::Single(guest) = &self.entry else {
+            unreachable!("run_singly on a batch entry")
+        };
+        let guest = guest.clone();
+        let mut result = RunResult::default();
+        for (d, &attempt) in msgs.iter().zip(attempts) {
+            self.arm(1, format!("{}/{}@{}", d.topic, d.partition, d.offset));
+            let call = guest.call_handle(&mut self.store, &to_wit(d, attempt));
+            let outcome = match call {
+                Err(e) => classify(&self.store, &e),
+                Ok(Err(f)) => from_failure(f),
+                Ok(Ok(())) => Outcome::Ok,
+            };
+            if outcome != Outcome::Ok {
+                result.stop = Some(outcome);
+                return result;
+            }
+            result.outputs.append(&mut self.store.data_mut().outputs);
+            result.done += 1;
+        }
+        result
+    }
+
+    fn run_batch(&mut self, msgs: &[Delivery], attempts: &[u32]) -> RunResult {
+        let LoadedEntry::Batch(guest) = &self.entry else {
+            unreachable!("run_batch on a single entry")
+        };
+        let guest = guest.clone();
+        let mut result = RunResult::default();
+        let mut rest = msgs;
+        let mut rest_attempts = attempts;
+        // Each round either finishes `rest`, or finds its first failure and re-runs only the
+        // prefix before it (so outputs belong to exactly the messages that succeeded); the
+        // prefix shrinks every round, so this ends.
+        while !rest.is_empty() {
+            let first = rest[0].offset;
+            self.arm(
+                rest.len(),
+                format!("{}/{}@{}..", rest[0].topic, rest[0].partition, first),
+            );
+            let batch: Vec<types::Message> = rest
+                .iter()
+                .zip(rest_attempts)
+                .map(|(d, &a)| to_wit(d, a))
+                .collect();
+            let results = match guest.call_handle_batch(&mut self.store, &batch) {
+                Err(e) if rest.len() == 1 => {
+                    result.stop = Some(classify(&self.store, &e));
+                    return result;
+                }
+                Err(e) => {
+                    // We cannot tell which message faulted: the caller replaces the instance
+                    // and runs the batch one message at a time to find it.
+                    result.stop = Some(classify(&self.store, &e));
+                    return result;
+                }
+                Ok(r) => r,
+            };
+            if results.len() != rest.len() {
+                let detail = format!(
+                    "handle-batch returned {} results for {} messages",
+                    results.len(),
+                    rest.len()
+                );
+                result.stop = Some(Outcome::Fault {
+                    kind: FaultKind::Trap,
+                    detail,
+                });
+                return result;
+            }
+            match results.into_iter().position(|r| r.is_err()) {
+                None => {
+                    result.outputs.append(&mut self.store.data_mut().outputs);
+                    result.done += rest.len();
+                    return result;
+                }
+                Some(0) => {
+                    let f = batch_first_error(&guest, &mut self.store, &batch[..1]);
+                    result.stop = Some(f);
+                    return result;
+                }
+                Some(k) => {
+                    // Drop this call's outputs; run the successful prefix again on its own.
+                    let (prefix, prefix_attempts) = (&rest[..k], &rest_attempts[..k]);
+                    let sub = self.run_batch(prefix, prefix_attempts);
+                    result.done += sub.done;
+                    result.outputs.extend(sub.outputs);
+                    if sub.stop.is_some() {
+                        result.stop = sub.stop;
+                        return result;
+                    }
+                    rest = &rest[k..];
+                    rest_attempts = &rest_attempts[k..];
+                }
+            }
+        }
+        result
+    }
+
+    /// Whether this instance was built for the batch entry point.
+    pub fn is_batch(&self) -> bool {
+        matches!(self.entry, LoadedEntry::Batch(_))
+    }
+}
+
+/// Calls `handle-batch` with one message and returns its outcome.
+fn batch_first_error(
+    guest: &batch_handler::Guest,
+    store: &mut Store<State>,
+    one: &[types::Message],
+) -> Outcome {
+    store.data_mut().outputs.clear();
+    match guest.call_handle_batch(&mut *store, one) {
+        Err(e) => classify(store, &e),
+        Ok(mut r) => match r.pop() {
+            Some(Err(f)) => from_failure(f),
+            Some(Ok(())) => Outcome::Ok,
+            None => Outcome::Fault {
+                kind: FaultKind::Trap,
+                detail: "handle-batch returned no result".into(),
+            },
+        },
+    }
+}
+
+/// Per-instance host state.
+struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    /// Messages the guest emitted during the current call; published only on success.
+    outputs: Vec<Output>,
+    emit_error: Option<String>,
+    shared: Arc<Shared>,
+    /// Which message(s) the current call is about, for log lines.
+    context: String,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Enforces the memory limit and remembers that it was hit, so the trap that usually follows
+/// (an allocator that cannot grow aborts) is reported as `memory`, not as a generic trap.
+struct MemoryLimiter {
+    limit: usize,
+    hit: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+impl types::Host for State {}
+
+impl emit::Host for State {
+    fn send(
+        &mut self,
+        topic: String,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: types::Headers,
+    ) -> Result<(), String> {
+        if let Err(e) = crate::source::embedded::validate_topic_name(&topic) {
+            return Err(e.to_string());
+        }
+        if !(self.shared.topic_exists)(&topic) {
+            return Err(format!("topic `{topic}` does not exist"));
+        }
+        self.outputs.push(Output {
+            topic,
+            record: Record {
+                key,
+                payload,
+                headers,
+                timestamp_ms: None,
+            },
+        });
+        Ok(())
+    }
+}
+
+impl log::Host for State {
+    fn log(&mut self, level: log::Level, message: String) {
+        let module = &*self.shared.name;
+        let at = &self.context;
+        match level {
+            log::Level::Trace => tracing::trace!(target: "weir::guest", module, at, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "weir::guest", module, at, "{message}"),
+            log::Level::Info => tracing::info!(target: "weir::guest", module, at, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "weir::guest", module, at, "{message}"),
+            log::Level::Error => tracing::error!(target: "weir::guest", module, at, "{message}"),
+        }
+    }
+}
+
+impl config::Host for State {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.shared.config.get(&key).cloned()
+    }
+}

@@ -1,0 +1,23 @@
+//! weir: a stream-processing runtime that runs message handlers as WebAssembly components.
+//!
+//! weir consumes topics, calls a sandboxed handler component for each message through the WIT
+//! contract in `wit/`, and owns delivery: acks and offset commits, publishing what the handler
+//! emitted, and never losing a message.
+//!
+//! # Layout
+//! - [`source`]: where messages come from. [`source::Source`] is what the engine needs;
+//!   [`source::embedded`] is the default, a durable log in the data directory (fjall), with
+//!   [`source::embedded::local`] letting other `weir` commands reach a log that `weir run` owns.
+//! - [`host`]: wasmtime. Compiles (and caches) a component, instantiates it under limits, and
+//!   turns a call's result into an [`host::Outcome`]. The only module that names wasmtime.
+//! - [`engine`]: the consume loop. Fetch per partition, run through an instance pool, commit
+//!   outputs and offsets together; [`engine::offsets`] is the pure commit-point tracker,
+//!   [`engine::retry`] the pure backoff policy.
+//! - [`config`]: `weir.toml`, flags and `WEIR_*` variables resolved into one validated struct.
+//! - [`cli`]: the `weir` command line; one module per subcommand.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod host;
+pub mod source;

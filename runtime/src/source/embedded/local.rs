@@ -1,0 +1,461 @@
+//! Reaching a log that another process owns.
+//!
+//! A data directory is opened by one process at a time. While `weir run` owns one, it serves
+//! the log on a Unix socket, `<data-dir>/weir.sock`, so that `weir produce`, `weir consume` and
+//! `weir topics` keep working. The protocol is one JSON object per line each way; it is local,
+//! unauthenticated (the socket file's permissions guard it) and not a stable interface.
+//!
+//! [`open`] is what commands call: it opens the log itself when it can, and otherwise connects
+//! to the process that owns it.
+
+use super::EmbeddedLog;
+use crate::source::{Delivery, Record, SourceError, TopicStats};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const SOCKET_NAME: &str = "weir.sock";
+
+/// Records per produce request; keeps each request line a few MiB at most.
+const CHUNK: usize = 5_000;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+enum Request {
+    Produce {
+        topic: String,
+        records: Vec<WireRecord>,
+    },
+    CreateTopic {
+        topic: String,
+        partitions: u32,
+    },
+    Stats {
+        topic: Option<String>,
+    },
+    Read {
+        topic: String,
+        partition: u32,
+        from: u64,
+        max: usize,
+    },
+    Committed {
+        group: String,
+        topic: String,
+        partition: u32,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "ok", rename_all = "kebab-case")]
+enum Response {
+    Placed { placed: Vec<(u32, u64)> },
+    Done,
+    Stats { topics: Vec<TopicStats> },
+    Records { records: Vec<WireDelivery> },
+    Offset { offset: u64 },
+    Error { bad_input: bool, message: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WireRecord {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+    timestamp_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WireDelivery {
+    partition: u32,
+    offset: u64,
+    record: WireRecord,
+}
+
+impl From<Record> for WireRecord {
+    fn from(r: Record) -> Self {
+        WireRecord {
+            key: r.key,
+            payload: r.payload,
+            headers: r.headers,
+            timestamp_ms: r.timestamp_ms,
+        }
+    }
+}
+
+impl From<WireRecord> for Record {
+    fn from(r: WireRecord) -> Self {
+        Record {
+            key: r.key,
+            payload: r.payload,
+            headers: r.headers,
+            timestamp_ms: r.timestamp_ms,
+        }
+    }
+}
+
+impl SourceError {
+    /// Whether the user can fix this by changing their input (as opposed to a broken store).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            SourceError::UnknownTopic(_)
+                | SourceError::TopicExists(_)
+                | SourceError::InvalidTopic { .. }
+                | SourceError::UnknownPartition { .. }
+                | SourceError::Invalid(_)
+        )
+    }
+}
+
+fn error_response(e: SourceError) -> Response {
+    Response::Error {
+        bad_input: e.is_bad_input(),
+        message: e.to_string(),
+    }
+}
+
+fn serve_one(log: &EmbeddedLog, req: Request) -> Response {
+    let r = match req {
+        Request::Produce { topic, records } => log
+            .append(&topic, records.into_iter().map(Record::from).collect())
+            .map(|placed| Response::Placed { placed }),
+        Request::CreateTopic { topic, partitions } => log
+            .create_topic(&topic, partitions)
+            .map(|()| Response::Done),
+        Request::Stats { topic } => log
+            .stats(topic.as_deref())
+            .map(|topics| Response::Stats { topics }),
+        Request::Read {
+            topic,
+            partition,
+            from,
+            max,
+        } => log
+            .read(&topic, partition, from, max)
+            .map(|ds| Response::Records {
+                records: ds
+                    .into_iter()
+                    .map(|d| WireDelivery {
+                        partition: d.partition,
+                        offset: d.offset,
+                        record: d.record.into(),
+                    })
+                    .collect(),
+            }),
+        Request::Committed {
+            group,
+            topic,
+            partition,
+        } => log
+            .committed_offset(&group, &topic, partition)
+            .map(|offset| Response::Offset { offset }),
+    };
+    r.unwrap_or_else(error_response)
+}
+
+/// Serves `log` on `<data-dir>/weir.sock` until the returned guard is dropped. Returns `None`
+/// (with a warning) when the socket cannot be made; `weir run` works without it.
+pub fn serve(log: Arc<EmbeddedLog>) -> Option<SocketGuard> {
+    let path = log.dir().join(SOCKET_NAME);
+    // We hold the data directory's lock, so a socket file left here is from a dead process.
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot serve the log to other weir commands; `weir produce` will wait until this run ends");
+            return None;
+        }
+    };
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                if let Err(e) = connection(log, stream).await {
+                    tracing::debug!(error = %e, "local client connection ended");
+                }
+            });
+        }
+    });
+    Some(SocketGuard { path, task })
+}
+
+async fn connection(log: Arc<EmbeddedLog>, stream: tokio::net::UnixStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response::Error {
+                bad_input: true,
+                message: format!("bad request: {e}"),
+            },
+            Ok(req) => {
+                let log = log.clone();
+                tokio::task::spawn_blocking(move || serve_one(&log, req))
+                    .await
+                    .unwrap_or_else(|e| Response::Error {
+                        bad_input: false,
+                        message: e.to_string(),
+                    })
+            }
+        };
+        let mut out = serde_json::to_vec(&response).expect("responses serialise");
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Removes the socket and stops serving when dropped.
+#[derive(Debug)]
+pub struct SocketGuard {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A connection to the process that owns a data directory.
+#[derive(Debug)]
+pub struct Client {
+    dir: String,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    fn connect(dir: &Path) -> std::io::Result<Client> {
+        let stream = UnixStream::connect(dir.join(SOCKET_NAME))?;
+        Ok(Client {
+            dir: dir.display().to_string(),
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    fn call(&mut self, req: &Request) -> Result<Response, SourceError> {
+        let lost = |e: std::io::Error| SourceError::Storage {
+            dir: self.dir.clone(),
+            detail: format!("lost the connection to the weir process that owns it: {e}"),
+        };
+        let mut line = serde_json::to_vec(req).expect("requests serialise");
+        line.push(b'\n');
+        self.writer.write_all(&line).map_err(lost)?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer).map_err(lost)? == 0 {
+            return Err(lost(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        match serde_json::from_str(&answer) {
+            Ok(Response::Error {
+                bad_input: true,
+                message,
+            }) => Err(SourceError::Invalid(message)),
+            Ok(Response::Error {
+                bad_input: false,
+                message,
+            }) => Err(SourceError::Storage {
+                dir: self.dir.clone(),
+                detail: message,
+            }),
+            Ok(r) => Ok(r),
+            Err(e) => Err(SourceError::Storage {
+                dir: self.dir.clone(),
+                detail: format!("unreadable answer: {e}"),
+            }),
+        }
+    }
+
+    fn unexpected(&self, r: Response) -> SourceError {
+        SourceError::Storage {
+            dir: self.dir.clone(),
+            detail: format!("unexpected answer {r:?}"),
+        }
+    }
+}
+
+/// A log opened here, or reached through the process that owns it.
+#[derive(Debug)]
+pub enum LogHandle {
+    Local(Arc<EmbeddedLog>),
+    Remote(Client),
+}
+
+/// How long a command waits for a data directory that another short-lived command holds.
+const OPEN_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens the log in `dir`, or connects to the `weir run` that owns it.
+pub fn open(dir: &Path) -> Result<LogHandle, SourceError> {
+    let deadline = Instant::now() + OPEN_WAIT;
+    loop {
+        match EmbeddedLog::open(dir) {
+            Ok(log) => return Ok(LogHandle::Local(Arc::new(log))),
+            Err(SourceError::Locked { dir: shown }) => {
+                if let Ok(c) = Client::connect(dir) {
+                    return Ok(LogHandle::Remote(c));
+                }
+                // Another command (produce, topics) holds it for a moment: wait for it.
+                if Instant::now() >= deadline {
+                    return Err(SourceError::Locked { dir: shown });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Opens the log in `dir` for this process alone (what `weir run` needs), waiting a little for
+/// a short-lived command that holds it.
+pub fn open_owned(dir: &Path) -> Result<Arc<EmbeddedLog>, SourceError> {
+    let deadline = Instant::now() + OPEN_WAIT;
+    loop {
+        match EmbeddedLog::open(dir) {
+            Err(SourceError::Locked { .. })
+                if Instant::now() < deadline && Client::connect(dir).is_err() =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.map(Arc::new),
+        }
+    }
+}
+
+impl LogHandle {
+    pub fn append(
+        &mut self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<Vec<(u32, u64)>, SourceError> {
+        match self {
+            LogHandle::Local(log) => log.append(topic, records),
+            LogHandle::Remote(c) => {
+                let mut placed = Vec::with_capacity(records.len());
+                let mut records = records.into_iter().peekable();
+                while records.peek().is_some() {
+                    let chunk: Vec<WireRecord> =
+                        records.by_ref().take(CHUNK).map(WireRecord::from).collect();
+                    match c.call(&Request::Produce {
+                        topic: topic.to_string(),
+                        records: chunk,
+                    })? {
+                        Response::Placed { placed: p } => placed.extend(p),
+                        r => return Err(c.unexpected(r)),
+                    }
+                }
+                Ok(placed)
+            }
+        }
+    }
+
+    pub fn create_topic(&mut self, topic: &str, partitions: u32) -> Result<(), SourceError> {
+        match self {
+            LogHandle::Local(log) => log.create_topic(topic, partitions),
+            LogHandle::Remote(c) => match c.call(&Request::CreateTopic {
+                topic: topic.into(),
+                partitions,
+            })? {
+                Response::Done => Ok(()),
+                r => Err(c.unexpected(r)),
+            },
+        }
+    }
+
+    pub fn stats(&mut self, topic: Option<&str>) -> Result<Vec<TopicStats>, SourceError> {
+        match self {
+            LogHandle::Local(log) => log.stats(topic),
+            LogHandle::Remote(c) => match c.call(&Request::Stats {
+                topic: topic.map(String::from),
+            })? {
+                Response::Stats { topics } => Ok(topics),
+                r => Err(c.unexpected(r)),
+            },
+        }
+    }
+
+    pub fn read(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, SourceError> {
+        match self {
+            LogHandle::Local(log) => log.read(topic, partition, from, max),
+            LogHandle::Remote(c) => match c.call(&Request::Read {
+                topic: topic.into(),
+                partition,
+                from,
+                max,
+            })? {
+                Response::Records { records } => {
+                    let name: Arc<str> = Arc::from(topic);
+                    Ok(records
+                        .into_iter()
+                        .map(|w| Delivery {
+                            topic: name.clone(),
+                            partition: w.partition,
+                            offset: w.offset,
+                            record: w.record.into(),
+                        })
+                        .collect())
+                }
+                r => Err(c.unexpected(r)),
+            },
+        }
+    }
+
+    pub fn committed(
+        &mut self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> Result<u64, SourceError> {
+        match self {
+            LogHandle::Local(log) => log.committed_offset(group, topic, partition),
+            LogHandle::Remote(c) => match c.call(&Request::Committed {
+                group: group.into(),
+                topic: topic.into(),
+                partition,
+            })? {
+                Response::Offset { offset } => Ok(offset),
+                r => Err(c.unexpected(r)),
+            },
+        }
+    }
+
+    /// Commits a consumer offset (used by `weir consume --group`).
+    pub fn commit_offset(
+        &mut self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        next: u64,
+    ) -> Result<(), SourceError> {
+        match self {
+            LogHandle::Local(log) => log.commit_batch(
+                group,
+                crate::source::Commit {
+                    offsets: vec![(Arc::from(topic), partition, next)],
+                    outputs: vec![],
+                },
+            ),
+            LogHandle::Remote(_) => Err(SourceError::Invalid(
+                "`weir consume --group` cannot commit while `weir run` owns the data directory; \
+                 read without --group, or stop the run"
+                    .into(),
+            )),
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! The embedded log: weir's default source, a durable single-node log in the data directory.
+//!
+//! Built on fjall (an LSM-tree storage engine with a write-ahead journal). Two keyspaces:
+//! `records` holds every message under `topic 0 partition offset` (see [`codec`]); `meta` holds
+//! topic definitions and consumer-group offsets. A commit (outputs plus offsets) is one fjall
+//! write batch, so it is atomic; every append and commit is fsynced before it is reported done,
+//! so what `weir produce` reported as written survives `kill -9` and power loss.
+//!
+//! One process owns a data directory at a time (fjall holds a file lock). While `weir run` owns
+//! it, other `weir` commands reach the log through its local socket (see [`local`]).
+
+pub(crate) mod codec;
+pub mod local;
+
+use super::{
+    Commit, Delivery, GroupOffset, PartitionStats, Record, Source, SourceError, TopicStats,
+};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The most partitions a topic may have; a guard against typos like `--partitions 40000`.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct TopicMeta {
+    partitions: u32,
+    created_ms: u64,
+}
+
+struct Topic {
+    partitions: u32,
+    /// Next offset per partition. Only changed under `EmbeddedLog::write`.
+    ends: Vec<AtomicU64>,
+    /// Where the next keyless record goes (round robin).
+    next_keyless: AtomicU64,
+}
+
+pub struct EmbeddedLog {
+    dir: PathBuf,
+    db: Database,
+    records: Keyspace,
+    meta: Keyspace,
+    /// Topic table; read on every fetch, written only by `create_topic`.
+    topics: std::sync::RwLock<HashMap<String, Arc<Topic>>>,
+    /// Serialises offset assignment and the write batch that uses it, so offsets are dense
+    /// and increasing. The fsync happens after it is released, so concurrent writers share one.
+    write: Mutex<()>,
+}
+
+impl std::fmt::Debug for EmbeddedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedLog")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Kafka's rules, so topic names move between sources unchanged.
+pub fn validate_topic_name(name: &str) -> Result<(), SourceError> {
+    let why = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 249 {
+        Some("it is longer than 249 characters")
+    } else if name == "." || name == ".." {
+        Some("`.` and `..` are reserved")
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        Some("use only ASCII letters, digits, `.`, `_` and `-`")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(SourceError::InvalidTopic {
+            name: name.to_string(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Stable partitioner for keyed records (FNV-1a): the same key always lands in the same
+/// partition, across processes and releases, as long as the partition count is unchanged.
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % u64::from(partitions)) as u32
+}
+
+impl EmbeddedLog {
+    /// Opens (or creates) the log in `dir`. Fails with [`SourceError::Locked`] if another
+    /// process has it open, and [`SourceError::Corrupt`] if it cannot be read; neither changes
+    /// anything on disk.
+    pub fn open(dir: &Path) -> Result<Self, SourceError> {
+        let shown = dir.display().to_string();
+        if dir.exists() && !dir.is_dir() {
+            return Err(SourceError::Corrupt {
+                dir: shown,
+                detail: "it is a file, not a directory".into(),
+            });
+        }
+        let db_dir = dir.join("log");
+        // A directory with files in it but no log is someone else's: refuse rather than mix.
+        if dir.is_dir() && !db_dir.exists() {
+            let foreign = std::fs::read_dir(dir)
+                .map_err(|e| SourceError::Storage {
+                    dir: shown.clone(),
+                    detail: e.to_string(),
+                })?
+                .filter_map(Result::ok)
+                .any(|e| !matches!(e.file_name().to_str(), Some("compiled" | "weir.sock")));
+            if foreign {
+                return Err(SourceError::Corrupt {
+                    dir: shown,
+                    detail: "it has files but no `log` directory".into(),
+                });
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| SourceError::Storage {
+            dir: shown.clone(),
+            detail: e.to_string(),
+        })?;
+        let db = Database::builder(&db_dir)
+            .open()
+            .map_err(|e| map_open_error(&shown, e))?;
+        let records = db
+            .keyspace("records", KeyspaceCreateOptions::default)
+            .map_err(|e| map_open_error(&shown, e))?;
+        let meta = db
+            .keyspace("meta", KeyspaceCreateOptions::default)
+            .map_err(|e| map_open_error(&shown, e))?;
+        let log = Self {
+            dir: dir.to_path_buf(),
+            db,
+            records,
+            meta,
+            topics: Default::default(),
+            write: Mutex::new(()),
+        };
+        log.load_topics()?;
+        Ok(log)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn storage(&self, e: impl std::fmt::Display) -> SourceError {
+        SourceError::Storage {
+            dir: self.dir.display().to_string(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn corrupt(&self, detail: String) -> SourceError {
+        SourceError::Corrupt {
+            dir: self.dir.display().to_string(),
+            detail,
+        }
+    }
+
+    fn load_topics(&self) -> Result<(), SourceError> {
+        let mut topics = HashMap::new();
+        for item in self.meta.prefix(b"t/") {
+            let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
+            let name = std::str::from_utf8(&k[2..])
+                .map_err(|_| self.corrupt("a topic name is not UTF-8".into()))?
+                .to_string();
+            let meta: TopicMeta = serde_json::from_slice(&v)
+                .map_err(|e| self.corrupt(format!("topic `{name}` metadata: {e}")))?;
+            let mut ends = Vec::with_capacity(meta.partitions as usize);
+            for p in 0..meta.partitions {
+                let last = self
+                    .records
+                    .prefix(codec::partition_prefix(&name, p))
+                    .next_back()
+                    .map(|g| g.key().map_err(|e| self.storage(e)))
+                    .transpose()?;
+                let end = match last {
+                    None => 0,
+                    Some(k) => {
+                        codec::offset_of(&k)
+                            .ok_or_else(|| self.corrupt(format!("bad record key in `{name}`")))?
+                            + 1
+                    }
+                };
+                ends.push(AtomicU64::new(end));
+            }
+            let topic = Topic {
+                partitions: meta.partitions,
+                ends,
+                next_keyless: AtomicU64::new(0),
+            };
+            topics.insert(name, Arc::new(topic));
+        }
+        *self.topics.write().expect("topic table lock") = topics;
+        Ok(())
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>, SourceError> {
+        self.topics
+            .read()
+            .expect("topic table lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SourceError::UnknownTopic(name.to_string()))
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) -> Result<(), SourceError> {
+        validate_topic_name(name)?;
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(SourceError::Invalid(format!(
+                "--partitions must be between 1 and {MAX_PARTITIONS}, not {partitions}"
+            )));
+        }
+        let _w = self.write.lock().expect("write lock");
+        let mut topics = self.topics.write().expect("topic table lock");
+        if topics.contains_key(name) {
+            return Err(SourceError::TopicExists(name.to_string()));
+        }
+        let meta = TopicMeta {
+            partitions,
+            created_ms: now_ms(),
+        };
+        let value = serde_json::to_vec(&meta).expect("topic meta serialises");
+        self.meta
+            .insert(codec::topic_key(name), value)
+            .map_err(|e| self.storage(e))?;
+        self.db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| self.storage(e))?;
+        let ends = (0..partitions).map(|_| AtomicU64::new(0)).collect();
+        topics.insert(
+            name.to_string(),
+            Arc::new(Topic {
+                partitions,
+                ends,
+                next_keyless: AtomicU64::new(0),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Creates the topic unless it exists (with any partition count).
+    pub fn ensure_topic(&self, name: &str, partitions: u32) -> Result<(), SourceError> {
+        match self.create_topic(name, partitions) {
+            Err(SourceError::TopicExists(_)) => Ok(()),
+            other => other,
+        }
+    }
+
+    pub fn topic_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .topics
+            .read()
+            .expect("topic table lock")
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Appends `records` to `topic`, durably. Keyed records go to the partition of their key,
+    /// keyless ones round robin. Returns (partition, offset) per record, in order.
+    pub fn append(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<Vec<(u32, u64)>, SourceError> {
+        let t = self.topic(topic)?;
+        for r in &records {
+            codec::check(r).map_err(SourceError::Invalid)?;
+        }
+        let placed = {
+            let _w = self.write.lock().expect("write lock");
+            let mut batch = self.db.batch();
+            let placed = self.stage(&mut batch, topic, &t, records, now_ms());
+            batch.commit().map_err(|e| self.storage(e))?;
+            placed
+        };
+        self.db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| self.storage(e))?;
+        Ok(placed)
+    }
+
+    /// Adds records to a write batch, assigning offsets. Caller holds `self.write` and must
+    /// commit the batch before releasing it (the in-memory end offsets move here).
+    fn stage(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        topic: &str,
+        t: &Topic,
+        records: Vec<Record>,
+        now: u64,
+    ) -> Vec<(u32, u64)> {
+        let mut placed = Vec::with_capacity(records.len());
+        let mut buf = Vec::new();
+        for mut r in records {
+            let p = match &r.key {
+                Some(k) => partition_for_key(k, t.partitions),
+                None => {
+                    (t.next_keyless.fetch_add(1, Ordering::Relaxed) % u64::from(t.partitions))
+                        as u32
+                }
+            };
+            r.timestamp_ms.get_or_insert(now);
+            let offset = t.ends[p as usize].fetch_add(1, Ordering::Relaxed);
+            buf.clear();
+            codec::encode(&r, &mut buf);
+            batch.insert(
+                &self.records,
+                codec::record_key(topic, p, offset),
+                buf.as_slice(),
+            );
+            placed.push((p, offset));
+        }
+        placed
+    }
+
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, SourceError> {
+        let t = self.topic(topic)?;
+        if partition >= t.partitions {
+            return Err(SourceError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+                partitions: t.partitions,
+            });
+        }
+        let end = t.ends[partition as usize].load(Ordering::Acquire);
+        if from >= end || max == 0 {
+            return Ok(Vec::new());
+        }
+        let name: Arc<str> = Arc::from(topic);
+        let start = codec::record_key(topic, partition, from);
+        let stop = codec::record_key(topic, partition, end);
+        let mut out = Vec::with_capacity(max.min((end - from) as usize));
+        for item in self.records.range(start..stop).take(max) {
+            let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
+            let offset = codec::offset_of(&k)
+                .ok_or_else(|| self.corrupt(format!("bad record key in `{topic}`")))?;
+            let record = codec::decode(&v)
+                .map_err(|e| self.corrupt(format!("{topic}/{partition} offset {offset}: {e}")))?;
+            out.push(Delivery {
+                topic: name.clone(),
+                partition,
+                offset,
+                record,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn committed_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> Result<u64, SourceError> {
+        match self
+            .meta
+            .get(codec::group_key(group, topic, partition))
+            .map_err(|e| self.storage(e))?
+        {
+            None => Ok(0),
+            Some(v) => {
+                let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                    self.corrupt(format!("offset of group `{group}` on {topic}/{partition}"))
+                })?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+        }
+    }
+
+    /// Publishes outputs and moves offsets in one atomic, durable write.
+    pub fn commit_batch(&self, group: &str, commit: Commit) -> Result<(), SourceError> {
+        let mut output_topics = Vec::new();
+        for o in &commit.outputs {
+            output_topics.push(self.topic(&o.topic)?);
+            codec::check(&o.record).map_err(SourceError::Invalid)?;
+        }
+        {
+            let _w = self.write.lock().expect("write lock");
+            let mut batch = self.db.batch();
+            let now = now_ms();
+            for (o, t) in commit.outputs.into_iter().zip(&output_topics) {
+                self.stage(&mut batch, &o.topic, t, vec![o.record], now);
+            }
+            for (topic, partition, next) in &commit.offsets {
+                batch.insert(
+                    &self.meta,
+                    codec::group_key(group, topic, *partition),
+                    next.to_be_bytes(),
+                );
+            }
+            batch.commit().map_err(|e| self.storage(e))?;
+        }
+        self.db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| self.storage(e))
+    }
+
+    /// Depth and per-group lag of every partition of every topic (or of `only`).
+    pub fn stats(&self, only: Option<&str>) -> Result<Vec<TopicStats>, SourceError> {
+        let mut by_partition: HashMap<(String, u32), Vec<(String, u64)>> = HashMap::new();
+        for item in self.meta.prefix(b"o/") {
+            let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
+            let (group, topic, partition) = codec::parse_group_key(&k)
+                .ok_or_else(|| self.corrupt("a group offset key".into()))?;
+            let committed = u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt(format!("offset of group `{group}`")))?,
+            );
+            by_partition
+                .entry((topic, partition))
+                .or_default()
+                .push((group, committed));
+        }
+        let mut out = Vec::new();
+        for name in self.topic_names() {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            let t = self.topic(&name)?;
+            let partitions = (0..t.partitions)
+                .map(|p| {
+                    let end = t.ends[p as usize].load(Ordering::Acquire);
+                    let groups = by_partition
+                        .remove(&(name.clone(), p))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(group, committed)| GroupOffset {
+                            group,
+                            committed,
+                            lag: end.saturating_sub(committed),
+                        })
+                        .collect();
+                    PartitionStats {
+                        partition: p,
+                        end_offset: end,
+                        groups,
+                    }
+                })
+                .collect();
+            out.push(TopicStats {
+                topic: name,
+                partitions,
+            });
+        }
+        if let Some(o) = only
+            && out.is_empty()
+        {
+            return Err(SourceError::UnknownTopic(o.to_string()));
+        }
+        Ok(out)
+    }
+}
+
+fn map_open_error(dir: &str, e: fjall::Error) -> SourceError {
+    match e {
+        fjall::Error::Locked => SourceError::Locked {
+            dir: dir.to_string(),
+        },
+        fjall::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            SourceError::Storage {
+                dir: dir.to_string(),
+                detail: format!("permission denied: {io}"),
+            }
+        }
+        fjall::Error::Io(io) => SourceError::Storage {
+            dir: dir.to_string(),
+            detail: io.to_string(),
+        },
+        other => SourceError::Corrupt {
+            dir: dir.to_string(),
+            detail: format!("{other:?}"),
+        },
+    }
+}
+
+impl Source for EmbeddedLog {
+    fn partitions(&self, topic: &str) -> Result<u32, SourceError> {
+        Ok(self.topic(topic)?.partitions)
+    }
+    fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<u64, SourceError> {
+        self.committed_offset(group, topic, partition)
+    }
+    fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, SourceError> {
+        let t = self.topic(topic)?;
+        t.ends
+            .get(partition as usize)
+            .map(|e| e.load(Ordering::Acquire))
+            .ok_or(SourceError::UnknownPartition {
+                topic: topic.into(),
+                partition,
+                partitions: t.partitions,
+            })
+    }
+    fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, SourceError> {
+        self.read(topic, partition, from, max)
+    }
+    fn commit(&self, group: &str, commit: Commit) -> Result<(), SourceError> {
+        self.commit_batch(group, commit)
+    }
+    fn topic_exists(&self, topic: &str) -> bool {
+        self.topic(topic).is_ok()
+    }
+    fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), SourceError> {
+        EmbeddedLog::ensure_topic(self, topic, partitions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Output;
+
+    fn rec(key: Option<&str>, payload: &str) -> Record {
+        Record {
+            key: key.map(|k| k.as_bytes().to_vec()),
+            payload: payload.as_bytes().to_vec(),
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn append_read_commit_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path()).unwrap();
+            log.create_topic("in", 2).unwrap();
+            log.create_topic("out", 1).unwrap();
+            let placed = log
+                .append("in", vec![rec(None, "a"), rec(None, "b"), rec(None, "c")])
+                .unwrap();
+            assert_eq!(placed, vec![(0, 0), (1, 0), (0, 1)]);
+            let got = log.read("in", 0, 0, 10).unwrap();
+            assert_eq!(
+                got.iter()
+                    .map(|d| d.record.payload.clone())
+                    .collect::<Vec<_>>(),
+                vec![b"a".to_vec(), b"c".to_vec()]
+            );
+            assert!(got[0].record.timestamp_ms.is_some());
+            log.commit_batch(
+                "g",
+                Commit {
+                    offsets: vec![(Arc::from("in"), 0, 2)],
+                    outputs: vec![Output {
+                        topic: "out".into(),
+                        record: rec(Some("k"), "A"),
+                    }],
+                },
+            )
+            .unwrap();
+        }
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert_eq!(log.committed_offset("g", "in", 0).unwrap(), 2);
+        assert_eq!(log.committed_offset("g", "in", 1).unwrap(), 0);
+        assert_eq!(log.end_offset("in", 0).unwrap(), 2);
+        assert_eq!(log.read("out", 0, 0, 10).unwrap()[0].record.payload, b"A");
+        let stats = log.stats(Some("in")).unwrap();
+        assert_eq!(stats[0].partitions[0].groups[0].lag, 0);
+        assert_eq!(stats[0].partitions[1].groups.len(), 0);
+        // Appends after reopen continue the offsets.
+        assert_eq!(log.append("in", vec![rec(None, "d")]).unwrap()[0].1, 2);
+    }
+
+    #[test]
+    fn keys_pick_a_stable_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        log.create_topic("t", 4).unwrap();
+        let placed = log
+            .append("t", vec![rec(Some("x"), "1"), rec(Some("x"), "2")])
+            .unwrap();
+        assert_eq!(placed[0].0, placed[1].0);
+        assert_eq!(placed[0].0, partition_for_key(b"x", 4));
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert!(matches!(
+            log.append("nope", vec![]),
+            Err(SourceError::UnknownTopic(_))
+        ));
+        assert!(matches!(
+            log.create_topic("a/b", 1),
+            Err(SourceError::InvalidTopic { .. })
+        ));
+        assert!(matches!(
+            log.create_topic("a", 0),
+            Err(SourceError::Invalid(_))
+        ));
+        log.create_topic("a", 1).unwrap();
+        assert!(matches!(
+            log.create_topic("a", 1),
+            Err(SourceError::TopicExists(_))
+        ));
+        assert!(matches!(
+            log.read("a", 3, 0, 1),
+            Err(SourceError::UnknownPartition { .. })
+        ));
+        // Outputs to a missing topic fail the whole commit, offsets included.
+        let err = log
+            .commit_batch(
+                "g",
+                Commit {
+                    offsets: vec![(Arc::from("a"), 0, 1)],
+                    outputs: vec![Output {
+                        topic: "missing".into(),
+                        record: rec(None, "x"),
+                    }],
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(err, SourceError::UnknownTopic(_)));
+        assert_eq!(log.committed_offset("g", "a", 0).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_second_open_reports_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let _log = EmbeddedLog::open(dir.path()).unwrap();
+        assert!(matches!(
+            EmbeddedLog::open(dir.path()),
+            Err(SourceError::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+        assert!(matches!(
+            EmbeddedLog::open(dir.path()),
+            Err(SourceError::Corrupt { .. })
+        ));
+        assert!(!dir.path().join("log").exists());
+    }
+}

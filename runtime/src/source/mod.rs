@@ -1,0 +1,126 @@
+//! Where messages come from and where outputs go.
+//!
+//! The engine sees only [`Source`]: fetch a batch from a partition, commit offsets together with
+//! the outputs of the messages they cover, and report depth. `embedded` is the default source,
+//! a durable single-node log in the data directory; other brokers add a module each.
+
+pub mod embedded;
+
+use std::sync::Arc;
+
+/// Message headers: names are strings, values bytes, order kept, names may repeat.
+pub type Headers = Vec<(String, Vec<u8>)>;
+
+/// A message as a producer hands it over: what gets appended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Headers,
+    /// Milliseconds since the Unix epoch; the log stamps records that come without one.
+    pub timestamp_ms: Option<u64>,
+}
+
+/// A message as it sits in a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub record: Record,
+}
+
+/// A message a handler emitted, to be published when the message that produced it is acked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub topic: String,
+    pub record: Record,
+}
+
+/// One atomic step of a consumer: publish `outputs`, then move each partition's committed
+/// offset (the next offset to read) to the given value. Either all of it happens or none.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub offsets: Vec<(Arc<str>, u32, u64)>,
+    pub outputs: Vec<Output>,
+}
+
+/// Depth and lag of one partition, as `weir topics list` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionStats {
+    pub partition: u32,
+    /// The offset the next appended message gets; also the number of messages ever appended.
+    pub end_offset: u64,
+    /// Per consumer group: its committed offset (the next it will read) and its lag.
+    pub groups: Vec<GroupOffset>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupOffset {
+    pub group: String,
+    pub committed: u64,
+    pub lag: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TopicStats {
+    pub topic: String,
+    pub partitions: Vec<PartitionStats>,
+}
+
+/// Errors a source reports. Callers branch on the kind (an unknown topic is the user's to fix,
+/// a storage failure is not), so this is an enum rather than an opaque error.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("topic `{0}` does not exist; create it with `weir topics create {0}`")]
+    UnknownTopic(String),
+    #[error("topic `{0}` already exists")]
+    TopicExists(String),
+    #[error("invalid topic name `{name}`: {why}")]
+    InvalidTopic { name: String, why: &'static str },
+    #[error("topic `{topic}` has no partition {partition} (it has {partitions})")]
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    #[error(
+        "the data directory {dir} is in use by another weir process (its lock is held); \
+         stop that process, or point --data-dir at another directory"
+    )]
+    Locked { dir: String },
+    #[error(
+        "the data directory {dir} is corrupt or not a weir data directory ({detail}); \
+         restore it from a backup or point --data-dir at another directory"
+    )]
+    Corrupt { dir: String, detail: String },
+    #[error("storage error in {dir}: {detail}")]
+    Storage { dir: String, detail: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What the engine needs from a broker. Implementations are blocking; the engine calls them
+/// from blocking threads.
+pub trait Source: Send + Sync + 'static {
+    /// The number of partitions of `topic`.
+    fn partitions(&self, topic: &str) -> Result<u32, SourceError>;
+    /// The next offset `group` will read from the partition (0 if it never committed).
+    fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<u64, SourceError>;
+    /// The offset the next appended message of the partition will get.
+    fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, SourceError>;
+    /// Up to `max` messages of the partition from offset `from` on, in offset order.
+    fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, SourceError>;
+    /// Publish the outputs and move the offsets of `group`, atomically and durably.
+    fn commit(&self, group: &str, commit: Commit) -> Result<(), SourceError>;
+    /// Whether `topic` exists (outputs to a missing topic are refused before commit).
+    fn topic_exists(&self, topic: &str) -> bool;
+    /// Creates `topic` with `partitions` unless it exists (dead-letter topics).
+    fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), SourceError>;
+}
