@@ -69,7 +69,11 @@ impl ConfigError {
     fn with_span(self, text: &str, span: Option<std::ops::Range<usize>>) -> ConfigError {
         match span {
             Some(s) => {
-                let line = text[..s.start.min(text.len())].lines().count().max(1);
+                let line = text.as_bytes()[..s.start.min(text.len())]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1;
                 let what = text.get(s.clone()).unwrap_or("").trim();
                 ConfigError(format!("{} (line {line}: `{what}`)", self.0))
             }

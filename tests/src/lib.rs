@@ -1,1 +1,235 @@
+//! The end-to-end test harness: builds the real `weir` binary and the guest components from
+//! `guest-examples/` (for wasm32-wasip2), gives each test its own data directory, and waits on
+//! conditions with deadlines instead of sleeping.
 
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// The `weir` binary, built (once per test process) in the debug profile.
+pub fn weir_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = cargo()
+            .current_dir(root())
+            .args(["build", "--quiet", "-p", "weir", "--bin", "weir"])
+            .status()
+            .expect("run cargo build for the weir binary");
+        assert!(status.success(), "building the weir binary failed");
+        target_dir().join("debug").join("weir")
+    })
+}
+
+/// The component built from `guest-examples/rust/<name>`, built (once per test process).
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let manifest = root().join("guest-examples").join("Cargo.toml");
+        let status = cargo()
+            .current_dir(root().join("guest-examples"))
+            .env_remove("CARGO_TARGET_DIR")
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .status()
+            .expect("run cargo build for the guest examples");
+        assert!(
+            status.success(),
+            "building the guest examples failed (is the wasm32-wasip2 target installed?)"
+        );
+        root().join("guest-examples/target/wasm32-wasip2/release")
+    });
+    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(path.is_file(), "no guest component at {}", path.display());
+    path
+}
+
+/// Polls `cond` until it holds or `within` passes; panics with `what` on timeout.
+pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    let mut pause = Duration::from_millis(5);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting until {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A data directory for one test, and `weir` commands run against it.
+pub struct Weir {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Weir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Weir {
+    pub fn new() -> Weir {
+        Weir {
+            dir: tempfile::Builder::new()
+                .prefix("weir-test")
+                .tempdir()
+                .expect("make a temp dir"),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A scratch path beside the data directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `weir <args>` against this data directory, with logs quiet unless a test asks.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(weir_bin());
+        c.arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `weir <args>` and returns its output, whatever its exit code.
+    pub fn output(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run weir")
+    }
+
+    /// Runs `weir <args>` and panics, showing its standard error, unless it exits 0.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "weir {args:?} failed with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Runs `weir <args>`, expects exit code `code`, and returns its standard error.
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.output(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "weir {args:?}: wrong exit code; stderr:\n{stderr}"
+        );
+        stderr
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: u32) {
+        self.ok(&[
+            "topics",
+            "create",
+            topic,
+            "--partitions",
+            &partitions.to_string(),
+        ]);
+    }
+
+    /// Every message of `topic`, as `weir consume --json` prints them.
+    pub fn messages(&self, topic: &str) -> Vec<Value> {
+        let out = self.ok(&["consume", topic, "--from-beginning", "--json"]);
+        String::from_utf8(out.stdout)
+            .expect("consume prints UTF-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("consume --json prints JSON lines"))
+            .collect()
+    }
+
+    /// `weir topics list --json`.
+    pub fn stats(&self) -> Value {
+        let out = self.ok(&["topics", "list", "--json"]);
+        serde_json::from_slice(&out.stdout).expect("topics list --json prints JSON")
+    }
+
+    /// (end offset, committed offset of `group`) per partition of `topic`.
+    pub fn offsets(&self, topic: &str, group: &str) -> Vec<(u64, u64)> {
+        offsets_in(&self.stats(), topic, group)
+    }
+
+    /// Runs `weir run ... --drain --json` and returns its summary.
+    pub fn drain(&self, module: &Path, topic: &str, group: &str, extra: &[&str]) -> Value {
+        let mut args = vec![
+            "run",
+            "--module",
+            module.to_str().expect("UTF-8 path"),
+            "--topic",
+            topic,
+            "--group",
+            group,
+            "--drain",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.ok(&args);
+        serde_json::from_slice(&out.stdout).expect("run --json prints a JSON summary")
+    }
+}
+
+/// (end offset, committed offset of `group`) per partition of `topic`, from `topics list --json`.
+pub fn offsets_in(stats: &Value, topic: &str, group: &str) -> Vec<(u64, u64)> {
+    let t = stats
+        .as_array()
+        .expect("a list of topics")
+        .iter()
+        .find(|t| t["topic"] == topic)
+        .unwrap_or_else(|| panic!("no topic {topic} in {stats}"));
+    t["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| {
+            let end = p["end_offset"].as_u64().expect("end_offset");
+            let committed = p["groups"]
+                .as_array()
+                .expect("groups")
+                .iter()
+                .find(|g| g["group"] == group)
+                .map_or(0, |g| g["committed"].as_u64().expect("committed"));
+            (end, committed)
+        })
+        .collect()
+}
+
+/// The value of header `name` of a message printed by `consume --json`.
+pub fn header<'a>(msg: &'a Value, name: &str) -> Option<&'a str> {
+    msg["headers"][name].as_str()
+}

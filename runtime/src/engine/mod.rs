@@ -202,7 +202,8 @@ fn serve(
             Some(Outcome::Fault { kind, detail }) => {
                 *slot = None;
                 stats.faults.fetch_add(1, Ordering::Relaxed);
-                if !one_by_one && msgs.len() - from > 1 {
+                // A single-message entry point stops exactly at the culprit; a batch call does not.
+                if module.is_batch() && !one_by_one && msgs.len() - from > 1 {
                     tracing::debug!(
                         kind = kind.as_str(),
                         "a batch call faulted; running its messages one by one"
