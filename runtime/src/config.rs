@@ -240,7 +240,7 @@ impl RunOverrides {
                 .or(f.memory_limit)
                 .unwrap_or(defaults::MEMORY_LIMIT.into()),
         )?;
-        if memory_limit < (1 << 20) || memory_limit > (4 << 30) {
+        if !((1 << 20)..=(4 << 30)).contains(&memory_limit) {
             return Err(ConfigError(
                 "--memory-limit: must be between 1MiB and 4GiB".into(),
             ));

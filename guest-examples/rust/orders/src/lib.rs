@@ -63,9 +63,17 @@ impl Guest for Orders {
             &topic,
             Some(order.id.as_bytes()),
             &payload,
-            &[("source-offset".to_string(), msg.offset.to_string().into_bytes())],
+            &[(
+                "source-offset".to_string(),
+                msg.offset.to_string().into_bytes(),
+            )],
         )
-        .map_err(|e| Failure::Retry(RetryRequest { reason: e, delay_ms: None }))?;
+        .map_err(|e| {
+            Failure::Retry(RetryRequest {
+                reason: e,
+                delay_ms: None,
+            })
+        })?;
         log::log(log::Level::Debug, &format!("confirmed order {}", order.id));
         Ok(())
     }

@@ -21,8 +21,12 @@ impl Guest for PanicsBatch {
                 if msg.payload.windows(5).any(|w| w == b"panic") {
                     panic!("asked to panic at offset {}", msg.offset);
                 }
-                emit::send(&topic, msg.key.as_deref(), &msg.payload, &msg.headers)
-                    .map_err(|e| Failure::Retry(RetryRequest { reason: e, delay_ms: None }))
+                emit::send(&topic, msg.key.as_deref(), &msg.payload, &msg.headers).map_err(|e| {
+                    Failure::Retry(RetryRequest {
+                        reason: e,
+                        delay_ms: None,
+                    })
+                })
             })
             .collect()
     }

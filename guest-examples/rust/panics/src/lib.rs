@@ -20,8 +20,12 @@ impl Guest for Panics {
             panic!("asked to panic at offset {}", msg.offset);
         }
         let topic = weir::stream::config::get("output-topic").unwrap_or_else(|| "out".into());
-        emit::send(&topic, msg.key.as_deref(), &msg.payload, &msg.headers)
-            .map_err(|e| Failure::Retry(RetryRequest { reason: e, delay_ms: None }))
+        emit::send(&topic, msg.key.as_deref(), &msg.payload, &msg.headers).map_err(|e| {
+            Failure::Retry(RetryRequest {
+                reason: e,
+                delay_ms: None,
+            })
+        })
     }
 }
 
