@@ -4,6 +4,7 @@
 //! runs, so a bad value is reported with its name and never half-way through a run.
 
 use crate::engine::retry::{Backoff, Jitter};
+use crate::engine::{DeliveryMode, RetryMode};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,11 @@ pub struct RunFile {
     pub backoff_factor: Option<f64>,
     pub jitter: Option<Jitter>,
     pub dlq_topic: Option<String>,
+    pub retry_mode: Option<RetryMode>,
+    pub retry_topic: Option<String>,
+    pub delivery: Option<DeliveryMode>,
+    pub lanes: Option<usize>,
+    pub max_in_flight: Option<usize>,
 }
 
 impl FileConfig {
@@ -154,6 +160,16 @@ pub mod defaults {
     pub const BACKOFF_MAX: &str = "30s";
     pub const BACKOFF_FACTOR: f64 = 2.0;
     pub const DLQ_TOPIC: &str = "{topic}.dlq";
+    pub const RETRY_TOPIC: &str = "{topic}.retry";
+    /// Lanes per partition default to the number of instances, so one partition can keep
+    /// every instance busy.
+    pub fn lanes(instances: usize) -> usize {
+        instances
+    }
+    /// In flight per partition: enough for every lane to have a batch running and one waiting.
+    pub fn max_in_flight(batch_size: usize, lanes: usize) -> usize {
+        batch_size * lanes * 2
+    }
     /// Instances default to the number of CPUs.
     pub fn instances() -> usize {
         std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -185,6 +201,11 @@ pub struct RunOverrides {
     pub backoff_factor: Option<f64>,
     pub jitter: Option<Jitter>,
     pub dlq_topic: Option<String>,
+    pub retry_mode: Option<RetryMode>,
+    pub retry_topic: Option<String>,
+    pub delivery: Option<DeliveryMode>,
+    pub lanes: Option<usize>,
+    pub max_in_flight: Option<usize>,
     pub handler_config: Vec<String>,
 }
 
@@ -299,6 +320,33 @@ impl RunOverrides {
             .unwrap_or(defaults::DLQ_TOPIC.into());
         crate::source::embedded::validate_topic_name(&dlq_topic.replace("{topic}", "t"))
             .map_err(|e| ConfigError(format!("--dlq-topic: {e}")))?;
+        let retry_topic = self
+            .retry_topic
+            .or(f.retry_topic)
+            .unwrap_or(defaults::RETRY_TOPIC.into());
+        crate::source::embedded::validate_topic_name(&retry_topic.replace("{topic}", "t"))
+            .map_err(|e| ConfigError(format!("--retry-topic: {e}")))?;
+        if topics.len() > 1 && !(retry_topic.contains("{topic}") && dlq_topic.contains("{topic}")) {
+            return Err(ConfigError(
+                "--retry-topic and --dlq-topic must contain `{topic}` (with several topics, each needs its own)".into(),
+            ));
+        }
+        let lanes = self
+            .lanes
+            .or(f.lanes)
+            .unwrap_or_else(|| defaults::lanes(instances));
+        if !(1..=4096).contains(&lanes) {
+            return Err(ConfigError(format!(
+                "--lanes: {lanes} is not between 1 and 4096"
+            )));
+        }
+        let max_in_flight = self
+            .max_in_flight
+            .or(f.max_in_flight)
+            .unwrap_or_else(|| defaults::max_in_flight(batch_size, lanes));
+        if max_in_flight == 0 {
+            return Err(ConfigError("--max-in-flight: must be at least 1".into()));
+        }
         let mut handler_config = file.handler_config;
         for pair in &self.handler_config {
             let (k, v) = parse_pair("--handler-config", pair)?;
@@ -311,6 +359,8 @@ impl RunOverrides {
                 topics,
                 batch_size,
                 instances,
+                lanes,
+                max_in_flight,
                 drain: self.drain || f.drain.unwrap_or(false),
                 backoff: Backoff {
                     base,
@@ -319,8 +369,18 @@ impl RunOverrides {
                     jitter,
                     max_attempts,
                 },
+                retry_mode: self
+                    .retry_mode
+                    .or(f.retry_mode)
+                    .unwrap_or(RetryMode::Blocking),
+                delivery: self
+                    .delivery
+                    .or(f.delivery)
+                    .unwrap_or(DeliveryMode::AtLeastOnce),
                 dlq_topic,
+                retry_topic,
                 idle_poll: Duration::from_millis(20),
+                retry_topics: Vec::new(),
             },
             host: crate::host::HostConfig {
                 memory_limit,

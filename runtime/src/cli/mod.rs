@@ -3,6 +3,7 @@
 
 mod check;
 mod consume;
+mod dlq;
 mod produce;
 mod run;
 mod topics;
@@ -53,6 +54,9 @@ enum Command {
     Run(run::RunCommand),
     /// Check that a file is a handler component weir can run
     Check(check::CheckCommand),
+    /// List, show and replay dead letters
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 /// What every subcommand gets: the resolved global settings.
@@ -131,5 +135,6 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Consume(c) => c.execute(globals),
         Command::Run(c) => c.execute(globals),
         Command::Check(c) => c.execute(globals),
+        Command::Dlq(c) => c.execute(globals),
     }
 }

@@ -1,6 +1,6 @@
 use super::Globals;
 use crate::config::RunOverrides;
-use crate::engine::{self, retry::Jitter};
+use crate::engine::{self, DeliveryMode, RetryMode, retry::Jitter};
 use crate::host::Module;
 use crate::source::Source;
 use crate::source::embedded::local;
@@ -58,6 +58,25 @@ pub struct RunCommand {
     /// Dead-letter topic; `{topic}` stands for the consumed topic [default: {topic}.dlq]
     #[arg(long, env = "WEIR_DLQ_TOPIC")]
     dlq_topic: Option<String>,
+    /// What a retryable failure does: `blocking` retries in place (the key waits, other keys go
+    /// on); `requeue` acks and republishes to the retry topic (nothing waits, order is lost)
+    /// [default: blocking]
+    #[arg(long, env = "WEIR_RETRY_MODE", value_enum)]
+    retry_mode: Option<RetryMode>,
+    /// Retry topic for requeue mode; `{topic}` stands for the consumed topic [default: {topic}.retry]
+    #[arg(long, env = "WEIR_RETRY_TOPIC")]
+    retry_topic: Option<String>,
+    /// `at-least-once`: ack after success; `at-most-once`: ack before invoking, never retry
+    /// [default: at-least-once]
+    #[arg(long, env = "WEIR_DELIVERY", value_enum)]
+    delivery: Option<DeliveryMode>,
+    /// Key-ordered lanes per partition (messages of one key share a lane) [default: --instances]
+    #[arg(long, env = "WEIR_LANES")]
+    lanes: Option<usize>,
+    /// Messages fetched and unfinished per partition before fetching pauses
+    /// [default: 2 × batch size × lanes]
+    #[arg(long, env = "WEIR_MAX_IN_FLIGHT")]
+    max_in_flight: Option<usize>,
     /// KEY=VALUE the handler reads through its config import; repeat for more [default: none]
     #[arg(long = "handler-config", value_name = "KEY=VALUE")]
     handler_config: Vec<String>,
@@ -84,6 +103,11 @@ impl RunCommand {
             backoff_factor: self.backoff_factor,
             jitter: self.jitter,
             dlq_topic: self.dlq_topic,
+            retry_mode: self.retry_mode,
+            retry_topic: self.retry_topic,
+            delivery: self.delivery,
+            lanes: self.lanes,
+            max_in_flight: self.max_in_flight,
             handler_config: self.handler_config,
         };
         let settings = overrides.resolve(g.file, &g.data_dir)?;
@@ -121,7 +145,7 @@ impl RunCommand {
                 let _ = stop_tx.send(true);
             });
             let source: Arc<dyn Source> = log.clone();
-            engine::run(source, module, settings.engine, stop_rx).await
+            engine::run(source, module, settings.engine, stop_rx, Default::default()).await
         })?;
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
         let secs = started.elapsed().as_secs_f64();

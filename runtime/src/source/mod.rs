@@ -37,12 +37,15 @@ pub struct Output {
     pub record: Record,
 }
 
-/// One atomic step of a consumer: publish `outputs`, then move each partition's committed
-/// offset (the next offset to read) to the given value. Either all of it happens or none.
+/// One atomic step of a consumer: publish `outputs`, move each partition's committed offset
+/// (the next offset to read) to the given value, and mark dead letters as replayed. Either all
+/// of it happens or none.
 #[derive(Debug, Default)]
 pub struct Commit {
     pub offsets: Vec<(Arc<str>, u32, u64)>,
     pub outputs: Vec<Output>,
+    /// Dead letters (topic, partition, offset) this step replays; see `weir dlq replay`.
+    pub replayed: Vec<(String, u32, u64)>,
 }
 
 /// Depth and lag of one partition, as `weir topics list` shows them.

@@ -58,6 +58,13 @@ pub(crate) fn parse_group_key(key: &[u8]) -> Option<(String, String, u32)> {
     Some((group, topic, partition))
 }
 
+/// Key of the mark that a dead letter was replayed: `r/topic 0 partition offset`.
+pub(crate) fn replay_key(topic: &str, partition: u32, offset: u64) -> Vec<u8> {
+    let mut k = b"r/".to_vec();
+    k.extend_from_slice(&record_key(topic, partition, offset));
+    k
+}
+
 pub(crate) fn topic_key(topic: &str) -> Vec<u8> {
     let mut k = b"t/".to_vec();
     k.extend_from_slice(topic.as_bytes());

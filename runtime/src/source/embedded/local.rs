@@ -47,6 +47,14 @@ enum Request {
         topic: String,
         partition: u32,
     },
+    Publish {
+        outputs: Vec<(String, WireRecord)>,
+        replayed: Vec<(String, u32, u64)>,
+    },
+    Replayed {
+        topic: String,
+        partition: u32,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,6 +65,7 @@ enum Response {
     Stats { topics: Vec<TopicStats> },
     Records { records: Vec<WireDelivery> },
     Offset { offset: u64 },
+    Offsets { offsets: Vec<u64> },
     Error { bad_input: bool, message: String },
 }
 
@@ -153,6 +162,27 @@ fn serve_one(log: &EmbeddedLog, req: Request) -> Response {
         } => log
             .committed_offset(&group, &topic, partition)
             .map(|offset| Response::Offset { offset }),
+        Request::Publish { outputs, replayed } => {
+            let outputs = outputs
+                .into_iter()
+                .map(|(topic, r)| crate::source::Output {
+                    topic,
+                    record: r.into(),
+                })
+                .collect();
+            let commit = crate::source::Commit {
+                offsets: vec![],
+                outputs,
+                replayed,
+            };
+            log.commit_batch("", commit).map(|()| Response::Done)
+        }
+        Request::Replayed { topic, partition } => {
+            log.replayed(&topic, partition)
+                .map(|set| Response::Offsets {
+                    offsets: set.into_iter().collect(),
+                })
+        }
     };
     r.unwrap_or_else(error_response)
 }
@@ -435,6 +465,52 @@ impl LogHandle {
         }
     }
 
+    /// Publishes outputs and replay marks atomically (used by `weir dlq replay`).
+    pub fn publish(
+        &mut self,
+        outputs: Vec<crate::source::Output>,
+        replayed: Vec<(String, u32, u64)>,
+    ) -> Result<(), SourceError> {
+        match self {
+            LogHandle::Local(log) => log.commit_batch(
+                "",
+                crate::source::Commit {
+                    offsets: vec![],
+                    outputs,
+                    replayed,
+                },
+            ),
+            LogHandle::Remote(c) => {
+                let outputs = outputs
+                    .into_iter()
+                    .map(|o| (o.topic, WireRecord::from(o.record)))
+                    .collect();
+                match c.call(&Request::Publish { outputs, replayed })? {
+                    Response::Done => Ok(()),
+                    r => Err(c.unexpected(r)),
+                }
+            }
+        }
+    }
+
+    /// Offsets of the partition's dead letters that were replayed.
+    pub fn replayed(
+        &mut self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<std::collections::BTreeSet<u64>, SourceError> {
+        match self {
+            LogHandle::Local(log) => log.replayed(topic, partition),
+            LogHandle::Remote(c) => match c.call(&Request::Replayed {
+                topic: topic.into(),
+                partition,
+            })? {
+                Response::Offsets { offsets } => Ok(offsets.into_iter().collect()),
+                r => Err(c.unexpected(r)),
+            },
+        }
+    }
+
     /// Commits a consumer offset (used by `weir consume --group`).
     pub fn commit_offset(
         &mut self,
@@ -448,7 +524,7 @@ impl LogHandle {
                 group,
                 crate::source::Commit {
                     offsets: vec![(Arc::from(topic), partition, next)],
-                    outputs: vec![],
+                    ..Default::default()
                 },
             ),
             LogHandle::Remote(_) => Err(SourceError::Invalid(

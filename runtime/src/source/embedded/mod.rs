@@ -414,11 +414,34 @@ impl EmbeddedLog {
                     next.to_be_bytes(),
                 );
             }
+            for (topic, partition, offset) in &commit.replayed {
+                batch.insert(
+                    &self.meta,
+                    codec::replay_key(topic, *partition, *offset),
+                    now.to_be_bytes(),
+                );
+            }
             batch.commit().map_err(|e| self.storage(e))?;
         }
         self.db
             .persist(PersistMode::SyncAll)
             .map_err(|e| self.storage(e))
+    }
+
+    /// Offsets of the partition's dead letters that were replayed.
+    pub fn replayed(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<std::collections::BTreeSet<u64>, SourceError> {
+        let mut prefix = b"r/".to_vec();
+        prefix.extend_from_slice(&codec::partition_prefix(topic, partition));
+        let mut out = std::collections::BTreeSet::new();
+        for item in self.meta.prefix(&prefix) {
+            let k = item.key().map_err(|e| self.storage(e))?;
+            out.insert(codec::offset_of(&k).ok_or_else(|| self.corrupt("a replay mark".into()))?);
+        }
+        Ok(out)
     }
 
     /// Depth and per-group lag of every partition of every topic (or of `only`).
@@ -578,6 +601,7 @@ mod tests {
                         topic: "out".into(),
                         record: rec(Some("k"), "A"),
                     }],
+                    replayed: vec![("in".into(), 1, 0)],
                 },
             )
             .unwrap();
@@ -585,6 +609,14 @@ mod tests {
         let log = EmbeddedLog::open(dir.path()).unwrap();
         assert_eq!(log.committed_offset("g", "in", 0).unwrap(), 2);
         assert_eq!(log.committed_offset("g", "in", 1).unwrap(), 0);
+        assert_eq!(
+            log.replayed("in", 1)
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec![0]
+        );
+        assert!(log.replayed("in", 0).unwrap().is_empty());
         assert_eq!(log.end_offset("in", 0).unwrap(), 2);
         assert_eq!(log.read("out", 0, 0, 10).unwrap()[0].record.payload, b"A");
         let stats = log.stats(Some("in")).unwrap();
@@ -641,6 +673,7 @@ mod tests {
                         topic: "missing".into(),
                         record: rec(None, "x"),
                     }],
+                    ..Default::default()
                 },
             )
             .unwrap_err();

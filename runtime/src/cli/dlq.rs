@@ -1,0 +1,399 @@
+use super::{Globals, bad_input};
+use crate::config::parse_size;
+use crate::engine::dlq as h;
+use crate::host::{HostConfig, Module, Outcome};
+use crate::source::embedded::local::{self, LogHandle};
+use crate::source::{Delivery, Output, Record};
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Inspect and replay dead letters.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// A table of the dead letters of a topic: id (partition:offset), key, error kind, attempts,
+    /// last error, time, and whether it was replayed
+    List {
+        /// The consumed topic (its dead-letter topic is read) or the dead-letter topic itself
+        topic: String,
+        /// Dead-letter topic; `{topic}` stands for TOPIC [default: {topic}.dlq]
+        #[arg(long, default_value = "{topic}.dlq")]
+        dlq_topic: String,
+        /// One JSON object per dead letter instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter in full: every header, the key and the payload
+    Show {
+        /// The consumed topic or the dead-letter topic
+        topic: String,
+        /// Which dead letter: PARTITION:OFFSET as `list` shows it (or OFFSET with one partition)
+        id: String,
+        /// Dead-letter topic [default: {topic}.dlq]
+        #[arg(long, default_value = "{topic}.dlq")]
+        dlq_topic: String,
+    },
+    /// Send dead letters back: to their original topic (or --to), optionally through a new module
+    Replay {
+        /// The consumed topic or the dead-letter topic
+        topic: String,
+        /// Dead-letter topic [default: {topic}.dlq]
+        #[arg(long, default_value = "{topic}.dlq")]
+        dlq_topic: String,
+        /// Publish to this topic instead of each dead letter's original topic [default: original]
+        #[arg(long)]
+        to: Option<String>,
+        /// Run each dead letter through this module and publish what it emits, instead of
+        /// republishing the message; a dead letter it fails on stays un-replayed [default: none]
+        #[arg(long)]
+        module: Option<PathBuf>,
+        /// Only dead letters of this error kind (rejected, retries-exhausted, trap, timeout, memory)
+        /// [default: all]
+        #[arg(long)]
+        kind: Option<String>,
+        /// Say what would be replayed, change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Replay dead letters that were replayed before, too [default: off]
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+struct DeadLetter {
+    d: Delivery,
+    replayed: bool,
+}
+
+impl DeadLetter {
+    fn header(&self, name: &str) -> Option<String> {
+        self.d
+            .record
+            .headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    fn id(&self) -> String {
+        format!("{}:{}", self.d.partition, self.d.offset)
+    }
+
+    /// The message as it was before it failed: `weir.dlq.*` headers removed.
+    fn original(&self) -> Record {
+        let mut r = self.d.record.clone();
+        r.headers.retain(|(n, _)| !n.starts_with("weir.dlq."));
+        r.timestamp_ms = None;
+        r
+    }
+}
+
+/// The dead-letter topic for what the user typed: the topic itself if it exists as a DLQ.
+fn resolve(log: &mut LogHandle, topic: &str, template: &str) -> anyhow::Result<String> {
+    let candidate = template.replace("{topic}", topic);
+    let names: Vec<String> = log.stats(None)?.into_iter().map(|t| t.topic).collect();
+    if names.contains(&candidate) {
+        Ok(candidate)
+    } else if names.iter().any(|n| n == topic) && topic.ends_with(".dlq") {
+        Ok(topic.to_string())
+    } else {
+        Err(bad_input(format!(
+            "no dead-letter topic `{candidate}`: nothing was dead-lettered from `{topic}` yet (or pass --dlq-topic)"
+        )))
+    }
+}
+
+fn read_all(log: &mut LogHandle, dlq: &str) -> anyhow::Result<Vec<DeadLetter>> {
+    let stats = log.stats(Some(dlq))?;
+    let mut out = Vec::new();
+    for p in &stats[0].partitions {
+        let replayed = log.replayed(dlq, p.partition)?;
+        let mut from = 0;
+        while from < p.end_offset {
+            let batch = log.read(dlq, p.partition, from, 1000)?;
+            let Some(last) = batch.last() else { break };
+            from = last.offset + 1;
+            out.extend(batch.into_iter().map(|d| DeadLetter {
+                replayed: replayed.contains(&d.offset),
+                d,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+fn when(ms: Option<String>) -> String {
+    ms.and_then(|m| m.parse::<u64>().ok())
+        .map_or("-".into(), |ms| {
+            let secs = ms / 1000;
+            let (d, s) = (secs / 86_400, secs % 86_400);
+            // Civil date from days since the epoch (Howard Hinnant's algorithm).
+            let z = d as i64 + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z.rem_euclid(146_097);
+            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let day = doy - (153 * mp + 2) / 5 + 1;
+            let month = if mp < 10 { mp + 3 } else { mp - 9 };
+            let year = yoe + era * 400 + i64::from(month <= 2);
+            format!(
+                "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+                s / 3600,
+                s % 3600 / 60,
+                s % 60
+            )
+        })
+}
+
+fn shorten(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+impl DlqCommand {
+    pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
+        let mut log = local::open(&g.data_dir)?;
+        match self {
+            DlqCommand::List {
+                topic,
+                dlq_topic,
+                json,
+            } => {
+                let dlq = resolve(&mut log, &topic, &dlq_topic)?;
+                let letters = read_all(&mut log, &dlq)?;
+                if json {
+                    for l in &letters {
+                        let v = serde_json::json!({
+                            "id": l.id(), "partition": l.d.partition, "offset": l.d.offset,
+                            "key": l.d.record.key.as_deref().map(String::from_utf8_lossy),
+                            "error_kind": l.header(h::ERROR_KIND), "attempts": l.header(h::ATTEMPTS),
+                            "error": l.header(h::ERROR), "last_failure_ms": l.header(h::LAST_FAILURE_MS),
+                            "origin": format!("{}/{}@{}", l.header(h::TOPIC).unwrap_or_default(), l.header(h::PARTITION).unwrap_or_default(), l.header(h::OFFSET).unwrap_or_default()),
+                            "replayed": l.replayed,
+                        });
+                        println!("{v}");
+                    }
+                } else {
+                    println!(
+                        "{:<10} {:<16} {:<18} {:>8}  {:<20} {:<8} LAST ERROR",
+                        "ID", "KEY", "KIND", "ATTEMPTS", "TIME", "REPLAYED"
+                    );
+                    for l in &letters {
+                        let key =
+                            l.d.record
+                                .key
+                                .as_deref()
+                                .map_or("-".into(), |k| String::from_utf8_lossy(k).into_owned());
+                        println!(
+                            "{:<10} {:<16} {:<18} {:>8}  {:<20} {:<8} {}",
+                            l.id(),
+                            shorten(&key, 16),
+                            l.header(h::ERROR_KIND).unwrap_or_else(|| "-".into()),
+                            l.header(h::ATTEMPTS).unwrap_or_else(|| "-".into()),
+                            when(l.header(h::LAST_FAILURE_MS)),
+                            if l.replayed { "yes" } else { "no" },
+                            shorten(&l.header(h::ERROR).unwrap_or_default(), 60)
+                        );
+                    }
+                    eprintln!("{} dead letter(s) in {dlq}", letters.len());
+                }
+            }
+            DlqCommand::Show {
+                topic,
+                id,
+                dlq_topic,
+            } => {
+                let dlq = resolve(&mut log, &topic, &dlq_topic)?;
+                let letters = read_all(&mut log, &dlq)?;
+                let found: Vec<&DeadLetter> = match id.split_once(':') {
+                    Some((p, o)) => letters
+                        .iter()
+                        .filter(|l| l.d.partition.to_string() == p && l.d.offset.to_string() == o)
+                        .collect(),
+                    None => letters
+                        .iter()
+                        .filter(|l| l.d.offset.to_string() == id)
+                        .collect(),
+                };
+                let l = match found.as_slice() {
+                    [one] => *one,
+                    [] => {
+                        return Err(bad_input(format!(
+                            "no dead letter `{id}` in {dlq}; `weir dlq list {topic}` shows their ids"
+                        )));
+                    }
+                    _ => {
+                        return Err(bad_input(format!(
+                            "`{id}` is in several partitions of {dlq}; write it as PARTITION:OFFSET"
+                        )));
+                    }
+                };
+                println!("id        {}", l.id());
+                println!(
+                    "key       {}",
+                    l.d.record
+                        .key
+                        .as_deref()
+                        .map_or("-".into(), |k| String::from_utf8_lossy(k).into_owned())
+                );
+                println!("replayed  {}", if l.replayed { "yes" } else { "no" });
+                println!("first     {}", when(l.header(h::FIRST_FAILURE_MS)));
+                println!("last      {}", when(l.header(h::LAST_FAILURE_MS)));
+                for (n, v) in &l.d.record.headers {
+                    println!("header    {n}: {}", String::from_utf8_lossy(v));
+                }
+                println!("payload   {}", String::from_utf8_lossy(&l.d.record.payload));
+            }
+            DlqCommand::Replay {
+                topic,
+                dlq_topic,
+                to,
+                module,
+                kind,
+                dry_run,
+                force,
+            } => {
+                let dlq = resolve(&mut log, &topic, &dlq_topic)?;
+                let letters: Vec<DeadLetter> = read_all(&mut log, &dlq)?
+                    .into_iter()
+                    .filter(|l| force || !l.replayed)
+                    .filter(|l| {
+                        kind.as_ref()
+                            .is_none_or(|k| l.header(h::ERROR_KIND).as_deref() == Some(k.as_str()))
+                    })
+                    .collect();
+                let topics: std::collections::HashSet<String> =
+                    log.stats(None)?.into_iter().map(|t| t.topic).collect();
+                let target = |l: &DeadLetter| {
+                    to.clone()
+                        .or_else(|| l.header(h::TOPIC))
+                        .unwrap_or_default()
+                };
+                for l in &letters {
+                    if module.is_none() && !topics.contains(&target(l)) {
+                        return Err(bad_input(format!(
+                            "dead letter {} would go to topic `{}`, which does not exist",
+                            l.id(),
+                            target(l)
+                        )));
+                    }
+                }
+                if dry_run {
+                    for l in &letters {
+                        println!(
+                            "would replay {} ({}) to {}",
+                            l.id(),
+                            l.header(h::ERROR_KIND).unwrap_or_default(),
+                            if module.is_some() {
+                                "the module".into()
+                            } else {
+                                target(l)
+                            }
+                        );
+                    }
+                    eprintln!(
+                        "{} dead letter(s) would be replayed (dry run: nothing changed)",
+                        letters.len()
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let handler = match &module {
+                    None => None,
+                    Some(path) => {
+                        let topics = topics.clone();
+                        let cfg = HostConfig {
+                            memory_limit: parse_size(
+                                "memory",
+                                crate::config::defaults::MEMORY_LIMIT,
+                            )?,
+                            call_timeout: Duration::from_secs(5),
+                            max_instances: 1,
+                            cache_dir: Some(g.data_dir.join("compiled")),
+                            handler_config: g.file.handler_config.clone(),
+                        };
+                        Some(Module::load(
+                            path,
+                            &cfg,
+                            Arc::new(move |t: &str| topics.contains(t)),
+                        )?)
+                    }
+                };
+                let mut instance = None;
+                let bar = indicatif::ProgressBar::new(letters.len() as u64);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} replaying [{bar:30}] {pos}/{len} {msg}",
+                    )
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+                );
+                let (mut replayed, mut failed) = (0u64, 0u64);
+                for l in &letters {
+                    let mark = vec![(dlq.clone(), l.d.partition, l.d.offset)];
+                    let outputs = match &handler {
+                        None => vec![Output {
+                            topic: target(l),
+                            record: l.original(),
+                        }],
+                        Some(m) => {
+                            let inst = match &mut instance {
+                                Some(i) => i,
+                                None => instance
+                                    .insert(m.instantiate().map_err(|o| anyhow::anyhow!("{o:?}"))?),
+                            };
+                            let origin_topic: Arc<str> = Arc::from(
+                                l.header(h::TOPIC).unwrap_or_else(|| dlq.clone()).as_str(),
+                            );
+                            let msg = Delivery {
+                                topic: origin_topic,
+                                partition: l
+                                    .header(h::PARTITION)
+                                    .and_then(|p| p.parse().ok())
+                                    .unwrap_or(0),
+                                offset: l
+                                    .header(h::OFFSET)
+                                    .and_then(|o| o.parse().ok())
+                                    .unwrap_or(0),
+                                record: l.original(),
+                            };
+                            let r = inst.run(std::slice::from_ref(&msg), &[1]);
+                            match r.stop {
+                                None => r.outputs,
+                                Some(stop) => {
+                                    if matches!(stop, Outcome::Fault { .. }) {
+                                        instance = None;
+                                    }
+                                    failed += 1;
+                                    bar.println(format!(
+                                        "dead letter {} failed again: {stop:?}",
+                                        l.id()
+                                    ));
+                                    bar.inc(1);
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    log.publish(outputs, mark)?;
+                    replayed += 1;
+                    bar.inc(1);
+                }
+                bar.finish_and_clear();
+                eprintln!(
+                    "replayed {replayed} dead letter(s) from {dlq}; {failed} failed again and stay un-replayed"
+                );
+                if failed > 0 {
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

@@ -1,0 +1,413 @@
+//! One partition's consumer: an event loop over key-ordered lanes.
+//!
+//! Fetched messages are hashed by key into lanes (keyless ones round robin). Each lane runs one
+//! job at a time through the instance pool, in offset order, so messages with one key are
+//! handled in order while other lanes go on. When a lane's front message fails with a retry, only
+//! that lane waits out the backoff (`blocking` mode), or the message is republished to the retry
+//! topic and acked (`requeue` mode). Completions arrive out of order; the [`OffsetTracker`]
+//! gives the offset below which everything finished, and each commit writes that offset with
+//! the outputs and dead letters of what finished since the last one, atomically.
+
+use super::dlq::{self, Origin};
+use super::offsets::OffsetTracker;
+use super::{Ctx, DeliveryMode as Mode, EngineError, RetryMode, now_ms};
+use crate::host::{Outcome, RunResult};
+use crate::source::{Commit, Delivery, SourceError};
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// A message waiting in a lane, with what the host knows of its history.
+struct Work {
+    /// The message as the handler sees it (for a retry-topic message: its origin).
+    msg: Delivery,
+    /// Its offset in the partition this task consumes (what the tracker tracks).
+    at: u64,
+    attempt: u32,
+    not_before: Option<Instant>,
+    first_failure_ms: Option<u64>,
+}
+
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<Work>,
+    busy: bool,
+}
+
+/// A lane's finished job.
+struct Done {
+    lane: usize,
+    meta: Vec<Work>,
+    msgs: Vec<Delivery>,
+    result: Result<RunResult, EngineError>,
+}
+
+fn lane_of(d: &Delivery, lanes: usize, round_robin: &mut usize) -> usize {
+    match &d.record.key {
+        Some(k) => {
+            // Not the partitioner's hash: with it, every key of a partition could share a lane.
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            k.hash(&mut h);
+            (h.finish() % lanes as u64) as usize
+        }
+        None => {
+            *round_robin = (*round_robin + 1) % lanes;
+            *round_robin
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EngineError::Join(e.to_string()))?
+        .map_err(EngineError::from)
+}
+
+pub(super) async fn consume(
+    ctx: Arc<Ctx>,
+    topic: Arc<str>,
+    partition: u32,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), EngineError> {
+    let cfg = &ctx.cfg;
+    let (src, group, t) = (ctx.source.clone(), cfg.group.clone(), topic.clone());
+    let start = blocking(move || src.committed(&group, &t, partition)).await?;
+    // Messages of a retry topic carry their origin; the dead letters go to the origin's DLQ.
+    let is_retry_topic = cfg.retry_topics.iter().any(|(_, r)| **r == *topic);
+    let mut tracker = OffsetTracker::new(start);
+    let mut committed = start;
+    let mut next = start;
+    let lanes_n = cfg.lanes.max(1);
+    let mut lanes: Vec<Lane> = (0..lanes_n).map(|_| Lane::default()).collect();
+    let mut rr = 0usize;
+    // Lane jobs report here; owned by this task, one sender clone per running job.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut running = 0usize;
+    let mut stopping = *shutdown.borrow();
+    let mut caught_up = false;
+    let mut pending = Commit::default();
+    let (mut acked, mut emitted, mut dead) = (0u64, 0u64, 0u64);
+    loop {
+        // 1. Fetch while there is room in flight.
+        if !stopping && tracker.in_flight() < cfg.max_in_flight {
+            let room = (cfg.max_in_flight - tracker.in_flight()).min(cfg.batch_size * lanes_n);
+            let (src, t) = (ctx.source.clone(), topic.clone());
+            let batch = blocking(move || src.fetch(&t, partition, next, room)).await?;
+            caught_up = batch.is_empty();
+            if let Some(last) = batch.last() {
+                next = last.offset + 1;
+            }
+            let at_most_once = cfg.delivery == Mode::AtMostOnce && !batch.is_empty();
+            for d in batch {
+                let at = d.offset;
+                tracker.dispatch(at);
+                let work = match is_retry_topic.then(|| dlq::from_retry_topic(&d)).flatten() {
+                    Some((msg, attempt, not_before_ms, first)) => {
+                        let wait = Duration::from_millis(not_before_ms.saturating_sub(now_ms()));
+                        Work {
+                            msg,
+                            at,
+                            attempt,
+                            not_before: Some(Instant::now() + wait),
+                            first_failure_ms: Some(first),
+                        }
+                    }
+                    None => Work {
+                        msg: d,
+                        at,
+                        attempt: 1,
+                        not_before: None,
+                        first_failure_ms: None,
+                    },
+                };
+                let lane = lane_of(&work.msg, lanes_n, &mut rr);
+                lanes[lane].queue.push_back(work);
+            }
+            if at_most_once {
+                // Ack before invoking: what is fetched is committed now and never redelivered.
+                let (src, group, t) = (ctx.source.clone(), cfg.group.clone(), topic.clone());
+                let commit = Commit {
+                    offsets: vec![(t, partition, next)],
+                    ..Default::default()
+                };
+                blocking(move || src.commit(&group, commit)).await?;
+                committed = next;
+            }
+        }
+
+        // 2. Start every idle lane whose front message may run now.
+        let now = Instant::now();
+        let mut wake: Option<Instant> = None;
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            if stopping || lane.busy || lane.queue.is_empty() {
+                continue;
+            }
+            if let Some(nb) = lane.queue[0].not_before
+                && nb > now
+            {
+                wake = Some(wake.map_or(nb, |w| w.min(nb)));
+                continue;
+            }
+            // A run: the front message, then messages that may run now, up to the batch size.
+            let mut meta = Vec::new();
+            while meta.len() < cfg.batch_size {
+                match lane.queue.front() {
+                    Some(w) if meta.is_empty() || w.not_before.is_none_or(|nb| nb <= now) => {
+                        meta.push(lane.queue.pop_front().expect("front exists"))
+                    }
+                    _ => break,
+                }
+            }
+            let msgs: Vec<Delivery> = meta
+                .iter_mut()
+                .map(|w| std::mem::replace(&mut w.msg, placeholder()))
+                .collect();
+            let attempts: Vec<u32> = meta.iter().map(|w| w.attempt).collect();
+            lane.busy = true;
+            running += 1;
+            let (ctx2, tx) = (ctx.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let (msgs, result) = match ctx2.pool.run(msgs, attempts).await {
+                    Ok((m, r)) => (m, Ok(r)),
+                    Err(e) => (Vec::new(), Err(e)),
+                };
+                let _ = tx.send(Done {
+                    lane: i,
+                    meta,
+                    msgs,
+                    result,
+                });
+            });
+        }
+
+        // 3. Done?
+        if running == 0 {
+            let idle = lanes.iter().all(|l| l.queue.is_empty());
+            if stopping || (cfg.drain && caught_up && idle) {
+                commit(
+                    &ctx,
+                    &topic,
+                    partition,
+                    &tracker,
+                    &mut committed,
+                    &mut pending,
+                    (&mut acked, &mut emitted, &mut dead),
+                )
+                .await?;
+                return Ok(());
+            }
+        }
+
+        // 4. Wait for a lane to finish, a backoff to end, new messages, or shutdown.
+        let poll = if caught_up || tracker.in_flight() >= cfg.max_in_flight {
+            cfg.idle_poll
+        } else {
+            Duration::ZERO
+        };
+        let until = wake.map_or(Instant::now() + poll, |w| w.min(Instant::now() + poll));
+        tokio::select! {
+            Some(done) = done_rx.recv() => {
+                handle(&ctx, &topic, is_retry_topic, &mut lanes, &mut tracker, &mut pending, (&mut acked, &mut emitted, &mut dead), done)?;
+                running -= 1;
+                // Take every other finished job too, so one commit covers them all.
+                while let Ok(done) = done_rx.try_recv() {
+                    handle(&ctx, &topic, is_retry_topic, &mut lanes, &mut tracker, &mut pending, (&mut acked, &mut emitted, &mut dead), done)?;
+                    running -= 1;
+                }
+            }
+            _ = tokio::time::sleep_until(until), if running == 0 || poll.is_zero() || wake.is_some() || !caught_up => {}
+            _ = shutdown.changed(), if !stopping => {
+                // Finish the calls in flight and commit; backing-off messages stay uncommitted
+                // and are redelivered on the next start.
+                stopping = true;
+            }
+        }
+        if !pending.outputs.is_empty() || tracker.commit_point() != committed {
+            commit(
+                &ctx,
+                &topic,
+                partition,
+                &tracker,
+                &mut committed,
+                &mut pending,
+                (&mut acked, &mut emitted, &mut dead),
+            )
+            .await?;
+        }
+    }
+}
+
+fn placeholder() -> Delivery {
+    Delivery {
+        topic: Arc::from(""),
+        partition: 0,
+        offset: 0,
+        record: Default::default(),
+    }
+}
+
+type Counters<'a> = (&'a mut u64, &'a mut u64, &'a mut u64);
+
+/// Writes what finished since the last commit, then counts it.
+async fn commit(
+    ctx: &Arc<Ctx>,
+    topic: &Arc<str>,
+    partition: u32,
+    tracker: &OffsetTracker,
+    committed: &mut u64,
+    pending: &mut Commit,
+    (acked, emitted, dead): Counters<'_>,
+) -> Result<(), EngineError> {
+    if pending.outputs.is_empty()
+        && tracker.commit_point() == *committed
+        && *acked == 0
+        && *dead == 0
+    {
+        return Ok(());
+    }
+    let mut c = std::mem::take(pending);
+    // In at-most-once mode the offset already moved past everything fetched: never back.
+    c.offsets.push((
+        topic.clone(),
+        partition,
+        tracker.commit_point().max(*committed),
+    ));
+    let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
+    blocking(move || src.commit(&group, c)).await?;
+    *committed = tracker.commit_point().max(*committed);
+    let s = &ctx.stats;
+    s.processed
+        .fetch_add(std::mem::take(acked), Ordering::Relaxed);
+    s.emitted
+        .fetch_add(std::mem::take(emitted), Ordering::Relaxed);
+    s.dead_lettered
+        .fetch_add(std::mem::take(dead), Ordering::Relaxed);
+    Ok(())
+}
+
+/// What went wrong with a message, as the log and the DLQ envelope name it.
+fn failure_kind(stop: &Outcome, exhausted: bool) -> (&'static str, String) {
+    match stop {
+        Outcome::Reject { reason } => ("rejected", reason.clone()),
+        Outcome::Retry { reason, .. } if exhausted => ("retries-exhausted", reason.clone()),
+        Outcome::Retry { reason, .. } => ("retry", reason.clone()),
+        Outcome::Fault { kind, detail } => (kind.as_str(), detail.clone()),
+        Outcome::Ok => ("ok", String::new()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn handle(
+    ctx: &Ctx,
+    topic: &Arc<str>,
+    is_retry_topic: bool,
+    lanes: &mut [Lane],
+    tracker: &mut OffsetTracker,
+    pending: &mut Commit,
+    (acked, emitted, dead): Counters<'_>,
+    done: Done,
+) -> Result<(), EngineError> {
+    let cfg = &ctx.cfg;
+    let Done {
+        lane,
+        mut meta,
+        msgs,
+        result,
+    } = done;
+    let result = result?;
+    for (w, m) in meta.iter_mut().zip(msgs) {
+        w.msg = m;
+    }
+    let lane = &mut lanes[lane];
+    lane.busy = false;
+    let finished = result.done;
+    for w in &meta[..finished] {
+        tracker.finish(w.at);
+    }
+    *acked += finished as u64;
+    *emitted += result.outputs.len() as u64;
+    pending.outputs.extend(result.outputs);
+    let mut rest = meta.split_off(finished);
+    if let Some(stop) = result.stop {
+        let w = &mut rest[0];
+        let now = now_ms();
+        let first = *w.first_failure_ms.get_or_insert(now);
+        let retryable = matches!(stop, Outcome::Retry { .. } | Outcome::Fault { .. });
+        let exhausted = retryable && !cfg.backoff.may_retry(w.attempt);
+        let (kind, error) = failure_kind(&stop, exhausted);
+        let key = w.msg.record.key.as_deref().map(String::from_utf8_lossy);
+        tracing::warn!(
+            topic = %w.msg.topic, partition = w.msg.partition, offset = w.msg.offset,
+            key = key.as_deref().unwrap_or(""), attempt = w.attempt, kind, error = %error,
+            "message failed"
+        );
+        let origin_topic = if is_retry_topic {
+            w.msg.topic.clone()
+        } else {
+            topic.clone()
+        };
+        let origin = Origin {
+            topic: origin_topic.clone(),
+            partition: w.msg.partition,
+            offset: w.msg.offset,
+        };
+        if retryable && !exhausted && cfg.delivery == Mode::AtLeastOnce {
+            let requested = match &stop {
+                Outcome::Retry { delay, .. } => *delay,
+                _ => None,
+            };
+            let delay = cfg
+                .backoff
+                .delay(w.attempt, requested, rand::random::<f64>());
+            ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
+            match cfg.retry_mode {
+                RetryMode::Blocking => {
+                    w.attempt += 1;
+                    w.not_before = Some(Instant::now() + delay);
+                }
+                RetryMode::Requeue => {
+                    let retry_topic = cfg.retry_for(&origin_topic);
+                    let not_before = now + delay.as_millis() as u64;
+                    pending.outputs.push(dlq::requeue(
+                        &w.msg,
+                        &origin,
+                        w.attempt + 1,
+                        not_before,
+                        first,
+                        retry_topic,
+                    ));
+                    tracker.finish(w.at);
+                    rest.remove(0);
+                }
+            }
+        } else {
+            let failure = dlq::Failure {
+                origin: &origin,
+                attempts: w.attempt,
+                kind,
+                error: &error,
+                module: ctx.module.name(),
+                digest: ctx.module.digest(),
+                first_failure_ms: first,
+                last_failure_ms: now,
+            };
+            pending
+                .outputs
+                .push(dlq::envelope(&w.msg, &failure, cfg.dlq_for(&origin_topic)));
+            tracker.finish(w.at);
+            *dead += 1;
+            rest.remove(0);
+        }
+    }
+    for w in rest.into_iter().rev() {
+        lane.queue.push_front(w);
+    }
+    Ok(())
+}
