@@ -204,6 +204,161 @@ impl Weir {
     }
 }
 
+/// A `weir` process a test started. Killed when dropped, so a failing test never leaves one
+/// running (it would hold the test's output pipe open).
+pub struct Running {
+    child: Option<std::process::Child>,
+}
+
+impl Running {
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `kill -9`, and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for it to exit; returns what it printed on standard output.
+    pub fn terminate(mut self) -> Output {
+        let child = self.child.take().expect("running");
+        let term = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(term.success(), "kill -TERM failed");
+        child.wait_with_output().expect("wait for weir")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Weir {
+    /// Starts `weir <args>` in the background; its standard output is captured, its log dropped.
+    pub fn spawn(&self, args: &[&str]) -> Running {
+        let child = self
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start weir");
+        Running { child: Some(child) }
+    }
+
+    /// Messages in `topic` now, or 0 if it does not exist yet (for polling).
+    pub fn count(&self, topic: &str) -> usize {
+        let out = self.output(&["consume", topic, "--from-beginning", "--json"]);
+        if out.status.success() {
+            out.stdout.iter().filter(|&&b| b == b'\n').count()
+        } else {
+            0
+        }
+    }
+}
+
+/// What `weir run --json --log-format json` reported: its summary, and the `message failed`
+/// events of its log (each with `at_ms`, the event's timestamp in ms since the epoch, added).
+pub struct Logged {
+    pub summary: Value,
+    pub failures: Vec<Value>,
+}
+
+impl Weir {
+    /// Runs `weir run ... --drain` with a JSON log, and returns the summary and failure events.
+    pub fn drain_logged(&self, module: &Path, topic: &str, group: &str, extra: &[&str]) -> Logged {
+        let mut args = vec![
+            "--log-format",
+            "json",
+            "run",
+            "--module",
+            module.to_str().expect("UTF-8 path"),
+            "--topic",
+            topic,
+            "--group",
+            group,
+            "--drain",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.ok(&args);
+        let summary =
+            serde_json::from_slice(&out.stdout).expect("run --json prints a JSON summary");
+        let failures = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["fields"]["message"] == "message failed")
+            .map(|mut e| {
+                let at = rfc3339_ms(
+                    e["timestamp"]
+                        .as_str()
+                        .expect("log events have a timestamp"),
+                );
+                e["at_ms"] = Value::from(at);
+                e
+            })
+            .collect();
+        Logged { summary, failures }
+    }
+}
+
+/// Milliseconds since the epoch of an RFC 3339 UTC timestamp as tracing prints it
+/// (`2026-11-28T01:02:03.123456Z`).
+pub fn rfc3339_ms(ts: &str) -> u64 {
+    let num = |r: std::ops::Range<usize>| -> i64 {
+        ts[r]
+            .parse()
+            .unwrap_or_else(|_| panic!("bad timestamp {ts}"))
+    };
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    let (hh, mm) = (num(11..13), num(14..16));
+    let secs: f64 = ts[17..ts.len() - 1]
+        .parse()
+        .unwrap_or_else(|_| panic!("bad timestamp {ts}"));
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    ((days * 86_400 + hh * 3600 + mm * 60) * 1000) as u64 + (secs * 1000.0).round() as u64
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+/// Writes `lines` to a file beside the data directory and produces them, one message each,
+/// with key `key` (or none).
+pub fn produce_lines(w: &Weir, topic: &str, key: Option<&str>, lines: &[&str]) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = w.path(&format!("input-{n}.txt"));
+    std::fs::write(&file, lines.join("\n") + "\n").expect("write the input file");
+    let mut args = vec![
+        "produce",
+        topic,
+        "--file",
+        file.to_str().expect("UTF-8 path"),
+    ];
+    if let Some(k) = key {
+        args.extend(["--key", k]);
+    }
+    w.ok(&args);
+}
+
 /// (end offset, committed offset of `group`) per partition of `topic`, from `topics list --json`.
 pub fn offsets_in(stats: &Value, topic: &str, group: &str) -> Vec<(u64, u64)> {
     let t = stats

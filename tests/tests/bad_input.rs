@@ -217,18 +217,15 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn a_data_directory_locked_by_another_run() {
     let (w, stats, n) = populated();
     let module = guest("orders");
-    let mut first = w
-        .cmd(&[
-            "run",
-            "--module",
-            module.to_str().unwrap(),
-            "--topic",
-            "orders",
-            "--group",
-            "g",
-        ])
-        .spawn()
-        .unwrap();
+    let first = w.spawn(&[
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "orders",
+        "--group",
+        "g",
+    ]);
     wait_until(
         "the first run owns the directory",
         Duration::from_secs(60),
@@ -241,11 +238,7 @@ fn a_data_directory_locked_by_another_run() {
             && line.contains(&w.data_dir().display().to_string()),
         "{line}"
     );
-    std::process::Command::new("kill")
-        .args(["-TERM", &first.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(first.wait().unwrap().success());
+    assert!(first.terminate().status.success());
     // The first run consumed the 5 waiting orders; nothing else changed.
     let after = w.offsets("orders", "g");
     assert!(after.iter().all(|(end, c)| end == c));

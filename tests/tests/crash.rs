@@ -13,22 +13,19 @@ fn kill_9_mid_run_then_restart_handles_every_message_at_least_once() {
     w.create_topic("confirmations", 4);
     w.ok(&["produce", "orders", "--count", &N.to_string()]);
     let module = guest("orders");
-    let mut run = w
-        .cmd(&[
-            "run",
-            "--module",
-            module.to_str().unwrap(),
-            "--topic",
-            "orders",
-            "--group",
-            "g",
-            "--batch-size",
-            "32",
-            "--instances",
-            "1",
-        ])
-        .spawn()
-        .unwrap();
+    let mut run = w.spawn(&[
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "orders",
+        "--group",
+        "g",
+        "--batch-size",
+        "32",
+        "--instances",
+        "1",
+    ]);
     let committed = |stats: &Value| {
         offsets_in(stats, "orders", "g")
             .iter()
@@ -40,8 +37,7 @@ fn kill_9_mid_run_then_restart_handles_every_message_at_least_once() {
         Duration::from_secs(120),
         || committed(&w.stats()) >= 2_000,
     );
-    run.kill().unwrap(); // SIGKILL
-    run.wait().unwrap();
+    run.kill(); // SIGKILL
 
     let at_kill = committed(&w.stats());
     assert!(

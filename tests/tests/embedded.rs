@@ -130,20 +130,16 @@ fn produce_reaches_a_running_weir_and_sigterm_commits_what_finished() {
     w.create_topic("orders", 2);
     w.create_topic("confirmations", 1);
     let module = guest("orders");
-    let run = w
-        .cmd(&[
-            "run",
-            "--module",
-            module.to_str().unwrap(),
-            "--topic",
-            "orders",
-            "--group",
-            "live",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let run = w.spawn(&[
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "orders",
+        "--group",
+        "live",
+        "--json",
+    ]);
     // The run owns the data directory; `produce` goes through its socket.
     wait_until("the run serves its socket", Duration::from_secs(60), || {
         w.data_dir().join("weir.sock").exists()
@@ -159,12 +155,7 @@ fn produce_reaches_a_running_weir_and_sigterm_commits_what_finished() {
                 .sum::<u64>()
                 == 500
     });
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let out = run.wait_with_output().unwrap();
+    let out = run.terminate();
     assert!(
         out.status.success(),
         "weir run exits 0 on SIGTERM, got {}",

@@ -4,4 +4,5 @@
 mod bad_input;
 mod crash;
 mod embedded;
+mod failures;
 mod faults;

@@ -149,21 +149,9 @@ pub(super) async fn consume(
             if stopping || lane.busy || lane.queue.is_empty() {
                 continue;
             }
-            if let Some(nb) = lane.queue[0].not_before
-                && nb > now
-            {
-                wake = Some(wake.map_or(nb, |w| w.min(nb)));
+            let mut meta = take_run(&mut lane.queue, cfg.batch_size, now, &mut wake);
+            if meta.is_empty() {
                 continue;
-            }
-            // A run: the front message, then messages that may run now, up to the batch size.
-            let mut meta = Vec::new();
-            while meta.len() < cfg.batch_size {
-                match lane.queue.front() {
-                    Some(w) if meta.is_empty() || w.not_before.is_none_or(|nb| nb <= now) => {
-                        meta.push(lane.queue.pop_front().expect("front exists"))
-                    }
-                    _ => break,
-                }
             }
             let msgs: Vec<Delivery> = meta
                 .iter_mut()
@@ -244,6 +232,51 @@ pub(super) async fn consume(
     }
 }
 
+/// Takes the next run of a lane: messages that may run now, in queue order, up to `max`.
+///
+/// A message waiting out a backoff blocks its key, not the lane: it is skipped, and so is every
+/// later message with the same key, so per-key order holds while other keys go on. (Keyless
+/// messages carry no order and are never blocked by others.) `wake` learns the earliest
+/// backoff end among the skipped.
+fn take_run(
+    queue: &mut VecDeque<Work>,
+    max: usize,
+    now: Instant,
+    wake: &mut Option<Instant>,
+) -> Vec<Work> {
+    let mut blocked: Vec<&[u8]> = Vec::new();
+    let mut take = Vec::new();
+    for (i, w) in queue.iter().enumerate() {
+        if take.len() == max {
+            break;
+        }
+        let key = w.msg.record.key.as_deref();
+        let waiting = w.not_before.filter(|nb| *nb > now);
+        if let Some(nb) = waiting {
+            *wake = Some(wake.map_or(nb, |x| x.min(nb)));
+        }
+        let key_blocked = key.is_some_and(|k| blocked.contains(&k));
+        if waiting.is_some() || key_blocked {
+            if let Some(k) = key
+                && !key_blocked
+            {
+                blocked.push(k);
+            }
+            continue;
+        }
+        take.push(i);
+    }
+    if take.len() == queue.len() {
+        return queue.drain(..).collect();
+    }
+    // Pull the chosen out, leaving the rest in order.
+    let mut run = Vec::with_capacity(take.len());
+    for (removed, i) in take.into_iter().enumerate() {
+        run.push(queue.remove(i - removed).expect("index in range"));
+    }
+    run
+}
+
 fn placeholder() -> Delivery {
     Delivery {
         topic: Arc::from(""),
@@ -299,6 +332,7 @@ fn failure_kind(stop: &Outcome, exhausted: bool) -> (&'static str, String) {
         Outcome::Retry { reason, .. } if exhausted => ("retries-exhausted", reason.clone()),
         Outcome::Retry { reason, .. } => ("retry", reason.clone()),
         Outcome::Fault { kind, detail } => (kind.as_str(), detail.clone()),
+        Outcome::InvalidOutput { detail } => ("invalid-output", detail.clone()),
         Outcome::Ok => ("ok", String::new()),
     }
 }
@@ -339,7 +373,10 @@ fn handle(
         let w = &mut rest[0];
         let now = now_ms();
         let first = *w.first_failure_ms.get_or_insert(now);
-        let retryable = matches!(stop, Outcome::Retry { .. } | Outcome::Fault { .. });
+        let retryable = matches!(
+            stop,
+            Outcome::Retry { .. } | Outcome::Fault { .. } | Outcome::InvalidOutput { .. }
+        );
         let exhausted = retryable && !cfg.backoff.may_retry(w.attempt);
         let (kind, error) = failure_kind(&stop, exhausted);
         let key = w.msg.record.key.as_deref().map(String::from_utf8_lossy);
@@ -410,4 +447,61 @@ fn handle(
         lane.queue.push_front(w);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Record;
+
+    fn work(offset: u64, key: Option<&str>, waiting: bool, now: Instant) -> Work {
+        Work {
+            msg: Delivery {
+                topic: Arc::from("t"),
+                partition: 0,
+                offset,
+                record: Record {
+                    key: key.map(|k| k.as_bytes().to_vec()),
+                    ..Record::default()
+                },
+            },
+            at: offset,
+            attempt: 1,
+            not_before: waiting.then(|| now + Duration::from_secs(1)),
+            first_failure_ms: None,
+        }
+    }
+
+    fn offsets(v: &[Work]) -> Vec<u64> {
+        v.iter().map(|w| w.at).collect()
+    }
+
+    #[test]
+    fn a_backing_off_key_blocks_only_itself() {
+        let now = Instant::now();
+        let mut q: VecDeque<Work> = [
+            work(0, Some("a"), true, now),
+            work(1, Some("b"), false, now),
+            work(2, Some("a"), false, now),
+            work(3, None, false, now),
+            work(4, Some("b"), false, now),
+        ]
+        .into_iter()
+        .collect();
+        let mut wake = None;
+        let run = take_run(&mut q, 10, now, &mut wake);
+        assert_eq!(offsets(&run), vec![1, 3, 4], "b and keyless go on; a waits");
+        assert_eq!(q.iter().map(|w| w.at).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(wake, Some(now + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn runs_respect_the_batch_size_and_keep_queue_order() {
+        let now = Instant::now();
+        let mut q: VecDeque<Work> = (0..5).map(|o| work(o, Some("k"), false, now)).collect();
+        let mut wake = None;
+        assert_eq!(offsets(&take_run(&mut q, 2, now, &mut wake)), vec![0, 1]);
+        assert_eq!(offsets(&take_run(&mut q, 9, now, &mut wake)), vec![2, 3, 4]);
+        assert!(q.is_empty() && wake.is_none());
+    }
 }

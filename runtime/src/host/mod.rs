@@ -23,6 +23,9 @@ use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+/// The largest payload a handler may emit.
+pub const MAX_OUTPUT_BYTES: usize = 16 << 20;
+
 /// How often the epoch advances; call deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -94,6 +97,9 @@ pub enum Outcome {
     },
     /// The handler says the message can never succeed.
     Reject { reason: String },
+    /// The handler returned `ok` after `emit.send` refused one of its outputs (unknown topic,
+    /// invalid name, too large). Nothing it emitted is published; retried like `Retry`.
+    InvalidOutput { detail: String },
     /// The host stopped the call: the instance is gone and must be replaced.
     Fault { kind: FaultKind, detail: String },
 }
@@ -544,7 +550,10 @@ impl Instance {
             let outcome = match call {
                 Err(e) => classify(&self.store, &e),
                 Ok(Err(f)) => from_failure(f),
-                Ok(Ok(())) => Outcome::Ok,
+                Ok(Ok(())) => match self.store.data_mut().emit_error.take() {
+                    None => Outcome::Ok,
+                    Some(detail) => Outcome::InvalidOutput { detail },
+                },
             };
             if outcome != Outcome::Ok {
                 result.stop = Some(outcome);
@@ -562,71 +571,77 @@ impl Instance {
         };
         let guest = guest.clone();
         let mut result = RunResult::default();
-        let mut rest = msgs;
-        let mut rest_attempts = attempts;
-        // Each round either finishes `rest`, or finds its first failure and re-runs only the
-        // prefix before it (so outputs belong to exactly the messages that succeeded); the
-        // prefix shrinks every round, so this ends.
-        while !rest.is_empty() {
-            let first = rest[0].offset;
-            self.arm(
-                rest.len(),
-                format!("{}/{}@{}..", rest[0].topic, rest[0].partition, first),
-            );
-            let batch: Vec<types::Message> = rest
-                .iter()
-                .zip(rest_attempts)
-                .map(|(d, &a)| to_wit(d, a))
-                .collect();
-            let results = match guest.call_handle_batch(&mut self.store, &batch) {
-                Err(e) if rest.len() == 1 => {
-                    result.stop = Some(classify(&self.store, &e));
-                    return result;
-                }
-                Err(e) => {
-                    // We cannot tell which message faulted: the caller replaces the instance
-                    // and runs the batch one message at a time to find it.
-                    result.stop = Some(classify(&self.store, &e));
-                    return result;
-                }
-                Ok(r) => r,
-            };
-            if results.len() != rest.len() {
-                let detail = format!(
-                    "handle-batch returned {} results for {} messages",
-                    results.len(),
-                    rest.len()
-                );
-                result.stop = Some(Outcome::Fault {
-                    kind: FaultKind::Trap,
-                    detail,
-                });
+        if msgs.is_empty() {
+            return result;
+        }
+        self.arm(
+            msgs.len(),
+            format!(
+                "{}/{}@{}..",
+                msgs[0].topic, msgs[0].partition, msgs[0].offset
+            ),
+        );
+        let batch: Vec<types::Message> = msgs
+            .iter()
+            .zip(attempts)
+            .map(|(d, &a)| to_wit(d, a))
+            .collect();
+        let results = match guest.call_handle_batch(&mut self.store, &batch) {
+            // With more than one message the culprit is unknown: the caller replaces the
+            // instance and runs the messages one at a time to find it.
+            Err(e) => {
+                result.stop = Some(classify(&self.store, &e));
                 return result;
             }
-            match results.into_iter().position(|r| r.is_err()) {
-                None => {
-                    result.outputs.append(&mut self.store.data_mut().outputs);
-                    result.done += rest.len();
-                    return result;
-                }
-                Some(0) => {
-                    let f = batch_first_error(&guest, &mut self.store, &batch[..1]);
-                    result.stop = Some(f);
-                    return result;
-                }
-                Some(k) => {
-                    // Drop this call's outputs; run the successful prefix again on its own.
-                    let (prefix, prefix_attempts) = (&rest[..k], &rest_attempts[..k]);
-                    let sub = self.run_batch(prefix, prefix_attempts);
-                    result.done += sub.done;
-                    result.outputs.extend(sub.outputs);
-                    if sub.stop.is_some() {
-                        result.stop = sub.stop;
-                        return result;
+            Ok(r) => r,
+        };
+        if results.len() != msgs.len() {
+            let detail = format!(
+                "handle-batch returned {} results for {} messages",
+                results.len(),
+                msgs.len()
+            );
+            result.stop = Some(Outcome::Fault {
+                kind: FaultKind::Trap,
+                detail,
+            });
+            return result;
+        }
+        let emit_error = self.store.data_mut().emit_error.take();
+        match results
+            .into_iter()
+            .enumerate()
+            .find_map(|(i, r)| r.err().map(|f| (i, f)))
+        {
+            None if emit_error.is_none() => {
+                result.outputs.append(&mut self.store.data_mut().outputs);
+                result.done = msgs.len();
+            }
+            None if msgs.len() == 1 => {
+                result.stop = Some(Outcome::InvalidOutput {
+                    detail: emit_error.unwrap_or_default(),
+                });
+            }
+            None => {
+                // Some message emitted what cannot be published and we cannot tell which:
+                // run them one at a time, keeping what succeeds.
+                for i in 0..msgs.len() {
+                    let one = self.run_batch(&msgs[i..=i], &attempts[i..=i]);
+                    result.done += one.done;
+                    result.outputs.extend(one.outputs);
+                    if one.stop.is_some() {
+                        result.stop = one.stop;
+                        break;
                     }
-                    rest = &rest[k..];
-                    rest_attempts = &rest_attempts[k..];
                 }
+            }
+            Some((k, failure)) => {
+                // Message k's outcome is known. Drop this call's outputs and run the prefix
+                // before it again on its own, so every output belongs to a message that succeeded.
+                let prefix = self.run_batch(&msgs[..k], &attempts[..k]);
+                result.done = prefix.done;
+                result.outputs = prefix.outputs;
+                result.stop = Some(prefix.stop.unwrap_or_else(|| from_failure(failure)));
             }
         }
         result
@@ -635,26 +650,6 @@ impl Instance {
     /// Whether this instance was built for the batch entry point.
     pub fn is_batch(&self) -> bool {
         matches!(self.entry, LoadedEntry::Batch(_))
-    }
-}
-
-/// Calls `handle-batch` with one message and returns its outcome.
-fn batch_first_error(
-    guest: &batch_handler::Guest,
-    store: &mut Store<State>,
-    one: &[types::Message],
-) -> Outcome {
-    store.data_mut().outputs.clear();
-    match guest.call_handle_batch(&mut *store, one) {
-        Err(e) => classify(store, &e),
-        Ok(mut r) => match r.pop() {
-            Some(Err(f)) => from_failure(f),
-            Some(Ok(())) => Outcome::Ok,
-            None => Outcome::Fault {
-                kind: FaultKind::Trap,
-                detail: "handle-batch returned no result".into(),
-            },
-        },
     }
 }
 
@@ -721,11 +716,23 @@ impl emit::Host for State {
         payload: Vec<u8>,
         headers: types::Headers,
     ) -> Result<(), String> {
-        if let Err(e) = crate::source::embedded::validate_topic_name(&topic) {
-            return Err(e.to_string());
-        }
-        if !(self.shared.topic_exists)(&topic) {
-            return Err(format!("topic `{topic}` does not exist"));
+        let refused = if let Err(e) = crate::source::embedded::validate_topic_name(&topic) {
+            Some(e.to_string())
+        } else if !(self.shared.topic_exists)(&topic) {
+            Some(format!("emitted to topic `{topic}`, which does not exist"))
+        } else if payload.len() > MAX_OUTPUT_BYTES {
+            Some(format!(
+                "emitted {} bytes to `{topic}`; the most is {MAX_OUTPUT_BYTES}",
+                payload.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            // Remembered as well as returned: if the handler goes on to return `ok`, the host
+            // fails the message rather than lose the output silently.
+            self.emit_error.get_or_insert_with(|| e.clone());
+            return Err(e);
         }
         self.outputs.push(Output {
             topic,

@@ -1,5 +1,6 @@
 //! `poison`: a test handler that rejects every message containing `poison` (it can never
-//! succeed) and copies the others.
+//! succeed), fails a message containing `flaky` with `retry` on its first attempt, and copies
+//! the others.
 
 wit_bindgen::generate!({
     path: "../../../wit",
@@ -18,10 +19,16 @@ fn contains(msg: &Message, word: &str) -> bool {
         .any(|w| w == word.as_bytes())
 }
 
-/// Good messages are copied to the output topic (config `output-topic`, default `out`).
+/// Good messages are copied to the output topic (config `output-topic`, default `out`). With
+/// config `ignore-emit-errors=true` it returns `ok` even when the copy was refused (to test
+/// that the host does not lose such an output silently).
 fn pass(msg: &Message) -> Result<(), Failure> {
     let topic = config::get("output-topic").unwrap_or_else(|| "out".into());
-    emit::send(&topic, msg.key.as_deref(), &msg.payload, &msg.headers).map_err(|e| {
+    let sent = emit::send(&topic, msg.key.as_deref(), &msg.payload, &msg.headers);
+    if config::get("ignore-emit-errors").as_deref() == Some("true") {
+        return Ok(());
+    }
+    sent.map_err(|e| {
         Failure::Retry(RetryRequest {
             reason: e,
             delay_ms: None,
@@ -36,6 +43,12 @@ impl Guest for Handler {
                 "poison message at offset {}",
                 msg.offset
             )));
+        }
+        if contains(&msg, "flaky") && msg.attempt == 1 {
+            return Err(Failure::Retry(RetryRequest {
+                reason: "first attempt of a flaky message".into(),
+                delay_ms: None,
+            }));
         }
         pass(&msg)
     }
