@@ -26,35 +26,80 @@ pub fn default_data_dir() -> PathBuf {
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     #[serde(default)]
-    pub run: RunFile,
+    pub run: RunOptions,
     /// What the handler reads through its `config` import.
     #[serde(default)]
     pub handler_config: BTreeMap<String, String>,
 }
 
-/// The `[run]` table: the same names as `weir run`'s flags.
-#[derive(Debug, Default, Deserialize)]
+/// `weir run`'s settings as given: the `[run]` table of `weir.toml`, the command-line flags and
+/// the `WEIR_*` variables are this one struct, so their names cannot drift apart. Every field is
+/// optional here; [`RunOptions::or`] layers flags over the file and [`RunOptions::resolve`]
+/// applies the defaults and validates.
+#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RunFile {
+pub struct RunOptions {
+    /// The handler component (.wasm)
+    #[arg(long, env = "WEIR_MODULE")]
     pub module: Option<PathBuf>,
+    /// Topic to consume; repeat for more (WEIR_TOPIC: comma-separated)
+    #[arg(long, env = "WEIR_TOPIC", value_delimiter = ',')]
     pub topic: Option<Vec<String>>,
+    /// Consumer group: where committed offsets are kept
+    #[arg(long, env = "WEIR_GROUP")]
     pub group: Option<String>,
+    /// Exit 0 once every partition is consumed to its end and nothing is in flight [default: off]
+    #[arg(long, env = "WEIR_DRAIN", num_args = 0..=1, default_missing_value = "true")]
     pub drain: Option<bool>,
+    /// Messages per fetch and per call into the handler [default: 256]
+    #[arg(long, env = "WEIR_BATCH_SIZE")]
     pub batch_size: Option<usize>,
+    /// Handler instances running at once [default: number of CPUs]
+    #[arg(long, env = "WEIR_INSTANCES")]
     pub instances: Option<usize>,
-    pub memory_limit: Option<String>,
-    pub call_timeout: Option<String>,
-    pub max_attempts: Option<u32>,
-    pub backoff_base: Option<String>,
-    pub backoff_max: Option<String>,
-    pub backoff_factor: Option<f64>,
-    pub jitter: Option<Jitter>,
-    pub dlq_topic: Option<String>,
-    pub retry_mode: Option<RetryMode>,
-    pub retry_topic: Option<String>,
-    pub delivery: Option<DeliveryMode>,
+    /// Key-ordered lanes per partition (messages of one key share a lane) [default: --instances]
+    #[arg(long, env = "WEIR_LANES")]
     pub lanes: Option<usize>,
+    /// Messages fetched and unfinished per partition before fetching pauses
+    /// [default: 2 × batch size × lanes]
+    #[arg(long, env = "WEIR_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
+    /// Linear memory one instance may use [default: 64MiB]
+    #[arg(long, env = "WEIR_MEMORY_LIMIT")]
+    pub memory_limit: Option<String>,
+    /// Longest time one message may run in the handler [default: 5s]
+    #[arg(long, env = "WEIR_CALL_TIMEOUT")]
+    pub call_timeout: Option<String>,
+    /// Attempts per message, the first included, before it is dead-lettered [default: 5]
+    #[arg(long, env = "WEIR_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+    /// Wait before the first retry [default: 100ms]
+    #[arg(long, env = "WEIR_BACKOFF_BASE")]
+    pub backoff_base: Option<String>,
+    /// Longest wait between attempts, also the cap on a handler's requested delay [default: 30s]
+    #[arg(long, env = "WEIR_BACKOFF_MAX")]
+    pub backoff_max: Option<String>,
+    /// Growth of the wait per attempt [default: 2]
+    #[arg(long, env = "WEIR_BACKOFF_FACTOR")]
+    pub backoff_factor: Option<f64>,
+    /// Randomisation of the wait [default: full]
+    #[arg(long, env = "WEIR_JITTER", value_enum)]
+    pub jitter: Option<Jitter>,
+    /// What a retryable failure does: `blocking` retries in place (the key waits, other keys go
+    /// on); `requeue` acks and republishes to the retry topic (nothing waits, order is lost)
+    /// [default: blocking]
+    #[arg(long, env = "WEIR_RETRY_MODE", value_enum)]
+    pub retry_mode: Option<RetryMode>,
+    /// Retry topic for requeue mode; `{topic}` stands for the consumed topic [default: {topic}.retry]
+    #[arg(long, env = "WEIR_RETRY_TOPIC")]
+    pub retry_topic: Option<String>,
+    /// Dead-letter topic; `{topic}` stands for the consumed topic [default: {topic}.dlq]
+    #[arg(long, env = "WEIR_DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+    /// `at-least-once`: ack after success; `at-most-once`: ack before invoking, never retry
+    /// [default: at-least-once]
+    #[arg(long, env = "WEIR_DELIVERY", value_enum)]
+    pub delivery: Option<DeliveryMode>,
 }
 
 impl FileConfig {
@@ -184,43 +229,43 @@ pub struct RunSettings {
     pub host: crate::host::HostConfig,
 }
 
-/// Everything `weir run` may be told on the command line (flags and `WEIR_*`), before merging.
-#[derive(Debug, Default, Clone)]
-pub struct RunOverrides {
-    pub module: Option<PathBuf>,
-    pub topic: Vec<String>,
-    pub group: Option<String>,
-    pub drain: bool,
-    pub batch_size: Option<usize>,
-    pub instances: Option<usize>,
-    pub memory_limit: Option<String>,
-    pub call_timeout: Option<String>,
-    pub max_attempts: Option<u32>,
-    pub backoff_base: Option<String>,
-    pub backoff_max: Option<String>,
-    pub backoff_factor: Option<f64>,
-    pub jitter: Option<Jitter>,
-    pub dlq_topic: Option<String>,
-    pub retry_mode: Option<RetryMode>,
-    pub retry_topic: Option<String>,
-    pub delivery: Option<DeliveryMode>,
-    pub lanes: Option<usize>,
-    pub max_in_flight: Option<usize>,
-    pub handler_config: Vec<String>,
-}
+impl RunOptions {
+    /// These options, with `lower`'s filling the gaps (flags over the file).
+    pub fn or(self, lower: RunOptions) -> RunOptions {
+        RunOptions {
+            module: self.module.or(lower.module),
+            topic: self.topic.or(lower.topic),
+            group: self.group.or(lower.group),
+            drain: self.drain.or(lower.drain),
+            batch_size: self.batch_size.or(lower.batch_size),
+            instances: self.instances.or(lower.instances),
+            lanes: self.lanes.or(lower.lanes),
+            max_in_flight: self.max_in_flight.or(lower.max_in_flight),
+            memory_limit: self.memory_limit.or(lower.memory_limit),
+            call_timeout: self.call_timeout.or(lower.call_timeout),
+            max_attempts: self.max_attempts.or(lower.max_attempts),
+            backoff_base: self.backoff_base.or(lower.backoff_base),
+            backoff_max: self.backoff_max.or(lower.backoff_max),
+            backoff_factor: self.backoff_factor.or(lower.backoff_factor),
+            jitter: self.jitter.or(lower.jitter),
+            retry_mode: self.retry_mode.or(lower.retry_mode),
+            retry_topic: self.retry_topic.or(lower.retry_topic),
+            dlq_topic: self.dlq_topic.or(lower.dlq_topic),
+            delivery: self.delivery.or(lower.delivery),
+        }
+    }
 
-impl RunOverrides {
-    pub fn resolve(self, file: FileConfig, data_dir: &Path) -> Result<RunSettings, ConfigError> {
-        let f = file.run;
+    /// Applies the defaults and validates everything; `handler_config` is what the handler's
+    /// `config` import will see.
+    pub fn resolve(
+        self,
+        handler_config: BTreeMap<String, String>,
+        data_dir: &Path,
+    ) -> Result<RunSettings, ConfigError> {
         let module = self
             .module
-            .or(f.module)
             .ok_or_else(|| ConfigError("no handler module: pass --module handler.wasm (or `module` under [run] in weir.toml)".into()))?;
-        let topics = if self.topic.is_empty() {
-            f.topic.unwrap_or_default()
-        } else {
-            self.topic
-        };
+        let topics = self.topic.unwrap_or_default();
         if topics.is_empty() {
             return Err(ConfigError(
                 "no topic to consume: pass --topic NAME (or `topic = [...]` under [run])".into(),
@@ -230,25 +275,19 @@ impl RunOverrides {
             crate::source::embedded::validate_topic_name(t)
                 .map_err(|e| ConfigError(format!("--topic: {e}")))?;
         }
-        let group = self.group.or(f.group).ok_or_else(|| {
+        let group = self.group.ok_or_else(|| {
             ConfigError("no consumer group: pass --group NAME (or `group` under [run])".into())
         })?;
         if group.is_empty() || group.contains('\0') {
             return Err(ConfigError("--group: must be a non-empty name".into()));
         }
-        let batch_size = self
-            .batch_size
-            .or(f.batch_size)
-            .unwrap_or(defaults::BATCH_SIZE);
+        let batch_size = self.batch_size.unwrap_or(defaults::BATCH_SIZE);
         if !(1..=10_000).contains(&batch_size) {
             return Err(ConfigError(format!(
                 "--batch-size: {batch_size} is not between 1 and 10000"
             )));
         }
-        let instances = self
-            .instances
-            .or(f.instances)
-            .unwrap_or_else(defaults::instances);
+        let instances = self.instances.unwrap_or_else(defaults::instances);
         if !(1..=1024).contains(&instances) {
             return Err(ConfigError(format!(
                 "--instances: {instances} is not between 1 and 1024"
@@ -256,10 +295,7 @@ impl RunOverrides {
         }
         let memory_limit = parse_size(
             "--memory-limit",
-            &self
-                .memory_limit
-                .or(f.memory_limit)
-                .unwrap_or(defaults::MEMORY_LIMIT.into()),
+            &self.memory_limit.unwrap_or(defaults::MEMORY_LIMIT.into()),
         )?;
         if !((1 << 20)..=(4 << 30)).contains(&memory_limit) {
             return Err(ConfigError(
@@ -268,18 +304,12 @@ impl RunOverrides {
         }
         let call_timeout = parse_duration(
             "--call-timeout",
-            &self
-                .call_timeout
-                .or(f.call_timeout)
-                .unwrap_or(defaults::CALL_TIMEOUT.into()),
+            &self.call_timeout.unwrap_or(defaults::CALL_TIMEOUT.into()),
         )?;
         if call_timeout.is_zero() {
             return Err(ConfigError("--call-timeout: must be more than 0".into()));
         }
-        let max_attempts = self
-            .max_attempts
-            .or(f.max_attempts)
-            .unwrap_or(defaults::MAX_ATTEMPTS);
+        let max_attempts = self.max_attempts.unwrap_or(defaults::MAX_ATTEMPTS);
         if max_attempts == 0 {
             return Err(ConfigError(
                 "--max-attempts: must be at least 1 (the first delivery)".into(),
@@ -287,43 +317,28 @@ impl RunOverrides {
         }
         let base = parse_duration(
             "--backoff-base",
-            &self
-                .backoff_base
-                .or(f.backoff_base)
-                .unwrap_or(defaults::BACKOFF_BASE.into()),
+            &self.backoff_base.unwrap_or(defaults::BACKOFF_BASE.into()),
         )?;
         let max = parse_duration(
             "--backoff-max",
-            &self
-                .backoff_max
-                .or(f.backoff_max)
-                .unwrap_or(defaults::BACKOFF_MAX.into()),
+            &self.backoff_max.unwrap_or(defaults::BACKOFF_MAX.into()),
         )?;
         if base > max {
             return Err(ConfigError(
                 "--backoff-base: must not be more than --backoff-max".into(),
             ));
         }
-        let factor = self
-            .backoff_factor
-            .or(f.backoff_factor)
-            .unwrap_or(defaults::BACKOFF_FACTOR);
+        let factor = self.backoff_factor.unwrap_or(defaults::BACKOFF_FACTOR);
         if !(1.0..=100.0).contains(&factor) {
             return Err(ConfigError(format!(
                 "--backoff-factor: {factor} is not between 1 and 100"
             )));
         }
-        let jitter = self.jitter.or(f.jitter).unwrap_or(Jitter::Full);
-        let dlq_topic = self
-            .dlq_topic
-            .or(f.dlq_topic)
-            .unwrap_or(defaults::DLQ_TOPIC.into());
+        let jitter = self.jitter.unwrap_or(Jitter::Full);
+        let dlq_topic = self.dlq_topic.unwrap_or(defaults::DLQ_TOPIC.into());
         crate::source::embedded::validate_topic_name(&dlq_topic.replace("{topic}", "t"))
             .map_err(|e| ConfigError(format!("--dlq-topic: {e}")))?;
-        let retry_topic = self
-            .retry_topic
-            .or(f.retry_topic)
-            .unwrap_or(defaults::RETRY_TOPIC.into());
+        let retry_topic = self.retry_topic.unwrap_or(defaults::RETRY_TOPIC.into());
         crate::source::embedded::validate_topic_name(&retry_topic.replace("{topic}", "t"))
             .map_err(|e| ConfigError(format!("--retry-topic: {e}")))?;
         if topics.len() > 1 && !(retry_topic.contains("{topic}") && dlq_topic.contains("{topic}")) {
@@ -331,10 +346,7 @@ impl RunOverrides {
                 "--retry-topic and --dlq-topic must contain `{topic}` (with several topics, each needs its own)".into(),
             ));
         }
-        let lanes = self
-            .lanes
-            .or(f.lanes)
-            .unwrap_or_else(|| defaults::lanes(instances));
+        let lanes = self.lanes.unwrap_or_else(|| defaults::lanes(instances));
         if !(1..=4096).contains(&lanes) {
             return Err(ConfigError(format!(
                 "--lanes: {lanes} is not between 1 and 4096"
@@ -342,15 +354,9 @@ impl RunOverrides {
         }
         let max_in_flight = self
             .max_in_flight
-            .or(f.max_in_flight)
             .unwrap_or_else(|| defaults::max_in_flight(batch_size, lanes));
         if max_in_flight == 0 {
             return Err(ConfigError("--max-in-flight: must be at least 1".into()));
-        }
-        let mut handler_config = file.handler_config;
-        for pair in &self.handler_config {
-            let (k, v) = parse_pair("--handler-config", pair)?;
-            handler_config.insert(k, v);
         }
         Ok(RunSettings {
             module,
@@ -361,7 +367,7 @@ impl RunOverrides {
                 instances,
                 lanes,
                 max_in_flight,
-                drain: self.drain || f.drain.unwrap_or(false),
+                drain: self.drain.unwrap_or(false),
                 backoff: Backoff {
                     base,
                     factor,
@@ -369,14 +375,8 @@ impl RunOverrides {
                     jitter,
                     max_attempts,
                 },
-                retry_mode: self
-                    .retry_mode
-                    .or(f.retry_mode)
-                    .unwrap_or(RetryMode::Blocking),
-                delivery: self
-                    .delivery
-                    .or(f.delivery)
-                    .unwrap_or(DeliveryMode::AtLeastOnce),
+                retry_mode: self.retry_mode.unwrap_or(RetryMode::Blocking),
+                delivery: self.delivery.unwrap_or(DeliveryMode::AtLeastOnce),
                 dlq_topic,
                 retry_topic,
                 idle_poll: Duration::from_millis(20),
@@ -437,11 +437,14 @@ mod tests {
     fn flags_win_over_the_file_and_the_file_over_defaults() {
         let file: FileConfig =
             toml::from_str("[run]\nmodule = \"a.wasm\"\ntopic = [\"t\"]\ngroup = \"g\"\nbatch-size = 7\nmax-attempts = 2\n").unwrap();
-        let o = RunOverrides {
+        let flags = RunOptions {
             batch_size: Some(9),
             ..Default::default()
         };
-        let s = o.resolve(file, Path::new("d")).unwrap();
+        let s = flags
+            .or(file.run)
+            .resolve(file.handler_config, Path::new("d"))
+            .unwrap();
         assert_eq!(s.engine.batch_size, 9);
         assert_eq!(s.engine.backoff.max_attempts, 2);
         assert_eq!(s.engine.backoff.base, Duration::from_millis(100));
@@ -450,20 +453,20 @@ mod tests {
 
     #[test]
     fn missing_and_invalid_settings_are_named() {
-        let err = RunOverrides::default()
-            .resolve(FileConfig::default(), Path::new("d"))
+        let err = RunOptions::default()
+            .resolve(BTreeMap::new(), Path::new("d"))
             .unwrap_err()
             .0;
         assert!(err.contains("--module"), "{err}");
-        let o = RunOverrides {
+        let o = RunOptions {
             module: Some("m.wasm".into()),
-            topic: vec!["t".into()],
+            topic: Some(vec!["t".into()]),
             group: Some("g".into()),
             batch_size: Some(0),
             ..Default::default()
         };
         assert!(
-            o.resolve(FileConfig::default(), Path::new("d"))
+            o.resolve(BTreeMap::new(), Path::new("d"))
                 .unwrap_err()
                 .0
                 .contains("--batch-size")

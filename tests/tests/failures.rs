@@ -312,8 +312,7 @@ fn a_handler_that_spins_is_stopped_at_its_deadline() {
         None,
         &["fine 1", "spin forever", "fine 2", "fine 3"],
     );
-    let started = now_ms();
-    let s = w.drain(
+    let run = w.drain_logged(
         &guest("spins"),
         "in",
         "g",
@@ -321,25 +320,62 @@ fn a_handler_that_spins_is_stopped_at_its_deadline() {
             "--call-timeout",
             "200ms",
             "--max-attempts",
-            "2",
+            "3",
             "--backoff-base",
-            "1ms",
+            "50ms",
+            "--jitter",
+            "none",
         ],
     );
+    let s = &run.summary;
     assert_eq!(
         (
             s["processed"].as_u64(),
             s["dead_lettered"].as_u64(),
             s["faults"].as_u64()
         ),
-        (Some(3), Some(1), Some(2)),
+        (Some(3), Some(1), Some(3)),
         "{s}"
     );
     let dlq = w.messages("in.dlq");
     assert_eq!(header(&dlq[0], "weir.dlq.error-kind"), Some("timeout"));
-    assert_eq!(header(&dlq[0], "weir.dlq.attempts"), Some("2"));
+    assert_eq!(header(&dlq[0], "weir.dlq.attempts"), Some("3"));
     assert_eq!(payloads(&w, "out").len(), 3);
-    assert!(now_ms() - started >= 400, "two attempts of 200 ms each");
+    // Each attempt ran into its 200 ms deadline, after a 50 ms then 100 ms backoff.
+    let offset = dlq[0]["headers"]["weir.dlq.offset"]
+        .as_str()
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    let times: Vec<(u64, u64)> = run
+        .failures
+        .iter()
+        .filter(|f| {
+            f["fields"]["offset"] == offset
+                && f["fields"]["partition"].to_string()
+                    == *header(&dlq[0], "weir.dlq.partition").unwrap()
+        })
+        .map(|f| {
+            (
+                f["fields"]["attempt"].as_u64().unwrap(),
+                f["at_ms"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        times.iter().map(|t| t.0).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "{:?}",
+        run.failures
+    );
+    for (i, floor) in [(1, 200 + 50), (2, 200 + 100)] {
+        let gap = times[i].1 - times[i - 1].1;
+        assert!(
+            gap >= floor && gap < floor + 2_000,
+            "gap before attempt {} was {gap} ms, expected about {floor}",
+            i + 1
+        );
+    }
 }
 
 #[test]

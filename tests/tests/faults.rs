@@ -21,12 +21,38 @@ fn a_trapping_guest_is_replaced_and_good_messages_keep_flowing() {
     std::fs::write(&file, lines).unwrap();
     w.ok(&["produce", "in", "--file", file.to_str().unwrap()]);
 
-    let s = w.drain(
+    let run = w.drain_logged(
         &guest("panics"),
         "in",
         "g",
-        &["--max-attempts", "2", "--backoff-base", "1ms"],
+        &[
+            "--max-attempts",
+            "2",
+            "--backoff-base",
+            "100ms",
+            "--jitter",
+            "none",
+        ],
     );
+    let s = run.summary;
+    // Each poison message failed twice, 100 ms apart at least (the backoff), from weir's log.
+    let mut per_offset: std::collections::BTreeMap<(u64, u64), Vec<(u64, u64)>> =
+        Default::default();
+    for f in &run.failures {
+        let at = (
+            f["fields"]["partition"].as_u64().unwrap(),
+            f["fields"]["offset"].as_u64().unwrap(),
+        );
+        per_offset.entry(at).or_default().push((
+            f["fields"]["attempt"].as_u64().unwrap(),
+            f["at_ms"].as_u64().unwrap(),
+        ));
+    }
+    assert_eq!(per_offset.len(), 2, "{:?}", run.failures);
+    for attempts in per_offset.values() {
+        assert_eq!(attempts.iter().map(|a| a.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(attempts[1].1 - attempts[0].1 >= 100, "{attempts:?}");
+    }
     assert_eq!(s["processed"], 198, "{s}");
     assert_eq!(s["dead_lettered"], 2, "{s}");
     assert_eq!(
@@ -41,7 +67,13 @@ fn a_trapping_guest_is_replaced_and_good_messages_keep_flowing() {
         assert_eq!(header(m, "weir.dlq.error-kind"), Some("trap"));
         assert_eq!(header(m, "weir.dlq.attempts"), Some("2"));
         assert!(
-            header(m, "weir.dlq.error").unwrap().contains("unreachable"),
+            header(m, "weir.dlq.error").unwrap().contains("unreachable")
+                && header(m, "weir.dlq.error")
+                    .unwrap()
+                    .contains("panicked at rust/panics/src/lib.rs")
+                && header(m, "weir.dlq.error")
+                    .unwrap()
+                    .contains("asked to panic at offset"),
             "{m}"
         );
     }

@@ -1,12 +1,11 @@
 use super::Globals;
-use crate::config::RunOverrides;
-use crate::engine::{self, DeliveryMode, RetryMode, retry::Jitter};
+use crate::config::{RunOptions, parse_pair};
+use crate::engine;
 use crate::host::Module;
 use crate::source::Source;
 use crate::source::embedded::local;
 use anyhow::Context;
 use clap::Args;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,68 +15,10 @@ use std::time::Instant;
 /// finished and exits 0), or with --drain until nothing is left.
 #[derive(Debug, Args)]
 pub struct RunCommand {
-    /// The handler component (.wasm) [env: WEIR_MODULE]
-    #[arg(long, env = "WEIR_MODULE")]
-    module: Option<PathBuf>,
-    /// Topic to consume; repeat for more [env: WEIR_TOPIC, comma-separated]
-    #[arg(long, env = "WEIR_TOPIC", value_delimiter = ',')]
-    topic: Vec<String>,
-    /// Consumer group: where committed offsets are kept [env: WEIR_GROUP]
-    #[arg(long, env = "WEIR_GROUP")]
-    group: Option<String>,
-    /// Exit 0 once every partition is consumed to its end and nothing is in flight [default: off]
-    #[arg(long, env = "WEIR_DRAIN")]
-    drain: bool,
-    /// Messages per fetch and per call into the handler [default: 256]
-    #[arg(long, env = "WEIR_BATCH_SIZE")]
-    batch_size: Option<usize>,
-    /// Handler instances running at once [default: number of CPUs]
-    #[arg(long, env = "WEIR_INSTANCES")]
-    instances: Option<usize>,
-    /// Linear memory one instance may use [default: 64MiB]
-    #[arg(long, env = "WEIR_MEMORY_LIMIT")]
-    memory_limit: Option<String>,
-    /// Longest time one message may run in the handler [default: 5s]
-    #[arg(long, env = "WEIR_CALL_TIMEOUT")]
-    call_timeout: Option<String>,
-    /// Attempts per message, the first included, before it is dead-lettered [default: 5]
-    #[arg(long, env = "WEIR_MAX_ATTEMPTS")]
-    max_attempts: Option<u32>,
-    /// Wait before the first retry [default: 100ms]
-    #[arg(long, env = "WEIR_BACKOFF_BASE")]
-    backoff_base: Option<String>,
-    /// Longest wait between attempts, also the cap on a handler's requested delay [default: 30s]
-    #[arg(long, env = "WEIR_BACKOFF_MAX")]
-    backoff_max: Option<String>,
-    /// Growth of the wait per attempt [default: 2]
-    #[arg(long, env = "WEIR_BACKOFF_FACTOR")]
-    backoff_factor: Option<f64>,
-    /// Randomisation of the wait [default: full]
-    #[arg(long, env = "WEIR_JITTER", value_enum)]
-    jitter: Option<Jitter>,
-    /// Dead-letter topic; `{topic}` stands for the consumed topic [default: {topic}.dlq]
-    #[arg(long, env = "WEIR_DLQ_TOPIC")]
-    dlq_topic: Option<String>,
-    /// What a retryable failure does: `blocking` retries in place (the key waits, other keys go
-    /// on); `requeue` acks and republishes to the retry topic (nothing waits, order is lost)
-    /// [default: blocking]
-    #[arg(long, env = "WEIR_RETRY_MODE", value_enum)]
-    retry_mode: Option<RetryMode>,
-    /// Retry topic for requeue mode; `{topic}` stands for the consumed topic [default: {topic}.retry]
-    #[arg(long, env = "WEIR_RETRY_TOPIC")]
-    retry_topic: Option<String>,
-    /// `at-least-once`: ack after success; `at-most-once`: ack before invoking, never retry
-    /// [default: at-least-once]
-    #[arg(long, env = "WEIR_DELIVERY", value_enum)]
-    delivery: Option<DeliveryMode>,
-    /// Key-ordered lanes per partition (messages of one key share a lane) [default: --instances]
-    #[arg(long, env = "WEIR_LANES")]
-    lanes: Option<usize>,
-    /// Messages fetched and unfinished per partition before fetching pauses
-    /// [default: 2 × batch size × lanes]
-    #[arg(long, env = "WEIR_MAX_IN_FLIGHT")]
-    max_in_flight: Option<usize>,
-    /// KEY=VALUE the handler reads through its config import; repeat for more [default: none]
+    #[command(flatten)]
+    options: RunOptions,
+    /// KEY=VALUE the handler reads through its config import; repeat for more (over
+    /// `[handler-config]` in the file) [default: none]
     #[arg(long = "handler-config", value_name = "KEY=VALUE")]
     handler_config: Vec<String>,
     /// Print the summary as JSON on standard output
@@ -88,29 +29,15 @@ pub struct RunCommand {
 impl RunCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
         let json = self.json;
-        let overrides = RunOverrides {
-            module: self.module,
-            topic: self.topic,
-            group: self.group,
-            drain: self.drain,
-            batch_size: self.batch_size,
-            instances: self.instances,
-            memory_limit: self.memory_limit,
-            call_timeout: self.call_timeout,
-            max_attempts: self.max_attempts,
-            backoff_base: self.backoff_base,
-            backoff_max: self.backoff_max,
-            backoff_factor: self.backoff_factor,
-            jitter: self.jitter,
-            dlq_topic: self.dlq_topic,
-            retry_mode: self.retry_mode,
-            retry_topic: self.retry_topic,
-            delivery: self.delivery,
-            lanes: self.lanes,
-            max_in_flight: self.max_in_flight,
-            handler_config: self.handler_config,
-        };
-        let settings = overrides.resolve(g.file, &g.data_dir)?;
+        let mut handler_config = g.file.handler_config;
+        for pair in &self.handler_config {
+            let (k, v) = parse_pair("--handler-config", pair)?;
+            handler_config.insert(k, v);
+        }
+        let settings = self
+            .options
+            .or(g.file.run)
+            .resolve(handler_config, &g.data_dir)?;
         // Check the module before touching the data directory: a bad module changes nothing.
         let module_path = settings.module.clone();
         if !module_path.is_file() {

@@ -9,6 +9,7 @@
 //! nothing of wasmtime leaks out.
 
 mod bindings;
+mod stderr;
 
 use crate::source::{Delivery, Output, Record};
 use bindings::exports::weir::r#stream::{batch_handler, handler};
@@ -409,7 +410,9 @@ impl Module {
 
     /// A fresh instance. Errors are faults (the component trapped while starting).
     pub fn instantiate(&self) -> Result<Instance, Outcome> {
-        let wasi = WasiCtx::builder().build();
+        let stderr = stderr::Tail::default();
+        // Nothing granted: no preopened directories, environment, arguments or network.
+        let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
         let state = State {
             wasi,
             table: ResourceTable::new(),
@@ -421,6 +424,7 @@ impl Module {
             emit_error: None,
             shared: self.shared.clone(),
             context: String::new(),
+            stderr,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -506,14 +510,26 @@ fn classify(store: &Store<State>, e: &wasmtime::Error) -> Outcome {
     } else {
         FaultKind::Trap
     };
-    let detail = match kind {
+    let mut detail = match kind {
         FaultKind::Memory => format!(
             "memory limit of {} bytes reached: {e}",
             store.data().limiter.limit
         ),
         FaultKind::Timeout => "the call ran past its deadline (--call-timeout)".to_string(),
-        FaultKind::Trap => format!("{e:#}"),
+        FaultKind::Trap => match e.downcast_ref::<wasmtime::Trap>() {
+            Some(trap) => trap.to_string(),
+            None => format!("{e:#}").replace('\n', " "),
+        },
     };
+    tracing::debug!(
+        module = &*store.data().shared.name,
+        error = format!("{e:?}"),
+        "guest fault"
+    );
+    // What the guest printed just before (a Rust panic's message) says more than the trap.
+    if let Some(said) = store.data().stderr.take() {
+        detail = format!("{detail}; guest stderr: {said}");
+    }
     Outcome::Fault { kind, detail }
 }
 
@@ -535,6 +551,7 @@ impl Instance {
         let s = self.store.data_mut();
         s.outputs.clear();
         s.emit_error = None;
+        s.stderr.take();
         s.context = context;
     }
 
@@ -664,6 +681,8 @@ struct State {
     shared: Arc<Shared>,
     /// Which message(s) the current call is about, for log lines.
     context: String,
+    /// The tail of what the guest printed on stderr during the current call.
+    stderr: stderr::Tail,
 }
 
 impl WasiView for State {
