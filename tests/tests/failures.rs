@@ -342,19 +342,12 @@ fn a_handler_that_spins_is_stopped_at_its_deadline() {
     assert_eq!(header(&dlq[0], "weir.dlq.attempts"), Some("3"));
     assert_eq!(payloads(&w, "out").len(), 3);
     // Each attempt ran into its 200 ms deadline, after a 50 ms then 100 ms backoff.
-    let offset = dlq[0]["headers"]["weir.dlq.offset"]
-        .as_str()
-        .unwrap()
-        .parse::<u64>()
-        .unwrap();
+    let number = |name: &str| header(&dlq[0], name).unwrap().parse::<u64>().unwrap();
+    let (partition, offset) = (number("weir.dlq.partition"), number("weir.dlq.offset"));
     let times: Vec<(u64, u64)> = run
         .failures
         .iter()
-        .filter(|f| {
-            f["fields"]["offset"] == offset
-                && f["fields"]["partition"].to_string()
-                    == *header(&dlq[0], "weir.dlq.partition").unwrap()
-        })
+        .filter(|f| f["fields"]["offset"] == offset && f["fields"]["partition"] == partition)
         .map(|f| {
             (
                 f["fields"]["attempt"].as_u64().unwrap(),
