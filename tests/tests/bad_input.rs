@@ -272,6 +272,9 @@ fn bad_flags_and_values() {
         2,
     );
     assert!(one_line(&e).contains("--memory-limit"));
+    let e = w.fails(&["produce", "t", "--count", "1", "--size", "1000000000"], 2);
+    assert!(one_line(&e).contains("--size 1000000000 is more than"));
+    assert_eq!(w.offsets("t", "g"), vec![(0, 0)], "nothing was produced");
     // clap's own usage errors exit 2 as well.
     let out = w.output(&["run", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));

@@ -8,6 +8,9 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The largest synthetic message `--size` may ask for.
+const MAX_SYNTHETIC_SIZE: usize = 16 << 20;
+
 /// Messages appended per write (one fsync each).
 const CHUNK: usize = 10_000;
 
@@ -78,6 +81,12 @@ impl ProduceCommand {
             total += n;
             Ok(())
         };
+        if self.size > MAX_SYNTHETIC_SIZE {
+            return Err(bad_input(format!(
+                "--size {} is more than {MAX_SYNTHETIC_SIZE} bytes; synthetic messages are for load tests, give a smaller size",
+                self.size
+            )));
+        }
         if let Some(count) = self.count {
             let mut batch = Vec::with_capacity(CHUNK);
             for n in self.start..self.start + count {

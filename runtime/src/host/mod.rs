@@ -27,6 +27,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 /// The largest payload a handler may emit.
 pub const MAX_OUTPUT_BYTES: usize = 16 << 20;
 
+/// The most messages one call may emit (a batch call: per message in it). Past it, `emit.send`
+/// refuses, which fails the message as `invalid-output` unless the handler handles the error.
+pub const MAX_OUTPUTS_PER_MESSAGE: usize = 10_000;
+
 /// How often the epoch advances; call deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -421,6 +425,7 @@ impl Module {
                 hit: false,
             },
             outputs: Vec::new(),
+            output_budget: MAX_OUTPUTS_PER_MESSAGE,
             emit_error: None,
             shared: self.shared.clone(),
             context: String::new(),
@@ -550,6 +555,7 @@ impl Instance {
         );
         let s = self.store.data_mut();
         s.outputs.clear();
+        s.output_budget = MAX_OUTPUTS_PER_MESSAGE.saturating_mul(messages.max(1));
         s.emit_error = None;
         s.stderr.take();
         s.context = context;
@@ -677,6 +683,8 @@ struct State {
     limiter: MemoryLimiter,
     /// Messages the guest emitted during the current call; published only on success.
     outputs: Vec<Output>,
+    /// How many outputs the current call may emit.
+    output_budget: usize,
     emit_error: Option<String>,
     shared: Arc<Shared>,
     /// Which message(s) the current call is about, for log lines.
@@ -739,6 +747,10 @@ impl emit::Host for State {
             Some(e.to_string())
         } else if !(self.shared.topic_exists)(&topic) {
             Some(format!("emitted to topic `{topic}`, which does not exist"))
+        } else if self.outputs.len() >= self.output_budget {
+            Some(format!(
+                "emitted more than {MAX_OUTPUTS_PER_MESSAGE} messages for one message"
+            ))
         } else if payload.len() > MAX_OUTPUT_BYTES {
             Some(format!(
                 "emitted {} bytes to `{topic}`; the most is {MAX_OUTPUT_BYTES}",
