@@ -3,6 +3,7 @@
 //! the file; the file wins over the default. Everything is validated here, before anything
 //! runs, so a bad value is reported with its name and never half-way through a run.
 
+use crate::engine::dedupe::{DedupeConfig, KeySource};
 use crate::engine::retry::{Backoff, Jitter};
 use crate::engine::{DeliveryMode, RetryMode};
 use serde::Deserialize;
@@ -100,6 +101,26 @@ pub struct RunOptions {
     /// [default: at-least-once]
     #[arg(long, env = "WEIR_DELIVERY", value_enum)]
     pub delivery: Option<DeliveryMode>,
+    /// Idempotency key for dedupe: `header` (--dedupe-header), `key` (the message key),
+    /// `payload` (a SHA-256 of the payload), or `off` [default: off]
+    #[arg(long, env = "WEIR_DEDUPE", value_enum)]
+    pub dedupe: Option<DedupeMode>,
+    /// Header that holds the idempotency key, with `--dedupe header` [default: idempotency-key]
+    #[arg(long, env = "WEIR_DEDUPE_HEADER")]
+    pub dedupe_header: Option<String>,
+    /// How long a handled idempotency key is remembered [default: 24h]
+    #[arg(long, env = "WEIR_DEDUPE_WINDOW")]
+    pub dedupe_window: Option<String>,
+}
+
+/// Where dedupe takes the idempotency key from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DedupeMode {
+    Off,
+    Header,
+    Key,
+    Payload,
 }
 
 impl FileConfig {
@@ -206,6 +227,8 @@ pub mod defaults {
     pub const BACKOFF_FACTOR: f64 = 2.0;
     pub const DLQ_TOPIC: &str = "{topic}.dlq";
     pub const RETRY_TOPIC: &str = "{topic}.retry";
+    pub const DEDUPE_HEADER: &str = "idempotency-key";
+    pub const DEDUPE_WINDOW: &str = "24h";
     /// Lanes per partition default to the number of instances, so one partition can keep
     /// every instance busy.
     pub fn lanes(instances: usize) -> usize {
@@ -252,6 +275,9 @@ impl RunOptions {
             retry_topic: self.retry_topic.or(lower.retry_topic),
             dlq_topic: self.dlq_topic.or(lower.dlq_topic),
             delivery: self.delivery.or(lower.delivery),
+            dedupe: self.dedupe.or(lower.dedupe),
+            dedupe_header: self.dedupe_header.or(lower.dedupe_header),
+            dedupe_window: self.dedupe_window.or(lower.dedupe_window),
         }
     }
 
@@ -358,6 +384,28 @@ impl RunOptions {
         if max_in_flight == 0 {
             return Err(ConfigError("--max-in-flight: must be at least 1".into()));
         }
+        let dedupe_window = parse_duration(
+            "--dedupe-window",
+            self.dedupe_window
+                .as_deref()
+                .unwrap_or(defaults::DEDUPE_WINDOW),
+        )?;
+        if dedupe_window.is_zero() {
+            return Err(ConfigError("--dedupe-window: must be more than 0".into()));
+        }
+        let source = match self.dedupe.unwrap_or(DedupeMode::Off) {
+            DedupeMode::Off => None,
+            DedupeMode::Header => Some(KeySource::Header(
+                self.dedupe_header
+                    .unwrap_or_else(|| defaults::DEDUPE_HEADER.into()),
+            )),
+            DedupeMode::Key => Some(KeySource::MessageKey),
+            DedupeMode::Payload => Some(KeySource::PayloadHash),
+        };
+        let dedupe = source.map(|source| DedupeConfig {
+            source,
+            window: dedupe_window,
+        });
         Ok(RunSettings {
             module,
             engine: crate::engine::EngineConfig {
@@ -381,6 +429,7 @@ impl RunOptions {
                 retry_topic,
                 idle_poll: Duration::from_millis(20),
                 retry_topics: Vec::new(),
+                dedupe,
             },
             host: crate::host::HostConfig {
                 memory_limit,

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod crash;
+mod dedupe;
 mod embedded;
 mod failures;
 mod faults;

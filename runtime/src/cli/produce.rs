@@ -32,12 +32,15 @@ pub struct ProduceCommand {
     #[arg(long, conflicts_with = "value")]
     file: Option<PathBuf>,
     /// Produce N synthetic orders instead (`{"id":"m-<n>","customer":...,"amount_cents":...}`),
-    /// keyed by id [default: off]
+    /// keyed by id and with an `idempotency-key: m-<n>` header [default: off]
     #[arg(long, conflicts_with_all = ["value", "file"])]
     count: Option<u64>,
     /// With --count: pad each payload to this many bytes [default: 100]
     #[arg(long, default_value_t = 100, requires = "count")]
     size: usize,
+    /// With --count: no message key (they spread round robin) [default: keyed by id]
+    #[arg(long, requires = "count")]
+    no_key: bool,
     /// With --count: the first id number [default: 0]
     #[arg(long, default_value_t = 0, requires = "count")]
     start: u64,
@@ -90,10 +93,15 @@ impl ProduceCommand {
         if let Some(count) = self.count {
             let mut batch = Vec::with_capacity(CHUNK);
             for n in self.start..self.start + count {
-                let key = fixed_key
-                    .clone()
-                    .or_else(|| Some(format!("m-{n}").into_bytes()));
-                batch.push(make(synthetic_order(n, self.size), key));
+                let id = format!("m-{n}").into_bytes();
+                let key = if self.no_key {
+                    None
+                } else {
+                    fixed_key.clone().or_else(|| Some(id.clone()))
+                };
+                let mut record = make(synthetic_order(n, self.size), key);
+                record.headers.push(("idempotency-key".into(), id));
+                batch.push(record);
                 if batch.len() == CHUNK {
                     send(&mut log, std::mem::take(&mut batch))?;
                 }

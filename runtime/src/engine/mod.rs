@@ -16,6 +16,7 @@
 //! below it (or their dead letters), so a crash at any point redelivers what was in flight and
 //! loses nothing.
 
+pub mod dedupe;
 pub mod dlq;
 pub mod offsets;
 mod partition;
@@ -82,6 +83,8 @@ pub struct EngineConfig {
     pub retry_topic: String,
     /// How often an idle partition looks for new messages.
     pub idle_poll: Duration,
+    /// Idempotent dedupe, if on.
+    pub dedupe: Option<dedupe::DedupeConfig>,
     /// (topic, its retry topic) pairs consumed in requeue mode; filled in by [`run`].
     pub retry_topics: Vec<(Arc<str>, Arc<str>)>,
 }
@@ -108,6 +111,8 @@ pub struct Stats {
     pub retries: AtomicU64,
     /// Instances lost to a trap, timeout or memory fault.
     pub faults: AtomicU64,
+    /// Duplicates acked without running the handler (idempotency key already done).
+    pub deduped: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -117,6 +122,7 @@ pub struct Summary {
     pub dead_lettered: u64,
     pub retries: u64,
     pub faults: u64,
+    pub deduped: u64,
 }
 
 impl Stats {
@@ -127,6 +133,7 @@ impl Stats {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             faults: self.faults.load(Ordering::Relaxed),
+            deduped: self.deduped.load(Ordering::Relaxed),
         }
     }
 }
@@ -141,6 +148,9 @@ pub enum EngineError {
     Join(String),
 }
 
+/// How often expired dedupe marks are looked for.
+const DEDUPE_EVICT_EVERY: Duration = Duration::from_secs(30);
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -154,6 +164,9 @@ struct Ctx {
     pool: Pool,
     cfg: EngineConfig,
     stats: Arc<Stats>,
+    /// Idempotency keys of messages in flight, across all partitions of this run: a second copy
+    /// of a key waits until the first is done (then it is a duplicate) or has failed.
+    claims: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
 }
 
 /// Consumes `cfg.topics` with `module` until `shutdown` turns true (or, with `drain`, until
@@ -189,6 +202,24 @@ pub async fn run(
         pool,
         cfg,
         stats: stats.clone(),
+        claims: Default::default(),
+    });
+    // Evicts expired dedupe marks now and then, off the consume path; ends with the run.
+    let evictor = ctx.cfg.dedupe.is_some().then(|| {
+        let source = ctx.source.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(DEDUPE_EVICT_EVERY);
+            loop {
+                tick.tick().await;
+                let source = source.clone();
+                let evicted = tokio::task::spawn_blocking(move || source.evict_dedupe(now_ms(), 50_000)).await;
+                match evicted {
+                    Ok(Ok(n)) if n > 0 => tracing::debug!(evicted = n, "expired dedupe marks evicted"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "evicting expired dedupe marks failed; will try again"),
+                    _ => {}
+                }
+            }
+        })
     });
     tracing::info!(
         module = ctx.module.name(), digest = ctx.module.digest(), batch = ctx.module.is_batch(),
@@ -234,6 +265,9 @@ pub async fn run(
             break Ok(());
         }
     };
+    if let Some(e) = evictor {
+        e.abort();
+    }
     let ctx = Arc::into_inner(ctx).expect("every partition task has ended");
     ctx.pool.stop();
     result.map(|()| stats.summary())

@@ -30,6 +30,10 @@ struct Work {
     attempt: u32,
     not_before: Option<Instant>,
     first_failure_ms: Option<u64>,
+    /// Its idempotency key, when dedupe is on and it has one.
+    dedupe_key: Option<Vec<u8>>,
+    /// Whether this message holds the in-flight claim on its idempotency key.
+    claimed: bool,
 }
 
 #[derive(Default)]
@@ -92,8 +96,7 @@ pub(super) async fn consume(
     let mut running = 0usize;
     let mut stopping = *shutdown.borrow();
     let mut caught_up = false;
-    let mut pending = Commit::default();
-    let (mut acked, mut emitted, mut dead) = (0u64, 0u64, 0u64);
+    let mut pending = Pending::default();
     loop {
         // 1. Fetch while there is room in flight.
         if !stopping && tracker.in_flight() < cfg.max_in_flight {
@@ -108,7 +111,7 @@ pub(super) async fn consume(
             for d in batch {
                 let at = d.offset;
                 tracker.dispatch(at);
-                let work = match is_retry_topic.then(|| dlq::from_retry_topic(&d)).flatten() {
+                let mut work = match is_retry_topic.then(|| dlq::from_retry_topic(&d)).flatten() {
                     Some((msg, attempt, not_before_ms, first)) => {
                         let wait = Duration::from_millis(not_before_ms.saturating_sub(now_ms()));
                         Work {
@@ -117,6 +120,8 @@ pub(super) async fn consume(
                             attempt,
                             not_before: Some(Instant::now() + wait),
                             first_failure_ms: Some(first),
+                            dedupe_key: None,
+                            claimed: false,
                         }
                     }
                     None => Work {
@@ -125,8 +130,11 @@ pub(super) async fn consume(
                         attempt: 1,
                         not_before: None,
                         first_failure_ms: None,
+                        dedupe_key: None,
+                        claimed: false,
                     },
                 };
+                work.dedupe_key = cfg.dedupe.as_ref().and_then(|c| c.key_of(&work.msg));
                 let lane = lane_of(&work.msg, lanes_n, &mut rr);
                 lanes[lane].queue.push_back(work);
             }
@@ -149,6 +157,7 @@ pub(super) async fn consume(
             if stopping || lane.busy || lane.queue.is_empty() {
                 continue;
             }
+            screen(&ctx, lane, &mut tracker, &mut pending, now)?;
             let mut meta = take_run(&mut lane.queue, cfg.batch_size, now, &mut wake);
             if meta.is_empty() {
                 continue;
@@ -186,7 +195,6 @@ pub(super) async fn consume(
                     &tracker,
                     &mut committed,
                     &mut pending,
-                    (&mut acked, &mut emitted, &mut dead),
                 )
                 .await?;
                 return Ok(());
@@ -202,11 +210,11 @@ pub(super) async fn consume(
         let until = wake.map_or(Instant::now() + poll, |w| w.min(Instant::now() + poll));
         tokio::select! {
             Some(done) = done_rx.recv() => {
-                handle(&ctx, &topic, is_retry_topic, &mut lanes, &mut tracker, &mut pending, (&mut acked, &mut emitted, &mut dead), done)?;
+                handle(&ctx, &topic, is_retry_topic, &mut lanes, &mut tracker, &mut pending, done)?;
                 running -= 1;
                 // Take every other finished job too, so one commit covers them all.
                 while let Ok(done) = done_rx.try_recv() {
-                    handle(&ctx, &topic, is_retry_topic, &mut lanes, &mut tracker, &mut pending, (&mut acked, &mut emitted, &mut dead), done)?;
+                    handle(&ctx, &topic, is_retry_topic, &mut lanes, &mut tracker, &mut pending, done)?;
                     running -= 1;
                 }
             }
@@ -217,7 +225,7 @@ pub(super) async fn consume(
                 stopping = true;
             }
         }
-        if !pending.outputs.is_empty() || tracker.commit_point() != committed {
+        if pending.any() || tracker.commit_point() != committed {
             commit(
                 &ctx,
                 &topic,
@@ -225,7 +233,6 @@ pub(super) async fn consume(
                 &tracker,
                 &mut committed,
                 &mut pending,
-                (&mut acked, &mut emitted, &mut dead),
             )
             .await?;
         }
@@ -286,26 +293,42 @@ fn placeholder() -> Delivery {
     }
 }
 
-type Counters<'a> = (&'a mut u64, &'a mut u64, &'a mut u64);
+/// What finished since the last commit: what to write, what to count once it is written, and
+/// which idempotency-key claims to release once it is durable (releasing earlier would let a
+/// copy of the message run before the done mark is on disk).
+#[derive(Default)]
+struct Pending {
+    commit: Commit,
+    release: Vec<Vec<u8>>,
+    acked: u64,
+    emitted: u64,
+    dead: u64,
+    deduped: u64,
+}
 
-/// Writes what finished since the last commit, then counts it.
+impl Pending {
+    fn any(&self) -> bool {
+        !self.commit.outputs.is_empty()
+            || !self.commit.dedupe_done.is_empty()
+            || !self.release.is_empty()
+            || self.acked + self.dead + self.deduped > 0
+    }
+}
+
+/// Writes what finished since the last commit, then counts it and releases its claims.
 async fn commit(
     ctx: &Arc<Ctx>,
     topic: &Arc<str>,
     partition: u32,
     tracker: &OffsetTracker,
     committed: &mut u64,
-    pending: &mut Commit,
-    (acked, emitted, dead): Counters<'_>,
+    pending: &mut Pending,
 ) -> Result<(), EngineError> {
-    if pending.outputs.is_empty()
-        && tracker.commit_point() == *committed
-        && *acked == 0
-        && *dead == 0
-    {
+    if !pending.any() && tracker.commit_point() == *committed {
         return Ok(());
     }
-    let mut c = std::mem::take(pending);
+    let p = std::mem::take(pending);
+    let mut c = p.commit;
     // In at-most-once mode the offset already moved past everything fetched: never back.
     c.offsets.push((
         topic.clone(),
@@ -315,13 +338,64 @@ async fn commit(
     let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
     blocking(move || src.commit(&group, c)).await?;
     *committed = tracker.commit_point().max(*committed);
+    if !p.release.is_empty() {
+        let mut claims = ctx.claims.lock().expect("claims lock");
+        for key in &p.release {
+            claims.remove(key);
+        }
+    }
     let s = &ctx.stats;
-    s.processed
-        .fetch_add(std::mem::take(acked), Ordering::Relaxed);
-    s.emitted
-        .fetch_add(std::mem::take(emitted), Ordering::Relaxed);
-    s.dead_lettered
-        .fetch_add(std::mem::take(dead), Ordering::Relaxed);
+    s.processed.fetch_add(p.acked, Ordering::Relaxed);
+    s.emitted.fetch_add(p.emitted, Ordering::Relaxed);
+    s.dead_lettered.fetch_add(p.dead, Ordering::Relaxed);
+    s.deduped.fetch_add(p.deduped, Ordering::Relaxed);
+    Ok(())
+}
+
+/// How long a message waits before its idempotency key, claimed by another copy, is checked again.
+const DEDUPE_RECHECK: Duration = Duration::from_millis(5);
+
+/// Screens a lane's messages against dedupe before they run: a message whose idempotency key
+/// is done is acked without running (a duplicate); one whose key another message holds waits
+/// and is screened again; otherwise it claims its key.
+fn screen(
+    ctx: &Ctx,
+    lane: &mut Lane,
+    tracker: &mut OffsetTracker,
+    pending: &mut Pending,
+    now: Instant,
+) -> Result<(), EngineError> {
+    if ctx.cfg.dedupe.is_none() {
+        return Ok(());
+    }
+    let wall = now_ms();
+    let mut kept = VecDeque::with_capacity(lane.queue.len());
+    for mut w in lane.queue.drain(..) {
+        let Some(key) = w.dedupe_key.as_ref() else {
+            kept.push_back(w);
+            continue;
+        };
+        if w.claimed || w.not_before.is_some_and(|nb| nb > now) {
+            kept.push_back(w);
+            continue;
+        }
+        if ctx.source.dedupe_done(&ctx.cfg.group, key, wall)? {
+            tracker.finish(w.at);
+            pending.deduped += 1;
+            continue;
+        }
+        let mut claims = ctx.claims.lock().expect("claims lock");
+        if claims.contains(key) {
+            // Another copy is in flight: look again shortly; by then it is done or released.
+            w.not_before = Some(now + DEDUPE_RECHECK);
+        } else {
+            claims.insert(key.clone());
+            w.claimed = true;
+        }
+        drop(claims);
+        kept.push_back(w);
+    }
+    lane.queue = kept;
     Ok(())
 }
 
@@ -344,8 +418,7 @@ fn handle(
     is_retry_topic: bool,
     lanes: &mut [Lane],
     tracker: &mut OffsetTracker,
-    pending: &mut Commit,
-    (acked, emitted, dead): Counters<'_>,
+    pending: &mut Pending,
     done: Done,
 ) -> Result<(), EngineError> {
     let cfg = &ctx.cfg;
@@ -365,9 +438,21 @@ fn handle(
     for w in &meta[..finished] {
         tracker.finish(w.at);
     }
-    *acked += finished as u64;
-    *emitted += result.outputs.len() as u64;
-    pending.outputs.extend(result.outputs);
+    pending.acked += finished as u64;
+    pending.emitted += result.outputs.len() as u64;
+    pending.commit.outputs.extend(result.outputs);
+    if let Some(d) = &cfg.dedupe {
+        let expires = now_ms() + d.window.as_millis() as u64;
+        for w in &mut meta[..finished] {
+            if w.claimed
+                && let Some(key) = w.dedupe_key.clone()
+            {
+                pending.commit.dedupe_done.push((key.clone(), expires));
+                pending.release.push(key);
+                w.claimed = false;
+            }
+        }
+    }
     let mut rest = meta.split_off(finished);
     if let Some(stop) = result.stop {
         let w = &mut rest[0];
@@ -412,7 +497,12 @@ fn handle(
                 RetryMode::Requeue => {
                     let retry_topic = cfg.retry_for(&origin_topic);
                     let not_before = now + delay.as_millis() as u64;
-                    pending.outputs.push(dlq::requeue(
+                    if w.claimed
+                        && let Some(key) = w.dedupe_key.clone()
+                    {
+                        pending.release.push(key);
+                    }
+                    pending.commit.outputs.push(dlq::requeue(
                         &w.msg,
                         &origin,
                         w.attempt + 1,
@@ -435,11 +525,19 @@ fn handle(
                 first_failure_ms: first,
                 last_failure_ms: now,
             };
-            pending
-                .outputs
-                .push(dlq::envelope(&w.msg, &failure, cfg.dlq_for(&origin_topic)));
+            pending.commit.outputs.push(dlq::envelope(
+                &w.msg,
+                &failure,
+                cfg.dlq_for(&origin_topic),
+            ));
+            // Not done: a later copy of it may run.
+            if w.claimed
+                && let Some(key) = w.dedupe_key.clone()
+            {
+                pending.release.push(key);
+            }
             tracker.finish(w.at);
-            *dead += 1;
+            pending.dead += 1;
             rest.remove(0);
         }
     }
@@ -469,6 +567,8 @@ mod tests {
             attempt: 1,
             not_before: waiting.then(|| now + Duration::from_secs(1)),
             first_failure_ms: None,
+            dedupe_key: None,
+            claimed: false,
         }
     }
 

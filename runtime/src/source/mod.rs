@@ -46,6 +46,8 @@ pub struct Commit {
     pub outputs: Vec<Output>,
     /// Dead letters (topic, partition, offset) this step replays; see `weir dlq replay`.
     pub replayed: Vec<(String, u32, u64)>,
+    /// Idempotency keys this step marks as done, with when the mark expires (ms since the epoch).
+    pub dedupe_done: Vec<(Vec<u8>, u64)>,
 }
 
 /// Depth and lag of one partition, as `weir topics list` shows them.
@@ -126,4 +128,9 @@ pub trait Source: Send + Sync + 'static {
     fn topic_exists(&self, topic: &str) -> bool;
     /// Creates `topic` with `partitions` unless it exists (dead-letter topics).
     fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), SourceError>;
+    /// Whether `group` already handled a message with idempotency key `key` (a done mark that
+    /// has not expired at `now_ms`).
+    fn dedupe_done(&self, group: &str, key: &[u8], now_ms: u64) -> Result<bool, SourceError>;
+    /// Deletes done marks that expired before `now_ms`, at most `max`; returns how many.
+    fn evict_dedupe(&self, now_ms: u64, max: usize) -> Result<usize, SourceError>;
 }

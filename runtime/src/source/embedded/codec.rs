@@ -65,6 +65,26 @@ pub(crate) fn replay_key(topic: &str, partition: u32, offset: u64) -> Vec<u8> {
     k
 }
 
+/// Key of an idempotency key's done mark: `d/group 0 key`; the value is its expiry (u64 BE).
+pub(crate) fn dedupe_key(group: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(group.len() + key.len() + 3);
+    k.extend_from_slice(b"d/");
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
+/// Key of the expiry index entry of a done mark: `x/expiry(u64 BE)` then the mark's key, so
+/// expired marks are one range scan from the start.
+pub(crate) fn expiry_key(expires_ms: u64, mark: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + mark.len());
+    k.extend_from_slice(b"x/");
+    k.extend_from_slice(&expires_ms.to_be_bytes());
+    k.extend_from_slice(mark);
+    k
+}
+
 pub(crate) fn topic_key(topic: &str) -> Vec<u8> {
     let mut k = b"t/".to_vec();
     k.extend_from_slice(topic.as_bytes());

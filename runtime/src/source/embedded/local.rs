@@ -171,9 +171,9 @@ fn serve_one(log: &EmbeddedLog, req: Request) -> Response {
                 })
                 .collect();
             let commit = crate::source::Commit {
-                offsets: vec![],
                 outputs,
                 replayed,
+                ..Default::default()
             };
             log.commit_batch("", commit).map(|()| Response::Done)
         }
@@ -475,9 +475,9 @@ impl LogHandle {
             LogHandle::Local(log) => log.commit_batch(
                 "",
                 crate::source::Commit {
-                    offsets: vec![],
                     outputs,
                     replayed,
+                    ..Default::default()
                 },
             ),
             LogHandle::Remote(c) => {

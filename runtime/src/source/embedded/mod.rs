@@ -203,7 +203,7 @@ impl EmbeddedLog {
             let topic = Topic {
                 partitions: meta.partitions,
                 ends,
-                next_keyless: AtomicU64::new(0),
+                next_keyless: AtomicU64::new(u64::from(rand::random::<u32>())),
             };
             topics.insert(name, Arc::new(topic));
         }
@@ -414,6 +414,11 @@ impl EmbeddedLog {
                     next.to_be_bytes(),
                 );
             }
+            for (key, expires) in &commit.dedupe_done {
+                let mark = codec::dedupe_key(group, key);
+                batch.insert(&self.meta, codec::expiry_key(*expires, &mark), []);
+                batch.insert(&self.meta, mark, expires.to_be_bytes());
+            }
             for (topic, partition, offset) in &commit.replayed {
                 batch.insert(
                     &self.meta,
@@ -559,6 +564,50 @@ impl Source for EmbeddedLog {
     fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), SourceError> {
         EmbeddedLog::ensure_topic(self, topic, partitions)
     }
+    fn dedupe_done(&self, group: &str, key: &[u8], now_ms: u64) -> Result<bool, SourceError> {
+        match self
+            .meta
+            .get(codec::dedupe_key(group, key))
+            .map_err(|e| self.storage(e))?
+        {
+            None => Ok(false),
+            Some(v) => {
+                let expires = u64::from_be_bytes(
+                    v.as_ref()
+                        .try_into()
+                        .map_err(|_| self.corrupt("a dedupe mark".into()))?,
+                );
+                Ok(expires > now_ms)
+            }
+        }
+    }
+    fn evict_dedupe(&self, now_ms: u64, max: usize) -> Result<usize, SourceError> {
+        let mut doomed = Vec::new();
+        for item in self
+            .meta
+            .range(codec::expiry_key(0, b"")..codec::expiry_key(now_ms, b""))
+            .take(max)
+        {
+            doomed.push(item.key().map_err(|e| self.storage(e))?);
+        }
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let _w = self.write.lock().expect("write lock");
+        let mut batch = self.db.batch();
+        for index in &doomed {
+            let mark = &index[10..];
+            // A newer mark of the same key (handled again later) has a later expiry: keep it.
+            let current = self.meta.get(mark).map_err(|e| self.storage(e))?;
+            let expiry = u64::from_be_bytes(index[2..10].try_into().expect("8 bytes"));
+            if current.is_some_and(|v| v.as_ref() == expiry.to_be_bytes()) {
+                batch.remove(&self.meta, mark.to_vec());
+            }
+            batch.remove(&self.meta, index.to_vec());
+        }
+        batch.commit().map_err(|e| self.storage(e))?;
+        Ok(doomed.len())
+    }
 }
 
 #[cfg(test)]
@@ -602,6 +651,7 @@ mod tests {
                         record: rec(Some("k"), "A"),
                     }],
                     replayed: vec![("in".into(), 1, 0)],
+                    dedupe_done: vec![(b"id-1".to_vec(), 5_000), (b"id-2".to_vec(), 1_000)],
                 },
             )
             .unwrap();
@@ -617,13 +667,27 @@ mod tests {
             vec![0]
         );
         assert!(log.replayed("in", 0).unwrap().is_empty());
+        // Done marks are per group and expire; eviction removes only expired ones.
+        assert!(log.dedupe_done("g", b"id-1", 2_000).unwrap());
+        assert!(
+            !log.dedupe_done("g", b"id-2", 2_000).unwrap(),
+            "expired at 1000"
+        );
+        assert!(!log.dedupe_done("other", b"id-1", 2_000).unwrap());
+        assert_eq!(log.evict_dedupe(2_000, 100).unwrap(), 1);
+        assert_eq!(log.evict_dedupe(2_000, 100).unwrap(), 0);
+        assert!(
+            log.dedupe_done("g", b"id-1", 2_000).unwrap(),
+            "unexpired marks stay"
+        );
         assert_eq!(log.end_offset("in", 0).unwrap(), 2);
         assert_eq!(log.read("out", 0, 0, 10).unwrap()[0].record.payload, b"A");
         let stats = log.stats(Some("in")).unwrap();
         assert_eq!(stats[0].partitions[0].groups[0].lag, 0);
         assert_eq!(stats[0].partitions[1].groups.len(), 0);
-        // Appends after reopen continue the offsets.
-        assert_eq!(log.append("in", vec![rec(None, "d")]).unwrap()[0].1, 2);
+        // Appends after reopen continue the offsets (of whichever partition round robin picks).
+        let (p, o) = log.append("in", vec![rec(None, "d")]).unwrap()[0];
+        assert_eq!(o, if p == 0 { 2 } else { 1 });
     }
 
     #[test]
