@@ -156,3 +156,60 @@ fn with_dedupe_a_kill_9_leaves_every_output_exactly_once() {
         "{s}"
     );
 }
+
+#[test]
+fn twenty_kill_9s_at_random_moments_leave_every_output_exactly_once() {
+    const N: u64 = 50_000;
+    let w = Weir::new();
+    w.create_topic("orders", 4);
+    w.create_topic("confirmations", 4);
+    w.ok(&["produce", "orders", "--count", &N.to_string()]);
+    let module = guest("orders");
+    let args = [
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "orders",
+        "--group",
+        "g",
+        "--dedupe",
+        "key",
+        "--batch-size",
+        "16",
+        "--instances",
+        "1",
+    ];
+    let committed = |w: &Weir| {
+        offsets_in(&w.stats(), "orders", "g")
+            .iter()
+            .map(|(_, c)| c)
+            .sum::<u64>()
+    };
+    let mut kills = 0;
+    let mut before = 0;
+    for round in 0..20u64 {
+        let mut run = w.spawn(&args);
+        // A moment that differs each round: after 50 to about 1,000 more messages are committed.
+        let step = 50 + (round * 7919 + 13) % 950;
+        let target = (before + step).min(N);
+        wait_until("the run makes progress", Duration::from_secs(120), || {
+            committed(&w) >= target
+        });
+        run.kill();
+        before = committed(&w);
+        kills += 1;
+        if before == N {
+            break;
+        }
+    }
+    assert_eq!(
+        kills, 20,
+        "the input ran out before 20 kills; the test proves less than it says"
+    );
+    w.drain(&module, "orders", "g", &["--dedupe", "key"]);
+    let per_id = per_id(&w);
+    assert_eq!(per_id.len() as u64, N, "an order was lost");
+    let twice: Vec<_> = per_id.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(twice.is_empty(), "confirmed more than once: {twice:?}");
+}
