@@ -82,14 +82,15 @@ impl RunCommand {
             println!("{v}");
         } else {
             eprintln!(
-                "processed {} message(s), emitted {}, failed {} (dead-lettered), retried {}, instance faults {} in {:.2}s ({:.0} msg/s)",
+                "processed {} message(s), emitted {}, failed {} (dead-lettered), retried {}, instance faults {}, duplicates skipped {} in {:.2}s ({:.0} msg/s)",
                 summary.processed,
                 summary.emitted,
                 summary.dead_lettered,
                 summary.retries,
                 summary.faults,
+                summary.deduped,
                 secs,
-                (summary.processed + summary.dead_lettered) as f64 / secs.max(1e-9)
+                (summary.processed + summary.dead_lettered + summary.deduped) as f64 / secs.max(1e-9)
             );
         }
         Ok(ExitCode::SUCCESS)
