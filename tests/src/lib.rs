@@ -174,6 +174,24 @@ impl Weir {
             .collect()
     }
 
+    /// How many confirmations each order id has in `confirmations` (what `orders` emits).
+    pub fn confirmations_per_id(&self) -> std::collections::HashMap<String, u64> {
+        let mut per_id = std::collections::HashMap::new();
+        for m in self.messages("confirmations") {
+            let c: Value = serde_json::from_str(m["payload"].as_str().expect("a text payload"))
+                .expect("a JSON confirmation");
+            *per_id
+                .entry(c["order_id"].as_str().expect("an order_id").to_string())
+                .or_default() += 1;
+        }
+        per_id
+    }
+
+    /// The committed offsets of `group` on `topic`, summed over partitions.
+    pub fn committed(&self, topic: &str, group: &str) -> u64 {
+        self.offsets(topic, group).iter().map(|(_, c)| c).sum()
+    }
+
     /// `weir topics list --json`.
     pub fn stats(&self) -> Value {
         let out = self.ok(&["topics", "list", "--json"]);

@@ -1,7 +1,5 @@
 //! Crash safety: `kill -9` in the middle of a run loses nothing.
 
-use serde_json::Value;
-use std::collections::HashMap;
 use std::time::Duration;
 use weir_tests::{Weir, guest, offsets_in, wait_until};
 
@@ -26,20 +24,14 @@ fn kill_9_mid_run_then_restart_handles_every_message_at_least_once() {
         "--instances",
         "1",
     ]);
-    let committed = |stats: &Value| {
-        offsets_in(stats, "orders", "g")
-            .iter()
-            .map(|(_, c)| c)
-            .sum::<u64>()
-    };
     wait_until(
         "the run has committed some messages",
         Duration::from_secs(120),
-        || committed(&w.stats()) >= 2_000,
+        || w.committed("orders", "g") >= 2_000,
     );
     run.kill(); // SIGKILL
 
-    let at_kill = committed(&w.stats());
+    let at_kill = w.committed("orders", "g");
     assert!(
         at_kill < N,
         "the run finished before it was killed ({at_kill} committed); the test proves nothing"
@@ -52,13 +44,7 @@ fn kill_9_mid_run_then_restart_handles_every_message_at_least_once() {
     );
 
     let summary = w.drain(&module, "orders", "g", &[]);
-    let mut per_id: HashMap<String, u64> = HashMap::new();
-    for m in w.messages("confirmations") {
-        let c: Value = serde_json::from_str(m["payload"].as_str().unwrap()).unwrap();
-        *per_id
-            .entry(c["order_id"].as_str().unwrap().to_string())
-            .or_default() += 1;
-    }
+    let per_id = w.confirmations_per_id();
     for n in 0..N {
         assert!(
             per_id.contains_key(&format!("m-{n}")),

@@ -1,22 +1,8 @@
 //! Idempotent dedupe on the embedded log: duplicates are acked without running the handler,
 //! copies in flight at once do not both run, and with a crash the outputs stay exactly-once.
 
-use serde_json::Value;
-use std::collections::HashMap;
 use std::time::Duration;
-use weir_tests::{Weir, guest, offsets_in, wait_until};
-
-/// Confirmations per order id.
-fn per_id(w: &Weir) -> HashMap<String, usize> {
-    let mut per_id = HashMap::new();
-    for m in w.messages("confirmations") {
-        let c: Value = serde_json::from_str(m["payload"].as_str().unwrap()).unwrap();
-        *per_id
-            .entry(c["order_id"].as_str().unwrap().to_string())
-            .or_default() += 1;
-    }
-    per_id
-}
+use weir_tests::{Weir, guest, wait_until};
 
 #[test]
 fn ten_thousand_ids_produced_three_times_run_once_each() {
@@ -33,7 +19,7 @@ fn ten_thousand_ids_produced_three_times_run_once_each() {
         (Some(10_000), Some(20_000)),
         "{s}"
     );
-    let per_id = per_id(&w);
+    let per_id = w.confirmations_per_id();
     assert_eq!(per_id.len(), 10_000);
     assert!(per_id.values().all(|&n| n == 1), "an id ran twice");
     // The marks outlive the run: the same ids again are all duplicates.
@@ -124,19 +110,13 @@ fn with_dedupe_a_kill_9_leaves_every_output_exactly_once() {
         "1",
     ];
     let mut run = w.spawn(&args);
-    let committed = |stats: &Value| {
-        offsets_in(stats, "orders", "g")
-            .iter()
-            .map(|(_, c)| c)
-            .sum::<u64>()
-    };
     wait_until(
         "the run has committed some messages",
         Duration::from_secs(120),
-        || committed(&w.stats()) >= 2_000,
+        || w.committed("orders", "g") >= 2_000,
     );
     run.kill();
-    let at_kill = committed(&w.stats());
+    let at_kill = w.committed("orders", "g");
     assert!(
         at_kill < N,
         "the run finished before it was killed; the test proves nothing"
@@ -144,7 +124,7 @@ fn with_dedupe_a_kill_9_leaves_every_output_exactly_once() {
     let s = w.drain(&module, "orders", "g", &["--dedupe", "key"]);
     // Outputs, done marks and offsets are one write: what was handled but not yet passed by the
     // commit point at the kill is a duplicate now, not a second output.
-    let per_id = per_id(&w);
+    let per_id = w.confirmations_per_id();
     assert_eq!(per_id.len() as u64, N);
     assert!(
         per_id.values().all(|&n| n == 1),
@@ -180,12 +160,6 @@ fn twenty_kill_9s_at_random_moments_leave_every_output_exactly_once() {
         "--instances",
         "1",
     ];
-    let committed = |w: &Weir| {
-        offsets_in(&w.stats(), "orders", "g")
-            .iter()
-            .map(|(_, c)| c)
-            .sum::<u64>()
-    };
     let mut kills = 0;
     let mut before = 0;
     for round in 0..20u64 {
@@ -194,10 +168,10 @@ fn twenty_kill_9s_at_random_moments_leave_every_output_exactly_once() {
         let step = 50 + (round * 7919 + 13) % 950;
         let target = (before + step).min(N);
         wait_until("the run makes progress", Duration::from_secs(120), || {
-            committed(&w) >= target
+            w.committed("orders", "g") >= target
         });
         run.kill();
-        before = committed(&w);
+        before = w.committed("orders", "g");
         kills += 1;
         if before == N {
             break;
@@ -208,7 +182,7 @@ fn twenty_kill_9s_at_random_moments_leave_every_output_exactly_once() {
         "the input ran out before 20 kills; the test proves less than it says"
     );
     w.drain(&module, "orders", "g", &["--dedupe", "key"]);
-    let per_id = per_id(&w);
+    let per_id = w.confirmations_per_id();
     assert_eq!(per_id.len() as u64, N, "an order was lost");
     let twice: Vec<_> = per_id.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(twice.is_empty(), "confirmed more than once: {twice:?}");

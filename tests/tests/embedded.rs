@@ -1,21 +1,8 @@
 //! The main job on the embedded log: consume, emit, commit, drain; producing while a run is live.
 
 use serde_json::Value;
-use std::collections::HashMap;
 use std::time::Duration;
 use weir_tests::{Weir, guest, header, wait_until};
-
-/// Output count per order id among the confirmations.
-fn confirmations_per_id(w: &Weir) -> HashMap<String, usize> {
-    let mut per_id = HashMap::new();
-    for m in w.messages("confirmations") {
-        let c: Value = serde_json::from_str(m["payload"].as_str().unwrap()).unwrap();
-        *per_id
-            .entry(c["order_id"].as_str().unwrap().to_string())
-            .or_default() += 1;
-    }
-    per_id
-}
 
 #[test]
 fn ten_thousand_orders_over_four_partitions_each_produce_one_confirmation() {
@@ -29,7 +16,7 @@ fn ten_thousand_orders_over_four_partitions_each_produce_one_confirmation() {
     assert_eq!(summary["emitted"], 10_000, "{summary}");
     assert_eq!(summary["dead_lettered"], 0, "{summary}");
 
-    let per_id = confirmations_per_id(&w);
+    let per_id = w.confirmations_per_id();
     assert_eq!(per_id.len(), 10_000);
     for n in 0..10_000 {
         assert_eq!(per_id.get(&format!("m-{n}")), Some(&1), "order m-{n}");

@@ -90,7 +90,8 @@ impl RunCommand {
                 summary.faults,
                 summary.deduped,
                 secs,
-                (summary.processed + summary.dead_lettered + summary.deduped) as f64 / secs.max(1e-9)
+                (summary.processed + summary.dead_lettered + summary.deduped) as f64
+                    / secs.max(1e-9)
             );
         }
         Ok(ExitCode::SUCCESS)

@@ -22,9 +22,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Memory for memtables across all keyspaces, in bytes.
-const MAX_WRITE_BUFFER: u64 = 64 << 20;
-
 /// The most partitions a topic may have; a guard against typos like `--partitions 40000`.
 pub const MAX_PARTITIONS: u32 = 1024;
 
@@ -138,9 +135,6 @@ impl EmbeddedLog {
             detail: e.to_string(),
         })?;
         let db = Database::builder(&db_dir)
-            // fjall leaves the memtables' total unbounded by default; give it a bound. (Peak RSS
-            // still grows with the number of dedupe marks written in one run; see the README.)
-            .max_write_buffer_size(Some(MAX_WRITE_BUFFER))
             .open()
             .map_err(|e| map_open_error(&shown, e))?;
         let records = db
