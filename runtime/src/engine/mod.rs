@@ -227,6 +227,7 @@ pub async fn run(
         group = %ctx.cfg.group, "consuming"
     );
     let result = loop {
+        // One task per partition; the set lets one failing partition stop the others.
         let mut tasks = tokio::task::JoinSet::new();
         for (t, p) in &partitions {
             tasks.spawn(partition::consume(

@@ -170,6 +170,7 @@ pub(super) async fn consume(
             lane.busy = true;
             running += 1;
             let (ctx2, tx) = (ctx.clone(), done_tx.clone());
+            // Waits for the pool while this loop goes on with other lanes; reports on `done_tx`.
             tokio::spawn(async move {
                 let (msgs, result) = match ctx2.pool.run(msgs, attempts).await {
                     Ok((m, r)) => (m, Ok(r)),

@@ -54,6 +54,7 @@ impl Pool {
         msgs: Vec<Delivery>,
         attempts: Vec<u32>,
     ) -> Result<(Vec<Delivery>, RunResult), EngineError> {
+        // The worker answers on this; the caller awaits it without holding a thread.
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job {

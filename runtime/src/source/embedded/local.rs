@@ -200,12 +200,14 @@ pub fn serve(log: Arc<EmbeddedLog>) -> Option<SocketGuard> {
             return None;
         }
     };
+    // The accept loop; owned by the returned guard, which aborts it.
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let log = log.clone();
+            // One task per client, so a slow client (a big produce) does not hold up the others.
             tokio::spawn(async move {
                 if let Err(e) = connection(log, stream).await {
                     tracing::debug!(error = %e, "local client connection ended");
