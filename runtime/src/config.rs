@@ -31,6 +31,26 @@ pub struct FileConfig {
     /// What the handler reads through its `config` import.
     #[serde(default)]
     pub handler_config: BTreeMap<String, String>,
+    /// Where the topics live when not in the embedded log: `[source.kafka]`.
+    #[serde(default)]
+    pub source: SourceFile,
+}
+
+/// `[source]` of `weir.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SourceFile {
+    pub kafka: Option<KafkaFile>,
+}
+
+/// `[source.kafka]`: `brokers = "host:port,..."` and `[source.kafka.properties]`, any
+/// librdkafka property (`"security.protocol" = "SASL_SSL"`, ...).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KafkaFile {
+    pub brokers: Option<String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
 }
 
 /// `weir run`'s settings as given: the `[run]` table of `weir.toml`, the command-line flags and
@@ -111,6 +131,15 @@ pub struct RunOptions {
     /// How long a handled idempotency key is remembered [default: 24h]
     #[arg(long, env = "WEIR_DEDUPE_WINDOW")]
     pub dedupe_window: Option<String>,
+    /// Kafka: commit each batch's outputs, dead letters and consumer offsets in one
+    /// transaction, so `read_committed` readers see every input's outputs once. The embedded
+    /// log always does this. [default: off]
+    #[arg(long, env = "WEIR_EXACTLY_ONCE", num_args = 0..=1, default_missing_value = "true")]
+    pub exactly_once: Option<bool>,
+    /// Kafka: how long revoked partitions may take to finish their in-flight messages and
+    /// commit before they are let go (keep it under the group's rebalance timeout) [default: 15s]
+    #[arg(long, env = "WEIR_REVOKE_TIMEOUT")]
+    pub revoke_timeout: Option<String>,
 }
 
 /// Where dedupe takes the idempotency key from.
@@ -229,6 +258,7 @@ pub mod defaults {
     pub const RETRY_TOPIC: &str = "{topic}.retry";
     pub const DEDUPE_HEADER: &str = "idempotency-key";
     pub const DEDUPE_WINDOW: &str = "24h";
+    pub const REVOKE_TIMEOUT: &str = "15s";
     /// Lanes per partition default to the number of instances, so one partition can keep
     /// every instance busy.
     pub fn lanes(instances: usize) -> usize {
@@ -248,6 +278,7 @@ pub mod defaults {
 #[derive(Debug, Clone)]
 pub struct RunSettings {
     pub module: PathBuf,
+    pub exactly_once: bool,
     pub engine: crate::engine::EngineConfig,
     pub host: crate::host::HostConfig,
 }
@@ -278,6 +309,8 @@ impl RunOptions {
             dedupe: self.dedupe.or(lower.dedupe),
             dedupe_header: self.dedupe_header.or(lower.dedupe_header),
             dedupe_window: self.dedupe_window.or(lower.dedupe_window),
+            exactly_once: self.exactly_once.or(lower.exactly_once),
+            revoke_timeout: self.revoke_timeout.or(lower.revoke_timeout),
         }
     }
 
@@ -402,6 +435,12 @@ impl RunOptions {
             DedupeMode::Key => Some(KeySource::MessageKey),
             DedupeMode::Payload => Some(KeySource::PayloadHash),
         };
+        let revoke_timeout = parse_duration(
+            "--revoke-timeout",
+            self.revoke_timeout
+                .as_deref()
+                .unwrap_or(defaults::REVOKE_TIMEOUT),
+        )?;
         let dedupe = source.map(|source| DedupeConfig {
             source,
             window: dedupe_window,
@@ -430,7 +469,9 @@ impl RunOptions {
                 idle_poll: Duration::from_millis(20),
                 retry_topics: Vec::new(),
                 dedupe,
+                revoke_timeout,
             },
+            exactly_once: self.exactly_once.unwrap_or(false),
             host: crate::host::HostConfig {
                 memory_limit,
                 call_timeout,

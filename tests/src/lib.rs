@@ -84,9 +84,26 @@ pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) 
     }
 }
 
-/// A data directory for one test, and `weir` commands run against it.
+/// Where a test's topics live.
+pub enum Broker {
+    /// The embedded log in the test's data directory.
+    Embedded,
+    /// librdkafka's in-process mock cluster, one per test, on a loopback port. It cannot create
+    /// topics over the protocol, so the harness creates them with the mock's own API.
+    Mock(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    /// A real Kafka-protocol broker (`WEIR_TEST_KAFKA_BROKERS`).
+    External(String),
+}
+
+/// librdkafka settings every Kafka test passes: a short session timeout, so a member killed
+/// with `kill -9` leaves the group in seconds rather than 45.
+pub const TEST_KAFKA_PROPERTIES: &[&str] =
+    &["session.timeout.ms=6000", "heartbeat.interval.ms=500"];
+
+/// A data directory for one test, and `weir` commands run against it (and against its broker).
 pub struct Weir {
     dir: tempfile::TempDir,
+    broker: Broker,
 }
 
 impl Default for Weir {
@@ -96,12 +113,37 @@ impl Default for Weir {
 }
 
 impl Weir {
+    /// A test on the embedded log.
     pub fn new() -> Weir {
+        Weir::on(Broker::Embedded)
+    }
+
+    /// A test on a fresh mock Kafka cluster of its own.
+    pub fn kafka_mock() -> Weir {
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("start a mock Kafka cluster");
+        Weir::on(Broker::Mock(cluster))
+    }
+
+    pub fn on(broker: Broker) -> Weir {
         Weir {
             dir: tempfile::Builder::new()
                 .prefix("weir-test")
                 .tempdir()
                 .expect("make a temp dir"),
+            broker,
+        }
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// The brokers' address, when the test is on Kafka.
+    pub fn brokers(&self) -> Option<String> {
+        match &self.broker {
+            Broker::Embedded => None,
+            Broker::Mock(c) => Some(c.bootstrap_servers()),
+            Broker::External(b) => Some(b.clone()),
         }
     }
 
@@ -117,11 +159,14 @@ impl Weir {
     /// `weir <args>` against this data directory, with logs quiet unless a test asks.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(weir_bin());
-        c.arg("--data-dir")
-            .arg(self.data_dir())
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null());
+        c.arg("--data-dir").arg(self.data_dir());
+        if let Some(b) = self.brokers() {
+            c.arg("--brokers").arg(b);
+            for p in TEST_KAFKA_PROPERTIES {
+                c.arg("--kafka-property").arg(p);
+            }
+        }
+        c.args(args).env("RUST_LOG", "warn").stdin(Stdio::null());
         c
     }
 
@@ -154,7 +199,20 @@ impl Weir {
         stderr
     }
 
+    /// Creates `topic`. On the mock cluster, also its dead-letter and retry topics, which weir
+    /// creates by itself on brokers that take CreateTopics.
     pub fn create_topic(&self, topic: &str, partitions: u32) {
+        if let Broker::Mock(c) = &self.broker {
+            for t in [
+                topic.to_string(),
+                format!("{topic}.dlq"),
+                format!("{topic}.retry"),
+            ] {
+                c.create_topic(&t, partitions as i32, 1)
+                    .expect("create a topic on the mock cluster");
+            }
+            return;
+        }
         self.ok(&[
             "topics",
             "create",
@@ -200,7 +258,10 @@ impl Weir {
 
     /// (end offset, committed offset of `group`) per partition of `topic`.
     pub fn offsets(&self, topic: &str, group: &str) -> Vec<(u64, u64)> {
-        offsets_in(&self.stats(), topic, group)
+        // Named, since not every broker lists its groups (the mock cluster does not).
+        let out = self.ok(&["topics", "list", topic, "--group", group, "--json"]);
+        let stats = serde_json::from_slice(&out.stdout).expect("topics list --json prints JSON");
+        offsets_in(&stats, topic, group)
     }
 
     /// Runs `weir run ... --drain --json` and returns its summary.
@@ -231,6 +292,13 @@ pub struct Running {
 impl Running {
     pub fn id(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// Whether the process is still running (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("poll the child").is_none())
     }
 
     /// `kill -9`, and reap it.
@@ -269,6 +337,29 @@ impl Weir {
             .spawn()
             .expect("start weir");
         Running { child: Some(child) }
+    }
+
+    /// Like [`Weir::spawn`], with its log (standard error) written to `log`.
+    pub fn spawn_logged(&self, args: &[&str], log: &Path) -> Running {
+        let file = std::fs::File::create(log).expect("create the log file");
+        let child = self
+            .cmd(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()
+            .expect("start weir");
+        Running { child: Some(child) }
+    }
+
+    /// The end offsets of `topic`'s partitions, summed: how many messages it holds.
+    pub fn end(&self, topic: &str) -> u64 {
+        let out = self.ok(&["topics", "list", topic, "--json"]);
+        let stats: Value = serde_json::from_slice(&out.stdout).expect("topics list --json");
+        offsets_in(&stats, topic, "")
+            .iter()
+            .map(|(end, _)| end)
+            .sum()
     }
 
     /// Messages in `topic` now, or 0 if it does not exist yet (for polling).

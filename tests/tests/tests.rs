@@ -7,3 +7,4 @@ mod dedupe;
 mod embedded;
 mod failures;
 mod faults;
+mod kafka;

@@ -1,6 +1,6 @@
 use super::Globals;
+use super::target::Target;
 use crate::source::Delivery;
-use crate::source::embedded::local;
 use clap::Args;
 use std::io::Write;
 use std::process::ExitCode;
@@ -73,20 +73,20 @@ fn print(out: &mut impl Write, d: &Delivery, json: bool) -> std::io::Result<()> 
 
 impl ConsumeCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
-        let mut log = local::open(&g.data_dir)?;
-        let stats = log.stats(Some(&self.topic))?;
-        let partitions = &stats[0].partitions;
+        let mut log = Target::open(&g)?;
+        let partitions = log.ends(&self.topic)?;
         let mut left = self.max.unwrap_or(u64::MAX);
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
-        for p in partitions {
+        for (partition, end) in partitions {
             let mut from = match (&self.group, self.from_beginning) {
                 (_, true) => 0,
-                (Some(group), false) => log.committed(group, &self.topic, p.partition)?,
-                (None, false) => p.end_offset,
+                (Some(group), false) => log.committed(group, &self.topic, partition)?,
+                (None, false) => end,
             };
-            while left > 0 && from < p.end_offset {
-                let batch = log.read(&self.topic, p.partition, from, left.min(1000) as usize)?;
+            while left > 0 && from < end {
+                let max = left.min(1000) as usize;
+                let batch = log.read(&self.topic, partition, from, end, max)?;
                 let Some(last) = batch.last() else { break };
                 from = last.offset + 1;
                 for d in &batch {
@@ -94,7 +94,7 @@ impl ConsumeCommand {
                 }
                 left -= batch.len() as u64;
                 if let Some(group) = &self.group {
-                    log.commit_offset(group, &self.topic, p.partition, from)?;
+                    log.commit_offset(group, &self.topic, partition, from)?;
                 }
             }
         }

@@ -159,6 +159,13 @@ fn shorten(s: &str, n: usize) -> String {
 
 impl DlqCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
+        if let Some(k) = &g.kafka {
+            return Err(bad_input(format!(
+                "weir dlq works on the embedded log; on Kafka ({}), read a dead-letter topic with \
+                 `weir consume TOPIC.dlq --from-beginning --json --brokers ...` (replay on Kafka is not built yet)",
+                k.brokers
+            )));
+        }
         let mut log = local::open(&g.data_dir)?;
         match self {
             DlqCommand::List {

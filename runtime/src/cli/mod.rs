@@ -6,11 +6,13 @@ mod consume;
 mod dlq;
 mod produce;
 mod run;
+mod target;
 mod topics;
 
 use crate::config::{ConfigError, FileConfig};
 use crate::host::LoadError;
 use crate::source::SourceError;
+use crate::source::kafka::KafkaConfig;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +28,17 @@ pub struct Cli {
     /// Config file (TOML; the same names as the flags) [default: none]
     #[arg(long, global = true, env = "WEIR_CONFIG")]
     config: Option<PathBuf>,
+
+    /// Kafka brokers (host:port,...): use Kafka instead of the embedded log
+    /// [default: `[source.kafka] brokers` in the config file; none: the embedded log]
+    #[arg(long, global = true, env = "WEIR_BROKERS")]
+    brokers: Option<String>,
+
+    /// A librdkafka property passed through to every Kafka client (security.protocol=SASL_SSL,
+    /// sasl.mechanism=SCRAM-SHA-512, ssl.ca.location=..., ...); repeat for more (over
+    /// `[source.kafka.properties]` in the config file) [default: none]
+    #[arg(long = "kafka-property", global = true, value_name = "KEY=VALUE")]
+    kafka_property: Vec<String>,
 
     /// Log format on standard error [default: pretty]
     #[arg(long, global = true, env = "WEIR_LOG_FORMAT", value_enum)]
@@ -64,6 +77,8 @@ enum Command {
 struct Globals {
     data_dir: PathBuf,
     file: FileConfig,
+    /// Set when the topics live in Kafka.
+    kafka: Option<KafkaConfig>,
 }
 
 /// Marks an error as the user's input to fix (exit code 2).
@@ -131,7 +146,37 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         .clone()
         .or(file.data_dir.clone())
         .unwrap_or_else(crate::config::default_data_dir);
-    let globals = Globals { data_dir, file };
+    let kafka_file = file.source.kafka.as_ref();
+    let brokers = cli
+        .brokers
+        .clone()
+        .or(kafka_file.and_then(|k| k.brokers.clone()));
+    let mut properties = kafka_file.map(|k| k.properties.clone()).unwrap_or_default();
+    for pair in &cli.kafka_property {
+        let (k, v) = crate::config::parse_pair("--kafka-property", pair)?;
+        properties.insert(k, v);
+    }
+    let kafka = match brokers {
+        Some(brokers) => {
+            let cfg = KafkaConfig {
+                brokers,
+                properties,
+            };
+            cfg.validate()?;
+            Some(cfg)
+        }
+        None if !properties.is_empty() => {
+            return Err(bad_input(
+                "--kafka-property is given but no brokers: pass --brokers host:port (or `brokers` under [source.kafka])",
+            ));
+        }
+        None => None,
+    };
+    let globals = Globals {
+        data_dir,
+        file,
+        kafka,
+    };
     match cli.command {
         Command::Topics(c) => c.execute(globals),
         Command::Produce(c) => c.execute(globals),

@@ -1,7 +1,7 @@
+use super::target::Target;
 use super::{Globals, bad_input};
 use crate::config::parse_pair;
 use crate::source::Record;
-use crate::source::embedded::local;
 use anyhow::Context;
 use clap::Args;
 use std::io::BufRead;
@@ -75,9 +75,9 @@ impl ProduceCommand {
             timestamp_ms: None,
         };
         let fixed_key = self.key.as_ref().map(|k| k.as_bytes().to_vec());
-        let mut log = local::open(&g.data_dir)?;
+        let mut log = Target::open(&g)?;
         let mut total = 0u64;
-        let mut send = |log: &mut local::LogHandle, batch: Vec<Record>| -> anyhow::Result<()> {
+        let mut send = |log: &mut Target, batch: Vec<Record>| -> anyhow::Result<()> {
             let n = batch.len() as u64;
             log.append(&self.topic, batch)
                 .with_context(|| format!("producing to topic {}", self.topic))?;

@@ -4,13 +4,14 @@ use crate::engine;
 use crate::host::Module;
 use crate::source::Source;
 use crate::source::embedded::local;
+use crate::source::kafka::Kafka;
 use anyhow::Context;
 use clap::Args;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Run a handler module over topics of the embedded log. Acks each message only after the
+/// Run a handler module over topics of the embedded log (or of Kafka, with --brokers). Acks each message only after the
 /// handler succeeded and its outputs were written. Runs until SIGINT/SIGTERM (then commits what
 /// finished and exits 0), or with --drain until nothing is left.
 #[derive(Debug, Args)]
@@ -46,13 +47,28 @@ impl RunCommand {
                 module_path.display()
             )));
         }
-        let log = local::open_owned(&g.data_dir)?;
+        // The embedded log is owned by this process (others reach it through its socket);
+        // Kafka is shared by every member of the group.
+        let (source, log): (Arc<dyn Source>, _) = match &g.kafka {
+            Some(cfg) => {
+                if settings.engine.dedupe.is_some() {
+                    return Err(super::bad_input(
+                        "--dedupe is not available with --brokers yet: dedupe on Kafka needs a shared dedupe store; run without --dedupe",
+                    ));
+                }
+                (Arc::new(Kafka::connect(cfg, settings.exactly_once)?), None)
+            }
+            None => {
+                let log = local::open_owned(&g.data_dir)?;
+                (log.clone(), Some(log))
+            }
+        };
         for t in &settings.engine.topics {
-            log.partitions(t)?;
+            source.partitions(t)?;
         }
         let exists = {
-            let log = log.clone();
-            Arc::new(move |t: &str| log.topic_exists(t))
+            let source = source.clone();
+            Arc::new(move |t: &str| source.topic_exists(t))
         };
         let module = Module::load(&module_path, &settings.host, exists)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -63,7 +79,7 @@ impl RunCommand {
             .context("starting the async runtime")?;
         let started = Instant::now();
         let summary = runtime.block_on(async {
-            let _socket = local::serve(log.clone());
+            let _socket = log.and_then(local::serve);
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             // Owns the signal handlers; flips the shutdown flag every partition task watches.
             tokio::spawn(async move {
@@ -71,7 +87,6 @@ impl RunCommand {
                 tracing::info!("shutting down: finishing in-flight calls and committing");
                 let _ = stop_tx.send(true);
             });
-            let source: Arc<dyn Source> = log.clone();
             engine::run(source, module, settings.engine, stop_rx, Default::default()).await
         })?;
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -1,5 +1,5 @@
 use super::Globals;
-use crate::source::embedded::local;
+use super::target::Target;
 use clap::Subcommand;
 use std::process::ExitCode;
 
@@ -12,11 +12,17 @@ pub enum TopicsCommand {
         /// Number of partitions [default: 1]
         #[arg(long, default_value_t = 1)]
         partitions: u32,
+        /// Kafka: replicas per partition [default: the brokers' default]
+        #[arg(long)]
+        replication_factor: Option<i32>,
     },
     /// List topics with each partition's depth and each consumer group's committed offset and lag
     List {
         /// Only this topic [default: all]
         topic: Option<String>,
+        /// Only this consumer group's offsets [default: every group]
+        #[arg(long)]
+        group: Option<String>,
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
@@ -25,14 +31,18 @@ pub enum TopicsCommand {
 
 impl TopicsCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
-        let mut log = local::open(&g.data_dir)?;
+        let mut log = Target::open(&g)?;
         match self {
-            TopicsCommand::Create { topic, partitions } => {
-                log.create_topic(&topic, partitions)?;
+            TopicsCommand::Create {
+                topic,
+                partitions,
+                replication_factor,
+            } => {
+                log.create_topic(&topic, partitions, replication_factor)?;
                 eprintln!("created topic {topic} with {partitions} partition(s)");
             }
-            TopicsCommand::List { topic, json } => {
-                let stats = log.stats(topic.as_deref())?;
+            TopicsCommand::List { topic, group, json } => {
+                let stats = log.stats(topic.as_deref(), group.as_deref())?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&stats)?);
                 } else {

@@ -24,13 +24,14 @@ mod pool;
 pub mod retry;
 
 use crate::host::Module;
-use crate::source::{Source, SourceError};
+use crate::source::{GroupEvent, Source, SourceError};
 use pool::Pool;
 use retry::Backoff;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// What a retryable failure does to the message.
 #[derive(
@@ -87,6 +88,9 @@ pub struct EngineConfig {
     pub dedupe: Option<dedupe::DedupeConfig>,
     /// (topic, its retry topic) pairs consumed in requeue mode; filled in by [`run`].
     pub retry_topics: Vec<(Arc<str>, Arc<str>)>,
+    /// How long revoked partitions may take to finish their in-flight messages and commit
+    /// before they are let go regardless (group-managed sources).
+    pub revoke_timeout: Duration,
 }
 
 impl EngineConfig {
@@ -166,7 +170,7 @@ struct Ctx {
     stats: Arc<Stats>,
     /// Idempotency keys of messages in flight, across all partitions of this run: a second copy
     /// of a key waits until the first is done (then it is a duplicate) or has failed.
-    claims: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    claims: std::sync::Mutex<HashSet<Vec<u8>>>,
 }
 
 /// Consumes `cfg.topics` with `module` until `shutdown` turns true (or, with `drain`, until
@@ -226,10 +230,46 @@ pub async fn run(
         partitions = partitions.len(), instances = ctx.cfg.instances, lanes = ctx.cfg.lanes,
         group = %ctx.cfg.group, "consuming"
     );
-    let result = loop {
+    let events = {
+        let (src, group, topics, t) = (
+            ctx.source.clone(),
+            ctx.cfg.group.clone(),
+            consumed.clone(),
+            ctx.cfg.revoke_timeout,
+        );
+        tokio::task::spawn_blocking(move || src.join_group(&group, &topics, t))
+            .await
+            .map_err(|e| EngineError::Join(e.to_string()))??
+    };
+    let result = match events {
+        None => every_partition(&ctx, &partitions, shutdown).await,
+        Some(events) => {
+            let r = assigned_partitions(&ctx, events, shutdown).await;
+            let src = ctx.source.clone();
+            let left = tokio::task::spawn_blocking(move || src.leave_group())
+                .await
+                .map_err(|e| EngineError::Join(e.to_string()))?;
+            r.and(left.map_err(EngineError::from))
+        }
+    };
+    if let Some(e) = evictor {
+        e.abort();
+    }
+    let ctx = Arc::into_inner(ctx).expect("every partition task has ended");
+    ctx.pool.stop();
+    result.map(|()| stats.summary())
+}
+
+/// Consumes every partition of the consumed topics (a source without consumer groups).
+async fn every_partition(
+    ctx: &Arc<Ctx>,
+    partitions: &[(Arc<str>, u32)],
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), EngineError> {
+    loop {
         // One task per partition; the set lets one failing partition stop the others.
         let mut tasks = tokio::task::JoinSet::new();
-        for (t, p) in &partitions {
+        for (t, p) in partitions {
             tasks.spawn(partition::consume(
                 ctx.clone(),
                 t.clone(),
@@ -257,7 +297,7 @@ pub async fn run(
         // Every partition was drained once; outputs or requeued retries may have landed in a
         // topic we consume, so go again until a whole round finds nothing.
         let mut behind = false;
-        for (t, p) in &partitions {
+        for (t, p) in partitions {
             if ctx.source.committed(&ctx.cfg.group, t, *p)? < ctx.source.end_offset(t, *p)? {
                 behind = true;
             }
@@ -265,11 +305,123 @@ pub async fn run(
         if !behind {
             break Ok(());
         }
-    };
-    if let Some(e) = evictor {
-        e.abort();
     }
-    let ctx = Arc::into_inner(ctx).expect("every partition task has ended");
-    ctx.pool.stop();
-    result.map(|()| stats.summary())
+}
+
+/// A revocation waiting for its partitions' tasks to end.
+struct Revoking {
+    left: HashSet<(Arc<str>, u32)>,
+    deadline: tokio::time::Instant,
+    done: std::sync::mpsc::SyncSender<()>,
+}
+
+/// Consumes the partitions the broker assigns to this process, starting and stopping partition
+/// tasks as assignments and revocations arrive. A revoked partition finishes its in-flight
+/// calls and commits (its backing-off messages stay uncommitted, for the next owner) before
+/// the source is told it may let go; past `revoke_timeout` the task is abandoned.
+async fn assigned_partitions(
+    ctx: &Arc<Ctx>,
+    mut events: mpsc::UnboundedReceiver<GroupEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), EngineError> {
+    type Key = (Arc<str>, u32);
+    let mut tasks = tokio::task::JoinSet::new();
+    // Each running partition: its own stop flag and its task's handle.
+    let mut running: HashMap<Key, (watch::Sender<bool>, tokio::task::AbortHandle)> = HashMap::new();
+    let mut ids: HashMap<tokio::task::Id, Key> = HashMap::new();
+    let mut revoking: Vec<Revoking> = Vec::new();
+    let mut stopping = *shutdown.borrow();
+    let mut assigned = false;
+    let mut failed = None;
+    let stop_all = |running: &HashMap<Key, (watch::Sender<bool>, tokio::task::AbortHandle)>| {
+        for (stop, _) in running.values() {
+            let _ = stop.send(true);
+        }
+    };
+    loop {
+        revoking.retain(|r| {
+            if r.left.is_empty() {
+                let _ = r.done.send(());
+            }
+            !r.left.is_empty()
+        });
+        if tasks.is_empty() && (stopping || (ctx.cfg.drain && assigned && revoking.is_empty())) {
+            break;
+        }
+        let deadline = revoking.iter().map(|r| r.deadline).min();
+        tokio::select! {
+            ev = events.recv(), if !stopping => match ev {
+                Some(GroupEvent::Assigned(ps)) => {
+                    assigned = true;
+                    for key in ps {
+                        if running.contains_key(&key) {
+                            continue;
+                        }
+                        let (stop, stop_rx) = watch::channel(false);
+                        let h = tasks.spawn(partition::consume(ctx.clone(), key.0.clone(), key.1, stop_rx));
+                        ids.insert(h.id(), key.clone());
+                        running.insert(key, (stop, h));
+                    }
+                }
+                Some(GroupEvent::Revoked { partitions, done }) => {
+                    let mut left = HashSet::new();
+                    for key in partitions {
+                        if let Some((stop, _)) = running.get(&key) {
+                            let _ = stop.send(true);
+                            left.insert(key);
+                        }
+                    }
+                    revoking.push(Revoking {
+                        left,
+                        deadline: tokio::time::Instant::now() + ctx.cfg.revoke_timeout,
+                        done,
+                    });
+                }
+                None => {
+                    stopping = true;
+                    stop_all(&running);
+                }
+            },
+            Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let (id, result) = match joined {
+                    Ok((id, r)) => (id, r),
+                    Err(e) if e.is_cancelled() => (e.id(), Ok(())),
+                    Err(e) => (e.id(), Err(EngineError::Join(e.to_string()))),
+                };
+                if let Some(key) = ids.remove(&id) {
+                    running.remove(&key);
+                    for r in &mut revoking {
+                        r.left.remove(&key);
+                    }
+                }
+                if let Err(e) = result {
+                    // One partition failing (a broker or storage error) stops the run.
+                    failed.get_or_insert(e);
+                    stopping = true;
+                    tasks.abort_all();
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                let now = tokio::time::Instant::now();
+                for r in revoking.iter_mut().filter(|r| r.deadline <= now) {
+                    for key in r.left.drain() {
+                        if let Some((_, h)) = running.remove(&key) {
+                            tracing::warn!(topic = %key.0, partition = key.1, "revoked partition did not finish in time; abandoning its in-flight messages to the next owner");
+                            h.abort();
+                        }
+                    }
+                }
+            }
+            changed = shutdown.changed(), if !stopping => {
+                if changed.is_err() || *shutdown.borrow() {
+                    stopping = true;
+                    stop_all(&running);
+                }
+            }
+        }
+    }
+    for r in revoking {
+        let _ = r.done.send(());
+    }
+    failed.map_or(Ok(()), Err)
 }

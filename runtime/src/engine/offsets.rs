@@ -2,20 +2,17 @@
 //!
 //! Messages may finish out of order (later: several lanes per partition; a message that waits
 //! for a retry while others go on). The offset that may be committed is the lowest offset not
-//! yet finished: everything below it is done. This tracker computes it, in O(log n) per call,
-//! with no I/O and no clock.
+//! yet finished: everything below it is done. This tracker computes it, in O(log n) per call
+//! over the messages in flight, with no I/O and no clock.
 
 use std::collections::BTreeSet;
 
 #[derive(Debug, Clone)]
 pub struct OffsetTracker {
-    /// The next offset that may be committed: every offset below it is finished.
-    committed: u64,
-    /// Offsets at or above `committed` that were dispatched and have not finished.
+    /// Offsets that were dispatched and have not finished.
     pending: BTreeSet<u64>,
-    /// Offsets above `committed` that finished while something below them had not.
-    finished_ahead: BTreeSet<u64>,
-    /// The next offset expected to be dispatched (offsets are dispatched in order).
+    /// The next offset expected to be dispatched (offsets are dispatched in order); before the
+    /// first dispatch, the committed offset the tracker started from.
     next_dispatch: u64,
 }
 
@@ -23,46 +20,33 @@ impl OffsetTracker {
     /// A tracker for a partition whose committed offset is `start`.
     pub fn new(start: u64) -> Self {
         Self {
-            committed: start,
             pending: BTreeSet::new(),
-            finished_ahead: BTreeSet::new(),
             next_dispatch: start,
         }
     }
 
     /// Records that `offset` is in flight. Offsets must be dispatched in increasing order;
-    /// gaps (offsets that do not exist, as after compaction) count as finished.
+    /// gaps (offsets that do not exist: compaction, retention, a broker's transaction markers)
+    /// count as finished and cost nothing, however long.
     pub fn dispatch(&mut self, offset: u64) {
         debug_assert!(
             offset >= self.next_dispatch,
             "offsets are dispatched in order"
         );
-        for gap in self.next_dispatch..offset {
-            self.finished_ahead.insert(gap);
-        }
         self.pending.insert(offset);
-        self.next_dispatch = offset + 1;
-        self.advance();
+        self.next_dispatch = self.next_dispatch.max(offset + 1);
     }
 
     /// Records that `offset` finished (acked or dead-lettered). Unknown offsets are ignored,
     /// so a late completion after a reset cannot move the commit point.
     pub fn finish(&mut self, offset: u64) {
-        if self.pending.remove(&offset) {
-            self.finished_ahead.insert(offset);
-            self.advance();
-        }
+        self.pending.remove(&offset);
     }
 
-    fn advance(&mut self) {
-        while self.finished_ahead.remove(&self.committed) {
-            self.committed += 1;
-        }
-    }
-
-    /// The offset to commit: the next one to read after a restart.
+    /// The offset to commit: the next one to read after a restart. Everything below the lowest
+    /// unfinished offset was dispatched in order and finished (or never existed).
     pub fn commit_point(&self) -> u64 {
-        self.committed
+        self.pending.first().copied().unwrap_or(self.next_dispatch)
     }
 
     /// Messages dispatched and not finished.
@@ -122,6 +106,18 @@ mod tests {
         assert_eq!(t.commit_point(), 3, "0..3 do not exist; 3 is running");
         t.finish(3);
         assert_eq!(t.commit_point(), 4);
+    }
+
+    #[test]
+    fn a_huge_gap_costs_nothing() {
+        let mut t = OffsetTracker::new(0);
+        t.dispatch(1_000_000_000);
+        t.dispatch(1_000_000_002);
+        t.finish(1_000_000_002);
+        assert_eq!(t.commit_point(), 1_000_000_000);
+        t.finish(1_000_000_000);
+        assert_eq!(t.commit_point(), 1_000_000_003);
+        assert_eq!(t.in_flight(), 0);
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub(super) async fn consume(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut running = 0usize;
     let mut stopping = *shutdown.borrow();
+    // `empty`: the last fetch found nothing new; `caught_up`: and the partition has nothing
+    // more below its end (asked of the source only with --drain).
+    let mut empty = false;
     let mut caught_up = false;
     let mut pending = Pending::default();
     loop {
@@ -103,7 +106,12 @@ pub(super) async fn consume(
             let room = (cfg.max_in_flight - tracker.in_flight()).min(cfg.batch_size * lanes_n);
             let (src, t) = (ctx.source.clone(), topic.clone());
             let batch = blocking(move || src.fetch(&t, partition, next, room)).await?;
-            caught_up = batch.is_empty();
+            empty = batch.is_empty();
+            caught_up = empty
+                && (!cfg.drain || {
+                    let (src, t) = (ctx.source.clone(), topic.clone());
+                    blocking(move || src.at_end(&t, partition, next)).await?
+                });
             if let Some(last) = batch.last() {
                 next = last.offset + 1;
             }
@@ -203,7 +211,7 @@ pub(super) async fn consume(
         }
 
         // 4. Wait for a lane to finish, a backoff to end, new messages, or shutdown.
-        let poll = if caught_up || tracker.in_flight() >= cfg.max_in_flight {
+        let poll = if empty || tracker.in_flight() >= cfg.max_in_flight {
             cfg.idle_poll
         } else {
             Duration::ZERO
@@ -219,7 +227,7 @@ pub(super) async fn consume(
                     running -= 1;
                 }
             }
-            _ = tokio::time::sleep_until(until), if running == 0 || poll.is_zero() || wake.is_some() || !caught_up => {}
+            _ = tokio::time::sleep_until(until), if running == 0 || poll.is_zero() || wake.is_some() || !empty => {}
             _ = shutdown.changed(), if !stopping => {
                 // Finish the calls in flight and commit; backing-off messages stay uncommitted
                 // and are redelivered on the next start.

@@ -5,6 +5,7 @@
 //! a durable single-node log in the data directory; other brokers add a module each.
 
 pub mod embedded;
+pub mod kafka;
 
 use std::sync::Arc;
 
@@ -103,6 +104,22 @@ pub enum SourceError {
     Storage { dir: String, detail: String },
     #[error("{0}")]
     Invalid(String),
+    /// The brokers failed a request, or could not be reached.
+    #[error("Kafka: {0}")]
+    Broker(String),
+}
+
+/// A change of the partitions this process consumes, decided by the broker's group protocol.
+#[derive(Debug)]
+pub enum GroupEvent {
+    /// Start consuming these partitions from their committed offsets.
+    Assigned(Vec<(Arc<str>, u32)>),
+    /// Stop these: finish what is in flight, commit, then answer on `done` (the source holds
+    /// the partitions until then, or until its revoke timeout).
+    Revoked {
+        partitions: Vec<(Arc<str>, u32)>,
+        done: std::sync::mpsc::SyncSender<()>,
+    },
 }
 
 /// What the engine needs from a broker. Implementations are blocking; the engine calls them
@@ -133,4 +150,24 @@ pub trait Source: Send + Sync + 'static {
     fn dedupe_done(&self, group: &str, key: &[u8], now_ms: u64) -> Result<bool, SourceError>;
     /// Deletes done marks that expired before `now_ms`, at most `max`; returns how many.
     fn evict_dedupe(&self, now_ms: u64, max: usize) -> Result<usize, SourceError>;
+    /// Whether everything of the partition below its end was fetched, given that the last
+    /// fetch from `next` came back empty (`--drain`).
+    fn at_end(&self, topic: &str, partition: u32, next: u64) -> Result<bool, SourceError> {
+        Ok(next >= self.end_offset(topic, partition)?)
+    }
+    /// Joins `group` for `topics` where the broker assigns partitions to the members of a
+    /// group (Kafka). `None`: the source has no groups, and this process consumes every
+    /// partition (the embedded log).
+    fn join_group(
+        &self,
+        _group: &str,
+        _topics: &[String],
+        _revoke_timeout: std::time::Duration,
+    ) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<GroupEvent>>, SourceError> {
+        Ok(None)
+    }
+    /// Leaves the group joined by `join_group`, after the last commit.
+    fn leave_group(&self) -> Result<(), SourceError> {
+        Ok(())
+    }
 }

@@ -1,0 +1,242 @@
+//! Kafka as the source, on librdkafka's in-process mock cluster: several weir processes in one
+//! consumer group, a member killed with `kill -9`, and broker errors injected on produce,
+//! fetch and commit. (The behaviours both sources share are in `conformance`.)
+
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::Duration;
+use weir_tests::{Broker, Weir, guest, wait_until};
+
+fn run_args(module: &str) -> Vec<&str> {
+    vec![
+        "run",
+        "--module",
+        module,
+        "--topic",
+        "orders",
+        "--group",
+        "g",
+        "--batch-size",
+        "32",
+        "--instances",
+        "1",
+    ]
+}
+
+/// Order id → the partition of `orders` it was produced to.
+fn partition_of_ids(w: &Weir) -> HashMap<String, u64> {
+    w.messages("orders")
+        .iter()
+        .map(|m| {
+            (
+                m["key"]
+                    .as_str()
+                    .expect("orders are keyed by id")
+                    .to_string(),
+                m["partition"].as_u64().expect("a partition"),
+            )
+        })
+        .collect()
+}
+
+fn all_committed(w: &Weir) -> bool {
+    w.offsets("orders", "g").iter().all(|(end, c)| end == c)
+}
+
+/// The acceptance test: 100,000 messages over 6 partitions, two members; one is killed
+/// halfway and a third joins. Nothing is lost, the duplicates are bounded by what the killed
+/// member had handled past its committed offsets, and every partition ends committed.
+#[test]
+fn a_member_killed_halfway_loses_nothing_and_duplicates_only_its_uncommitted_work() {
+    const N: u64 = 100_000;
+    let w = Weir::kafka_mock();
+    w.create_topic("orders", 6);
+    w.create_topic("confirmations", 6);
+    w.ok(&["produce", "orders", "--count", &N.to_string()]);
+    assert_eq!(w.end("orders"), N);
+    let module = guest("orders");
+    let args = run_args(module.to_str().unwrap());
+    let mut a = w.spawn(&args);
+    let mut b = w.spawn(&args);
+    wait_until(
+        "half the orders are confirmed",
+        Duration::from_secs(240),
+        || w.end("confirmations") >= N / 2,
+    );
+    a.kill();
+    // Right after the kill: the killed member's partitions stand still until the group notices
+    // (its session times out), so what it handled past its committed offsets is fixed now.
+    let committed_at_kill: Vec<u64> = w.offsets("orders", "g").iter().map(|(_, c)| *c).collect();
+    let partition_of = partition_of_ids(&w);
+    let mut outputs_at_kill = [0u64; 6];
+    for (id, n) in w.confirmations_per_id() {
+        outputs_at_kill[partition_of[&id] as usize] += n;
+    }
+    let in_flight: u64 = (0..6)
+        .map(|p| outputs_at_kill[p].saturating_sub(committed_at_kill[p]))
+        .sum();
+    let done_at_kill: u64 = committed_at_kill.iter().sum();
+    assert!(
+        done_at_kill < N,
+        "everything was committed before the kill; the test proves nothing"
+    );
+
+    let mut c = w.spawn(&args);
+    wait_until(
+        "every partition is committed to its end",
+        Duration::from_secs(240),
+        || all_committed(&w),
+    );
+    assert!(b.is_running() && c.is_running());
+    for r in [b, c] {
+        let out = r.terminate();
+        assert!(out.status.success(), "a member exited with {}", out.status);
+    }
+    let per_id = w.confirmations_per_id();
+    let lost: Vec<u64> = (0..N)
+        .filter(|n| !per_id.contains_key(&format!("m-{n}")))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} orders lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let duplicates: u64 = per_id.values().map(|c| c - 1).sum();
+    eprintln!(
+        "committed at the kill: {done_at_kill}; handled past the commit point: {in_flight}; duplicates: {duplicates}"
+    );
+    assert!(
+        duplicates <= in_flight,
+        "{duplicates} duplicates, but only {in_flight} messages were handled and uncommitted at the kill"
+    );
+    assert!(all_committed(&w));
+}
+
+/// Retriable broker errors on produce, fetch and offset commit, injected mid-run: the run
+/// goes on, loses nothing, and commits every partition to its end.
+#[test]
+fn broker_errors_on_produce_fetch_and_commit_are_survived() {
+    const N: u64 = 20_000;
+    let w = Weir::kafka_mock();
+    w.create_topic("orders", 3);
+    w.create_topic("confirmations", 3);
+    w.ok(&["produce", "orders", "--count", &N.to_string()]);
+    let module = guest("orders");
+    let log = w.path("run.log");
+    let mut args = run_args(module.to_str().unwrap());
+    args.extend(["--kafka-property", "auto.commit.interval.ms=200"]);
+    let mut run = w.spawn_logged(&args, &log);
+    wait_until(
+        "some orders are confirmed",
+        Duration::from_secs(120),
+        || w.end("confirmations") >= 2_000,
+    );
+    let Broker::Mock(cluster) = w.broker() else {
+        unreachable!("a mock cluster test")
+    };
+    use RDKafkaRespErr as E;
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            E::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            E::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        ],
+    );
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[
+            E::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            E::RD_KAFKA_RESP_ERR__TRANSPORT,
+            E::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        ],
+    );
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[
+            E::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+            E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            E::RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+        ],
+    );
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(
+            "every partition is committed to its end",
+            Duration::from_secs(60),
+            || all_committed(&w),
+        )
+    }));
+    if let Err(e) = waited {
+        eprintln!(
+            "{}\nthe run's log:\n{}",
+            w.stats(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::panic::resume_unwind(e);
+    }
+    assert!(run.is_running(), "the run stopped on a broker error");
+    let out = run.terminate();
+    assert!(out.status.success());
+    let per_id = w.confirmations_per_id();
+    for n in 0..N {
+        assert!(
+            per_id.contains_key(&format!("m-{n}")),
+            "order m-{n} was lost"
+        );
+    }
+    // The log shows that the injected errors were met: the commit failures, and the
+    // connection the mock dropped for the transport error.
+    let log = std::fs::read_to_string(&log).expect("read the run's log");
+    assert!(
+        log.contains("committing offsets failed"),
+        "no commit failure in the log:\n{log}"
+    );
+    assert!(
+        log.contains("Disconnected"),
+        "no dropped connection in the log:\n{log}"
+    );
+}
+
+/// Settings weir owns are refused, with the reason, before anything connects.
+#[test]
+fn properties_weir_owns_are_refused() {
+    let w = Weir::new();
+    let err = w.fails(
+        &[
+            "--brokers",
+            "127.0.0.1:1",
+            "--kafka-property",
+            "enable.auto.offset.store=true",
+            "topics",
+            "list",
+        ],
+        2,
+    );
+    assert!(
+        err.contains("enable.auto.offset.store") && err.contains("weir sets this itself"),
+        "{err}"
+    );
+    let err = w.fails(&["--kafka-property", "acks=all", "topics", "list"], 2);
+    assert!(err.contains("no brokers"), "{err}");
+}
+
+/// The same summary a real cluster gives: `topics list` shows a group's lag on Kafka.
+#[test]
+fn topics_list_shows_lag_per_partition_on_kafka() {
+    let w = Weir::kafka_mock();
+    w.create_topic("orders", 2);
+    w.create_topic("confirmations", 2);
+    w.ok(&["produce", "orders", "--count", "500"]);
+    let module = guest("orders");
+    let s = w.drain(&module, "orders", "g", &[]);
+    assert_eq!(s["processed"], 500, "{s}");
+    let out = w.ok(&["topics", "list", "orders", "--group", "g", "--json"]);
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for p in stats[0]["partitions"].as_array().unwrap() {
+        assert_eq!(p["groups"][0]["lag"], 0, "{stats}");
+        assert_eq!(p["groups"][0]["committed"], p["end_offset"], "{stats}");
+    }
+    assert_eq!(w.end("confirmations"), 500);
+}
