@@ -2,6 +2,7 @@
 //! log. One test binary; each module opens with its purpose.
 
 mod bad_input;
+mod conformance;
 mod crash;
 mod dedupe;
 mod embedded;

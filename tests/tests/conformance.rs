@@ -1,0 +1,168 @@
+//! One suite, two sources: every behaviour here runs on the embedded log and on Kafka (the
+//! mock cluster), so the two are held to the same delivery semantics: outputs, retries, the
+//! dead-letter envelope, and at-least-once under `kill -9`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+use weir_tests::{Weir, guest, header, now_ms, produce_lines, wait_until};
+
+/// Generates `embedded` and `kafka` tests for each behaviour.
+macro_rules! on_both_sources {
+    ($($behaviour:ident),* $(,)?) => {$(
+        mod $behaviour {
+            #[test]
+            fn embedded() {
+                super::$behaviour(weir_tests::Weir::new());
+            }
+            #[test]
+            fn kafka() {
+                super::$behaviour(weir_tests::Weir::kafka_mock());
+            }
+        }
+    )*};
+}
+
+on_both_sources!(
+    every_input_has_its_output_once,
+    retries_back_off_then_succeed,
+    dead_letters_carry_the_envelope,
+    kill_9_loses_nothing,
+);
+
+fn all_committed(w: &Weir, topic: &str, group: &str) -> bool {
+    w.offsets(topic, group).iter().all(|(end, c)| end == c)
+}
+
+fn every_input_has_its_output_once(w: Weir) {
+    const N: u64 = 2_000;
+    w.create_topic("orders", 4);
+    w.create_topic("confirmations", 2);
+    w.ok(&["produce", "orders", "--count", &N.to_string()]);
+    let s = w.drain(&guest("orders"), "orders", "g", &[]);
+    assert_eq!(s["processed"], N, "{s}");
+    assert_eq!(s["emitted"], N, "{s}");
+    let per_id = w.confirmations_per_id();
+    assert_eq!(per_id.len() as u64, N);
+    assert!(per_id.values().all(|&c| c == 1), "an order confirmed twice");
+    assert!(all_committed(&w, "orders", "g"));
+    // Outputs keep the input's key and carry its offset.
+    let m = &w.messages("confirmations")[0];
+    assert!(m["key"].as_str().unwrap().starts_with("m-"), "{m}");
+    assert!(header(m, "source-offset").is_some(), "{m}");
+}
+
+fn retries_back_off_then_succeed(w: Weir) {
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    produce_lines(&w, "in", Some("k"), &["a", "flaky one", "b", "flaky two", "c"]);
+    let l = w.drain_logged(
+        &guest("flaky"),
+        "in",
+        "g",
+        &["--backoff-base", "200ms", "--jitter", "none"],
+    );
+    // Two flaky messages, each failing twice before it succeeds.
+    assert_eq!(l.summary["retries"], 4, "{}", l.summary);
+    assert_eq!(l.summary["processed"], 5, "{}", l.summary);
+    assert_eq!(l.summary["dead_lettered"], 0, "{}", l.summary);
+    let out: Vec<String> = w
+        .messages("out")
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap().to_string())
+        .collect();
+    // One key, one lane: the retried messages hold back the ones after them.
+    assert_eq!(out, ["a", "flaky one", "b", "flaky two", "c"]);
+    // The attempts of one message are spaced by the backoff (200 ms, then 400 ms).
+    let mut at: HashMap<u64, Vec<u64>> = HashMap::new();
+    for f in &l.failures {
+        let offset = f["fields"]["offset"].as_u64().expect("an offset");
+        at.entry(offset).or_default().push(f["at_ms"].as_u64().unwrap());
+    }
+    assert_eq!(at.len(), 2, "{:?}", l.failures);
+    for times in at.values() {
+        assert_eq!(times.len(), 2);
+        assert!(times[1] - times[0] >= 200, "{times:?}");
+    }
+    assert!(all_committed(&w, "in", "g"));
+}
+
+fn dead_letters_carry_the_envelope(w: Weir) {
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    let before = now_ms();
+    produce_lines(&w, "in", Some("b"), &["good", "poison pill", "fine"]);
+    let s = w.drain(&guest("poison"), "in", "g", &[]);
+    assert_eq!(s["dead_lettered"], 1, "{s}");
+    assert_eq!(s["processed"], 2, "{s}");
+    let dlq = w.messages("in.dlq");
+    assert_eq!(dlq.len(), 1);
+    let m = &dlq[0];
+    assert_eq!(m["payload"], "poison pill");
+    assert_eq!(m["key"], "b");
+    assert_eq!(header(m, "weir.dlq.topic"), Some("in"));
+    assert_eq!(header(m, "weir.dlq.partition"), Some("0"));
+    assert_eq!(header(m, "weir.dlq.offset"), Some("1"));
+    assert_eq!(header(m, "weir.dlq.attempts"), Some("1"));
+    assert_eq!(header(m, "weir.dlq.error-kind"), Some("rejected"));
+    assert_eq!(
+        header(m, "weir.dlq.error"),
+        Some("poison message at offset 1")
+    );
+    assert_eq!(header(m, "weir.dlq.module"), Some("poison"));
+    let first: u64 = header(m, "weir.dlq.first-failure-ms")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(first >= before && first <= now_ms());
+    let out: Vec<_> = w.messages("out").iter().map(|m| m["payload"].clone()).collect();
+    assert_eq!(out, ["good", "fine"]);
+    assert!(all_committed(&w, "in", "g"));
+}
+
+fn kill_9_loses_nothing(w: Weir) {
+    const N: u64 = 20_000;
+    w.create_topic("orders", 4);
+    w.create_topic("confirmations", 4);
+    w.ok(&["produce", "orders", "--count", &N.to_string()]);
+    let module = guest("orders");
+    let mut run = w.spawn(&[
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "orders",
+        "--group",
+        "g",
+        "--batch-size",
+        "32",
+        "--instances",
+        "1",
+    ]);
+    wait_until(
+        "some orders are confirmed",
+        Duration::from_secs(120),
+        || w.end("confirmations") >= 2_000,
+    );
+    run.kill();
+    let at_kill = w.committed("orders", "g");
+    let outputs_at_kill = w.end("confirmations");
+    assert!(at_kill < N, "the run finished before the kill; the test proves nothing");
+    assert!(
+        outputs_at_kill >= at_kill,
+        "{outputs_at_kill} outputs for {at_kill} committed inputs: a committed input lost its output"
+    );
+    let s = w.drain(&module, "orders", "g", &[]);
+    let per_id = w.confirmations_per_id();
+    for n in 0..N {
+        assert!(per_id.contains_key(&format!("m-{n}")), "order m-{n} was lost");
+    }
+    let duplicates: u64 = per_id.values().map(|c| c - 1).sum();
+    // Only what was handled and not yet committed at the kill is handled again.
+    assert!(
+        duplicates <= outputs_at_kill - at_kill,
+        "{duplicates} duplicates; {} were in flight",
+        outputs_at_kill - at_kill
+    );
+    assert_eq!(s["processed"].as_u64().unwrap(), N - at_kill, "{s}");
+    assert!(all_committed(&w, "orders", "g"));
+}
