@@ -13,3 +13,7 @@ rustup target add --toolchain "$toolchain" wasm32-wasip2 >/dev/null 2>&1 || rust
 for c in rustfmt clippy; do
   rustup component list --toolchain "$toolchain" --installed | grep -q "^$c" || rustup component add --toolchain "$toolchain" "$c"
 done
+# librdkafka (built from source by rdkafka-sys) links the system OpenSSL for ssl:// and SASL_SSL.
+if ! pkg-config --exists openssl 2>/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config) >/dev/null
+fi

@@ -54,7 +54,12 @@ fn every_input_has_its_output_once(w: Weir) {
 fn retries_back_off_then_succeed(w: Weir) {
     w.create_topic("in", 1);
     w.create_topic("out", 1);
-    produce_lines(&w, "in", Some("k"), &["a", "flaky one", "b", "flaky two", "c"]);
+    produce_lines(
+        &w,
+        "in",
+        Some("k"),
+        &["a", "flaky one", "b", "flaky two", "c"],
+    );
     let l = w.drain_logged(
         &guest("flaky"),
         "in",
@@ -76,7 +81,9 @@ fn retries_back_off_then_succeed(w: Weir) {
     let mut at: HashMap<u64, Vec<u64>> = HashMap::new();
     for f in &l.failures {
         let offset = f["fields"]["offset"].as_u64().expect("an offset");
-        at.entry(offset).or_default().push(f["at_ms"].as_u64().unwrap());
+        at.entry(offset)
+            .or_default()
+            .push(f["at_ms"].as_u64().unwrap());
     }
     assert_eq!(at.len(), 2, "{:?}", l.failures);
     for times in at.values() {
@@ -114,7 +121,11 @@ fn dead_letters_carry_the_envelope(w: Weir) {
         .parse()
         .unwrap();
     assert!(first >= before && first <= now_ms());
-    let out: Vec<_> = w.messages("out").iter().map(|m| m["payload"].clone()).collect();
+    let out: Vec<_> = w
+        .messages("out")
+        .iter()
+        .map(|m| m["payload"].clone())
+        .collect();
     assert_eq!(out, ["good", "fine"]);
     assert!(all_committed(&w, "in", "g"));
 }
@@ -146,7 +157,10 @@ fn kill_9_loses_nothing(w: Weir) {
     run.kill();
     let at_kill = w.committed("orders", "g");
     let outputs_at_kill = w.end("confirmations");
-    assert!(at_kill < N, "the run finished before the kill; the test proves nothing");
+    assert!(
+        at_kill < N,
+        "the run finished before the kill; the test proves nothing"
+    );
     assert!(
         outputs_at_kill >= at_kill,
         "{outputs_at_kill} outputs for {at_kill} committed inputs: a committed input lost its output"
@@ -154,7 +168,10 @@ fn kill_9_loses_nothing(w: Weir) {
     let s = w.drain(&module, "orders", "g", &[]);
     let per_id = w.confirmations_per_id();
     for n in 0..N {
-        assert!(per_id.contains_key(&format!("m-{n}")), "order m-{n} was lost");
+        assert!(
+            per_id.contains_key(&format!("m-{n}")),
+            "order m-{n} was lost"
+        );
     }
     let duplicates: u64 = per_id.values().map(|c| c - 1).sum();
     // Only what was handled and not yet committed at the kill is handled again.

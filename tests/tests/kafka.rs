@@ -240,3 +240,86 @@ fn topics_list_shows_lag_per_partition_on_kafka() {
     }
     assert_eq!(w.end("confirmations"), 500);
 }
+
+/// Against a real Kafka-protocol broker in its own process (`WEIR_TEST_KAFKA_BROKERS`; CI
+/// starts tansu when it is installed): topics created over the protocol, orders produced, two
+/// members in one group, and every order confirmed. Topic names are unique per run, since the
+/// broker outlives the test.
+///
+/// The check reads the group's committed offsets and the output topic with its own consumer,
+/// not `weir topics list`/`consume`: tansu 0.6.0 reports a partition's high watermark as the
+/// last batch's base offset + 1, so end offsets (and lag) read low there.
+#[test]
+#[ignore = "needs a broker: set WEIR_TEST_KAFKA_BROKERS=host:port"]
+fn real_broker_two_members_confirm_every_order() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    const N: u64 = 3_000;
+    let brokers = std::env::var("WEIR_TEST_KAFKA_BROKERS").expect("WEIR_TEST_KAFKA_BROKERS");
+    let w = Weir::on(Broker::External(brokers.clone()));
+    let id = format!("{}-{}", std::process::id(), weir_tests::now_ms());
+    let (input, output, group) = (
+        format!("orders-{id}"),
+        format!("conf-{id}"),
+        format!("g-{id}"),
+    );
+    w.ok(&["topics", "create", &input, "--partitions", "4"]);
+    w.ok(&["topics", "create", &output, "--partitions", "2"]);
+    w.ok(&["produce", &input, "--count", &N.to_string()]);
+    let module = guest("orders");
+    let out_cfg = format!("output-topic={output}");
+    let args = [
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        &input,
+        "--group",
+        &group,
+        "--handler-config",
+        &out_cfg,
+    ];
+    let (a, b) = (w.spawn(&args), w.spawn(&args));
+    wait_until(
+        "the group has committed every order",
+        Duration::from_secs(180),
+        || {
+            w.offsets(&input, &group)
+                .iter()
+                .map(|(_, c)| c)
+                .sum::<u64>()
+                >= N
+        },
+    );
+    for r in [a, b] {
+        assert!(r.terminate().status.success());
+    }
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("reader-{id}"))
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition_offset(&output, p, Offset::Beginning)
+            .unwrap();
+    }
+    reader.assign(&tpl).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (seen.len() as u64) < N && std::time::Instant::now() < deadline {
+        if let Some(m) = reader.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            seen.insert(String::from_utf8_lossy(m.key().unwrap()).into_owned());
+        }
+    }
+    let lost: Vec<u64> = (0..N)
+        .filter(|n| !seen.contains(&format!("m-{n}")))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} orders not confirmed, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+}
