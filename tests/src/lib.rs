@@ -301,6 +301,12 @@ impl Running {
             .is_some_and(|c| c.try_wait().expect("poll the child").is_none())
     }
 
+    /// Waits for it to exit by itself; returns what it printed on standard output.
+    pub fn wait(mut self) -> Output {
+        let child = self.child.take().expect("running");
+        child.wait_with_output().expect("wait for weir")
+    }
+
     /// `kill -9`, and reap it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

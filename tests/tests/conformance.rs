@@ -27,6 +27,7 @@ on_both_sources!(
     retries_back_off_then_succeed,
     dead_letters_carry_the_envelope,
     kill_9_loses_nothing,
+    requeue_moves_retries_to_the_retry_topic,
 );
 
 fn all_committed(w: &Weir, topic: &str, group: &str) -> bool {
@@ -182,4 +183,39 @@ fn kill_9_loses_nothing(w: Weir) {
     );
     assert_eq!(s["processed"].as_u64().unwrap(), N - at_kill, "{s}");
     assert!(all_committed(&w, "orders", "g"));
+}
+
+fn requeue_moves_retries_to_the_retry_topic(w: Weir) {
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    produce_lines(&w, "in", Some("k"), &["flaky first", "second", "third"]);
+    let l = w.drain_logged(
+        &guest("flaky"),
+        "in",
+        "g",
+        &[
+            "--retry-mode",
+            "requeue",
+            "--backoff-base",
+            "200ms",
+            "--jitter",
+            "none",
+        ],
+    );
+    assert_eq!(l.summary["processed"], 3, "{}", l.summary);
+    assert_eq!(l.summary["retries"], 2, "{}", l.summary);
+    let out: Vec<String> = w
+        .messages("out")
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap().to_string())
+        .collect();
+    // Nothing waited for the failing message: its key's later messages went first.
+    assert_eq!(out, ["second", "third", "flaky first"]);
+    let retries = w.messages("in.retry");
+    assert_eq!(retries.len(), 2);
+    for m in &retries {
+        assert_eq!(header(m, "weir.retry.topic"), Some("in"));
+        assert_eq!(header(m, "weir.retry.offset"), Some("0"));
+    }
+    assert!(all_committed(&w, "in", "g") && all_committed(&w, "in.retry", "g"));
 }

@@ -159,6 +159,9 @@ fn broker_errors_on_produce_fetch_and_commit_are_survived() {
             E::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
             E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
             E::RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+            // Not retried inside librdkafka: reaches weir's commit callback, and the stored
+            // offsets go out with the next periodic commit.
+            E::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
         ],
     );
     let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -321,5 +324,128 @@ fn real_broker_two_members_confirm_every_order() {
         "{} orders not confirmed, e.g. {:?}",
         lost.len(),
         &lost[..lost.len().min(5)]
+    );
+}
+
+/// `--exactly-once` on the mock cluster: every commit goes through a transaction (begin,
+/// produce, send offsets, commit) and each input's output appears once. What this does *not*
+/// show is exactly-once under a crash: the mock accepts `TxnOffsetCommit` without storing the
+/// offsets and never hides aborted records, so the group's offsets are not checked here (see
+/// `txn_broker_exactly_once_survives_a_kill`).
+#[test]
+fn exactly_once_commits_through_transactions_on_the_mock_cluster() {
+    const N: u64 = 3_000;
+    let w = Weir::kafka_mock();
+    w.create_topic("orders", 3);
+    w.create_topic("confirmations", 3);
+    w.ok(&["produce", "orders", "--count", &N.to_string()]);
+    let module = guest("orders");
+    let log = w.path("run.log");
+    let mut args = run_args(module.to_str().unwrap());
+    args.extend(["--exactly-once", "--drain", "--json"]);
+    let run = w.spawn_logged(&args, &log);
+    let out = run.wait();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(out.status.success(), "{log}");
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["processed"], N, "{s}");
+    assert!(log.contains("exactly_once=true"), "{log}");
+    let per_id = w.confirmations_per_id();
+    assert_eq!(per_id.len() as u64, N);
+    assert!(per_id.values().all(|&c| c == 1));
+}
+
+/// The exactly-once acceptance test, for a broker that implements transactions
+/// (`WEIR_TEST_KAFKA_TXN_BROKERS`): two members with `--exactly-once`, one killed halfway, a
+/// third joins; a `read_committed` reader sees every order's confirmation exactly once. No
+/// broker that can be installed on this project's machines implements transactions (the mock
+/// cluster does not apply them, tansu 0.6.0 lacks EndTxn), so this has not run here yet.
+#[test]
+#[ignore = "needs a broker with transactions: set WEIR_TEST_KAFKA_TXN_BROKERS=host:port"]
+fn txn_broker_exactly_once_survives_a_kill() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    const N: u64 = 20_000;
+    let brokers =
+        std::env::var("WEIR_TEST_KAFKA_TXN_BROKERS").expect("WEIR_TEST_KAFKA_TXN_BROKERS");
+    let w = Weir::on(Broker::External(brokers.clone()));
+    let id = format!("{}-{}", std::process::id(), weir_tests::now_ms());
+    let (input, output, group) = (
+        format!("orders-{id}"),
+        format!("conf-{id}"),
+        format!("g-{id}"),
+    );
+    w.ok(&["topics", "create", &input, "--partitions", "6"]);
+    w.ok(&["topics", "create", &output, "--partitions", "3"]);
+    w.ok(&["produce", &input, "--count", &N.to_string()]);
+    let module = guest("orders");
+    let out_cfg = format!("output-topic={output}");
+    let args = [
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        &input,
+        "--group",
+        &group,
+        "--handler-config",
+        &out_cfg,
+        "--exactly-once",
+        "--batch-size",
+        "32",
+    ];
+    let committed = || {
+        w.offsets(&input, &group)
+            .iter()
+            .map(|(_, c)| c)
+            .sum::<u64>()
+    };
+    let (mut a, b) = (w.spawn(&args), w.spawn(&args));
+    wait_until(
+        "half the orders are committed",
+        Duration::from_secs(240),
+        || committed() >= N / 2,
+    );
+    a.kill();
+    let c = w.spawn(&args);
+    wait_until("every order is committed", Duration::from_secs(240), || {
+        committed() >= N
+    });
+    for r in [b, c] {
+        assert!(r.terminate().status.success());
+    }
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("reader-{id}"))
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition_offset(&output, p, Offset::Beginning)
+            .unwrap();
+    }
+    reader.assign(&tpl).unwrap();
+    let mut per_id: HashMap<String, u64> = HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    // Read past N for a while, so a duplicate after the N-th would be seen.
+    while std::time::Instant::now() < deadline {
+        match reader.poll(Duration::from_millis(500)) {
+            Some(m) => {
+                let m = m.unwrap();
+                *per_id
+                    .entry(String::from_utf8_lossy(m.key().unwrap()).into_owned())
+                    .or_default() += 1;
+            }
+            None if per_id.len() as u64 >= N => break,
+            None => {}
+        }
+    }
+    assert_eq!(per_id.len() as u64, N, "orders without a confirmation");
+    let twice: Vec<_> = per_id.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} orders confirmed more than once",
+        twice.len()
     );
 }

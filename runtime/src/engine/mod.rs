@@ -330,6 +330,8 @@ async fn assigned_partitions(
     let mut running: HashMap<Key, (watch::Sender<bool>, tokio::task::AbortHandle)> = HashMap::new();
     let mut ids: HashMap<tokio::task::Id, Key> = HashMap::new();
     let mut revoking: Vec<Revoking> = Vec::new();
+    // Every partition this process owns now, running or drained.
+    let mut owned: HashSet<Key> = HashSet::new();
     let mut stopping = *shutdown.borrow();
     let mut assigned = false;
     let mut failed = None;
@@ -345,8 +347,40 @@ async fn assigned_partitions(
             }
             !r.left.is_empty()
         });
-        if tasks.is_empty() && (stopping || (ctx.cfg.drain && assigned && revoking.is_empty())) {
+        if tasks.is_empty() && stopping {
             break;
+        }
+        if tasks.is_empty() && ctx.cfg.drain && assigned && revoking.is_empty() {
+            // Every partition was drained once; outputs or requeued retries may have landed in
+            // a topic we consume since, so go again where something arrived.
+            let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
+            let keys: Vec<Key> = owned.iter().cloned().collect();
+            let behind = tokio::task::spawn_blocking(move || {
+                let mut behind = Vec::new();
+                for (t, p) in keys {
+                    let next = src.committed(&group, &t, p)?;
+                    if !src.at_end(&t, p, next)? {
+                        behind.push((t, p));
+                    }
+                }
+                Ok::<_, SourceError>(behind)
+            })
+            .await
+            .map_err(|e| EngineError::Join(e.to_string()))??;
+            if behind.is_empty() {
+                break;
+            }
+            for key in behind {
+                let (stop, stop_rx) = watch::channel(false);
+                let h = tasks.spawn(partition::consume(
+                    ctx.clone(),
+                    key.0.clone(),
+                    key.1,
+                    stop_rx,
+                ));
+                ids.insert(h.id(), key.clone());
+                running.insert(key, (stop, h));
+            }
         }
         let deadline = revoking.iter().map(|r| r.deadline).min();
         tokio::select! {
@@ -354,6 +388,7 @@ async fn assigned_partitions(
                 Some(GroupEvent::Assigned(ps)) => {
                     assigned = true;
                     for key in ps {
+                        owned.insert(key.clone());
                         if running.contains_key(&key) {
                             continue;
                         }
@@ -366,6 +401,7 @@ async fn assigned_partitions(
                 Some(GroupEvent::Revoked { partitions, done }) => {
                     let mut left = HashSet::new();
                     for key in partitions {
+                        owned.remove(&key);
                         if let Some((stop, _)) = running.get(&key) {
                             let _ = stop.send(true);
                             left.insert(key);

@@ -169,7 +169,7 @@ fn bare(brokers: &str, count: u64) -> anyhow::Result<()> {
                 }
                 unflushed.insert(m.partition(), m.offset() + 1);
                 done += 1;
-                if done % 1000 == 0 || done == count {
+                if done.is_multiple_of(1000) || done == count {
                     store(&consumer, &producer, &mut unflushed)?;
                 }
             }
