@@ -131,6 +131,11 @@ pub struct RunOptions {
     /// How long a handled idempotency key is remembered [default: 24h]
     #[arg(long, env = "WEIR_DEDUPE_WINDOW")]
     pub dedupe_window: Option<String>,
+    /// Where dedupe keeps its marks: `embedded` (with the embedded log, in the same atomic
+    /// write as outputs and offsets) or `redis://host:port[/db]`, shared by several processes
+    /// (required on Kafka) [default: embedded]
+    #[arg(long, env = "WEIR_DEDUPE_STORE")]
+    pub dedupe_store: Option<String>,
     /// Kafka: commit each batch's outputs, dead letters and consumer offsets in one
     /// transaction, so `read_committed` readers see every input's outputs once. The embedded
     /// log always does this. [default: off]
@@ -309,6 +314,7 @@ impl RunOptions {
             dedupe: self.dedupe.or(lower.dedupe),
             dedupe_header: self.dedupe_header.or(lower.dedupe_header),
             dedupe_window: self.dedupe_window.or(lower.dedupe_window),
+            dedupe_store: self.dedupe_store.or(lower.dedupe_store),
             exactly_once: self.exactly_once.or(lower.exactly_once),
             revoke_timeout: self.revoke_timeout.or(lower.revoke_timeout),
         }
@@ -441,9 +447,28 @@ impl RunOptions {
                 .as_deref()
                 .unwrap_or(defaults::REVOKE_TIMEOUT),
         )?;
+        let store: Option<std::sync::Arc<dyn crate::engine::dedupe::SharedStore>> =
+            match self.dedupe_store.as_deref() {
+                None | Some("embedded") => None,
+                Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                    Some(std::sync::Arc::new(
+                        crate::dedupe_store::RedisStore::new(url)
+                            .map_err(|e| ConfigError(format!("--dedupe-store: {e}")))?,
+                    ))
+                }
+                Some(other) => {
+                    return Err(ConfigError(format!(
+                        "--dedupe-store: `{other}` is neither `embedded` nor a redis:// URL"
+                    )));
+                }
+            };
+        // A claim must outlive the longest a message can take with all its attempts.
+        let claim_ttl = (call_timeout + max) * max_attempts + Duration::from_secs(30);
         let dedupe = source.map(|source| DedupeConfig {
             source,
             window: dedupe_window,
+            store,
+            claim_ttl,
         });
         Ok(RunSettings {
             module,

@@ -13,11 +13,14 @@
 //! - [`engine`]: the consume loop. Fetch per partition, run through an instance pool, commit
 //!   outputs and offsets together; [`engine::offsets`] is the pure commit-point tracker,
 //!   [`engine::retry`] the pure backoff policy.
+//!   [`source::kafka`] is Kafka (consumer groups), the only module that names rdkafka.
+//! - [`dedupe_store`]: the dedupe store several processes share (Redis).
 //! - [`config`]: `weir.toml`, flags and `WEIR_*` variables resolved into one validated struct.
 //! - [`cli`]: the `weir` command line; one module per subcommand.
 
 pub mod cli;
 pub mod config;
+pub mod dedupe_store;
 pub mod engine;
 pub mod host;
 pub mod source;

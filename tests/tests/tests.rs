@@ -9,3 +9,4 @@ mod embedded;
 mod failures;
 mod faults;
 mod kafka;
+mod shared_dedupe;

@@ -51,9 +51,14 @@ impl RunCommand {
         // Kafka is shared by every member of the group.
         let (source, log): (Arc<dyn Source>, _) = match &g.kafka {
             Some(cfg) => {
-                if settings.engine.dedupe.is_some() {
+                if settings
+                    .engine
+                    .dedupe
+                    .as_ref()
+                    .is_some_and(|d| d.store.is_none())
+                {
                     return Err(super::bad_input(
-                        "--dedupe is not available with --brokers yet: dedupe on Kafka needs a shared dedupe store; run without --dedupe",
+                        "--dedupe on Kafka needs a store the group's processes share: add --dedupe-store redis://host:port",
                     ));
                 }
                 (Arc::new(Kafka::connect(cfg, settings.exactly_once)?), None)

@@ -6,11 +6,51 @@
 //! window) makes the message a duplicate, acked without invoking the handler. A key claimed by
 //! a message still in flight makes the later copy wait for the first. On success the key is
 //! marked done in the same atomic write as the outputs and the offset, so on the embedded log a
-//! consume-transform-produce handler is exactly-once. Pure: the store is behind [`DedupeStore`].
+//! consume-transform-produce handler is exactly-once.
+//!
+//! Several processes (a Kafka consumer group) share a [`SharedStore`] instead (Redis): a key is
+//! claimed there with an expiry, so a claim dies with its holder, and marked done after the
+//! outputs are published and before the offset moves.
 
 use crate::source::Delivery;
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A shared store's answer to a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This process holds the key now: run the message.
+    Mine,
+    /// The key was handled within the window: the message is a duplicate.
+    Done,
+    /// Another process holds the key: look again shortly.
+    Busy,
+}
+
+/// The shared store did not answer (or refused).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+/// A dedupe store shared by the processes of a consumer group. Calls block (the engine makes
+/// them with short timeouts).
+pub trait SharedStore: std::fmt::Debug + Send + Sync {
+    /// Claims `key` for `token` for `ttl`, unless it is done or held by another token.
+    fn claim(
+        &self,
+        group: &str,
+        key: &[u8],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Claim, StoreError>;
+    /// Marks keys done for `window` (after their outputs were published).
+    fn mark_done(&self, group: &str, keys: &[Vec<u8>], window: Duration) -> Result<(), StoreError>;
+    /// Drops `token`'s claims on keys that were not done (their message failed or was given up).
+    fn release(&self, group: &str, keys: &[Vec<u8>], token: &str) -> Result<(), StoreError>;
+    /// Where it is, for the log.
+    fn describe(&self) -> String;
+}
 
 /// Where the idempotency key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,11 +63,16 @@ pub enum KeySource {
     PayloadHash,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct DedupeConfig {
     pub source: KeySource,
     /// How long a done key is remembered.
     pub window: Duration,
+    /// A store shared by several processes; `None`: marks live in the source (embedded log).
+    pub store: Option<Arc<dyn SharedStore>>,
+    /// How long a claim in the shared store lives without its holder: longer than a message
+    /// can take with all its retries.
+    pub claim_ttl: Duration,
 }
 
 impl DedupeConfig {
@@ -51,7 +96,6 @@ impl DedupeConfig {
 mod tests {
     use super::*;
     use crate::source::Record;
-    use std::sync::Arc;
 
     fn msg(key: Option<&str>, headers: &[(&str, &str)], payload: &str) -> Delivery {
         Delivery {
@@ -76,6 +120,8 @@ mod tests {
         let header = DedupeConfig {
             source: KeySource::Header("idempotency-key".into()),
             window: w,
+            store: None,
+            claim_ttl: w,
         };
         assert_eq!(
             header.key_of(&msg(
@@ -93,11 +139,15 @@ mod tests {
         let key = DedupeConfig {
             source: KeySource::MessageKey,
             window: w,
+            store: None,
+            claim_ttl: w,
         };
         assert_eq!(key.key_of(&msg(Some("k"), &[], "")), Some(b"k".to_vec()));
         let hash = DedupeConfig {
             source: KeySource::PayloadHash,
             window: w,
+            store: None,
+            claim_ttl: w,
         };
         assert_eq!(
             hash.key_of(&msg(None, &[], "x")),

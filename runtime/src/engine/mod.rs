@@ -150,6 +150,8 @@ pub enum EngineError {
     PoolGone,
     #[error("a blocking task panicked: {0}")]
     Join(String),
+    #[error("{0}")]
+    Dedupe(String),
 }
 
 /// How often expired dedupe marks are looked for.
@@ -171,6 +173,12 @@ struct Ctx {
     /// Idempotency keys of messages in flight, across all partitions of this run: a second copy
     /// of a key waits until the first is done (then it is a duplicate) or has failed.
     claims: std::sync::Mutex<HashSet<Vec<u8>>>,
+    /// This run's token for claims in a shared dedupe store.
+    token: String,
+    /// Until when the shared dedupe store counts as down (no keyed message runs until then).
+    store_down_until: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The run's shutdown flag (a commit waiting for the dedupe store gives up on it).
+    shutdown: watch::Receiver<bool>,
 }
 
 /// Consumes `cfg.topics` with `module` until `shutdown` turns true (or, with `drain`, until
@@ -207,6 +215,9 @@ pub async fn run(
         cfg,
         stats: stats.clone(),
         claims: Default::default(),
+        token: format!("weir-{}-{:016x}", std::process::id(), rand::random::<u64>()),
+        store_down_until: Default::default(),
+        shutdown: shutdown.clone(),
     });
     // Evicts expired dedupe marks now and then, off the consume path; ends with the run.
     let evictor = ctx.cfg.dedupe.is_some().then(|| {

@@ -8,6 +8,7 @@
 //! gives the offset below which everything finished, and each commit writes that offset with
 //! the outputs and dead letters of what finished since the last one, atomically.
 
+use super::dedupe::Claim;
 use super::dlq::{self, Origin};
 use super::offsets::OffsetTracker;
 use super::{Ctx, DeliveryMode as Mode, EngineError, RetryMode, now_ms};
@@ -345,12 +346,42 @@ async fn commit(
         tracker.commit_point().max(*committed),
     ));
     let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
-    blocking(move || src.commit(&group, c)).await?;
+    let store = ctx.cfg.dedupe.as_ref().and_then(|d| d.store.clone());
+    match &store {
+        Some(store) if !c.dedupe_done.is_empty() => {
+            // Outputs first, then the done marks, then the offsets: a crash in between
+            // redelivers the messages, which then find their marks (outputs published once).
+            let keys: Vec<Vec<u8>> = c.dedupe_done.drain(..).map(|(k, _)| k).collect();
+            let offsets = std::mem::take(&mut c.offsets);
+            let src2 = src.clone();
+            let group2 = group.clone();
+            blocking(move || src2.commit(&group2, c)).await?;
+            mark_until_stored(ctx, store, keys).await?;
+            let c = Commit {
+                offsets,
+                ..Default::default()
+            };
+            blocking(move || src.commit(&group, c)).await?;
+        }
+        _ => blocking(move || src.commit(&group, c)).await?,
+    }
     *committed = tracker.commit_point().max(*committed);
     if !p.release.is_empty() {
-        let mut claims = ctx.claims.lock().expect("claims lock");
-        for key in &p.release {
-            claims.remove(key);
+        {
+            let mut claims = ctx.claims.lock().expect("claims lock");
+            for key in &p.release {
+                claims.remove(key);
+            }
+        }
+        if let Some(store) = store {
+            // Done keys hold `done`, which a release leaves alone; a failed message's claim
+            // goes, so another copy may run. Best effort: a claim also expires by itself.
+            let (group, token, keys) = (ctx.cfg.group.clone(), ctx.token.clone(), p.release);
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.release(&group, &keys, &token) {
+                    tracing::debug!(error = %e, "releasing dedupe claims failed; they expire");
+                }
+            });
         }
     }
     let s = &ctx.stats;
@@ -361,12 +392,58 @@ async fn commit(
     Ok(())
 }
 
+/// Writes done marks to the shared store, trying again while it does not answer: no offset moves
+/// past a message whose mark is not stored (so acking stops, and the log says why). Gives up
+/// only when the run is shutting down.
+async fn mark_until_stored(
+    ctx: &Arc<Ctx>,
+    store: &Arc<dyn super::dedupe::SharedStore>,
+    keys: Vec<Vec<u8>>,
+) -> Result<(), EngineError> {
+    let window = ctx.cfg.dedupe.as_ref().map_or(Duration::ZERO, |d| d.window);
+    let keys = Arc::new(keys);
+    let mut warned = false;
+    loop {
+        let (store, group, k) = (store.clone(), ctx.cfg.group.clone(), keys.clone());
+        let r = tokio::task::spawn_blocking(move || store.mark_done(&group, &k, window))
+            .await
+            .map_err(|e| EngineError::Join(e.to_string()))?;
+        match r {
+            Ok(()) => {
+                if warned {
+                    tracing::info!("the dedupe store answers again; acking resumes");
+                }
+                return Ok(());
+            }
+            Err(e) if *ctx.shutdown.borrow() => {
+                return Err(EngineError::Dedupe(format!(
+                    "{e}; stopping with {} handled message(s) unacked (they will be redelivered)",
+                    keys.len()
+                )));
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "cannot mark handled messages done; acking stops until the dedupe store answers");
+                    warned = true;
+                }
+                tokio::time::sleep(STORE_DOWN_WAIT).await;
+            }
+        }
+    }
+}
+
 /// How long a message waits before its idempotency key, claimed by another copy, is checked again.
 const DEDUPE_RECHECK: Duration = Duration::from_millis(5);
 
+/// How long a message waits before a key claimed in another process is checked again.
+const SHARED_RECHECK: Duration = Duration::from_millis(50);
+/// How long keyed messages wait after the shared dedupe store failed to answer.
+const STORE_DOWN_WAIT: Duration = Duration::from_secs(1);
+
 /// Screens a lane's messages against dedupe before they run: a message whose idempotency key
-/// is done is acked without running (a duplicate); one whose key another message holds waits
-/// and is screened again; otherwise it claims its key.
+/// is done is acked without running (a duplicate); one whose key another message holds (in this
+/// process or, with a shared store, in another) waits and is screened again; otherwise it claims
+/// its key. While a shared store does not answer, keyed messages wait: none runs unclaimed.
 fn screen(
     ctx: &Ctx,
     lane: &mut Lane,
@@ -374,9 +451,9 @@ fn screen(
     pending: &mut Pending,
     now: Instant,
 ) -> Result<(), EngineError> {
-    if ctx.cfg.dedupe.is_none() {
+    let Some(dedupe) = ctx.cfg.dedupe.as_ref() else {
         return Ok(());
-    }
+    };
     let wall = now_ms();
     let mut kept = VecDeque::with_capacity(lane.queue.len());
     for mut w in lane.queue.drain(..) {
@@ -388,20 +465,57 @@ fn screen(
             kept.push_back(w);
             continue;
         }
-        if ctx.source.dedupe_done(&ctx.cfg.group, key, wall)? {
-            tracker.finish(w.at);
-            pending.deduped += 1;
+        let Some(store) = dedupe.store.as_ref() else {
+            if ctx.source.dedupe_done(&ctx.cfg.group, key, wall)? {
+                tracker.finish(w.at);
+                pending.deduped += 1;
+                continue;
+            }
+            let mut claims = ctx.claims.lock().expect("claims lock");
+            if claims.contains(key) {
+                // Another copy is in flight: look again shortly; by then it is done or released.
+                w.not_before = Some(now + DEDUPE_RECHECK);
+            } else {
+                claims.insert(key.clone());
+                w.claimed = true;
+            }
+            drop(claims);
+            kept.push_back(w);
+            continue;
+        };
+        let down = *ctx.store_down_until.lock().expect("store lock");
+        if let Some(until) = down.filter(|u| *u > now) {
+            w.not_before = Some(until);
+            kept.push_back(w);
             continue;
         }
-        let mut claims = ctx.claims.lock().expect("claims lock");
-        if claims.contains(key) {
-            // Another copy is in flight: look again shortly; by then it is done or released.
+        // Reserve the key in this process first, so two lanes never claim it with one token.
+        if !ctx.claims.lock().expect("claims lock").insert(key.clone()) {
             w.not_before = Some(now + DEDUPE_RECHECK);
-        } else {
-            claims.insert(key.clone());
-            w.claimed = true;
+            kept.push_back(w);
+            continue;
         }
-        drop(claims);
+        let answer = store.claim(&ctx.cfg.group, key, &ctx.token, dedupe.claim_ttl);
+        if !matches!(answer, Ok(Claim::Mine)) {
+            ctx.claims.lock().expect("claims lock").remove(key);
+        }
+        match answer {
+            Ok(Claim::Mine) => w.claimed = true,
+            Ok(Claim::Done) => {
+                tracker.finish(w.at);
+                pending.deduped += 1;
+                continue;
+            }
+            Ok(Claim::Busy) => w.not_before = Some(now + SHARED_RECHECK),
+            Err(e) => {
+                let mut slot = ctx.store_down_until.lock().expect("store lock");
+                if slot.is_none_or(|u| u <= now) {
+                    tracing::warn!(error = %e, "not running messages with an idempotency key until the dedupe store answers");
+                }
+                *slot = Some(now + STORE_DOWN_WAIT);
+                w.not_before = *slot;
+            }
+        }
         kept.push_back(w);
     }
     lane.queue = kept;

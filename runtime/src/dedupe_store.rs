@@ -1,0 +1,157 @@
+//! A dedupe store shared by several weir processes: Redis.
+//!
+//! Each idempotency key of a consumer group is one Redis key, `weir:dedupe:<group>:<key>`,
+//! whose value is the claim token of the process handling it (with a short expiry, so a claim
+//! dies with its holder) or `done` (kept for the dedupe window). Claiming is one Lua script, so
+//! two processes can never both hold a key. The engine asks through [`SharedStore`]; this is the
+//! only module that names the redis crate.
+
+use crate::engine::dedupe::{Claim, SharedStore, StoreError};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How long one Redis request may take before the store counts as not answering.
+const TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Claims a key unless it is done or claimed by another token; renews our own claim.
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if v == 'done' then return 2 end
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 3
+";
+
+/// Deletes a key only while it holds our claim (never a `done` mark, never another's claim).
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+pub struct RedisStore {
+    url: String,
+    client: redis::Client,
+    /// One connection, made again after an error.
+    conn: Mutex<Option<redis::Connection>>,
+    claim: redis::Script,
+    release: redis::Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// Checks the URL; connects on first use.
+    pub fn new(url: &str) -> Result<RedisStore, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("`{url}`: {e}"))?;
+        Ok(RedisStore {
+            url: url.to_string(),
+            client,
+            conn: Mutex::new(None),
+            claim: redis::Script::new(CLAIM),
+            release: redis::Script::new(RELEASE),
+        })
+    }
+
+    fn key(group: &str, key: &[u8]) -> Vec<u8> {
+        let mut k = format!("weir:dedupe:{group}:").into_bytes();
+        k.extend_from_slice(key);
+        k
+    }
+
+    /// Runs `f` on the connection; an error drops the connection so the next call reconnects.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut slot = self.conn.lock().expect("redis connection lock");
+        if slot.is_none() {
+            let c = self
+                .client
+                .get_connection_with_timeout(TIMEOUT)
+                .map_err(|e| self.error(e))?;
+            c.set_read_timeout(Some(TIMEOUT))
+                .map_err(|e| self.error(e))?;
+            c.set_write_timeout(Some(TIMEOUT))
+                .map_err(|e| self.error(e))?;
+            *slot = Some(c);
+        }
+        let result = f(slot.as_mut().expect("connected above"));
+        if result.is_err() {
+            *slot = None;
+        }
+        result.map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: redis::RedisError) -> StoreError {
+        StoreError(format!(
+            "the dedupe store at {} is not answering: {e}",
+            self.url
+        ))
+    }
+}
+
+impl SharedStore for RedisStore {
+    fn claim(
+        &self,
+        group: &str,
+        key: &[u8],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Claim, StoreError> {
+        let k = Self::key(group, key);
+        let r: i64 = self.with(|c| {
+            self.claim
+                .key(k)
+                .arg(token)
+                .arg(ttl.as_millis() as u64)
+                .invoke(c)
+        })?;
+        Ok(match r {
+            1 => Claim::Mine,
+            2 => Claim::Done,
+            _ => Claim::Busy,
+        })
+    }
+
+    fn mark_done(&self, group: &str, keys: &[Vec<u8>], window: Duration) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET")
+                .arg(Self::key(group, key))
+                .arg("done")
+                .arg("PX")
+                .arg(window.as_millis() as u64)
+                .ignore();
+        }
+        self.with(|c| pipe.query::<()>(c))
+    }
+
+    fn release(&self, group: &str, keys: &[Vec<u8>], token: &str) -> Result<(), StoreError> {
+        for key in keys {
+            let k = Self::key(group, key);
+            self.with(|c| self.release.key(k).arg(token).invoke::<i64>(c))?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+}
