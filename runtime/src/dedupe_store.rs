@@ -41,7 +41,6 @@ pub struct RedisStore {
     client: redis::Client,
     /// One connection, made again after an error.
     conn: Mutex<Option<redis::Connection>>,
-    claim: redis::Script,
     release: redis::Script,
 }
 
@@ -61,7 +60,6 @@ impl RedisStore {
             url: url.to_string(),
             client,
             conn: Mutex::new(None),
-            claim: redis::Script::new(CLAIM),
             release: redis::Script::new(RELEASE),
         })
     }
@@ -105,26 +103,35 @@ impl RedisStore {
 }
 
 impl SharedStore for RedisStore {
-    fn claim(
+    fn claim_many(
         &self,
         group: &str,
-        key: &[u8],
+        keys: &[&[u8]],
         token: &str,
         ttl: Duration,
-    ) -> Result<Claim, StoreError> {
-        let k = Self::key(group, key);
-        let r: i64 = self.with(|c| {
-            self.claim
-                .key(k)
+    ) -> Result<Vec<Claim>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One pipeline of EVALs: a round trip per lane's screening, not per message.
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("EVAL")
+                .arg(CLAIM)
+                .arg(1)
+                .arg(Self::key(group, key))
                 .arg(token)
-                .arg(ttl.as_millis() as u64)
-                .invoke(c)
-        })?;
-        Ok(match r {
-            1 => Claim::Mine,
-            2 => Claim::Done,
-            _ => Claim::Busy,
-        })
+                .arg(ttl.as_millis() as u64);
+        }
+        let answers: Vec<i64> = self.with(|c| pipe.query(c))?;
+        Ok(answers
+            .into_iter()
+            .map(|r| match r {
+                1 => Claim::Mine,
+                2 => Claim::Done,
+                _ => Claim::Busy,
+            })
+            .collect())
     }
 
     fn mark_done(&self, group: &str, keys: &[Vec<u8>], window: Duration) -> Result<(), StoreError> {

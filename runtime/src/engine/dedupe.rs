@@ -36,14 +36,15 @@ pub struct StoreError(pub String);
 /// A dedupe store shared by the processes of a consumer group. Calls block (the engine makes
 /// them with short timeouts).
 pub trait SharedStore: std::fmt::Debug + Send + Sync {
-    /// Claims `key` for `token` for `ttl`, unless it is done or held by another token.
-    fn claim(
+    /// Claims each key for `token` for `ttl`, unless it is done or held by another token; one
+    /// answer per key, in order (one round trip for all of them).
+    fn claim_many(
         &self,
         group: &str,
-        key: &[u8],
+        keys: &[&[u8]],
         token: &str,
         ttl: Duration,
-    ) -> Result<Claim, StoreError>;
+    ) -> Result<Vec<Claim>, StoreError>;
     /// Marks keys done for `window` (after their outputs were published).
     fn mark_done(&self, group: &str, keys: &[Vec<u8>], window: Duration) -> Result<(), StoreError>;
     /// Drops `token`'s claims on keys that were not done (their message failed or was given up).

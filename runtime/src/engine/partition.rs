@@ -347,6 +347,19 @@ async fn commit(
     ));
     let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
     let store = ctx.cfg.dedupe.as_ref().and_then(|d| d.store.clone());
+    // Claims to drop in the shared store: the keys that are not being marked done (their
+    // messages failed or were given up).
+    let undone: Vec<Vec<u8>> = if store.is_some() {
+        let done: std::collections::HashSet<&[u8]> =
+            c.dedupe_done.iter().map(|(k, _)| k.as_slice()).collect();
+        p.release
+            .iter()
+            .filter(|k| !done.contains(k.as_slice()))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     match &store {
         Some(store) if !c.dedupe_done.is_empty() => {
             // Outputs first, then the done marks, then the offsets: a crash in between
@@ -373,10 +386,10 @@ async fn commit(
                 claims.remove(key);
             }
         }
-        if let Some(store) = store {
-            // Done keys hold `done`, which a release leaves alone; a failed message's claim
-            // goes, so another copy may run. Best effort: a claim also expires by itself.
-            let (group, token, keys) = (ctx.cfg.group.clone(), ctx.token.clone(), p.release);
+        if let Some(store) = store.filter(|_| !undone.is_empty()) {
+            // A failed message's claim goes, so another copy may run. Best effort: a claim
+            // also expires by itself.
+            let (group, token, keys) = (ctx.cfg.group.clone(), ctx.token.clone(), undone);
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.release(&group, &keys, &token) {
                     tracing::debug!(error = %e, "releasing dedupe claims failed; they expire");
@@ -456,6 +469,8 @@ fn screen(
     };
     let wall = now_ms();
     let mut kept = VecDeque::with_capacity(lane.queue.len());
+    // Positions in `kept` of the messages to claim in the shared store.
+    let mut ask: Vec<usize> = Vec::new();
     for mut w in lane.queue.drain(..) {
         let Some(key) = w.dedupe_key.as_ref() else {
             kept.push_back(w);
@@ -465,7 +480,7 @@ fn screen(
             kept.push_back(w);
             continue;
         }
-        let Some(store) = dedupe.store.as_ref() else {
+        if dedupe.store.is_none() {
             if ctx.source.dedupe_done(&ctx.cfg.group, key, wall)? {
                 tracker.finish(w.at);
                 pending.deduped += 1;
@@ -482,41 +497,60 @@ fn screen(
             drop(claims);
             kept.push_back(w);
             continue;
-        };
+        }
+        // A shared store: reserve the key in this process first (so two lanes never claim it
+        // with one token), then ask the store for every reserved key at once, below.
         let down = *ctx.store_down_until.lock().expect("store lock");
         if let Some(until) = down.filter(|u| *u > now) {
             w.not_before = Some(until);
-            kept.push_back(w);
-            continue;
-        }
-        // Reserve the key in this process first, so two lanes never claim it with one token.
-        if !ctx.claims.lock().expect("claims lock").insert(key.clone()) {
+        } else if ctx.claims.lock().expect("claims lock").insert(key.clone()) {
+            ask.push(kept.len());
+        } else {
             w.not_before = Some(now + DEDUPE_RECHECK);
-            kept.push_back(w);
-            continue;
-        }
-        let answer = store.claim(&ctx.cfg.group, key, &ctx.token, dedupe.claim_ttl);
-        if !matches!(answer, Ok(Claim::Mine)) {
-            ctx.claims.lock().expect("claims lock").remove(key);
-        }
-        match answer {
-            Ok(Claim::Mine) => w.claimed = true,
-            Ok(Claim::Done) => {
-                tracker.finish(w.at);
-                pending.deduped += 1;
-                continue;
-            }
-            Ok(Claim::Busy) => w.not_before = Some(now + SHARED_RECHECK),
-            Err(e) => {
-                let mut slot = ctx.store_down_until.lock().expect("store lock");
-                if slot.is_none_or(|u| u <= now) {
-                    tracing::warn!(error = %e, "not running messages with an idempotency key until the dedupe store answers");
-                }
-                *slot = Some(now + STORE_DOWN_WAIT);
-                w.not_before = *slot;
-            }
         }
         kept.push_back(w);
+    }
+    if let (Some(store), false) = (dedupe.store.as_ref(), ask.is_empty()) {
+        let keys: Vec<&[u8]> = ask
+            .iter()
+            .map(|&i| {
+                kept[i]
+                    .dedupe_key
+                    .as_deref()
+                    .expect("asked for keyed messages")
+            })
+            .collect();
+        let answers = store.claim_many(&ctx.cfg.group, &keys, &ctx.token, dedupe.claim_ttl);
+        let mut duplicates = Vec::new();
+        {
+            let mut claims = ctx.claims.lock().expect("claims lock");
+            for (n, &i) in ask.iter().enumerate() {
+                let w = &mut kept[i];
+                let answer = answers.as_ref().map(|a| a[n]).map_err(|_| ());
+                if answer != Ok(Claim::Mine) {
+                    claims.remove(w.dedupe_key.as_ref().expect("keyed"));
+                }
+                match answer {
+                    Ok(Claim::Mine) => w.claimed = true,
+                    Ok(Claim::Done) => duplicates.push(i),
+                    Ok(Claim::Busy) => w.not_before = Some(now + SHARED_RECHECK),
+                    Err(()) => w.not_before = Some(now + STORE_DOWN_WAIT),
+                }
+            }
+        }
+        if let Err(e) = answers {
+            let mut slot = ctx.store_down_until.lock().expect("store lock");
+            if slot.is_none_or(|u| u <= now) {
+                tracing::warn!(error = %e, "not running messages with an idempotency key until the dedupe store answers");
+            }
+            *slot = Some(now + STORE_DOWN_WAIT);
+        }
+        // Duplicates are acked without running.
+        for i in duplicates.into_iter().rev() {
+            let w = kept.remove(i).expect("index in range");
+            tracker.finish(w.at);
+            pending.deduped += 1;
+        }
     }
     lane.queue = kept;
     Ok(())
