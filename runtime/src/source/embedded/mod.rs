@@ -44,6 +44,9 @@ pub struct EmbeddedLog {
     db: Database,
     records: Keyspace,
     meta: Keyspace,
+    /// Dedupe done marks (`d/`) and their expiry index (`x/`): a keyspace of their own, so the
+    /// point lookups of new keys do not wade through the offsets rewritten on every commit.
+    dedupe: Keyspace,
     /// Topic table; read on every fetch, written only by `create_topic`.
     topics: std::sync::RwLock<HashMap<String, Arc<Topic>>>,
     /// Serialises offset assignment and the write batch that uses it, so offsets are dense
@@ -143,20 +146,45 @@ impl EmbeddedLog {
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(|e| map_open_error(&shown, e))?;
+        let dedupe = db
+            .keyspace("dedupe", KeyspaceCreateOptions::default)
+            .map_err(|e| map_open_error(&shown, e))?;
         let log = Self {
             dir: dir.to_path_buf(),
             db,
             records,
             meta,
+            dedupe,
             topics: Default::default(),
             write: Mutex::new(()),
         };
         log.load_topics()?;
+        log.move_dedupe_marks()?;
         Ok(log)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Data directories from before the `dedupe` keyspace kept their marks in `meta`: move
+    /// them, once, in one atomic batch.
+    fn move_dedupe_marks(&self) -> Result<(), SourceError> {
+        let mut batch = self.db.batch();
+        let mut moved = 0usize;
+        for prefix in [&b"d/"[..], &b"x/"[..]] {
+            for item in self.meta.prefix(prefix) {
+                let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
+                batch.insert(&self.dedupe, k.to_vec(), v.to_vec());
+                batch.remove(&self.meta, k.to_vec());
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            batch.commit().map_err(|e| self.storage(e))?;
+            tracing::info!(marks = moved, "moved dedupe marks to their own keyspace");
+        }
+        Ok(())
     }
 
     fn storage(&self, e: impl std::fmt::Display) -> SourceError {
@@ -416,8 +444,8 @@ impl EmbeddedLog {
             }
             for (key, expires) in &commit.dedupe_done {
                 let mark = codec::dedupe_key(group, key);
-                batch.insert(&self.meta, codec::expiry_key(*expires, &mark), []);
-                batch.insert(&self.meta, mark, expires.to_be_bytes());
+                batch.insert(&self.dedupe, codec::expiry_key(*expires, &mark), []);
+                batch.insert(&self.dedupe, mark, expires.to_be_bytes());
             }
             for (topic, partition, offset) in &commit.replayed {
                 batch.insert(
@@ -566,7 +594,7 @@ impl Source for EmbeddedLog {
     }
     fn dedupe_done(&self, group: &str, key: &[u8], now_ms: u64) -> Result<bool, SourceError> {
         match self
-            .meta
+            .dedupe
             .get(codec::dedupe_key(group, key))
             .map_err(|e| self.storage(e))?
         {
@@ -584,7 +612,7 @@ impl Source for EmbeddedLog {
     fn evict_dedupe(&self, now_ms: u64, max: usize) -> Result<usize, SourceError> {
         let mut doomed = Vec::new();
         for item in self
-            .meta
+            .dedupe
             .range(codec::expiry_key(0, b"")..codec::expiry_key(now_ms, b""))
             .take(max)
         {
@@ -598,12 +626,12 @@ impl Source for EmbeddedLog {
         for index in &doomed {
             let mark = &index[10..];
             // A newer mark of the same key (handled again later) has a later expiry: keep it.
-            let current = self.meta.get(mark).map_err(|e| self.storage(e))?;
+            let current = self.dedupe.get(mark).map_err(|e| self.storage(e))?;
             let expiry = u64::from_be_bytes(index[2..10].try_into().expect("8 bytes"));
             if current.is_some_and(|v| v.as_ref() == expiry.to_be_bytes()) {
-                batch.remove(&self.meta, mark.to_vec());
+                batch.remove(&self.dedupe, mark.to_vec());
             }
-            batch.remove(&self.meta, index.to_vec());
+            batch.remove(&self.dedupe, index.to_vec());
         }
         batch.commit().map_err(|e| self.storage(e))?;
         Ok(doomed.len())
@@ -743,6 +771,33 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, SourceError::UnknownTopic(_)));
         assert_eq!(log.committed_offset("g", "a", 0).unwrap(), 0);
+    }
+
+    #[test]
+    fn marks_kept_in_meta_by_older_versions_move_to_their_keyspace() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path()).unwrap();
+            // What an older weir wrote: the mark and its expiry index in `meta`.
+            let mark = codec::dedupe_key("g", b"id-1");
+            let mut batch = log.db.batch();
+            batch.insert(&log.meta, codec::expiry_key(5_000, &mark), []);
+            batch.insert(&log.meta, mark, 5_000u64.to_be_bytes());
+            batch.commit().unwrap();
+            assert!(!log.dedupe_done("g", b"id-1", 1_000).unwrap());
+        }
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert!(log.dedupe_done("g", b"id-1", 1_000).unwrap());
+        assert_eq!(
+            log.meta.prefix(b"d/").count() + log.meta.prefix(b"x/").count(),
+            0
+        );
+        assert_eq!(
+            log.evict_dedupe(6_000, 10).unwrap(),
+            1,
+            "the index moved too"
+        );
+        assert!(!log.dedupe_done("g", b"id-1", 1_000).unwrap());
     }
 
     #[test]
