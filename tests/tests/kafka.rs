@@ -255,8 +255,6 @@ fn topics_list_shows_lag_per_partition_on_kafka() {
 #[test]
 #[ignore = "needs a broker: set WEIR_TEST_KAFKA_BROKERS=host:port"]
 fn real_broker_two_members_confirm_every_order() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
     const N: u64 = 3_000;
     let brokers = std::env::var("WEIR_TEST_KAFKA_BROKERS").expect("WEIR_TEST_KAFKA_BROKERS");
     let w = Weir::on(Broker::External(brokers.clone()));
@@ -297,27 +295,9 @@ fn real_broker_two_members_confirm_every_order() {
     for r in [a, b] {
         assert!(r.terminate().status.success());
     }
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", format!("reader-{id}"))
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition_offset(&output, p, Offset::Beginning)
-            .unwrap();
-    }
-    reader.assign(&tpl).unwrap();
-    let mut seen = std::collections::HashSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while (seen.len() as u64) < N && std::time::Instant::now() < deadline {
-        if let Some(m) = reader.poll(Duration::from_millis(200)) {
-            let m = m.unwrap();
-            seen.insert(String::from_utf8_lossy(m.key().unwrap()).into_owned());
-        }
-    }
+    let seen = keys_in(&brokers, &output, 2, N, false);
     let lost: Vec<u64> = (0..N)
-        .filter(|n| !seen.contains(&format!("m-{n}")))
+        .filter(|n| !seen.contains_key(&format!("m-{n}")))
         .collect();
     assert!(
         lost.is_empty(),
@@ -363,8 +343,6 @@ fn exactly_once_commits_through_transactions_on_the_mock_cluster() {
 #[test]
 #[ignore = "needs a broker with transactions: set WEIR_TEST_KAFKA_TXN_BROKERS=host:port"]
 fn txn_broker_exactly_once_survives_a_kill() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
     const N: u64 = 20_000;
     let brokers =
         std::env::var("WEIR_TEST_KAFKA_TXN_BROKERS").expect("WEIR_TEST_KAFKA_TXN_BROKERS");
@@ -414,33 +392,7 @@ fn txn_broker_exactly_once_survives_a_kill() {
     for r in [b, c] {
         assert!(r.terminate().status.success());
     }
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", format!("reader-{id}"))
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..3 {
-        tpl.add_partition_offset(&output, p, Offset::Beginning)
-            .unwrap();
-    }
-    reader.assign(&tpl).unwrap();
-    let mut per_id: HashMap<String, u64> = HashMap::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    // Read past N for a while, so a duplicate after the N-th would be seen.
-    while std::time::Instant::now() < deadline {
-        match reader.poll(Duration::from_millis(500)) {
-            Some(m) => {
-                let m = m.unwrap();
-                *per_id
-                    .entry(String::from_utf8_lossy(m.key().unwrap()).into_owned())
-                    .or_default() += 1;
-            }
-            None if per_id.len() as u64 >= N => break,
-            None => {}
-        }
-    }
+    let per_id = keys_in(&brokers, &output, 3, N, true);
     assert_eq!(per_id.len() as u64, N, "orders without a confirmation");
     let twice: Vec<_> = per_id.iter().filter(|(_, c)| **c > 1).collect();
     assert!(
@@ -448,4 +400,50 @@ fn txn_broker_exactly_once_survives_a_kill() {
         "{} orders confirmed more than once",
         twice.len()
     );
+}
+
+/// How often each key appears in `topic` on a real broker, read from the beginning by a
+/// consumer of its own (`read_committed` when asked): until `expect` keys were seen and a poll
+/// came back empty (so a late duplicate is seen too), or a minute and a half passed.
+fn keys_in(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    expect: u64,
+    read_committed: bool,
+) -> HashMap<String, u64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    let isolation = if read_committed {
+        "read_committed"
+    } else {
+        "read_uncommitted"
+    };
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}"))
+        .set("isolation.level", isolation)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    reader.assign(&tpl).unwrap();
+    let mut per_key: HashMap<String, u64> = HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while std::time::Instant::now() < deadline {
+        match reader.poll(Duration::from_millis(500)) {
+            Some(m) => {
+                let m = m.unwrap();
+                *per_key
+                    .entry(String::from_utf8_lossy(m.key().unwrap()).into_owned())
+                    .or_default() += 1;
+            }
+            None if per_key.len() as u64 >= expect => break,
+            None => {}
+        }
+    }
+    per_key
 }

@@ -102,6 +102,15 @@ impl Admin {
         Ok(self.watermarks(topic, partition)?.1)
     }
 
+    /// A consumer of `group` that never joins it: reads and commits the group's offsets.
+    fn group_client(&self, group: &str) -> Result<BaseConsumer<Logged>, SourceError> {
+        self.cfg
+            .client(&[("enable.auto.commit", "false")])
+            .set("group.id", group)
+            .create_with_context(Logged)
+            .map_err(|e| bad_config(&self.cfg, e))
+    }
+
     /// `group`'s committed offsets for the given partitions; a partition the group never
     /// committed reads as its low watermark (where an `earliest` reset starts).
     fn committed_many(
@@ -110,12 +119,7 @@ impl Admin {
         topic: &str,
         partitions: &[u32],
     ) -> Result<Vec<u64>, SourceError> {
-        let c: BaseConsumer<Logged> = self
-            .cfg
-            .client(&[("enable.auto.commit", "false")])
-            .set("group.id", group)
-            .create_with_context(Logged)
-            .map_err(|e| bad_config(&self.cfg, e))?;
+        let c = self.group_client(group)?;
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
             tpl.add_partition(topic, *p as i32);
@@ -336,12 +340,7 @@ impl Admin {
         partition: u32,
         offset: u64,
     ) -> Result<(), SourceError> {
-        let c: BaseConsumer<Logged> = self
-            .cfg
-            .client(&[("enable.auto.commit", "false")])
-            .set("group.id", group)
-            .create_with_context(Logged)
-            .map_err(|e| bad_config(&self.cfg, e))?;
+        let c = self.group_client(group)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset as i64))
             .map_err(|e| storage("offset list", e))?;
