@@ -79,6 +79,7 @@ pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) 
             Instant::now() < deadline,
             "timed out after {within:?} waiting until {what}"
         );
+        // The poll interval of this deadline-bound wait (5 ms, doubling to 100 ms).
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }

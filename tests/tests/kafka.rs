@@ -256,46 +256,20 @@ fn topics_list_shows_lag_per_partition_on_kafka() {
 #[ignore = "needs a broker: set WEIR_TEST_KAFKA_BROKERS=host:port"]
 fn real_broker_two_members_confirm_every_order() {
     const N: u64 = 3_000;
-    let brokers = std::env::var("WEIR_TEST_KAFKA_BROKERS").expect("WEIR_TEST_KAFKA_BROKERS");
-    let w = Weir::on(Broker::External(brokers.clone()));
-    let id = format!("{}-{}", std::process::id(), weir_tests::now_ms());
-    let (input, output, group) = (
-        format!("orders-{id}"),
-        format!("conf-{id}"),
-        format!("g-{id}"),
-    );
-    w.ok(&["topics", "create", &input, "--partitions", "4"]);
-    w.ok(&["topics", "create", &output, "--partitions", "2"]);
-    w.ok(&["produce", &input, "--count", &N.to_string()]);
-    let module = guest("orders");
-    let out_cfg = format!("output-topic={output}");
-    let args = [
-        "run",
-        "--module",
-        module.to_str().unwrap(),
-        "--topic",
-        &input,
-        "--group",
-        &group,
-        "--handler-config",
-        &out_cfg,
-    ];
+    let on = OnBroker::new("WEIR_TEST_KAFKA_BROKERS", N, 4, 2);
+    let args = on.run_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let w = &on.w;
     let (a, b) = (w.spawn(&args), w.spawn(&args));
     wait_until(
         "the group has committed every order",
         Duration::from_secs(180),
-        || {
-            w.offsets(&input, &group)
-                .iter()
-                .map(|(_, c)| c)
-                .sum::<u64>()
-                >= N
-        },
+        || on.committed() >= N,
     );
     for r in [a, b] {
         assert!(r.terminate().status.success());
     }
-    let seen = keys_in(&brokers, &output, 2, N, false);
+    let seen = keys_in(&on.brokers, &on.output, 2, N, false);
     let lost: Vec<u64> = (0..N)
         .filter(|n| !seen.contains_key(&format!("m-{n}")))
         .collect();
@@ -344,40 +318,11 @@ fn exactly_once_commits_through_transactions_on_the_mock_cluster() {
 #[ignore = "needs a broker with transactions: set WEIR_TEST_KAFKA_TXN_BROKERS=host:port"]
 fn txn_broker_exactly_once_survives_a_kill() {
     const N: u64 = 20_000;
-    let brokers =
-        std::env::var("WEIR_TEST_KAFKA_TXN_BROKERS").expect("WEIR_TEST_KAFKA_TXN_BROKERS");
-    let w = Weir::on(Broker::External(brokers.clone()));
-    let id = format!("{}-{}", std::process::id(), weir_tests::now_ms());
-    let (input, output, group) = (
-        format!("orders-{id}"),
-        format!("conf-{id}"),
-        format!("g-{id}"),
-    );
-    w.ok(&["topics", "create", &input, "--partitions", "6"]);
-    w.ok(&["topics", "create", &output, "--partitions", "3"]);
-    w.ok(&["produce", &input, "--count", &N.to_string()]);
-    let module = guest("orders");
-    let out_cfg = format!("output-topic={output}");
-    let args = [
-        "run",
-        "--module",
-        module.to_str().unwrap(),
-        "--topic",
-        &input,
-        "--group",
-        &group,
-        "--handler-config",
-        &out_cfg,
-        "--exactly-once",
-        "--batch-size",
-        "32",
-    ];
-    let committed = || {
-        w.offsets(&input, &group)
-            .iter()
-            .map(|(_, c)| c)
-            .sum::<u64>()
-    };
+    let on = OnBroker::new("WEIR_TEST_KAFKA_TXN_BROKERS", N, 6, 3);
+    let args = on.run_args(&["--exactly-once", "--batch-size", "32"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let w = &on.w;
+    let committed = || on.committed();
     let (mut a, b) = (w.spawn(&args), w.spawn(&args));
     wait_until(
         "half the orders are committed",
@@ -392,7 +337,7 @@ fn txn_broker_exactly_once_survives_a_kill() {
     for r in [b, c] {
         assert!(r.terminate().status.success());
     }
-    let per_id = keys_in(&brokers, &output, 3, N, true);
+    let per_id = keys_in(&on.brokers, &on.output, 3, N, true);
     assert_eq!(per_id.len() as u64, N, "orders without a confirmation");
     let twice: Vec<_> = per_id.iter().filter(|(_, c)| **c > 1).collect();
     assert!(
@@ -446,4 +391,68 @@ fn keys_in(
         }
     }
     per_key
+}
+
+/// A test's topics and group on a real broker (named by `env`), named uniquely since the broker
+/// outlives the test, with `n` orders produced to the input.
+struct OnBroker {
+    w: Weir,
+    brokers: String,
+    input: String,
+    output: String,
+    group: String,
+}
+
+impl OnBroker {
+    fn new(env: &str, n: u64, input_partitions: u32, output_partitions: u32) -> OnBroker {
+        let brokers = std::env::var(env).unwrap_or_else(|_| panic!("set {env}=host:port"));
+        let w = Weir::on(Broker::External(brokers.clone()));
+        let id = format!("{}-{}", std::process::id(), weir_tests::now_ms());
+        let on = OnBroker {
+            w,
+            brokers,
+            input: format!("orders-{id}"),
+            output: format!("conf-{id}"),
+            group: format!("g-{id}"),
+        };
+        for (t, p) in [
+            (&on.input, input_partitions),
+            (&on.output, output_partitions),
+        ] {
+            on.w.ok(&["topics", "create", t, "--partitions", &p.to_string()]);
+        }
+        on.w.ok(&["produce", &on.input, "--count", &n.to_string()]);
+        on
+    }
+
+    /// `weir run` of the orders handler over the input, emitting to the output, plus `extra`.
+    fn run_args(&self, extra: &[&str]) -> Vec<String> {
+        let module = guest("orders").to_str().unwrap().to_string();
+        let mut args: Vec<String> = [
+            "run",
+            "--module",
+            &module,
+            "--topic",
+            &self.input,
+            "--group",
+            &self.group,
+            "--handler-config",
+            &format!("output-topic={}", self.output),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// The group's committed offsets on the input, summed (read from the group, not the
+    /// watermarks, which tansu reports low).
+    fn committed(&self) -> u64 {
+        self.w
+            .offsets(&self.input, &self.group)
+            .iter()
+            .map(|(_, c)| c)
+            .sum()
+    }
 }
