@@ -503,6 +503,7 @@ impl RunOptions {
                 max_instances: instances as u32,
                 cache_dir: Some(data_dir.join("compiled")),
                 handler_config,
+                capture_logs: false,
             },
         })
     }

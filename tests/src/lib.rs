@@ -3,9 +3,10 @@
 //! conditions with deadlines instead of sleeping.
 
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The workspace root.
@@ -67,6 +68,108 @@ pub fn guest(name: &str) -> PathBuf {
     });
     let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
     assert!(path.is_file(), "no guest component at {}", path.display());
+    path
+}
+
+/// The languages weir's example handlers are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lang {
+    Rust,
+    Python,
+    Js,
+    C,
+}
+
+impl Lang {
+    pub const ALL: [Lang; 4] = [Lang::Rust, Lang::Python, Lang::Js, Lang::C];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Lang::Rust => "rust",
+            Lang::Python => "python",
+            Lang::Js => "js",
+            Lang::C => "c",
+        }
+    }
+}
+
+/// Runs a guest's build script; panics with its output (and what to install) if it fails.
+pub fn run_build(dir: &Path, cmd: &mut Command, needs: &str) {
+    let out = cmd
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start the build in {}: {e}; {needs}", dir.display()));
+    assert!(
+        out.status.success(),
+        "building {} failed ({needs}):\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes the WASI preview 1 adapter (from its crate) where C builds can find it.
+pub fn preview1_adapter() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("weir-tests-adapter-{}.wasm", std::process::id()));
+    if !path.is_file() {
+        std::fs::write(
+            &path,
+            wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+        )
+        .expect("write the adapter");
+    }
+    path
+}
+
+/// The `orders` example in `lang`, built once per test process with its language's toolchain
+/// (scripts/setup-guests.sh installs them).
+pub fn orders_in(lang: Lang) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<Lang, PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = built.get(&lang) {
+        return p.clone();
+    }
+    let dir = root()
+        .join("guest-examples")
+        .join(lang.name())
+        .join("orders");
+    let path = match lang {
+        Lang::Rust => guest("orders"),
+        Lang::Python => {
+            run_build(
+                &dir,
+                &mut Command::new("./build.sh"),
+                "needs componentize-py: scripts/setup-guests.sh",
+            );
+            dir.join("orders.wasm")
+        }
+        Lang::Js => {
+            if !dir.join("node_modules").is_dir() {
+                run_build(
+                    &dir,
+                    Command::new("npm").args(["ci", "--no-audit", "--no-fund"]),
+                    "needs Node.js and npm",
+                );
+            }
+            run_build(
+                &dir,
+                Command::new("npm").args(["run", "--silent", "build"]),
+                "needs jco from npm: scripts/setup-guests.sh",
+            );
+            dir.join("orders.wasm")
+        }
+        Lang::C => {
+            run_build(
+                &dir,
+                Command::new("./build.sh").env("ADAPTER", preview1_adapter()),
+                "needs clang, wasi-libc, wit-bindgen and wasm-tools: scripts/setup-guests.sh",
+            );
+            dir.join("orders.wasm")
+        }
+    };
+    assert!(path.is_file(), "no component at {}", path.display());
+    built.insert(lang, path.clone());
     path
 }
 
@@ -234,8 +337,8 @@ impl Weir {
     }
 
     /// How many confirmations each order id has in `confirmations` (what `orders` emits).
-    pub fn confirmations_per_id(&self) -> std::collections::HashMap<String, u64> {
-        let mut per_id = std::collections::HashMap::new();
+    pub fn confirmations_per_id(&self) -> HashMap<String, u64> {
+        let mut per_id = HashMap::new();
         for m in self.messages("confirmations") {
             let c: Value = serde_json::from_str(m["payload"].as_str().expect("a text payload"))
                 .expect("a JSON confirmation");

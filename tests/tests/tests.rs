@@ -9,4 +9,5 @@ mod embedded;
 mod failures;
 mod faults;
 mod kafka;
+mod languages;
 mod shared_dedupe;

@@ -25,6 +25,7 @@ impl CheckCommand {
             max_instances: 1,
             cache_dir: None,
             handler_config: Default::default(),
+            capture_logs: false,
         };
         let module = Module::load(&self.module, &cfg, Arc::new(|_: &str| true))?;
         let size = std::fs::metadata(&self.module)

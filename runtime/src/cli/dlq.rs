@@ -324,6 +324,7 @@ impl DlqCommand {
                             max_instances: 1,
                             cache_dir: Some(g.data_dir.join("compiled")),
                             handler_config: g.file.handler_config.clone(),
+                            capture_logs: false,
                         };
                         Some(Module::load(
                             path,

@@ -4,9 +4,11 @@
 mod check;
 mod consume;
 mod dlq;
+mod new;
 mod produce;
 mod run;
 mod target;
+mod test_handler;
 mod topics;
 
 use crate::config::{ConfigError, FileConfig};
@@ -70,6 +72,12 @@ enum Command {
     /// List, show and replay dead letters
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Run messages from a file through a handler, with no log or broker, and show or check
+    /// what it did
+    Test(test_handler::TestCommand),
+    /// Write a new handler project (Rust, Python, JavaScript or C) that builds and passes
+    /// `weir test` as it is
+    New(new::NewCommand),
 }
 
 /// What every subcommand gets: the resolved global settings.
@@ -184,5 +192,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(c) => c.execute(globals),
         Command::Check(c) => c.execute(globals),
         Command::Dlq(c) => c.execute(globals),
+        Command::Test(c) => c.execute(globals),
+        Command::New(c) => c.execute(globals),
     }
 }

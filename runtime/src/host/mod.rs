@@ -51,6 +51,16 @@ pub struct HostConfig {
     pub cache_dir: Option<PathBuf>,
     /// What the handler reads through the `config` import.
     pub handler_config: BTreeMap<String, String>,
+    /// Keep the guest's log lines for [`Instance::take_logs`] instead of writing them to the
+    /// log (`weir test`).
+    pub capture_logs: bool,
+}
+
+/// One line a guest logged, kept when [`HostConfig::capture_logs`] is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestLog {
+    pub level: &'static str,
+    pub message: String,
 }
 
 /// Why a module could not be loaded. Each says which file and what to do.
@@ -152,6 +162,7 @@ struct Shared {
     config: BTreeMap<String, String>,
     /// Asks the source whether an output topic exists, so `emit.send` can refuse at once.
     topic_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    capture_logs: bool,
 }
 
 /// A loaded, compiled, pre-instantiated handler component.
@@ -361,6 +372,7 @@ impl Module {
                 name: Arc::from(name),
                 config: cfg.handler_config.clone(),
                 topic_exists,
+                capture_logs: cfg.capture_logs,
             }),
             digest: Arc::from(digest),
             memory_limit: cfg.memory_limit,
@@ -430,6 +442,7 @@ impl Module {
             shared: self.shared.clone(),
             context: String::new(),
             stderr,
+            logs: Vec::new(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -539,6 +552,16 @@ fn classify(store: &Store<State>, e: &wasmtime::Error) -> Outcome {
 }
 
 impl Instance {
+    /// The log lines kept since the last call (with [`HostConfig::capture_logs`]).
+    pub fn take_logs(&mut self) -> Vec<GuestLog> {
+        std::mem::take(&mut self.store.data_mut().logs)
+    }
+
+    /// What the guest printed on stderr in its last call (a panic message), if anything.
+    pub fn take_stderr(&mut self) -> Option<String> {
+        self.store.data().stderr.take()
+    }
+
     /// Runs `msgs` in order, stopping at the first that does not succeed. `attempts[i]` is the
     /// delivery attempt of `msgs[i]` (1 for a first delivery).
     pub fn run(&mut self, msgs: &[Delivery], attempts: &[u32]) -> RunResult {
@@ -691,6 +714,8 @@ struct State {
     context: String,
     /// The tail of what the guest printed on stderr during the current call.
     stderr: stderr::Tail,
+    /// Log lines kept with [`HostConfig::capture_logs`].
+    logs: Vec<GuestLog>,
 }
 
 impl WasiView for State {
@@ -780,6 +805,17 @@ impl emit::Host for State {
 
 impl log::Host for State {
     fn log(&mut self, level: log::Level, message: String) {
+        if self.shared.capture_logs {
+            let level = match level {
+                log::Level::Trace => "trace",
+                log::Level::Debug => "debug",
+                log::Level::Info => "info",
+                log::Level::Warn => "warn",
+                log::Level::Error => "error",
+            };
+            self.logs.push(GuestLog { level, message });
+            return;
+        }
         let module = &*self.shared.name;
         let at = &self.context;
         match level {

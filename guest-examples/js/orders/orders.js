@@ -1,0 +1,82 @@
+// `orders` in JavaScript: the same handler as guest-examples/rust/orders.
+//
+// Reads an order as JSON, emits a confirmation to the output topic (config key `output-topic`,
+// default `confirmations`), asks for a retry while a transient condition holds, and rejects what
+// can never succeed. An order with `"trap": true` aborts the call, which the host sees as a trap.
+//
+// Build: npm install && npm run build (jco + componentize-js from npm; writes orders.wasm)
+//
+// jco's conventions: a `result<_, failure>` export returns normally for `ok` and throws the
+// `failure` variant ({ tag, val }) for an error; u64 values are BigInts; byte lists are
+// Uint8Arrays.
+
+import { send } from "weir:stream/emit@0.1.0";
+import { log } from "weir:stream/log@0.1.0";
+import { get } from "weir:stream/config@0.1.0";
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+function reject(reason) {
+  return { tag: "reject", val: reason };
+}
+
+function parseOrder(payload) {
+  let order;
+  try {
+    order = JSON.parse(decoder.decode(payload));
+  } catch (e) {
+    throw reject(`not a valid order: ${e.message}`);
+  }
+  if (
+    order === null ||
+    typeof order !== "object" ||
+    typeof order.id !== "string" ||
+    typeof order.customer !== "string" ||
+    !Number.isInteger(order.amount_cents) ||
+    order.amount_cents < 0
+  ) {
+    throw reject("not a valid order: needs a string id and customer and a whole amount_cents");
+  }
+  return order;
+}
+
+export const handler = {
+  handle(msg) {
+    const order = parseOrder(msg.payload);
+    if (order.amount_cents === 0) {
+      throw reject(`order ${order.id} has no amount`);
+    }
+    if (order.trap === true) {
+      // An unreachable instruction: the host drops this instance and retries on a fresh one.
+      abortCall(`asked to trap at offset ${msg.offset}`);
+    }
+    if (order.transient === true && msg.attempt < 2) {
+      throw {
+        tag: "retry",
+        val: { reason: `payment service busy for order ${order.id}`, delayMs: 10n },
+      };
+    }
+    const confirmation = JSON.stringify({
+      order_id: order.id,
+      customer: order.customer,
+      amount_cents: order.amount_cents,
+      status: "confirmed",
+    });
+    const topic = get("output-topic") ?? "confirmations";
+    try {
+      send(topic, encoder.encode(order.id), encoder.encode(confirmation), [
+        ["source-offset", encoder.encode(String(msg.offset))],
+      ]);
+    } catch (e) {
+      throw { tag: "retry", val: { reason: String(e.payload ?? e), delayMs: undefined } };
+    }
+    log("debug", `confirmed order ${order.id}`);
+  },
+};
+
+function abortCall(reason) {
+  // Anything thrown that is not a `failure` variant cannot be lowered into the result: the
+  // component traps, as a Rust guest's panic does.
+  throw new Error(reason);
+}

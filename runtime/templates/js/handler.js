@@ -1,0 +1,34 @@
+// {{name}}: a weir handler. Upper-cases each message's text and emits it to the topic named by
+// the `output-topic` setting (default `shouted`); an empty message is rejected (dead-lettered).
+// Replace `handle` with your own logic.
+//
+// jco's conventions: return normally for `ok`; throw the failure variant ({ tag: "retry" |
+// "reject", val }) for an error; u64 values are BigInts; byte lists are Uint8Arrays.
+
+import { send } from "weir:stream/emit@0.1.0";
+import { log } from "weir:stream/log@0.1.0";
+import { get } from "weir:stream/config@0.1.0";
+
+const decoder = new TextDecoder("utf-8", { fatal: true });
+const encoder = new TextEncoder();
+
+export const handler = {
+  handle(msg) {
+    let text;
+    try {
+      text = decoder.decode(msg.payload);
+    } catch (e) {
+      throw { tag: "reject", val: `not UTF-8 text: ${e.message}` };
+    }
+    if (text.length === 0) {
+      throw { tag: "reject", val: "empty message" };
+    }
+    const topic = get("output-topic") ?? "shouted";
+    try {
+      send(topic, msg.key, encoder.encode(text.toUpperCase()), []);
+    } catch (e) {
+      throw { tag: "retry", val: { reason: String(e.payload ?? e), delayMs: undefined } };
+    }
+    log("debug", `shouted offset ${msg.offset}`);
+  },
+};
