@@ -17,3 +17,4 @@ done
 if ! pkg-config --exists openssl 2>/dev/null; then
   (apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config) >/dev/null
 fi
+

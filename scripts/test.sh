@@ -8,6 +8,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup.sh"
+source "$root/scripts/setup-guests.sh"
 cd "$root"
 cargo test --workspace "$@"
 if [[ -n "${WEIR_TEST_KAFKA_BROKERS:-}" ]]; then

@@ -1,6 +1,7 @@
 //! The `weir` command line. One struct per subcommand, each with `execute`; exit codes are
 //! chosen in one place, [`exit_code`].
 
+mod bench;
 mod check;
 mod consume;
 mod dlq;
@@ -78,6 +79,8 @@ enum Command {
     /// Write a new handler project (Rust, Python, JavaScript or C) that builds and passes
     /// `weir test` as it is
     New(new::NewCommand),
+    /// Measure a handler on the full pipeline: throughput, CPU, memory, load and instance costs
+    Bench(bench::BenchCommand),
 }
 
 /// What every subcommand gets: the resolved global settings.
@@ -194,5 +197,6 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(c) => c.execute(globals),
         Command::Test(c) => c.execute(globals),
         Command::New(c) => c.execute(globals),
+        Command::Bench(c) => c.execute(globals),
     }
 }

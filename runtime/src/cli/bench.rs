@@ -1,0 +1,369 @@
+//! `weir bench`: the whole pipeline (embedded log, dispatch, the call into the component,
+//! durable commits) over synthetic messages in a data directory of its own, with the figures
+//! users compare: throughput, CPU, peak memory, and the costs of a module (compile, ready from
+//! the compiled cache, a new instance, an idle instance).
+
+use super::Globals;
+use super::bad_input;
+use super::produce::synthetic_order;
+use crate::config::RunOptions;
+use crate::engine::{self, Stats};
+use crate::host::Module;
+use crate::source::embedded::local;
+use crate::source::{Delivery, Record, Source};
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Measure a handler on the full pipeline: produce --count synthetic orders of --size bytes into
+/// a fresh embedded log (in a temporary directory), run them through the module with the `run`
+/// flags given (delivery mode, instances, batch size, dedupe, ...), and report messages/s,
+/// MB/s, CPU seconds, peak resident memory, and what loading and instantiating the module costs.
+#[derive(Debug, Args)]
+pub struct BenchCommand {
+    #[command(flatten)]
+    options: RunOptions,
+    /// Messages to produce and handle
+    #[arg(long, default_value_t = 100_000)]
+    count: u64,
+    /// Bytes per message (synthetic orders padded to this size)
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Partitions of the input topic
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Topics the handler emits to, created before the run
+    #[arg(long = "output-topic", default_value = "confirmations", value_delimiter = ',')]
+    output_topics: Vec<String>,
+    /// KEY=VALUE the handler reads through its config import; repeat for more
+    #[arg(long = "handler-config", value_name = "KEY=VALUE")]
+    handler_config: Vec<String>,
+    /// Instances created to measure instantiation and idle memory
+    #[arg(long, default_value_t = 200)]
+    probe_instances: usize,
+    /// Print the report as JSON on standard output
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `weir bench` reports.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub module: String,
+    pub module_bytes: u64,
+    pub entry: &'static str,
+    pub messages: u64,
+    pub message_bytes: usize,
+    pub partitions: u32,
+    pub instances: usize,
+    pub batch_size: usize,
+    pub delivery: String,
+    /// First load: compile and write the compiled cache.
+    pub compile_ms: f64,
+    /// `weir run` ready: data directory open and module loaded from the compiled cache.
+    pub ready_ms: f64,
+    /// A new instance from the pre-instantiated component.
+    pub instantiate_us: f64,
+    /// Resident memory one more instance costs after handling one message.
+    pub idle_instance_kib: f64,
+    /// Producing the messages (durable appends).
+    pub produce_seconds: f64,
+    /// The run: from start to the last commit of the drained topic.
+    pub seconds: f64,
+    pub messages_per_second: f64,
+    pub mb_per_second: f64,
+    /// Per message, wall time of the run over the messages.
+    pub us_per_message: f64,
+    /// CPU time (user + system) the process used during the run.
+    pub cpu_seconds: f64,
+    /// Peak resident memory during the run.
+    pub peak_rss_mib: f64,
+    pub processed: u64,
+    pub emitted: u64,
+    pub dead_lettered: u64,
+    pub retries: u64,
+}
+
+impl BenchCommand {
+    pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
+        if g.kafka.is_some() {
+            return Err(bad_input(
+                "weir bench runs on the embedded log; for Kafka, see the kafka-bench program in tests/ (README: Performance)",
+            ));
+        }
+        if self.count == 0 {
+            return Err(bad_input("--count must be at least 1"));
+        }
+        if self.size > 1 << 20 {
+            return Err(bad_input("--size is at most 1MiB for a benchmark"));
+        }
+        let Some(module_path) = self.options.module.clone() else {
+            return Err(bad_input(
+                "weir bench needs --module path/to/handler.wasm",
+            ));
+        };
+        if !module_path.is_file() {
+            return Err(bad_input(format!(
+                "cannot read handler module {}: no such file",
+                module_path.display()
+            )));
+        }
+        let dir = TempDir::new()?;
+        let mut handler_config = g.file.handler_config.clone();
+        for pair in &self.handler_config {
+            let (k, v) = crate::config::parse_pair("--handler-config", pair)?;
+            handler_config.insert(k, v);
+        }
+        let mut options = self.options.clone();
+        options.topic = Some(vec!["bench".into()]);
+        options.group = Some("bench".into());
+        options.drain = Some(true);
+        let mut settings = options.resolve(handler_config, dir.path())?;
+        // Room in the instance pool for the probe's instances, kept alive together.
+        settings.host.max_instances = settings
+            .host
+            .max_instances
+            .max(self.probe_instances as u32 + 4);
+
+        // Compile once (fills the compiled cache), then measure what `weir run` does at start.
+        let compile_started = Instant::now();
+        Module::load(&module_path, &settings.host, Arc::new(|_: &str| true))?;
+        let compile_ms = ms(compile_started.elapsed());
+        let ready_started = Instant::now();
+        let log = local::open_owned(dir.path())?;
+        let source: Arc<dyn Source> = log.clone();
+        let exists = {
+            let source = source.clone();
+            Arc::new(move |t: &str| source.topic_exists(t))
+        };
+        let module = Module::load(&module_path, &settings.host, exists)?;
+        let ready_ms = ms(ready_started.elapsed());
+
+        log.create_topic("bench", self.partitions)?;
+        for t in &self.output_topics {
+            log.ensure_topic(t, self.partitions)?;
+        }
+        let (instantiate_us, idle_instance_kib) = probe_instances(&module, self.probe_instances)?;
+
+        let produce_started = Instant::now();
+        let mut n = 0u64;
+        while n < self.count {
+            let chunk = (self.count - n).min(10_000);
+            let records = (n..n + chunk)
+                .map(|i| {
+                    let id = format!("m-{i}").into_bytes();
+                    Record {
+                        key: Some(id.clone()),
+                        payload: synthetic_order(i, self.size),
+                        headers: vec![("idempotency-key".into(), id)],
+                        timestamp_ms: None,
+                    }
+                })
+                .collect();
+            log.append("bench", records).context("producing the messages")?;
+            n += chunk;
+        }
+        let produce_seconds = produce_started.elapsed().as_secs_f64();
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("weir-io")
+            .build()
+            .context("starting the async runtime")?;
+        let instances = settings.engine.instances;
+        let batch_size = settings.engine.batch_size;
+        let delivery = format!("{:?}", settings.engine.delivery);
+        reset_peak_rss();
+        let cpu_before = cpu_seconds();
+        let started = Instant::now();
+        let stats = Arc::new(Stats::default());
+        let summary = runtime.block_on(async {
+            let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            engine::run(source, module.clone(), settings.engine, stop_rx, stats).await
+        })?;
+        let seconds = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu_before;
+        let peak = peak_rss_kib() as f64 / 1024.0;
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        let handled = summary.processed + summary.dead_lettered + summary.deduped;
+        let report = Report {
+            module: module_path.display().to_string(),
+            module_bytes: std::fs::metadata(&module_path).map_or(0, |m| m.len()),
+            entry: if module.is_batch() {
+                "batch-handler"
+            } else {
+                "handler"
+            },
+            messages: self.count,
+            message_bytes: self.size,
+            partitions: self.partitions,
+            instances,
+            batch_size,
+            delivery,
+            compile_ms,
+            ready_ms,
+            instantiate_us,
+            idle_instance_kib,
+            produce_seconds,
+            seconds,
+            messages_per_second: handled as f64 / seconds.max(1e-9),
+            mb_per_second: (handled as f64 * self.size as f64) / seconds.max(1e-9) / 1e6,
+            us_per_message: seconds * 1e6 / handled.max(1) as f64,
+            cpu_seconds: cpu,
+            peak_rss_mib: peak,
+            processed: summary.processed,
+            emitted: summary.emitted,
+            dead_lettered: summary.dead_lettered,
+            retries: summary.retries,
+        };
+        if self.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print_report(&report);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn print_report(r: &Report) {
+    println!("module      {} ({} bytes, {})", r.module, r.module_bytes, r.entry);
+    println!(
+        "load        compile {:.0} ms; ready from the compiled cache {:.1} ms; new instance {:.1} µs; idle instance {:.0} KiB",
+        r.compile_ms, r.ready_ms, r.instantiate_us, r.idle_instance_kib
+    );
+    println!(
+        "input       {} messages of {} bytes over {} partitions (produced in {:.2}s)",
+        r.messages, r.message_bytes, r.partitions, r.produce_seconds
+    );
+    println!(
+        "run         {} instances, batch {}, {}",
+        r.instances, r.batch_size, r.delivery
+    );
+    println!(
+        "result      {:.0} msg/s, {:.1} MB/s, {:.2} µs/msg; {:.2}s wall, {:.2}s CPU; peak RSS {:.0} MiB",
+        r.messages_per_second,
+        r.mb_per_second,
+        r.us_per_message,
+        r.seconds,
+        r.cpu_seconds,
+        r.peak_rss_mib
+    );
+    println!(
+        "outcomes    processed {}, emitted {}, dead-lettered {}, retried {}",
+        r.processed, r.emitted, r.dead_lettered, r.retries
+    );
+}
+
+/// Average time of a new instance, and the resident memory one more costs after it handled a
+/// message (the instances are kept alive while measuring).
+fn probe_instances(module: &Module, n: usize) -> anyhow::Result<(f64, f64)> {
+    let n = n.max(1);
+    let msg = Delivery {
+        topic: Arc::from("bench"),
+        partition: 0,
+        offset: 0,
+        record: Record {
+            key: Some(b"m-0".to_vec()),
+            payload: synthetic_order(0, 100),
+            headers: vec![("idempotency-key".into(), b"m-0".to_vec())],
+            timestamp_ms: Some(0),
+        },
+    };
+    // Warm up the allocator and the pool's first slots.
+    drop(module.instantiate().map_err(|e| anyhow::anyhow!("{e:?}"))?);
+    let before = rss_kib();
+    let mut kept = Vec::with_capacity(n);
+    let mut spent = Duration::ZERO;
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut i = module
+            .instantiate()
+            .map_err(|e| anyhow::anyhow!("instantiating the module failed: {e:?}"))?;
+        spent += t.elapsed();
+        i.run(std::slice::from_ref(&msg), &[1]);
+        kept.push(i);
+    }
+    let after = rss_kib();
+    drop(kept);
+    Ok((
+        spent.as_secs_f64() * 1e6 / n as f64,
+        after.saturating_sub(before) as f64 / n as f64,
+    ))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
+}
+
+fn peak_rss_kib() -> u64 {
+    status_kib("VmHWM:")
+}
+
+/// Resets the kernel's peak-RSS mark (Linux 4.0+), so the peak is the run's, not production's.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// User + system CPU seconds of this process (from /proc; clock ticks of 1/100 s).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line; the first after the name is field 3.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "weir-bench-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
