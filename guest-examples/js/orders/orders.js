@@ -6,9 +6,8 @@
 //
 // Build: npm install && npm run build (jco + componentize-js from npm; writes orders.wasm)
 //
-// jco's conventions: a `result<_, failure>` export returns normally for `ok` and throws the
-// `failure` variant ({ tag, val }) for an error; u64 values are BigInts; byte lists are
-// Uint8Arrays.
+// jco's conventions: a `result` is { tag: "ok" } or { tag: "err", val }; the `failure` variant
+// is { tag: "retry" | "reject", val }; u64 values are BigInts; byte lists are Uint8Arrays.
 
 import { send } from "weir:stream/emit@0.1.0";
 import { log } from "weir:stream/log@0.1.0";
@@ -41,42 +40,70 @@ function parseOrder(payload) {
   return order;
 }
 
-export const handler = {
-  handle(msg) {
-    const order = parseOrder(msg.payload);
-    if (order.amount_cents === 0) {
-      throw reject(`order ${order.id} has no amount`);
-    }
-    if (order.trap === true) {
-      // An unreachable instruction: the host drops this instance and retries on a fresh one.
-      abortCall(`asked to trap at offset ${msg.offset}`);
-    }
-    if (order.transient === true && msg.attempt < 2) {
-      throw {
-        tag: "retry",
-        val: { reason: `payment service busy for order ${order.id}`, delayMs: 10n },
-      };
-    }
-    const confirmation = JSON.stringify({
-      order_id: order.id,
-      customer: order.customer,
-      amount_cents: order.amount_cents,
-      status: "confirmed",
+// Settings do not change during an instance's life, and every call into the host costs tens of
+// µs from JavaScript: read it once.
+let topicSetting;
+function outputTopic() {
+  if (topicSetting === undefined) {
+    topicSetting = get("output-topic") ?? "confirmations";
+  }
+  return topicSetting;
+}
+
+// One message; throws the failure variant for an error.
+function handleOne(msg) {
+  const order = parseOrder(msg.payload);
+  if (order.amount_cents === 0) {
+    throw reject(`order ${order.id} has no amount`);
+  }
+  if (order.trap === true) {
+    // Thrown out of the call: the host drops this instance and retries on a fresh one.
+    abortCall(`asked to trap at offset ${msg.offset}`);
+  }
+  if (order.transient === true && msg.attempt < 2) {
+    throw {
+      tag: "retry",
+      val: { reason: `payment service busy for order ${order.id}`, delayMs: 10n },
+    };
+  }
+  const confirmation = JSON.stringify({
+    order_id: order.id,
+    customer: order.customer,
+    amount_cents: order.amount_cents,
+    status: "confirmed",
+  });
+  const topic = outputTopic();
+  try {
+    send(topic, encoder.encode(order.id), encoder.encode(confirmation), [
+      ["source-offset", encoder.encode(String(msg.offset))],
+    ]);
+  } catch (e) {
+    throw { tag: "retry", val: { reason: String(e.payload ?? e), delayMs: undefined } };
+  }
+  log("debug", `confirmed order ${order.id}`);
+}
+
+// weir's batch entry point (world `batch-consumer`): a JavaScript call costs hundreds of µs, so
+// the host hands over up to --batch-size messages per call. One result per message, in order;
+// a thrown failure becomes that message's `err`, anything else thrown traps the call.
+export const batchHandler = {
+  handleBatch(msgs) {
+    return msgs.map((msg) => {
+      try {
+        handleOne(msg);
+        return { tag: "ok" };
+      } catch (e) {
+        if (e !== null && typeof e === "object" && (e.tag === "retry" || e.tag === "reject")) {
+          return { tag: "err", val: e };
+        }
+        throw e;
+      }
     });
-    const topic = get("output-topic") ?? "confirmations";
-    try {
-      send(topic, encoder.encode(order.id), encoder.encode(confirmation), [
-        ["source-offset", encoder.encode(String(msg.offset))],
-      ]);
-    } catch (e) {
-      throw { tag: "retry", val: { reason: String(e.payload ?? e), delayMs: undefined } };
-    }
-    log("debug", `confirmed order ${order.id}`);
   },
 };
 
 function abortCall(reason) {
-  // Anything thrown that is not a `failure` variant cannot be lowered into the result: the
-  // component traps, as a Rust guest's panic does.
+  // An Error escapes handleBatch: jco turns an uncaught exception into a trap, as a Rust
+  // guest's panic is one.
   throw new Error(reason);
 }

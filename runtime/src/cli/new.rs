@@ -125,6 +125,11 @@ fn readme(name: &str, lang: Lang) -> String {
              (`wasi_snapshot_preview1.reactor.wasm`) is in this directory, written by `weir new`.",
         ),
     };
+    let world = if lang == Lang::Js {
+        "world `batch-consumer`: many messages per call, as a JavaScript call is expensive"
+    } else {
+        "world `consumer`: one message per call"
+    };
     format!(
         "# {name}\n\n\
          A [weir](https://example.invalid/weir) message handler in {lang}. It upper-cases each \
@@ -137,7 +142,7 @@ fn readme(name: &str, lang: Lang) -> String {
          fields you give are compared). Run it in CI: it exits 1 when a result differs.\n\n\
          ## Run\n\n    weir topics create input --partitions 4\n    weir topics create shouted\n    \
          weir produce input 'hello'\n    weir run --module {name}.wasm --topic input --group {name}\n\n\
-         `wit/weir.wit` is weir's contract (world `consumer`: one message per call). What each \
+         `wit/weir.wit` is weir's contract ({world}). What each \
          outcome makes weir do, and the limits a handler runs under, are in weir's authoring \
          guide (docs/authoring.md).\n",
         lang = match lang {
