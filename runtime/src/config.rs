@@ -78,7 +78,28 @@ pub struct RunOptions {
     /// Handler instances running at once [default: number of CPUs]
     #[arg(long, env = "WEIR_INSTANCES")]
     pub instances: Option<usize>,
-    /// Key-ordered lanes per partition (messages of one key share a lane) [default: --instances]
+    /// Scale handler instances against consumer lag, from this many [default: 1 when
+    /// --max-instances is given]
+    #[arg(long, env = "WEIR_MIN_INSTANCES")]
+    pub min_instances: Option<usize>,
+    /// Scale handler instances against consumer lag, up to this many (instead of a fixed
+    /// --instances) [default: off]
+    #[arg(long, env = "WEIR_MAX_INSTANCES")]
+    pub max_instances: Option<usize>,
+    /// With scaling: run enough instances to clear the backlog within this long [default: 10s]
+    #[arg(long, env = "WEIR_TARGET_DRAIN")]
+    pub target_drain: Option<String>,
+    /// With scaling: let instances go only after the backlog has been low this long
+    /// [default: 30s]
+    #[arg(long, env = "WEIR_SCALE_DOWN_DELAY")]
+    pub scale_down_delay: Option<String>,
+    /// Embedded log: refuse appends through this run (`weir produce`, which then waits and
+    /// retries) to a consumed topic while it holds more than this many uncommitted messages
+    /// [default: no limit]
+    #[arg(long, env = "WEIR_MAX_DEPTH")]
+    pub max_depth: Option<u64>,
+    /// Key-ordered lanes per partition (messages of one key share a lane)
+    /// [default: --instances, or --max-instances when scaling]
     #[arg(long, env = "WEIR_LANES")]
     pub lanes: Option<usize>,
     /// Messages fetched and unfinished per partition before fetching pauses
@@ -264,6 +285,8 @@ pub mod defaults {
     pub const DEDUPE_HEADER: &str = "idempotency-key";
     pub const DEDUPE_WINDOW: &str = "24h";
     pub const REVOKE_TIMEOUT: &str = "15s";
+    pub const TARGET_DRAIN: &str = "10s";
+    pub const SCALE_DOWN_DELAY: &str = "30s";
     /// Lanes per partition default to the number of instances, so one partition can keep
     /// every instance busy.
     pub fn lanes(instances: usize) -> usize {
@@ -283,6 +306,9 @@ pub mod defaults {
 #[derive(Debug, Clone)]
 pub struct RunSettings {
     pub module: PathBuf,
+    /// `--max-depth`: the most uncommitted messages a consumed topic may hold before appends
+    /// through this run are told to slow down.
+    pub max_depth: Option<u64>,
     pub exactly_once: bool,
     pub engine: crate::engine::EngineConfig,
     pub host: crate::host::HostConfig,
@@ -298,6 +324,11 @@ impl RunOptions {
             drain: self.drain.or(lower.drain),
             batch_size: self.batch_size.or(lower.batch_size),
             instances: self.instances.or(lower.instances),
+            min_instances: self.min_instances.or(lower.min_instances),
+            max_instances: self.max_instances.or(lower.max_instances),
+            target_drain: self.target_drain.or(lower.target_drain),
+            scale_down_delay: self.scale_down_delay.or(lower.scale_down_delay),
+            max_depth: self.max_depth.or(lower.max_depth),
             lanes: self.lanes.or(lower.lanes),
             max_in_flight: self.max_in_flight.or(lower.max_in_flight),
             memory_limit: self.memory_limit.or(lower.memory_limit),
@@ -352,12 +383,67 @@ impl RunOptions {
                 "--batch-size: {batch_size} is not between 1 and 10000"
             )));
         }
-        let instances = self.instances.unwrap_or_else(defaults::instances);
+        let autoscale = match (self.min_instances, self.max_instances) {
+            (None, None) => {
+                if self.target_drain.is_some() || self.scale_down_delay.is_some() {
+                    return Err(ConfigError(
+                        "--target-drain and --scale-down-delay apply to scaling: add --max-instances N".into(),
+                    ));
+                }
+                None
+            }
+            (_, None) => {
+                return Err(ConfigError(
+                    "--min-instances needs --max-instances (scaling between the two)".into(),
+                ));
+            }
+            (min, Some(max)) => {
+                if self.instances.is_some() {
+                    return Err(ConfigError(
+                        "give either --instances (a fixed count) or --min-instances/--max-instances (scaled against lag), not both".into(),
+                    ));
+                }
+                let min = min.unwrap_or(1);
+                if min == 0 || min > max || max > 1024 {
+                    return Err(ConfigError(format!(
+                        "--min-instances {min} and --max-instances {max}: need 1 <= min <= max <= 1024"
+                    )));
+                }
+                let target_drain = parse_duration(
+                    "--target-drain",
+                    self.target_drain
+                        .as_deref()
+                        .unwrap_or(defaults::TARGET_DRAIN),
+                )?;
+                let stabilization = parse_duration(
+                    "--scale-down-delay",
+                    self.scale_down_delay
+                        .as_deref()
+                        .unwrap_or(defaults::SCALE_DOWN_DELAY),
+                )?;
+                if target_drain.is_zero() {
+                    return Err(ConfigError("--target-drain must be more than 0".into()));
+                }
+                Some(crate::engine::scaler::ScalerConfig {
+                    min,
+                    max,
+                    target_drain,
+                    stabilization,
+                    rate_smoothing: 0.5,
+                })
+            }
+        };
+        let instances = match &autoscale {
+            Some(a) => a.min,
+            None => self.instances.unwrap_or_else(defaults::instances),
+        };
         if !(1..=1024).contains(&instances) {
             return Err(ConfigError(format!(
                 "--instances: {instances} is not between 1 and 1024"
             )));
         }
+        // The most instances that may ever run (sizes the instance pool and the lanes).
+        let most = autoscale.as_ref().map_or(instances, |a| a.max);
         let memory_limit = parse_size(
             "--memory-limit",
             &self.memory_limit.unwrap_or(defaults::MEMORY_LIMIT.into()),
@@ -411,7 +497,7 @@ impl RunOptions {
                 "--retry-topic and --dlq-topic must contain `{topic}` (with several topics, each needs its own)".into(),
             ));
         }
-        let lanes = self.lanes.unwrap_or_else(|| defaults::lanes(instances));
+        let lanes = self.lanes.unwrap_or_else(|| defaults::lanes(most));
         if !(1..=4096).contains(&lanes) {
             return Err(ConfigError(format!(
                 "--lanes: {lanes} is not between 1 and 4096"
@@ -470,8 +556,14 @@ impl RunOptions {
             store,
             claim_ttl,
         });
+        if self.max_depth == Some(0) {
+            return Err(ConfigError(
+                "--max-depth must be at least 1 (leave it out for no limit)".into(),
+            ));
+        }
         Ok(RunSettings {
             module,
+            max_depth: self.max_depth,
             engine: crate::engine::EngineConfig {
                 group,
                 topics,
@@ -495,12 +587,13 @@ impl RunOptions {
                 retry_topics: Vec::new(),
                 dedupe,
                 revoke_timeout,
+                autoscale,
             },
             exactly_once: self.exactly_once.unwrap_or(false),
             host: crate::host::HostConfig {
                 memory_limit,
                 call_timeout,
-                max_instances: instances as u32,
+                max_instances: most as u32,
                 cache_dir: Some(data_dir.join("compiled")),
                 handler_config,
                 capture_logs: false,

@@ -10,4 +10,5 @@ mod failures;
 mod faults;
 mod kafka;
 mod languages;
+mod scaling;
 mod shared_dedupe;

@@ -37,7 +37,11 @@ pub struct BenchCommand {
     #[arg(long, default_value_t = 4)]
     partitions: u32,
     /// Topics the handler emits to, created before the run
-    #[arg(long = "output-topic", default_value = "confirmations", value_delimiter = ',')]
+    #[arg(
+        long = "output-topic",
+        default_value = "confirmations",
+        value_delimiter = ','
+    )]
     output_topics: Vec<String>,
     /// KEY=VALUE the handler reads through its config import; repeat for more
     #[arg(long = "handler-config", value_name = "KEY=VALUE")]
@@ -102,9 +106,7 @@ impl BenchCommand {
             return Err(bad_input("--size is at most 1MiB for a benchmark"));
         }
         let Some(module_path) = self.options.module.clone() else {
-            return Err(bad_input(
-                "weir bench needs --module path/to/handler.wasm",
-            ));
+            return Err(bad_input("weir bench needs --module path/to/handler.wasm"));
         };
         if !module_path.is_file() {
             return Err(bad_input(format!(
@@ -164,7 +166,8 @@ impl BenchCommand {
                     }
                 })
                 .collect();
-            log.append("bench", records).context("producing the messages")?;
+            log.append("bench", records)
+                .context("producing the messages")?;
             n += chunk;
         }
         let produce_seconds = produce_started.elapsed().as_secs_f64();
@@ -231,7 +234,10 @@ impl BenchCommand {
 }
 
 fn print_report(r: &Report) {
-    println!("module      {} ({} bytes, {})", r.module, r.module_bytes, r.entry);
+    println!(
+        "module      {} ({} bytes, {})",
+        r.module, r.module_bytes, r.entry
+    );
     println!(
         "load        compile {:.0} ms; ready from the compiled cache {:.1} ms; new instance {:.1} µs; idle instance {:.0} KiB",
         r.compile_ms, r.ready_ms, r.instantiate_us, r.idle_instance_kib
@@ -336,7 +342,12 @@ fn cpu_seconds() -> f64 {
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the line; the first after the name is field 3.
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
@@ -348,12 +359,8 @@ impl TempDir {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "weir-bench-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        let path = std::env::temp_dir().join(format!("weir-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(TempDir(path))
     }
 

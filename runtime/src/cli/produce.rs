@@ -31,6 +31,10 @@ pub struct ProduceCommand {
     /// Read one message per line from this file [default: standard input]
     #[arg(long, conflicts_with = "value")]
     file: Option<PathBuf>,
+    /// With lines from --file or standard input: each line is KEY<SEP>VALUE, split at the first
+    /// SEP (as kafka-console-producer's key.separator) [default: off, lines are values]
+    #[arg(long, value_name = "SEP", conflicts_with_all = ["value", "key"])]
+    key_separator: Option<String>,
     /// Produce N synthetic orders instead (`{"id":"m-<n>","customer":...,"amount_cents":...}`),
     /// keyed by id and with an `idempotency-key: m-<n>` header [default: off]
     #[arg(long, conflicts_with_all = ["value", "file"])]
@@ -124,7 +128,11 @@ impl ProduceCommand {
                 None => Box::new(std::io::stdin().lock()),
             };
             let mut batch = Vec::with_capacity(CHUNK);
-            for line in reader.split(b'\n') {
+            let sep = match self.key_separator.as_deref() {
+                Some("") => return Err(bad_input("--key-separator must not be empty")),
+                other => other.map(str::as_bytes),
+            };
+            for (n, line) in reader.split(b'\n').enumerate() {
                 let mut line = line.context("reading messages")?;
                 if line.last() == Some(&b'\r') {
                     line.pop();
@@ -132,7 +140,24 @@ impl ProduceCommand {
                 if line.is_empty() {
                     continue;
                 }
-                batch.push(make(line, fixed_key.clone()));
+                let (key, value) = match sep {
+                    None => (fixed_key.clone(), line),
+                    Some(sep) => match line.windows(sep.len()).position(|w| w == sep) {
+                        Some(i) => (Some(line[..i].to_vec()), line[i + sep.len()..].to_vec()),
+                        None => {
+                            if !batch.is_empty() {
+                                send(&mut log, std::mem::take(&mut batch))?;
+                            }
+                            return Err(bad_input(format!(
+                                "line {} has no key separator {:?}; write KEY{}VALUE on each line (the lines before it were produced, none from it on)",
+                                n + 1,
+                                String::from_utf8_lossy(sep),
+                                String::from_utf8_lossy(sep)
+                            )));
+                        }
+                    },
+                };
+                batch.push(make(value, key));
                 if batch.len() == CHUNK {
                     send(&mut log, std::mem::take(&mut batch))?;
                 }

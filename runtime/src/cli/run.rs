@@ -76,6 +76,16 @@ impl RunCommand {
             Arc::new(move |t: &str| source.topic_exists(t))
         };
         let module = Module::load(&module_path, &settings.host, exists)?;
+        if settings.max_depth.is_some() && g.kafka.is_some() {
+            return Err(super::bad_input(
+                "--max-depth applies to the embedded log; on Kafka, the brokers' retention and quotas bound a topic",
+            ));
+        }
+        let max_depth = settings.max_depth.map(|max| local::MaxDepth {
+            max,
+            group: settings.engine.group.clone(),
+            topics: settings.engine.topics.clone(),
+        });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -84,7 +94,7 @@ impl RunCommand {
             .context("starting the async runtime")?;
         let started = Instant::now();
         let summary = runtime.block_on(async {
-            let _socket = log.and_then(local::serve);
+            let _socket = log.and_then(|log| local::serve(log, max_depth));
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             // Owns the signal handlers; flips the shutdown flag every partition task watches.
             tokio::spawn(async move {

@@ -479,8 +479,8 @@ mod tests {
         assert_eq!(
             d,
             vec![
+                ".emitted: expected 0 element(s), got 1".to_string(),
                 ".outcome: expected \"rejected\", got \"ok\"".to_string(),
-                ".emitted: expected 0 element(s), got 1".to_string()
             ]
         );
     }

@@ -22,6 +22,7 @@ pub mod offsets;
 mod partition;
 mod pool;
 pub mod retry;
+pub mod scaler;
 
 use crate::host::Module;
 use crate::source::{GroupEvent, Source, SourceError};
@@ -29,7 +30,7 @@ use pool::Pool;
 use retry::Backoff;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 
@@ -91,6 +92,8 @@ pub struct EngineConfig {
     /// How long revoked partitions may take to finish their in-flight messages and commit
     /// before they are let go regardless (group-managed sources).
     pub revoke_timeout: Duration,
+    /// Scale the instances against lag between these bounds; `None`: `instances`, fixed.
+    pub autoscale: Option<scaler::ScalerConfig>,
 }
 
 impl EngineConfig {
@@ -117,6 +120,18 @@ pub struct Stats {
     pub faults: AtomicU64,
     /// Duplicates acked without running the handler (idempotency key already done).
     pub deduped: AtomicU64,
+    /// Handler instances running now.
+    pub instances: AtomicUsize,
+    /// What the scaler asks for (the fixed count without scaling).
+    pub desired_instances: AtomicUsize,
+    /// The most instances that ran at once.
+    pub instances_peak: AtomicUsize,
+    /// Key-ordered lanes with messages waiting or running, over all partitions.
+    pub busy_lanes: AtomicUsize,
+    /// Messages fetched and not finished, over all partitions.
+    pub in_flight: AtomicUsize,
+    /// Consumer lag (messages below the end not yet committed), as the scaler last saw it.
+    pub lag: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -127,6 +142,8 @@ pub struct Summary {
     pub retries: u64,
     pub faults: u64,
     pub deduped: u64,
+    /// The most handler instances that ran at once.
+    pub instances_peak: usize,
 }
 
 impl Stats {
@@ -138,6 +155,7 @@ impl Stats {
             retries: self.retries.load(Ordering::Relaxed),
             faults: self.faults.load(Ordering::Relaxed),
             deduped: self.deduped.load(Ordering::Relaxed),
+            instances_peak: self.instances_peak.load(Ordering::Relaxed),
         }
     }
 }
@@ -179,6 +197,8 @@ struct Ctx {
     store_down_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// The run's shutdown flag (a commit waiting for the dedupe store gives up on it).
     shutdown: watch::Receiver<bool>,
+    /// The partitions being consumed now (the scaler's lag is theirs).
+    live: std::sync::Mutex<HashSet<(Arc<str>, u32)>>,
 }
 
 /// Consumes `cfg.topics` with `module` until `shutdown` turns true (or, with `drain`, until
@@ -218,7 +238,16 @@ pub async fn run(
         token: format!("weir-{}-{:016x}", std::process::id(), rand::random::<u64>()),
         store_down_until: Default::default(),
         shutdown: shutdown.clone(),
+        live: Default::default(),
     });
+    ctx.stats
+        .desired_instances
+        .store(ctx.pool.size(), Ordering::Relaxed);
+    let scaling = ctx
+        .cfg
+        .autoscale
+        .clone()
+        .map(|c| tokio::spawn(scale(ctx.clone(), c, shutdown.clone())));
     // Evicts expired dedupe marks now and then, off the consume path; ends with the run.
     let evictor = ctx.cfg.dedupe.is_some().then(|| {
         let source = ctx.source.clone();
@@ -266,9 +295,90 @@ pub async fn run(
     if let Some(e) = evictor {
         e.abort();
     }
+    if let Some(s) = scaling {
+        s.abort();
+        let _ = s.await;
+    }
     let ctx = Arc::into_inner(ctx).expect("every partition task has ended");
     ctx.pool.stop();
     result.map(|()| stats.summary())
+}
+
+/// How often the scaler looks at lag and throughput.
+const SCALE_EVERY: Duration = Duration::from_millis(500);
+
+/// Scales the instance pool against lag until the run ends: each tick observes lag (over the
+/// partitions consumed now), what was handled and what failed, asks the [`scaler::Scaler`] for a
+/// count, and resizes the pool.
+async fn scale(ctx: Arc<Ctx>, cfg: scaler::ScalerConfig, shutdown: watch::Receiver<bool>) {
+    let started = tokio::time::Instant::now();
+    let mut scaler = scaler::Scaler::new(cfg);
+    let mut tick = tokio::time::interval(SCALE_EVERY);
+    let handled = |s: &Stats| {
+        s.processed.load(Ordering::Relaxed)
+            + s.dead_lettered.load(Ordering::Relaxed)
+            + s.deduped.load(Ordering::Relaxed)
+    };
+    let (mut last_handled, mut last_failed) = (handled(&ctx.stats), 0u64);
+    loop {
+        tick.tick().await;
+        if *shutdown.borrow() {
+            return;
+        }
+        let parts: Vec<(Arc<str>, u32)> = ctx
+            .live
+            .lock()
+            .expect("live partitions")
+            .iter()
+            .cloned()
+            .collect();
+        let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
+        let lag = tokio::task::spawn_blocking(move || {
+            let mut lag = 0u64;
+            for (t, p) in parts {
+                let end = src.end_offset(&t, p)?;
+                let committed = src.committed(&group, &t, p)?;
+                lag += end.saturating_sub(committed);
+            }
+            Ok::<u64, SourceError>(lag)
+        })
+        .await;
+        let lag = match lag {
+            Ok(Ok(lag)) => lag,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "the scaler could not read the lag; keeping the count");
+                continue;
+            }
+            Err(_) => return,
+        };
+        ctx.stats.lag.store(lag, Ordering::Relaxed);
+        let now_handled = handled(&ctx.stats);
+        let now_failed = ctx.stats.retries.load(Ordering::Relaxed);
+        let current = ctx.pool.size();
+        let d = scaler.decide(scaler::Observation {
+            now: started.elapsed(),
+            lag,
+            handled: now_handled.saturating_sub(last_handled),
+            failed: now_failed.saturating_sub(last_failed),
+            current,
+            busy_lanes: ctx.stats.busy_lanes.load(Ordering::Relaxed),
+        });
+        (last_handled, last_failed) = (now_handled, now_failed);
+        ctx.stats
+            .desired_instances
+            .store(d.desired, Ordering::Relaxed);
+        if d.desired != current {
+            tracing::info!(
+                instances = d.desired,
+                was = current,
+                lag,
+                reason = ?d.reason,
+                rate_per_instance = d.rate_per_instance.map(|r| r.round()),
+                "scaling"
+            );
+            ctx.pool.resize(d.desired);
+        }
+    }
 }
 
 /// Consumes every partition of the consumed topics (a source without consumer groups).

@@ -66,6 +66,54 @@ fn lane_of(d: &Delivery, lanes: usize, round_robin: &mut usize) -> usize {
     }
 }
 
+/// This partition's share of the run's gauges (busy lanes, messages in flight) and its entry
+/// in the set of live partitions; taken back when the task ends, however it ends.
+struct Gauges {
+    ctx: Arc<Ctx>,
+    key: (Arc<str>, u32),
+    lanes: usize,
+    in_flight: usize,
+}
+
+impl Gauges {
+    fn new(ctx: &Arc<Ctx>, topic: &Arc<str>, partition: u32) -> Gauges {
+        let key = (topic.clone(), partition);
+        ctx.live
+            .lock()
+            .expect("live partitions")
+            .insert(key.clone());
+        Gauges {
+            ctx: ctx.clone(),
+            key,
+            lanes: 0,
+            in_flight: 0,
+        }
+    }
+
+    fn set(&mut self, lanes: usize, in_flight: usize) {
+        let s = &self.ctx.stats;
+        if lanes != self.lanes {
+            s.busy_lanes.fetch_add(lanes, Ordering::Relaxed);
+            s.busy_lanes.fetch_sub(self.lanes, Ordering::Relaxed);
+            self.lanes = lanes;
+        }
+        if in_flight != self.in_flight {
+            s.in_flight.fetch_add(in_flight, Ordering::Relaxed);
+            s.in_flight.fetch_sub(self.in_flight, Ordering::Relaxed);
+            self.in_flight = in_flight;
+        }
+    }
+}
+
+impl Drop for Gauges {
+    fn drop(&mut self) {
+        self.set(0, 0);
+        if let Ok(mut live) = self.ctx.live.lock() {
+            live.remove(&self.key);
+        }
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
 ) -> Result<T, EngineError> {
@@ -101,6 +149,7 @@ pub(super) async fn consume(
     let mut empty = false;
     let mut caught_up = false;
     let mut pending = Pending::default();
+    let mut gauges = Gauges::new(&ctx, &topic, partition);
     loop {
         // 1. Fetch while there is room in flight.
         if !stopping && tracker.in_flight() < cfg.max_in_flight {
@@ -193,6 +242,14 @@ pub(super) async fn consume(
                 });
             });
         }
+
+        gauges.set(
+            lanes
+                .iter()
+                .filter(|l| l.busy || !l.queue.is_empty())
+                .count(),
+            tracker.in_flight(),
+        );
 
         // 3. Done?
         if running == 0 {

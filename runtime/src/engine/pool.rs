@@ -1,13 +1,14 @@
 //! The instance pool: worker threads that each own one handler instance.
 //!
 //! Calls into wasm are synchronous and CPU-bound, so they run on these threads rather than on
-//! tokio's. A job is a run of messages of one lane; any free worker takes the next job.
+//! tokio's. A job is a run of messages of one lane; any free worker takes the next job. The
+//! number of workers can change while jobs run ([`Pool::resize`], driven by the scaler).
 
 use super::{EngineError, Stats};
 use crate::host::{Instance, Module, Outcome, RunResult};
 use crate::source::Delivery;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::oneshot;
 
 /// A run of messages for an instance, and where to send the result back.
@@ -20,33 +21,69 @@ struct Job {
 pub(super) struct Pool {
     /// Jobs from all lanes of all partitions; any free worker takes the next one.
     jobs: crossbeam_channel::Sender<Job>,
-    workers: Vec<std::thread::JoinHandle<()>>,
+    rx: crossbeam_channel::Receiver<Job>,
+    workers: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    module: Module,
+    stats: Arc<Stats>,
+    /// How many workers there should be; a worker above it exits after its current job.
+    desired: Arc<AtomicUsize>,
+    /// How many workers there are.
+    alive: Arc<AtomicUsize>,
+    /// Workers ever started (names them).
+    started: AtomicUsize,
 }
+
+/// How often an idle worker checks whether it should retire.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Pool {
     pub(super) fn start(module: &Module, instances: usize, stats: Arc<Stats>) -> Pool {
         // Unbounded: the number of jobs is bounded by the lanes (one job per lane at a time).
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-        let workers = (0..instances)
-            .map(|i| {
-                let rx = rx.clone();
-                let module = module.clone();
-                let stats = stats.clone();
+        let pool = Pool {
+            jobs: tx,
+            rx,
+            workers: Default::default(),
+            module: module.clone(),
+            stats,
+            desired: Arc::new(AtomicUsize::new(0)),
+            alive: Arc::new(AtomicUsize::new(0)),
+            started: AtomicUsize::new(0),
+        };
+        pool.resize(instances.max(1));
+        pool
+    }
+
+    /// Instances running now.
+    pub(super) fn size(&self) -> usize {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Grows to `n` workers at once; shrinks as workers above `n` finish their current job
+    /// (their instances are dropped with them).
+    pub(super) fn resize(&self, n: usize) {
+        let n = n.max(1);
+        self.desired.store(n, Ordering::Relaxed);
+        let mut workers = self.workers.lock().expect("pool lock");
+        workers.retain(|w| !w.is_finished());
+        while self.alive.load(Ordering::Relaxed) < n {
+            self.alive.fetch_add(1, Ordering::Relaxed);
+            let i = self.started.fetch_add(1, Ordering::Relaxed);
+            let rx = self.rx.clone();
+            let module = self.module.clone();
+            let stats = self.stats.clone();
+            let (desired, alive) = (self.desired.clone(), self.alive.clone());
+            workers.push(
                 std::thread::Builder::new()
                     .name(format!("weir-instance-{i}"))
-                    .spawn(move || {
-                        let mut instance = None;
-                        while let Ok(job) = rx.recv() {
-                            let result =
-                                serve(&module, &mut instance, &job.msgs, &job.attempts, &stats);
-                            // The lane may be gone (shutdown); nothing to do then.
-                            let _ = job.reply.send((job.msgs, result));
-                        }
-                    })
-                    .expect("spawn an instance worker thread")
-            })
-            .collect();
-        Pool { jobs: tx, workers }
+                    .spawn(move || worker(rx, module, stats, desired, alive))
+                    .expect("spawn an instance worker thread"),
+            );
+        }
+        self.stats.instances.store(self.size(), Ordering::Relaxed);
+        self.stats
+            .instances_peak
+            .fetch_max(self.size(), Ordering::Relaxed);
     }
 
     pub(super) async fn run(
@@ -67,9 +104,45 @@ impl Pool {
     }
 
     pub(super) fn stop(self) {
+        self.desired.store(0, Ordering::Relaxed);
         drop(self.jobs);
-        for w in self.workers {
+        drop(self.rx);
+        for w in self.workers.into_inner().expect("pool lock") {
             let _ = w.join();
+        }
+    }
+}
+
+fn worker(
+    rx: crossbeam_channel::Receiver<Job>,
+    module: Module,
+    stats: Arc<Stats>,
+    desired: Arc<AtomicUsize>,
+    alive: Arc<AtomicUsize>,
+) {
+    let mut instance = None;
+    loop {
+        // Retire if there are more workers than wanted (one at a time, by compare-exchange).
+        let now = alive.load(Ordering::Relaxed);
+        if now > desired.load(Ordering::Relaxed)
+            && alive
+                .compare_exchange(now, now - 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            stats.instances.store(now - 1, Ordering::Relaxed);
+            return;
+        }
+        match rx.recv_timeout(IDLE_CHECK) {
+            Ok(job) => {
+                let result = serve(&module, &mut instance, &job.msgs, &job.attempts, &stats);
+                // The lane may be gone (shutdown); nothing to do then.
+                let _ = job.reply.send((job.msgs, result));
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                alive.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
         }
     }
 }

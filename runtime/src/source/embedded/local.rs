@@ -9,7 +9,7 @@
 //! to the process that owns it.
 
 use super::EmbeddedLog;
-use crate::source::{Delivery, Record, SourceError, TopicStats};
+use crate::source::{Delivery, Record, Source, SourceError, TopicStats};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -60,13 +60,56 @@ enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "ok", rename_all = "kebab-case")]
 enum Response {
-    Placed { placed: Vec<(u32, u64)> },
+    Placed {
+        placed: Vec<(u32, u64)>,
+    },
     Done,
-    Stats { topics: Vec<TopicStats> },
-    Records { records: Vec<WireDelivery> },
-    Offset { offset: u64 },
-    Offsets { offsets: Vec<u64> },
-    Error { bad_input: bool, message: String },
+    Stats {
+        topics: Vec<TopicStats>,
+    },
+    Records {
+        records: Vec<WireDelivery>,
+    },
+    Offset {
+        offset: u64,
+    },
+    Offsets {
+        offsets: Vec<u64>,
+    },
+    Error {
+        bad_input: bool,
+        message: String,
+    },
+    /// The topic holds more unconsumed messages than the run allows: try again later.
+    SlowDown {
+        depth: u64,
+        max: u64,
+    },
+}
+
+/// `weir run --max-depth`: appends through the socket to a topic the run consumes are refused
+/// with "slow down" while the topic holds more than `max` messages the run's group has not
+/// committed.
+#[derive(Debug, Clone)]
+pub struct MaxDepth {
+    pub max: u64,
+    pub group: String,
+    pub topics: Vec<String>,
+}
+
+impl MaxDepth {
+    /// The topic's depth when it is over the bound.
+    fn over(&self, log: &EmbeddedLog, topic: &str) -> Result<Option<u64>, SourceError> {
+        if !self.topics.iter().any(|t| t == topic) {
+            return Ok(None);
+        }
+        let mut depth = 0u64;
+        for p in 0..log.partitions(topic)? {
+            let end = log.end_offset(topic, p)?;
+            depth += end.saturating_sub(log.committed_offset(&self.group, topic, p)?);
+        }
+        Ok((depth > self.max).then_some(depth))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -127,11 +170,22 @@ fn error_response(e: SourceError) -> Response {
     }
 }
 
-fn serve_one(log: &EmbeddedLog, req: Request) -> Response {
+fn serve_one(log: &EmbeddedLog, req: Request, limit: Option<&MaxDepth>) -> Response {
     let r = match req {
-        Request::Produce { topic, records } => log
-            .append(&topic, records.into_iter().map(Record::from).collect())
-            .map(|placed| Response::Placed { placed }),
+        Request::Produce { topic, records } => {
+            match limit.map(|l| l.over(log, &topic)).transpose() {
+                Err(e) => Err(e),
+                Ok(Some(Some(depth))) => {
+                    return Response::SlowDown {
+                        depth,
+                        max: limit.map_or(0, |l| l.max),
+                    };
+                }
+                Ok(_) => log
+                    .append(&topic, records.into_iter().map(Record::from).collect())
+                    .map(|placed| Response::Placed { placed }),
+            }
+        }
         Request::CreateTopic { topic, partitions } => log
             .create_topic(&topic, partitions)
             .map(|()| Response::Done),
@@ -189,7 +243,8 @@ fn serve_one(log: &EmbeddedLog, req: Request) -> Response {
 
 /// Serves `log` on `<data-dir>/weir.sock` until the returned guard is dropped. Returns `None`
 /// (with a warning) when the socket cannot be made; `weir run` works without it.
-pub fn serve(log: Arc<EmbeddedLog>) -> Option<SocketGuard> {
+pub fn serve(log: Arc<EmbeddedLog>, limit: Option<MaxDepth>) -> Option<SocketGuard> {
+    let limit = limit.map(Arc::new);
     let path = log.dir().join(SOCKET_NAME);
     // We hold the data directory's lock, so a socket file left here is from a dead process.
     let _ = std::fs::remove_file(&path);
@@ -206,10 +261,10 @@ pub fn serve(log: Arc<EmbeddedLog>) -> Option<SocketGuard> {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let log = log.clone();
+            let (log, limit) = (log.clone(), limit.clone());
             // One task per client, so a slow client (a big produce) does not hold up the others.
             tokio::spawn(async move {
-                if let Err(e) = connection(log, stream).await {
+                if let Err(e) = connection(log, stream, limit).await {
                     tracing::debug!(error = %e, "local client connection ended");
                 }
             });
@@ -218,7 +273,11 @@ pub fn serve(log: Arc<EmbeddedLog>) -> Option<SocketGuard> {
     Some(SocketGuard { path, task })
 }
 
-async fn connection(log: Arc<EmbeddedLog>, stream: tokio::net::UnixStream) -> std::io::Result<()> {
+async fn connection(
+    log: Arc<EmbeddedLog>,
+    stream: tokio::net::UnixStream,
+    limit: Option<Arc<MaxDepth>>,
+) -> std::io::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
@@ -229,8 +288,8 @@ async fn connection(log: Arc<EmbeddedLog>, stream: tokio::net::UnixStream) -> st
                 message: format!("bad request: {e}"),
             },
             Ok(req) => {
-                let log = log.clone();
-                tokio::task::spawn_blocking(move || serve_one(&log, req))
+                let (log, limit) = (log.clone(), limit.clone());
+                tokio::task::spawn_blocking(move || serve_one(&log, req, limit.as_deref()))
                     .await
                     .unwrap_or_else(|e| Response::Error {
                         bad_input: false,
@@ -375,15 +434,34 @@ impl LogHandle {
             LogHandle::Remote(c) => {
                 let mut placed = Vec::with_capacity(records.len());
                 let mut records = records.into_iter().peekable();
+                let mut told = false;
                 while records.peek().is_some() {
                     let chunk: Vec<WireRecord> =
                         records.by_ref().take(CHUNK).map(WireRecord::from).collect();
-                    match c.call(&Request::Produce {
+                    let request = Request::Produce {
                         topic: topic.to_string(),
                         records: chunk,
-                    })? {
-                        Response::Placed { placed: p } => placed.extend(p),
-                        r => return Err(c.unexpected(r)),
+                    };
+                    // Backpressure: while the run says the topic is too deep, wait and retry.
+                    let mut wait = Duration::from_millis(20);
+                    loop {
+                        match c.call(&request)? {
+                            Response::Placed { placed: p } => {
+                                placed.extend(p);
+                                break;
+                            }
+                            Response::SlowDown { depth, max } => {
+                                if !told {
+                                    eprintln!(
+                                        "slowing down: topic {topic} holds {depth} unconsumed messages, over the run's --max-depth {max}; waiting for the handler to catch up"
+                                    );
+                                    told = true;
+                                }
+                                std::thread::sleep(wait);
+                                wait = (wait * 2).min(Duration::from_millis(500));
+                            }
+                            r => return Err(c.unexpected(r)),
+                        }
                     }
                 }
                 Ok(placed)

@@ -223,7 +223,10 @@ impl EmbeddedLog {
             self.db.delete_keyspace(old).map_err(|e| self.storage(e))?;
         }
         if moved > 0 {
-            tracing::info!(marks = moved, "moved dedupe marks to their keyspace `marks`");
+            tracing::info!(
+                marks = moved,
+                "moved dedupe marks to their keyspace `marks`"
+            );
         }
         Ok(())
     }
@@ -859,8 +862,15 @@ mod tests {
         }
         let log = EmbeddedLog::open(dir.path()).unwrap();
         assert!(log.dedupe_done("g", b"id-2", 1_000).unwrap());
-        assert!(!log.db.keyspace_exists("dedupe"), "the old keyspace is gone");
-        assert_eq!(log.evict_dedupe(6_000, 10).unwrap(), 1, "the index moved too");
+        assert!(
+            !log.db.keyspace_exists("dedupe"),
+            "the old keyspace is gone"
+        );
+        assert_eq!(
+            log.evict_dedupe(6_000, 10).unwrap(),
+            1,
+            "the index moved too"
+        );
         drop(log);
         // Reopening finds nothing more to move and keeps what moved.
         let log = EmbeddedLog::open(dir.path()).unwrap();
