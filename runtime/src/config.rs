@@ -93,6 +93,10 @@ pub struct RunOptions {
     /// [default: 30s]
     #[arg(long, env = "WEIR_SCALE_DOWN_DELAY")]
     pub scale_down_delay: Option<String>,
+    /// The admin HTTP server (metrics, probes, status, dashboard): HOST:PORT, or `off`
+    /// [default: 127.0.0.1:9464]
+    #[arg(long, env = "WEIR_ADMIN")]
+    pub admin: Option<String>,
     /// Embedded log: refuse appends through this run (`weir produce`, which then waits and
     /// retries) to a consumed topic while it holds more than this many uncommitted messages
     /// [default: no limit]
@@ -286,6 +290,7 @@ pub mod defaults {
     pub const DEDUPE_WINDOW: &str = "24h";
     pub const REVOKE_TIMEOUT: &str = "15s";
     pub const TARGET_DRAIN: &str = "10s";
+    pub const ADMIN: &str = "127.0.0.1:9464";
     pub const SCALE_DOWN_DELAY: &str = "30s";
     /// Lanes per partition default to the number of instances, so one partition can keep
     /// every instance busy.
@@ -309,6 +314,8 @@ pub struct RunSettings {
     /// `--max-depth`: the most uncommitted messages a consumed topic may hold before appends
     /// through this run are told to slow down.
     pub max_depth: Option<u64>,
+    /// Where the admin server listens; `None`: off.
+    pub admin: Option<std::net::SocketAddr>,
     pub exactly_once: bool,
     pub engine: crate::engine::EngineConfig,
     pub host: crate::host::HostConfig,
@@ -329,6 +336,7 @@ impl RunOptions {
             target_drain: self.target_drain.or(lower.target_drain),
             scale_down_delay: self.scale_down_delay.or(lower.scale_down_delay),
             max_depth: self.max_depth.or(lower.max_depth),
+            admin: self.admin.or(lower.admin),
             lanes: self.lanes.or(lower.lanes),
             max_in_flight: self.max_in_flight.or(lower.max_in_flight),
             memory_limit: self.memory_limit.or(lower.memory_limit),
@@ -561,9 +569,18 @@ impl RunOptions {
                 "--max-depth must be at least 1 (leave it out for no limit)".into(),
             ));
         }
+        let admin = match self.admin.as_deref().unwrap_or(defaults::ADMIN) {
+            "off" => None,
+            a => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
+                ConfigError(format!(
+                    "--admin: `{a}` is not HOST:PORT (for example 127.0.0.1:9464, or 0.0.0.0:9464 to listen on every interface) or `off`"
+                ))
+            })?),
+        };
         Ok(RunSettings {
             module,
             max_depth: self.max_depth,
+            admin,
             engine: crate::engine::EngineConfig {
                 group,
                 topics,

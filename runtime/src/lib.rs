@@ -17,7 +17,9 @@
 //! - [`dedupe_store`]: the dedupe store several processes share (Redis).
 //! - [`config`]: `weir.toml`, flags and `WEIR_*` variables resolved into one validated struct.
 //! - [`cli`]: the `weir` command line; one module per subcommand.
+//! - [`admin`]: `weir run`'s HTTP server: metrics, probes, status, ingest, the dashboard.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dedupe_store;

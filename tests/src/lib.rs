@@ -173,6 +173,47 @@ pub fn orders_in(lang: Lang) -> PathBuf {
     path
 }
 
+/// One HTTP/1.1 request to `addr` (host:port); returns the status code and the body.
+pub fn http(method: &str, addr: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, rest) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, rest.to_string())
+}
+
+/// The admin server address a `weir run` logged (with `--log-format json`), once it has.
+pub fn admin_address(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("admin server listening"))
+        })
+        .and_then(|v| {
+            v["fields"]["address"]
+                .as_str()
+                .map(|a| a.trim_start_matches("http://").to_string())
+        })
+}
+
 /// Polls `cond` until it holds or `within` passes; panics with `what` on timeout.
 pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;

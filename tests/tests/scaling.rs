@@ -207,7 +207,10 @@ fn backpressure_keeps_memory_flat_while_two_million_messages_arrive() {
     // which is the situation backpressure is for.
     assert_eq!(w.end("in"), N);
     let committed: u64 = w.offsets("in", "g").iter().map(|(_, c)| c).sum();
-    assert!(committed < N, "the handler was not slower than the producer");
+    assert!(
+        committed < N,
+        "the handler was not slower than the producer"
+    );
     let every = samples.len().div_ceil(8).max(1);
     let curve: Vec<u64> = samples.iter().step_by(every).copied().collect();
     eprintln!(
@@ -257,9 +260,11 @@ fn max_depth_makes_the_producer_wait_and_loses_nothing() {
     );
     assert_eq!(w.end("in"), N, "nothing lost");
     // The depth stayed near the bound: a request (5,000 records) may land on top of it.
-    wait_until("the run handles everything", Duration::from_secs(120), || {
-        committed_all(&w)
-    });
+    wait_until(
+        "the run handles everything",
+        Duration::from_secs(120),
+        || committed_all(&w),
+    );
     assert_eq!(w.count("out"), N as usize);
     drop(run);
 }

@@ -1,6 +1,7 @@
 //! weir's end-to-end tests: the real `weir` binary, real guest components, the real embedded
 //! log. One test binary; each module opens with its purpose.
 
+mod admin;
 mod bad_input;
 mod conformance;
 mod crash;

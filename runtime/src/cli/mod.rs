@@ -8,6 +8,7 @@ mod dlq;
 mod new;
 mod produce;
 mod run;
+mod status;
 mod target;
 mod test_handler;
 mod topics;
@@ -81,6 +82,8 @@ enum Command {
     New(new::NewCommand),
     /// Measure a handler on the full pipeline: throughput, CPU, memory, load and instance costs
     Bench(bench::BenchCommand),
+    /// What a running weir is doing (from its admin server), or the lag in the data directory
+    Status(status::StatusCommand),
 }
 
 /// What every subcommand gets: the resolved global settings.
@@ -198,5 +201,6 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Test(c) => c.execute(globals),
         Command::New(c) => c.execute(globals),
         Command::Bench(c) => c.execute(globals),
+        Command::Status(c) => c.execute(globals),
     }
 }

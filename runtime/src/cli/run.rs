@@ -93,7 +93,39 @@ impl RunCommand {
             .build()
             .context("starting the async runtime")?;
         let started = Instant::now();
+        let stats = Arc::new(engine::Stats::default());
+        let loaded_ms = crate::admin::now_ms();
+        let admin = settings.admin.map(|addr| {
+            (
+                addr,
+                crate::admin::Admin {
+                    stats: stats.clone(),
+                    source: source.clone(),
+                    log: log.clone(),
+                    max_depth: max_depth.clone(),
+                    group: settings.engine.group.clone(),
+                    topics: settings.engine.topics.clone(),
+                    module_name: module.name().to_string(),
+                    module_digest: module.digest().to_string(),
+                    module_loaded_ms: loaded_ms,
+                    started_ms: loaded_ms,
+                },
+            )
+        });
         let summary = runtime.block_on(async {
+            let _admin = match admin {
+                None => None,
+                Some((addr, admin)) => match crate::admin::serve(admin, addr).await {
+                    Ok((bound, task)) => {
+                        tracing::info!(address = %format!("http://{bound}"), "admin server listening (metrics, status, dashboard)");
+                        Some(AbortOnDrop(task))
+                    }
+                    Err(e) => {
+                        tracing::warn!(address = %addr, error = %e, "cannot start the admin server; running without it (choose another with --admin HOST:PORT, or --admin off)");
+                        None
+                    }
+                },
+            };
             let _socket = log.and_then(|log| local::serve(log, max_depth));
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             // Owns the signal handlers; flips the shutdown flag every partition task watches.
@@ -102,7 +134,7 @@ impl RunCommand {
                 tracing::info!("shutting down: finishing in-flight calls and committing");
                 let _ = stop_tx.send(true);
             });
-            engine::run(source, module, settings.engine, stop_rx, Default::default()).await
+            engine::run(source, module, settings.engine, stop_rx, stats).await
         })?;
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
         let secs = started.elapsed().as_secs_f64();
@@ -125,6 +157,15 @@ impl RunCommand {
             );
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

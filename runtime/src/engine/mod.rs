@@ -18,6 +18,7 @@
 
 pub mod dedupe;
 pub mod dlq;
+pub mod metrics;
 pub mod offsets;
 mod partition;
 mod pool;
@@ -132,6 +133,12 @@ pub struct Stats {
     pub in_flight: AtomicUsize,
     /// Consumer lag (messages below the end not yet committed), as the scaler last saw it.
     pub lag: AtomicU64,
+    /// Partitions whose fetching is paused (at --max-in-flight).
+    pub paused_partitions: AtomicUsize,
+    /// Set once the run has started consuming (the admin server's /readyz).
+    pub ready: std::sync::atomic::AtomicBool,
+    /// Per-topic counters and latency histograms.
+    pub metrics: metrics::Metrics,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -281,6 +288,7 @@ pub async fn run(
             .await
             .map_err(|e| EngineError::Join(e.to_string()))??
     };
+    stats.ready.store(true, Ordering::Relaxed);
     let result = match events {
         None => every_partition(&ctx, &partitions, shutdown).await,
         Some(events) => {
@@ -299,6 +307,7 @@ pub async fn run(
         s.abort();
         let _ = s.await;
     }
+    stats.ready.store(false, Ordering::Relaxed);
     let ctx = Arc::into_inner(ctx).expect("every partition task has ended");
     ctx.pool.stop();
     result.map(|()| stats.summary())

@@ -73,6 +73,7 @@ struct Gauges {
     key: (Arc<str>, u32),
     lanes: usize,
     in_flight: usize,
+    paused: bool,
 }
 
 impl Gauges {
@@ -87,6 +88,7 @@ impl Gauges {
             key,
             lanes: 0,
             in_flight: 0,
+            paused: false,
         }
     }
 
@@ -101,6 +103,15 @@ impl Gauges {
             s.in_flight.fetch_add(in_flight, Ordering::Relaxed);
             s.in_flight.fetch_sub(self.in_flight, Ordering::Relaxed);
             self.in_flight = in_flight;
+        }
+        let paused = in_flight > 0 && in_flight >= self.ctx.cfg.max_in_flight;
+        if paused != self.paused {
+            if paused {
+                s.paused_partitions.fetch_add(1, Ordering::Relaxed);
+            } else {
+                s.paused_partitions.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.paused = paused;
         }
     }
 }
@@ -368,6 +379,8 @@ struct Pending {
     commit: Commit,
     release: Vec<Vec<u8>>,
     acked: u64,
+    /// When each acked message was appended (ms), for the end-to-end latency.
+    acked_at: Vec<u64>,
     emitted: u64,
     dead: u64,
     deduped: u64,
@@ -455,6 +468,15 @@ async fn commit(
         }
     }
     let s = &ctx.stats;
+    let m = &s.metrics;
+    m.count(topic, "ok", p.acked);
+    m.count(topic, "deduped", p.deduped);
+    m.count(topic, "dlq", p.dead);
+    let now = now_ms();
+    for at in &p.acked_at {
+        m.end_to_end
+            .observe_n(now.saturating_sub(*at) as f64 / 1e3, 1);
+    }
     s.processed.fetch_add(p.acked, Ordering::Relaxed);
     s.emitted.fetch_add(p.emitted, Ordering::Relaxed);
     s.dead_lettered.fetch_add(p.dead, Ordering::Relaxed);
@@ -653,6 +675,11 @@ fn handle(
         tracker.finish(w.at);
     }
     pending.acked += finished as u64;
+    pending.acked_at.extend(
+        meta[..finished]
+            .iter()
+            .filter_map(|w| w.msg.record.timestamp_ms),
+    );
     pending.emitted += result.outputs.len() as u64;
     pending.commit.outputs.extend(result.outputs);
     if let Some(d) = &cfg.dedupe {
@@ -678,6 +705,15 @@ fn handle(
         );
         let exhausted = retryable && !cfg.backoff.may_retry(w.attempt);
         let (kind, error) = failure_kind(&stop, exhausted);
+        ctx.stats.metrics.count(
+            topic,
+            if kind == "retries-exhausted" {
+                "retry"
+            } else {
+                kind
+            },
+            1,
+        );
         let key = w.msg.record.key.as_deref().map(String::from_utf8_lossy);
         tracing::warn!(
             topic = %w.msg.topic, partition = w.msg.partition, offset = w.msg.offset,

@@ -173,7 +173,13 @@ fn serve(
             },
         };
         let end = if one_by_one { from + 1 } else { msgs.len() };
+        let started = std::time::Instant::now();
         let r = instance.run(&msgs[from..end], &attempts[from..end]);
+        let ran = (r.done + usize::from(r.stop.is_some())).max(1);
+        stats
+            .metrics
+            .handler
+            .observe_n(started.elapsed().as_secs_f64() / ran as f64, ran as u64);
         out.done += r.done;
         out.outputs.extend(r.outputs);
         from += r.done;

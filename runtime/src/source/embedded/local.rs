@@ -99,7 +99,7 @@ pub struct MaxDepth {
 
 impl MaxDepth {
     /// The topic's depth when it is over the bound.
-    fn over(&self, log: &EmbeddedLog, topic: &str) -> Result<Option<u64>, SourceError> {
+    pub fn over(&self, log: &EmbeddedLog, topic: &str) -> Result<Option<u64>, SourceError> {
         if !self.topics.iter().any(|t| t == topic) {
             return Ok(None);
         }
