@@ -21,6 +21,24 @@ const MAX_BODY: usize = 32 << 20;
 
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 
+/// How often the status is kept for `/api/history`, and how many are kept (5 minutes).
+const HISTORY_EVERY: Duration = Duration::from_secs(1);
+const HISTORY_LEN: usize = 300;
+
+struct Served {
+    admin: Admin,
+    history: std::sync::Mutex<std::collections::VecDeque<Value>>,
+}
+
+/// Aborts a task when dropped (the sampler ends with the server).
+struct Abort(tokio::task::JoinHandle<()>);
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What the admin server reports on.
 pub struct Admin {
     pub stats: Arc<Stats>,
@@ -44,8 +62,30 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let admin = Arc::new(admin);
+    let admin = Arc::new(Served {
+        admin,
+        history: Default::default(),
+    });
+    // The last minutes of status, so that a dashboard opened now shows them at once.
+    let sampler = {
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HISTORY_EVERY);
+            loop {
+                tick.tick().await;
+                if let Ok(parts) = partitions(&admin.admin).await {
+                    let v = status_json(&admin.admin, &parts);
+                    let mut h = admin.history.lock().expect("history lock");
+                    if h.len() == HISTORY_LEN {
+                        h.pop_front();
+                    }
+                    h.push_back(v);
+                }
+            }
+        })
+    };
     let task = tokio::spawn(async move {
+        let _sampler = Abort(sampler);
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
@@ -91,12 +131,12 @@ impl Response {
     }
 }
 
-async fn connection(admin: &Admin, mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+async fn connection(served: &Served, mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
     let response =
         match tokio::time::timeout(Duration::from_secs(30), read_request(&mut stream)).await {
             Err(_) => Response::error(408, "request timed out"),
             Ok(Err(e)) => Response::error(400, e),
-            Ok(Ok(req)) => route(admin, req).await,
+            Ok(Ok(req)) => route(served, req).await,
         };
     let reason = match response.status {
         200 => "OK",
@@ -172,9 +212,14 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Result<Request, Str
     Ok(Request { method, path, body })
 }
 
-async fn route(admin: &Admin, req: Request) -> Response {
+async fn route(served: &Served, req: Request) -> Response {
+    let admin = &served.admin;
     let path = req.path.split('?').next().unwrap_or("/").to_string();
     match (req.method.as_str(), path.as_str()) {
+        ("GET", "/api/history") => {
+            let h = served.history.lock().expect("history lock");
+            Response::json(200, &Value::Array(h.iter().cloned().collect()))
+        }
         ("GET", "/") => Response::new(200, "text/html; charset=utf-8", DASHBOARD),
         ("GET", "/healthz") => Response::new(200, "text/plain", "ok\n"),
         ("GET", "/readyz") => {
@@ -209,7 +254,7 @@ async fn route(admin: &Admin, req: Request) -> Response {
         }
         _ => Response::error(
             404,
-            "no such page; try /, /metrics, /healthz, /readyz, /api/status or POST /topics/{topic}/messages",
+            "no such page; try /, /metrics, /healthz, /readyz, /api/status, /api/history or POST /topics/{topic}/messages",
         ),
     }
 }
