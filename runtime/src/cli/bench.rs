@@ -8,7 +8,7 @@ use super::bad_input;
 use super::produce::synthetic_order;
 use crate::config::RunOptions;
 use crate::engine::{self, Stats};
-use crate::host::Module;
+use crate::host::{Handler, Module};
 use crate::source::embedded::local;
 use crate::source::{Delivery, Record, Source};
 use anyhow::Context;
@@ -17,6 +17,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Measure a handler on the full pipeline: produce --count synthetic orders of --size bytes into
@@ -49,6 +50,14 @@ pub struct BenchCommand {
     /// Instances created to measure instantiation and idle memory
     #[arg(long, default_value_t = 200)]
     probe_instances: usize,
+    /// Run a native twin of an example in the same pipeline instead of --module (the WASM
+    /// cost is the ratio of the two runs)
+    #[arg(long, value_enum)]
+    native: Option<crate::host::native::Native>,
+    /// Latency mode: append --count messages at this rate (messages/s) while the run consumes,
+    /// instead of a backlog at full speed
+    #[arg(long)]
+    rate: Option<u64>,
     /// Print the report as JSON on standard output
     #[arg(long)]
     json: bool,
@@ -59,6 +68,10 @@ pub struct BenchCommand {
 pub struct Report {
     pub module: String,
     pub module_bytes: u64,
+    /// `backlog` (produced first, drained at full speed) or `rate` (appended at --rate while
+    /// consuming).
+    pub mode: String,
+    pub rate: Option<u64>,
     pub entry: &'static str,
     pub messages: u64,
     pub message_bytes: usize,
@@ -86,6 +99,13 @@ pub struct Report {
     pub cpu_seconds: f64,
     /// Peak resident memory during the run.
     pub peak_rss_mib: f64,
+    /// Append to ack, from the run's histogram: the upper bounds of the buckets the
+    /// percentiles fall in (append timestamps have millisecond precision).
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub latency_p999_ms: Option<f64>,
+    /// Most instances that ran at once.
+    pub instances_peak: usize,
     pub processed: u64,
     pub emitted: u64,
     pub dead_lettered: u64,
@@ -105,10 +125,24 @@ impl BenchCommand {
         if self.size > 1 << 20 {
             return Err(bad_input("--size is at most 1MiB for a benchmark"));
         }
-        let Some(module_path) = self.options.module.clone() else {
-            return Err(bad_input("weir bench needs --module path/to/handler.wasm"));
+        if self.rate == Some(0) {
+            return Err(bad_input("--rate must be at least 1 message/s"));
+        }
+        let module_path = match (&self.options.module, self.native) {
+            (Some(_), Some(_)) => {
+                return Err(bad_input(
+                    "give --module (a component) or --native (a twin in Rust), not both",
+                ));
+            }
+            (None, Some(n)) => PathBuf::from(n.name()),
+            (Some(m), None) => m.clone(),
+            (None, None) => {
+                return Err(bad_input(
+                    "weir bench needs --module path/to/handler.wasm (or --native noop|orders)",
+                ));
+            }
         };
-        if !module_path.is_file() {
+        if self.native.is_none() && !module_path.is_file() {
             return Err(bad_input(format!(
                 "cannot read handler module {}: no such file",
                 module_path.display()
@@ -121,9 +155,11 @@ impl BenchCommand {
             handler_config.insert(k, v);
         }
         let mut options = self.options.clone();
+        options.module = Some(module_path.clone());
         options.topic = Some(vec!["bench".into()]);
         options.group = Some("bench".into());
-        options.drain = Some(true);
+        options.drain = Some(self.rate.is_none());
+        options.admin = Some("off".into());
         let mut settings = options.resolve(handler_config, dir.path())?;
         // Room in the instance pool for the probe's instances, kept alive together.
         settings.host.max_instances = settings
@@ -133,7 +169,9 @@ impl BenchCommand {
 
         // Compile once (fills the compiled cache), then measure what `weir run` does at start.
         let compile_started = Instant::now();
-        Module::load(&module_path, &settings.host, Arc::new(|_: &str| true))?;
+        if self.native.is_none() {
+            Module::load(&module_path, &settings.host, Arc::new(|_: &str| true))?;
+        }
         let compile_ms = ms(compile_started.elapsed());
         let ready_started = Instant::now();
         let log = local::open_owned(dir.path())?;
@@ -142,7 +180,19 @@ impl BenchCommand {
             let source = source.clone();
             Arc::new(move |t: &str| source.topic_exists(t))
         };
-        let module = Module::load(&module_path, &settings.host, exists)?;
+        let module: Handler = match self.native {
+            Some(twin) => Handler::Native {
+                twin,
+                output_topic: Arc::from(
+                    settings
+                        .host
+                        .handler_config
+                        .get("output-topic")
+                        .map_or("confirmations", String::as_str),
+                ),
+            },
+            None => Module::load(&module_path, &settings.host, exists)?.into(),
+        };
         let ready_ms = ms(ready_started.elapsed());
 
         log.create_topic("bench", self.partitions)?;
@@ -151,24 +201,29 @@ impl BenchCommand {
         }
         let (instantiate_us, idle_instance_kib) = probe_instances(&module, self.probe_instances)?;
 
-        let produce_started = Instant::now();
-        let mut n = 0u64;
-        while n < self.count {
-            let chunk = (self.count - n).min(10_000);
-            let records = (n..n + chunk)
+        let size = self.size;
+        let make = move |range: std::ops::Range<u64>| -> Vec<Record> {
+            range
                 .map(|i| {
                     let id = format!("m-{i}").into_bytes();
                     Record {
                         key: Some(id.clone()),
-                        payload: synthetic_order(i, self.size),
+                        payload: synthetic_order(i, size),
                         headers: vec![("idempotency-key".into(), id)],
                         timestamp_ms: None,
                     }
                 })
-                .collect();
-            log.append("bench", records)
-                .context("producing the messages")?;
-            n += chunk;
+                .collect()
+        };
+        let produce_started = Instant::now();
+        if self.rate.is_none() {
+            let mut n = 0u64;
+            while n < self.count {
+                let chunk = (self.count - n).min(10_000);
+                log.append("bench", make(n..n + chunk))
+                    .context("producing the messages")?;
+                n += chunk;
+            }
         }
         let produce_seconds = produce_started.elapsed().as_secs_f64();
 
@@ -180,27 +235,93 @@ impl BenchCommand {
             .context("starting the async runtime")?;
         let instances = settings.engine.instances;
         let batch_size = settings.engine.batch_size;
-        let delivery = format!("{:?}", settings.engine.delivery);
+        let delivery = match settings.engine.delivery {
+            engine::DeliveryMode::AtLeastOnce => "at-least-once",
+            engine::DeliveryMode::AtMostOnce => "at-most-once",
+        }
+        .to_string();
         reset_peak_rss();
         let cpu_before = cpu_seconds();
         let started = Instant::now();
         let stats = Arc::new(Stats::default());
+        let count = self.count;
+        let handled = {
+            let stats = stats.clone();
+            move || {
+                stats.processed.load(Ordering::Relaxed)
+                    + stats.dead_lettered.load(Ordering::Relaxed)
+                    + stats.deduped.load(Ordering::Relaxed)
+            }
+        };
+        let bar = progress_bar(count);
         let summary = runtime.block_on(async {
-            let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            engine::run(source, module.clone(), settings.engine, stop_rx, stats).await
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            // Latency mode: a producer thread appends at the rate; the run stops once every
+            // message is handled.
+            let producer = self.rate.map(|rate| {
+                let log = log.clone();
+                std::thread::spawn(move || -> Result<(), crate::source::SourceError> {
+                    let started = Instant::now();
+                    let mut sent = 0u64;
+                    while sent < count {
+                        let due =
+                            ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(count);
+                        if due > sent {
+                            let upto = due.min(sent + 5_000);
+                            log.append("bench", make(sent..upto))?;
+                            sent = upto;
+                        } else {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                    }
+                    Ok(())
+                })
+            });
+            let watcher = {
+                let (handled, bar) = (handled.clone(), bar.clone());
+                let drain = self.rate.is_none();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let h = handled();
+                        bar.set_position(h);
+                        if !drain && h >= count {
+                            let _ = stop_tx.send(true);
+                            return;
+                        }
+                    }
+                })
+            };
+            let r = engine::run(source, module.clone(), settings.engine, stop_rx, stats.clone())
+                .await;
+            watcher.abort();
+            if let Some(p) = producer {
+                p.join()
+                    .map_err(|_| anyhow::anyhow!("the producer thread panicked"))?
+                    .context("producing at --rate")?;
+            }
+            r.map_err(anyhow::Error::from)
         })?;
+        bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
         let cpu = cpu_seconds() - cpu_before;
         let peak = peak_rss_kib() as f64 / 1024.0;
         runtime.shutdown_timeout(Duration::from_secs(1));
         let handled = summary.processed + summary.dead_lettered + summary.deduped;
+        let q = |p: f64| stats.metrics.end_to_end.quantile(p).map(|s| s * 1e3);
         let report = Report {
             module: module_path.display().to_string(),
             module_bytes: std::fs::metadata(&module_path).map_or(0, |m| m.len()),
-            entry: if module.is_batch() {
-                "batch-handler"
-            } else {
-                "handler"
+            mode: if self.rate.is_some() { "rate" } else { "backlog" }.to_string(),
+            rate: self.rate,
+            latency_p50_ms: q(0.5),
+            latency_p99_ms: q(0.99),
+            latency_p999_ms: q(0.999),
+            instances_peak: summary.instances_peak,
+            entry: match (&module, module.is_batch()) {
+                (Handler::Native { .. }, _) => "native",
+                (_, true) => "batch-handler",
+                (_, false) => "handler",
             },
             messages: self.count,
             message_bytes: self.size,
@@ -259,16 +380,27 @@ fn print_report(r: &Report) {
         r.cpu_seconds,
         r.peak_rss_mib
     );
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("<={v} ms"));
     println!(
-        "outcomes    processed {}, emitted {}, dead-lettered {}, retried {}",
-        r.processed, r.emitted, r.dead_lettered, r.retries
+        "latency     append to ack: p50 {}, p99 {}, p99.9 {} ({} mode{})",
+        ms(r.latency_p50_ms),
+        ms(r.latency_p99_ms),
+        ms(r.latency_p999_ms),
+        r.mode,
+        r.rate.map(|r| format!(", {r} msg/s")).unwrap_or_default()
+    );
+    println!(
+        "outcomes    processed {}, emitted {}, dead-lettered {}, retried {}; peak instances {}",
+        r.processed, r.emitted, r.dead_lettered, r.retries, r.instances_peak
     );
 }
 
 /// Average time of a new instance, and the resident memory one more costs after it handled a
 /// message (the instances are kept alive while measuring).
-fn probe_instances(module: &Module, n: usize) -> anyhow::Result<(f64, f64)> {
-    let n = n.max(1);
+fn probe_instances(module: &Handler, n: usize) -> anyhow::Result<(f64, f64)> {
+    if matches!(module, Handler::Native { .. }) || n == 0 {
+        return Ok((0.0, 0.0));
+    }
     let msg = Delivery {
         topic: Arc::from("bench"),
         partition: 0,
@@ -300,6 +432,22 @@ fn probe_instances(module: &Module, n: usize) -> anyhow::Result<(f64, f64)> {
         spent.as_secs_f64() * 1e6 / n as f64,
         after.saturating_sub(before) as f64 / n as f64,
     ))
+}
+
+/// A progress bar on a terminal; hidden when standard error is not one.
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} messages ({per_sec})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 fn ms(d: Duration) -> f64 {

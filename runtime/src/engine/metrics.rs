@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Bucket bounds in seconds, shared by both histograms: 50 µs to 30 s.
-pub const BUCKETS: [f64; 18] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0,
+/// Bucket bounds in seconds, shared by both histograms: 50 µs to 30 s, finer around the
+/// milliseconds where latency targets sit.
+pub const BUCKETS: [f64; 24] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.005, 0.007_5, 0.01, 0.015,
+    0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
 ];
 
 /// A Prometheus histogram with fixed buckets; lock-free to observe.
@@ -114,12 +115,12 @@ mod tests {
         assert_eq!(total, 100);
         assert_eq!(b[0], (0.000_05, 0));
         assert_eq!(b[1], (0.000_1, 90));
-        assert_eq!(b[5], (0.002_5, 90));
-        assert_eq!(b[6], (0.005, 99));
+        assert_eq!(b[5], (0.002, 90));
+        assert_eq!(b[6], (0.003, 99));
         assert_eq!(b.last().unwrap().1, 99, "100 s is past the last bucket");
         assert!((sum - (90.0 * 0.000_07 + 9.0 * 0.003 + 100.0)).abs() < 1e-6);
         assert_eq!(h.quantile(0.5), Some(0.000_1));
-        assert_eq!(h.quantile(0.99), Some(0.005));
+        assert_eq!(h.quantile(0.99), Some(0.003));
         assert_eq!(h.quantile(1.0), Some(f64::INFINITY));
         assert_eq!(Histogram::default().quantile(0.5), None);
     }

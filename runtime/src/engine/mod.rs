@@ -25,7 +25,7 @@ mod pool;
 pub mod retry;
 pub mod scaler;
 
-use crate::host::Module;
+use crate::host::Handler;
 use crate::source::{GroupEvent, Source, SourceError};
 use pool::Pool;
 use retry::Backoff;
@@ -191,7 +191,7 @@ pub(crate) fn now_ms() -> u64 {
 /// Everything a partition task needs, shared.
 struct Ctx {
     source: Arc<dyn Source>,
-    module: Module,
+    module: Handler,
     pool: Pool,
     cfg: EngineConfig,
     stats: Arc<Stats>,
@@ -212,7 +212,7 @@ struct Ctx {
 /// nothing is left). Returns the run's counters; `stats` may be read while it runs.
 pub async fn run(
     source: Arc<dyn Source>,
-    module: Module,
+    module: impl Into<Handler>,
     mut cfg: EngineConfig,
     shutdown: watch::Receiver<bool>,
     stats: Arc<Stats>,
@@ -234,6 +234,7 @@ pub async fn run(
         let n = source.partitions(t)?;
         partitions.extend((0..n).map(|p| (Arc::<str>::from(t.as_str()), p)));
     }
+    let module: Handler = module.into();
     let pool = Pool::start(&module, cfg.instances.max(1), stats.clone());
     let ctx = Arc::new(Ctx {
         source,

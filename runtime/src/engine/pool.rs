@@ -5,7 +5,7 @@
 //! number of workers can change while jobs run ([`Pool::resize`], driven by the scaler).
 
 use super::{EngineError, Stats};
-use crate::host::{Instance, Module, Outcome, RunResult};
+use crate::host::{Handler, HandlerInstance, Outcome, RunResult};
 use crate::source::Delivery;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +23,7 @@ pub(super) struct Pool {
     jobs: crossbeam_channel::Sender<Job>,
     rx: crossbeam_channel::Receiver<Job>,
     workers: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
-    module: Module,
+    module: Handler,
     stats: Arc<Stats>,
     /// How many workers there should be; a worker above it exits after its current job.
     desired: Arc<AtomicUsize>,
@@ -37,7 +37,7 @@ pub(super) struct Pool {
 const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Pool {
-    pub(super) fn start(module: &Module, instances: usize, stats: Arc<Stats>) -> Pool {
+    pub(super) fn start(module: &Handler, instances: usize, stats: Arc<Stats>) -> Pool {
         // Unbounded: the number of jobs is bounded by the lanes (one job per lane at a time).
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let pool = Pool {
@@ -115,7 +115,7 @@ impl Pool {
 
 fn worker(
     rx: crossbeam_channel::Receiver<Job>,
-    module: Module,
+    module: Handler,
     stats: Arc<Stats>,
     desired: Arc<AtomicUsize>,
     alive: Arc<AtomicUsize>,
@@ -151,8 +151,8 @@ fn worker(
 /// faults, the culprit is unknown: the remaining messages run one at a time on fresh instances,
 /// so that only the faulty message is charged with the fault.
 fn serve(
-    module: &Module,
-    slot: &mut Option<Instance>,
+    module: &Handler,
+    slot: &mut Option<HandlerInstance>,
     msgs: &[Delivery],
     attempts: &[u32],
     stats: &Stats,

@@ -9,6 +9,7 @@
 //! nothing of wasmtime leaks out.
 
 mod bindings;
+pub mod native;
 mod stderr;
 
 use crate::source::{Delivery, Output, Record};
@@ -468,6 +469,78 @@ impl Module {
             ticks_per_message: self.ticks_per_message,
             _ticker: self.ticker.clone(),
         })
+    }
+}
+
+/// What the engine runs: a component, or a native twin of an example (for `weir bench`).
+#[derive(Clone, Debug)]
+pub enum Handler {
+    Wasm(Module),
+    Native {
+        twin: native::Native,
+        /// Where the `orders` twin emits (the `output-topic` setting).
+        output_topic: Arc<str>,
+    },
+}
+
+impl Handler {
+    pub fn name(&self) -> &str {
+        match self {
+            Handler::Wasm(m) => m.name(),
+            Handler::Native { twin, .. } => twin.name(),
+        }
+    }
+
+    pub fn digest(&self) -> &str {
+        match self {
+            Handler::Wasm(m) => m.digest(),
+            Handler::Native { .. } => "native",
+        }
+    }
+
+    pub fn is_batch(&self) -> bool {
+        match self {
+            Handler::Wasm(m) => m.is_batch(),
+            Handler::Native { .. } => false,
+        }
+    }
+
+    /// A fresh instance (a native twin has no state: instantiating it is free).
+    pub fn instantiate(&self) -> Result<HandlerInstance, Outcome> {
+        match self {
+            Handler::Wasm(m) => m.instantiate().map(HandlerInstance::Wasm),
+            Handler::Native { twin, output_topic } => Ok(HandlerInstance::Native {
+                twin: *twin,
+                output_topic: output_topic.clone(),
+            }),
+        }
+    }
+}
+
+impl From<Module> for Handler {
+    fn from(m: Module) -> Self {
+        Handler::Wasm(m)
+    }
+}
+
+/// One instance of a [`Handler`].
+pub enum HandlerInstance {
+    Wasm(Instance),
+    Native {
+        twin: native::Native,
+        output_topic: Arc<str>,
+    },
+}
+
+impl HandlerInstance {
+    /// As [`Instance::run`].
+    pub fn run(&mut self, msgs: &[Delivery], attempts: &[u32]) -> RunResult {
+        match self {
+            HandlerInstance::Wasm(i) => i.run(msgs, attempts),
+            HandlerInstance::Native { twin, output_topic } => {
+                twin.run(msgs, attempts, output_topic)
+            }
+        }
     }
 }
 

@@ -1,0 +1,96 @@
+//! Native twins of the `noop` and `orders` examples: the same logic as plain Rust, run by the
+//! same engine in place of a component (`weir bench --native`), so the cost of the sandbox is a
+//! ratio measured in one run rather than a guess.
+
+use super::{Outcome, RunResult};
+use crate::source::{Delivery, Output, Record};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Native {
+    /// Acks every message (the `noop` example).
+    Noop,
+    /// Parses the order and emits a confirmation (the `orders` example).
+    Orders,
+}
+
+#[derive(serde::Deserialize)]
+struct Order<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    customer: std::borrow::Cow<'a, str>,
+    amount_cents: u64,
+    #[serde(default)]
+    transient: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Confirmation<'a> {
+    order_id: &'a str,
+    customer: &'a str,
+    amount_cents: u64,
+    status: &'static str,
+}
+
+impl Native {
+    pub fn name(self) -> &'static str {
+        match self {
+            Native::Noop => "noop (native)",
+            Native::Orders => "orders (native)",
+        }
+    }
+
+    /// Runs `msgs` in order, stopping at the first that does not succeed, as a component's
+    /// single-message entry point does.
+    pub fn run(self, msgs: &[Delivery], attempts: &[u32], output_topic: &str) -> RunResult {
+        let mut out = RunResult::default();
+        for (m, &attempt) in msgs.iter().zip(attempts) {
+            match self {
+                Native::Noop => {}
+                Native::Orders => match confirm(m, attempt, output_topic) {
+                    Ok(o) => out.outputs.push(o),
+                    Err(stop) => {
+                        out.stop = Some(stop);
+                        return out;
+                    }
+                },
+            }
+            out.done += 1;
+        }
+        out
+    }
+}
+
+fn confirm(m: &Delivery, attempt: u32, topic: &str) -> Result<Output, Outcome> {
+    let order: Order = serde_json::from_slice(&m.record.payload).map_err(|e| Outcome::Reject {
+        reason: format!("not a valid order: {e}"),
+    })?;
+    if order.amount_cents == 0 {
+        return Err(Outcome::Reject {
+            reason: format!("order {} has no amount", order.id),
+        });
+    }
+    if order.transient && attempt < 2 {
+        return Err(Outcome::Retry {
+            reason: format!("payment service busy for order {}", order.id),
+            delay: Some(Duration::from_millis(10)),
+        });
+    }
+    let payload = serde_json::to_vec(&Confirmation {
+        order_id: &order.id,
+        customer: &order.customer,
+        amount_cents: order.amount_cents,
+        status: "confirmed",
+    })
+    .expect("a struct of strings serialises");
+    Ok(Output {
+        topic: topic.to_string(),
+        record: Record {
+            key: Some(order.id.as_bytes().to_vec()),
+            payload,
+            headers: vec![("source-offset".into(), m.offset.to_string().into_bytes())],
+            timestamp_ms: None,
+        },
+    })
+}
