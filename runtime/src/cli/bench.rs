@@ -292,8 +292,14 @@ impl BenchCommand {
                     }
                 })
             };
-            let r = engine::run(source, module.clone(), settings.engine, stop_rx, stats.clone())
-                .await;
+            let r = engine::run(
+                source,
+                module.clone(),
+                settings.engine,
+                stop_rx,
+                stats.clone(),
+            )
+            .await;
             watcher.abort();
             if let Some(p) = producer {
                 p.join()
@@ -312,7 +318,12 @@ impl BenchCommand {
         let report = Report {
             module: module_path.display().to_string(),
             module_bytes: std::fs::metadata(&module_path).map_or(0, |m| m.len()),
-            mode: if self.rate.is_some() { "rate" } else { "backlog" }.to_string(),
+            mode: if self.rate.is_some() {
+                "rate"
+            } else {
+                "backlog"
+            }
+            .to_string(),
             rate: self.rate,
             latency_p50_ms: q(0.5),
             latency_p99_ms: q(0.99),

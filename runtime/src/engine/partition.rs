@@ -161,6 +161,7 @@ pub(super) async fn consume(
     let mut caught_up = false;
     let mut pending = Pending::default();
     let mut gauges = Gauges::new(&ctx, &topic, partition);
+    let signal = ctx.source.append_signal();
     loop {
         // 1. Fetch while there is room in flight.
         if !stopping && tracker.in_flight() < cfg.max_in_flight {
@@ -297,6 +298,13 @@ pub(super) async fn consume(
                 }
             }
             _ = tokio::time::sleep_until(until), if running == 0 || poll.is_zero() || wake.is_some() || !empty => {}
+            // New messages: fetch now rather than at the next poll.
+            _ = async {
+                match &signal {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            }, if empty && !stopping => {}
             _ = shutdown.changed(), if !stopping => {
                 // Finish the calls in flight and commit; backing-off messages stay uncommitted
                 // and are redelivered on the next start.

@@ -170,4 +170,9 @@ pub trait Source: Send + Sync + 'static {
     fn leave_group(&self) -> Result<(), SourceError> {
         Ok(())
     }
+    /// Woken when messages were appended, if the source can tell (the embedded log); without
+    /// it, idle partitions poll.
+    fn append_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
 }

@@ -53,6 +53,9 @@ pub struct EmbeddedLog {
     /// Serialises offset assignment and the write batch that uses it, so offsets are dense
     /// and increasing. The fsync happens after it is released, so concurrent writers share one.
     write: Mutex<()>,
+    /// Woken after every durable append, so idle partitions fetch at once instead of at their
+    /// next poll.
+    appended: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for EmbeddedLog {
@@ -172,6 +175,7 @@ impl EmbeddedLog {
             dedupe,
             topics: Default::default(),
             write: Mutex::new(()),
+            appended: Default::default(),
         };
         log.load_topics()?;
         log.move_dedupe_marks()?;
@@ -368,6 +372,7 @@ impl EmbeddedLog {
         self.db
             .persist(PersistMode::SyncAll)
             .map_err(|e| self.storage(e))?;
+        self.appended.notify_waiters();
         Ok(placed)
     }
 
@@ -467,6 +472,7 @@ impl EmbeddedLog {
 
     /// Publishes outputs and moves offsets in one atomic, durable write.
     pub fn commit_batch(&self, group: &str, commit: Commit) -> Result<(), SourceError> {
+        let has_outputs = !commit.outputs.is_empty();
         let mut output_topics = Vec::new();
         for o in &commit.outputs {
             output_topics.push(self.topic(&o.topic)?);
@@ -502,7 +508,11 @@ impl EmbeddedLog {
         }
         self.db
             .persist(PersistMode::SyncAll)
-            .map_err(|e| self.storage(e))
+            .map_err(|e| self.storage(e))?;
+        if has_outputs {
+            self.appended.notify_waiters();
+        }
+        Ok(())
     }
 
     /// Offsets of the partition's dead letters that were replayed.
@@ -601,6 +611,9 @@ fn map_open_error(dir: &str, e: fjall::Error) -> SourceError {
 }
 
 impl Source for EmbeddedLog {
+    fn append_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.appended.clone())
+    }
     fn partitions(&self, topic: &str) -> Result<u32, SourceError> {
         Ok(self.topic(topic)?.partitions)
     }
