@@ -48,10 +48,25 @@ pub struct Admin {
     pub max_depth: Option<MaxDepth>,
     pub group: String,
     pub topics: Vec<String>,
-    pub module_name: String,
-    pub module_digest: String,
-    pub module_loaded_ms: u64,
     pub started_ms: u64,
+    /// Loads another module and puts it in place (`POST /module`); `None`: refused.
+    pub reload: Option<Reloader>,
+}
+
+/// Loads the component at a path and makes it the run's handler; returns its name and digest,
+/// or why it was refused (the running handler stays).
+pub type Reloader = Arc<dyn Fn(&std::path::Path) -> Result<(String, String), String> + Send + Sync>;
+
+/// (name, digest, loaded at ms) of the handler running now.
+fn module_info(admin: &Admin) -> (String, String, u64) {
+    match admin.stats.module.get() {
+        Some(h) => (
+            h.name().to_string(),
+            h.digest().to_string(),
+            admin.stats.module.loaded_ms(),
+        ),
+        None => ("-".into(), "-".into(), 0),
+    }
 }
 
 /// Binds `addr` and serves until the task is dropped. Returns the bound address (port 0 picks
@@ -216,6 +231,7 @@ async fn route(served: &Served, req: Request) -> Response {
     let admin = &served.admin;
     let path = req.path.split('?').next().unwrap_or("/").to_string();
     match (req.method.as_str(), path.as_str()) {
+        ("POST", "/module") => reload(admin, &req.body).await,
         ("GET", "/api/history") => {
             let h = served.history.lock().expect("history lock");
             Response::json(200, &Value::Array(h.iter().cloned().collect()))
@@ -457,11 +473,11 @@ fn metrics_text(admin: &Admin, parts: &[Part]) -> String {
         "gauge",
         "The handler module running (always 1), with its name and SHA-256 digest.",
     );
+    let (name, digest, loaded_ms) = module_info(admin);
     let _ = writeln!(
         o,
-        "weir_module_info{{name=\"{}\",digest=\"sha256:{}\"}} 1",
-        esc(&admin.module_name),
-        admin.module_digest
+        "weir_module_info{{name=\"{}\",digest=\"sha256:{digest}\"}} 1",
+        esc(&name)
     );
     family(
         &mut o,
@@ -472,7 +488,23 @@ fn metrics_text(admin: &Admin, parts: &[Part]) -> String {
     let _ = writeln!(
         o,
         "weir_module_loaded_timestamp_seconds {}",
-        admin.module_loaded_ms as f64 / 1e3
+        loaded_ms as f64 / 1e3
+    );
+    family(
+        &mut o,
+        "weir_module_reloads_total",
+        "counter",
+        "Module reloads, by result: loaded, or refused (the running module stayed).",
+    );
+    let _ = writeln!(
+        o,
+        "weir_module_reloads_total{{result=\"loaded\"}} {}",
+        s.module.reloads.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "weir_module_reloads_total{{result=\"refused\"}} {}",
+        s.module.reload_failures.load(Ordering::Relaxed)
     );
     family(
         &mut o,
@@ -498,11 +530,14 @@ fn status_json(admin: &Admin, parts: &[Part]) -> Value {
         e[outcome] = json!(n);
     }
     let q = |h: &Histogram, q: f64| h.quantile(q).filter(|v| v.is_finite());
+    let (name, digest, loaded_ms) = module_info(admin);
     json!({
         "module": {
-            "name": admin.module_name,
-            "digest": format!("sha256:{}", admin.module_digest),
-            "loaded_at_ms": admin.module_loaded_ms,
+            "name": name,
+            "digest": format!("sha256:{digest}"),
+            "loaded_at_ms": loaded_ms,
+            "reloads": s.module.reloads.load(Ordering::Relaxed),
+            "reloads_refused": s.module.reload_failures.load(Ordering::Relaxed),
         },
         "group": admin.group,
         "ready": s.ready.load(Ordering::Relaxed),
@@ -584,6 +619,31 @@ async fn ingest(admin: &Admin, topic: &str, body: &[u8]) -> Response {
         }
         Ok(Err(e)) if e.is_bad_input() => Response::error(400, e),
         Ok(Err(e)) => Response::error(503, e),
+        Err(e) => Response::error(503, e),
+    }
+}
+
+/// `POST /module` with `{"path": "/path/to/handler.wasm"}` (a file on this machine): load it and
+/// make it the handler for new work; in-flight calls finish on the old one.
+async fn reload(admin: &Admin, body: &[u8]) -> Response {
+    let Some(reload) = admin.reload.clone() else {
+        return Response::error(404, "this run does not reload modules");
+    };
+    let path = match serde_json::from_slice::<Value>(body) {
+        Ok(v) => match v.get("path").and_then(Value::as_str) {
+            Some(p) => std::path::PathBuf::from(p),
+            None => {
+                return Response::error(400, "the body is {\"path\": \"/path/to/handler.wasm\"}");
+            }
+        },
+        Err(e) => return Response::error(400, format!("the body is not JSON: {e}")),
+    };
+    match tokio::task::spawn_blocking(move || reload(&path)).await {
+        Ok(Ok((name, digest))) => Response::json(
+            200,
+            &json!({ "module": name, "digest": format!("sha256:{digest}") }),
+        ),
+        Ok(Err(why)) => Response::error(400, why),
         Err(e) => Response::error(503, e),
     }
 }

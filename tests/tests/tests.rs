@@ -11,5 +11,6 @@ mod failures;
 mod faults;
 mod kafka;
 mod languages;
+mod reload;
 mod scaling;
 mod shared_dedupe;

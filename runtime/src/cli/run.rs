@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// Run a handler module over topics of the embedded log (or of Kafka, with --brokers). Acks each message only after the
@@ -25,6 +26,11 @@ pub struct RunCommand {
     /// Print the summary as JSON on standard output
     #[arg(long)]
     json: bool,
+    /// Reload the module when its file changes: new work goes to the new module, calls in
+    /// flight finish on the old; a file that does not load is refused and the old module
+    /// keeps running
+    #[arg(long)]
+    watch: bool,
 }
 
 impl RunCommand {
@@ -95,6 +101,29 @@ impl RunCommand {
         let started = Instant::now();
         let stats = Arc::new(engine::Stats::default());
         let loaded_ms = crate::admin::now_ms();
+        let reloader: crate::admin::Reloader = {
+            let (stats, host, source) = (stats.clone(), settings.host.clone(), source.clone());
+            Arc::new(move |path: &std::path::Path| {
+                let exists = {
+                    let source = source.clone();
+                    Arc::new(move |t: &str| source.topic_exists(t))
+                };
+                match Module::load(path, &host, exists) {
+                    Ok(m) => {
+                        let (name, digest) = (m.name().to_string(), m.digest().to_string());
+                        stats.module.set(m.into());
+                        stats.module.reloads.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(module = %name, digest = %digest, path = %path.display(), "module reloaded: new work runs on it, calls in flight finish on the old one");
+                        Ok((name, digest))
+                    }
+                    Err(e) => {
+                        stats.module.reload_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(path = %path.display(), error = %e, "module reload refused; the running module stays");
+                        Err(e.to_string())
+                    }
+                }
+            })
+        };
         let admin = settings.admin.map(|addr| {
             (
                 addr,
@@ -105,10 +134,8 @@ impl RunCommand {
                     max_depth: max_depth.clone(),
                     group: settings.engine.group.clone(),
                     topics: settings.engine.topics.clone(),
-                    module_name: module.name().to_string(),
-                    module_digest: module.digest().to_string(),
-                    module_loaded_ms: loaded_ms,
                     started_ms: loaded_ms,
+                    reload: Some(reloader.clone()),
                 },
             )
         });
@@ -127,6 +154,9 @@ impl RunCommand {
                 },
             };
             let _socket = log.and_then(|log| local::serve(log, max_depth));
+            let _watch = self
+                .watch
+                .then(|| AbortOnDrop(tokio::spawn(watch(module_path.clone(), reloader))));
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             // Owns the signal handlers; flips the shutdown flag every partition task watches.
             tokio::spawn(async move {
@@ -157,6 +187,32 @@ impl RunCommand {
             );
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// How often `--watch` looks at the module file.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `--watch`: reloads the module when its file's size or modification time changes and then
+/// holds still for one more look (so a file being written is not loaded half-way).
+async fn watch(path: std::path::PathBuf, reload: crate::admin::Reloader) {
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let mut loaded = stamp(&path);
+    let mut seen = loaded;
+    tracing::info!(path = %path.display(), "watching the module file for changes");
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let now = stamp(&path);
+        if now.is_some() && now != loaded && now == seen {
+            loaded = now;
+            let (p, r) = (path.clone(), reload.clone());
+            let _ = tokio::task::spawn_blocking(move || r(&p)).await;
+        }
+        seen = now;
     }
 }
 

@@ -139,6 +139,43 @@ pub struct Stats {
     pub ready: std::sync::atomic::AtomicBool,
     /// Per-topic counters and latency histograms.
     pub metrics: metrics::Metrics,
+    /// The handler running now; replaced by a reload.
+    pub module: ModuleSlot,
+}
+
+/// The handler a run uses, replaceable while it runs (hot reload): a worker finishes the job it
+/// has on the instance it has, and takes the new handler for its next job.
+#[derive(Debug, Default)]
+pub struct ModuleSlot {
+    current: std::sync::RwLock<Option<Handler>>,
+    generation: AtomicU64,
+    loaded_ms: AtomicU64,
+    /// Reloads done, and refused (the old handler kept running).
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+}
+
+impl ModuleSlot {
+    /// Puts `h` in place; the workers pick it up at their next job.
+    pub fn set(&self, h: Handler) {
+        *self.current.write().expect("module lock") = Some(h);
+        self.loaded_ms.store(now_ms(), Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn get(&self) -> Option<Handler> {
+        self.current.read().expect("module lock").clone()
+    }
+
+    /// Bumped by every [`ModuleSlot::set`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// When the current handler was put in place (ms since the epoch).
+    pub fn loaded_ms(&self) -> u64 {
+        self.loaded_ms.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -191,6 +228,7 @@ pub(crate) fn now_ms() -> u64 {
 /// Everything a partition task needs, shared.
 struct Ctx {
     source: Arc<dyn Source>,
+    /// The handler the run started with (the current one is `stats.module`).
     module: Handler,
     pool: Pool,
     cfg: EngineConfig,
@@ -235,7 +273,10 @@ pub async fn run(
         partitions.extend((0..n).map(|p| (Arc::<str>::from(t.as_str()), p)));
     }
     let module: Handler = module.into();
-    let pool = Pool::start(&module, cfg.instances.max(1), stats.clone());
+    if stats.module.get().is_none() {
+        stats.module.set(module.clone());
+    }
+    let pool = Pool::start(cfg.instances.max(1), stats.clone());
     let ctx = Arc::new(Ctx {
         source,
         module,

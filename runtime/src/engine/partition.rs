@@ -773,13 +773,16 @@ fn handle(
                 }
             }
         } else {
+            // The handler that ran it: the current one (a reload between the call and here is
+            // the one case this names the newer module).
+            let current = ctx.stats.module.get().unwrap_or_else(|| ctx.module.clone());
             let failure = dlq::Failure {
                 origin: &origin,
                 attempts: w.attempt,
                 kind,
                 error: &error,
-                module: ctx.module.name(),
-                digest: ctx.module.digest(),
+                module: current.name(),
+                digest: current.digest(),
                 first_failure_ms: first,
                 last_failure_ms: now,
             };

@@ -23,7 +23,6 @@ pub(super) struct Pool {
     jobs: crossbeam_channel::Sender<Job>,
     rx: crossbeam_channel::Receiver<Job>,
     workers: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
-    module: Handler,
     stats: Arc<Stats>,
     /// How many workers there should be; a worker above it exits after its current job.
     desired: Arc<AtomicUsize>,
@@ -37,14 +36,14 @@ pub(super) struct Pool {
 const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Pool {
-    pub(super) fn start(module: &Handler, instances: usize, stats: Arc<Stats>) -> Pool {
+    /// Starts `instances` workers running the handler in `stats.module`.
+    pub(super) fn start(instances: usize, stats: Arc<Stats>) -> Pool {
         // Unbounded: the number of jobs is bounded by the lanes (one job per lane at a time).
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let pool = Pool {
             jobs: tx,
             rx,
             workers: Default::default(),
-            module: module.clone(),
             stats,
             desired: Arc::new(AtomicUsize::new(0)),
             alive: Arc::new(AtomicUsize::new(0)),
@@ -70,13 +69,12 @@ impl Pool {
             self.alive.fetch_add(1, Ordering::Relaxed);
             let i = self.started.fetch_add(1, Ordering::Relaxed);
             let rx = self.rx.clone();
-            let module = self.module.clone();
             let stats = self.stats.clone();
             let (desired, alive) = (self.desired.clone(), self.alive.clone());
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("weir-instance-{i}"))
-                    .spawn(move || worker(rx, module, stats, desired, alive))
+                    .spawn(move || worker(rx, stats, desired, alive))
                     .expect("spawn an instance worker thread"),
             );
         }
@@ -115,12 +113,16 @@ impl Pool {
 
 fn worker(
     rx: crossbeam_channel::Receiver<Job>,
-    module: Handler,
     stats: Arc<Stats>,
     desired: Arc<AtomicUsize>,
     alive: Arc<AtomicUsize>,
 ) {
     let mut instance = None;
+    let mut generation = stats.module.generation();
+    let Some(mut module) = stats.module.get() else {
+        alive.fetch_sub(1, Ordering::Relaxed);
+        return;
+    };
     loop {
         // Retire if there are more workers than wanted (one at a time, by compare-exchange).
         let now = alive.load(Ordering::Relaxed);
@@ -134,6 +136,13 @@ fn worker(
         }
         match rx.recv_timeout(IDLE_CHECK) {
             Ok(job) => {
+                // A reload: this job and the next run on the new handler's instances.
+                let now = stats.module.generation();
+                if now != generation
+                    && let Some(m) = stats.module.get()
+                {
+                    (module, instance, generation) = (m, None, now);
+                }
                 let result = serve(&module, &mut instance, &job.msgs, &job.attempts, &stats);
                 // The lane may be gone (shutdown); nothing to do then.
                 let _ = job.reply.send((job.msgs, result));

@@ -10,7 +10,9 @@
 //! An order with `"transient": true` fails with `retry` on its first attempt (a stand-in for a
 //! downstream that is briefly unavailable) and succeeds on the next. An order with
 //! `"trap": true` panics, which the host sees as a trap (to show what it does then). The same
-//! handler exists in Python, JavaScript and C under `guest-examples/`.
+//! handler exists in Python, JavaScript and C under `guest-examples/`. Confirmations also carry
+//! a `handler-version` header naming the build (`orders`, or `orders-v2`: the same source built
+//! as a second crate, for the hot-reload test).
 
 use std::time::Duration;
 use weir_guest::{Failure, Message, Outcome};
@@ -33,6 +35,10 @@ struct Confirmation<'a> {
     amount_cents: u64,
     status: &'static str,
 }
+
+/// Which build confirmed an order: `orders`, or `orders-v2` (the same source built as another
+/// crate, which the hot-reload test swaps in).
+const VERSION: &str = env!("CARGO_PKG_NAME");
 
 fn handle(msg: Message) -> Outcome {
     let order: Order = serde_json::from_slice(&msg.payload)
@@ -62,7 +68,10 @@ fn handle(msg: Message) -> Outcome {
         &topic,
         Some(order.id.as_bytes()),
         &payload,
-        &[("source-offset", offset.as_bytes())],
+        &[
+            ("source-offset", offset.as_bytes()),
+            ("handler-version", VERSION.as_bytes()),
+        ],
     )
     .map_err(Failure::retry)?;
     weir_guest::debug!("confirmed order {}", order.id);
@@ -91,7 +100,10 @@ mod tests {
                 topic: "confirmations".into(),
                 key: Some(b"o-1".to_vec()),
                 payload: br#"{"order_id":"o-1","customer":"ada","amount_cents":1250,"status":"confirmed"}"#.to_vec(),
-                headers: vec![("source-offset".into(), b"0".to_vec())],
+                headers: vec![
+                    ("source-offset".into(), b"0".to_vec()),
+                    ("handler-version".into(), super::VERSION.as_bytes().to_vec()),
+                ],
             }]
         );
     }
