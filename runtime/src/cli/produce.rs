@@ -95,6 +95,19 @@ impl ProduceCommand {
             )));
         }
         if let Some(count) = self.count {
+            // A progress bar on a terminal (none when standard error is piped or a file).
+            let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                let bar = indicatif::ProgressBar::new(count);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{elapsed_precise} [{bar:40}] {pos}/{len} produced ({per_sec})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
             let mut batch = Vec::with_capacity(CHUNK);
             for n in self.start..self.start + count {
                 let id = format!("m-{n}").into_bytes();
@@ -108,11 +121,13 @@ impl ProduceCommand {
                 batch.push(record);
                 if batch.len() == CHUNK {
                     send(&mut log, std::mem::take(&mut batch))?;
+                    bar.inc(CHUNK as u64);
                 }
             }
             if !batch.is_empty() {
                 send(&mut log, batch)?;
             }
+            bar.finish_and_clear();
         } else if let Some(value) = &self.value {
             send(
                 &mut log,
