@@ -54,6 +54,10 @@ pub struct BenchCommand {
     /// cost is the ratio of the two runs)
     #[arg(long, value_enum)]
     native: Option<crate::host::native::Native>,
+    /// The Kafka row: the orders through weir's Kafka path and through a bare rdkafka loop doing
+    /// the same native work, on a mock cluster in this process (or on --brokers when given)
+    #[arg(long)]
+    kafka_mock: bool,
     /// Latency mode: append --count messages at this rate (messages/s) while the run consumes,
     /// instead of a backlog at full speed
     #[arg(long)]
@@ -114,10 +118,8 @@ pub struct Report {
 
 impl BenchCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
-        if g.kafka.is_some() {
-            return Err(bad_input(
-                "weir bench runs on the embedded log; for Kafka, see the kafka-bench program in tests/ (README: Performance)",
-            ));
+        if g.kafka.is_some() || self.kafka_mock {
+            return self.kafka(g);
         }
         if self.count == 0 {
             return Err(bad_input("--count must be at least 1"));
@@ -360,6 +362,69 @@ impl BenchCommand {
             println!("{}", serde_json::to_string(&report)?);
         } else {
             print_report(&report);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl BenchCommand {
+    /// The Kafka row (see [`super::bench_kafka`]).
+    fn kafka(self, g: Globals) -> anyhow::Result<ExitCode> {
+        if self.rate.is_some() {
+            return Err(bad_input(
+                "--rate is for the embedded log; the Kafka row measures throughput",
+            ));
+        }
+        let module = match (&self.options.module, self.native) {
+            (Some(m), None) => m.clone(),
+            (None, Some(n)) => PathBuf::from(n.name()),
+            _ => {
+                return Err(bad_input(
+                    "the Kafka row needs --module path/to/orders.wasm (or --native orders)",
+                ));
+            }
+        };
+        if self.native.is_none() && !module.is_file() {
+            return Err(bad_input(format!(
+                "cannot read handler module {}: no such file",
+                module.display()
+            )));
+        }
+        let dir = TempDir::new()?;
+        let r = super::bench_kafka::run(
+            g.kafka.as_ref(),
+            &module,
+            self.native,
+            self.options.clone(),
+            self.count,
+            self.size,
+            self.partitions,
+            dir.path(),
+        )?;
+        if self.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "kafka       {} ({}), {} orders of {} bytes over {} partitions",
+                r.brokers,
+                if r.mock_cluster {
+                    "librdkafka's mock cluster in this process"
+                } else {
+                    "brokers"
+                },
+                r.messages,
+                r.message_bytes,
+                r.partitions
+            );
+            println!(
+                "bare loop   {:.0} msg/s (rdkafka consumer + idempotent producer, native work)",
+                r.bare_messages_per_second
+            );
+            println!(
+                "weir        {:.0} msg/s ({})",
+                r.weir_messages_per_second, r.module
+            );
+            println!("ratio       {:.2} of the bare loop", r.ratio);
         }
         Ok(ExitCode::SUCCESS)
     }

@@ -22,6 +22,7 @@
 //! The rest of weir does not name rdkafka: this module is the only one that does.
 
 mod admin;
+pub mod bench;
 mod group;
 
 use super::{Commit, GroupEvent, Source, SourceError, TopicStats};
@@ -141,6 +142,15 @@ pub struct Kafka {
 
 impl Kafka {
     /// Connects to the brokers (lazily: nothing is sent until the first request).
+    /// Creates `topic` with the brokers' default replication.
+    pub fn create_topic(
+        cfg: &KafkaConfig,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<(), SourceError> {
+        Admin::connect(cfg)?.create_topic(topic, partitions, -1)
+    }
+
     pub fn connect(cfg: &KafkaConfig, exactly_once: bool) -> Result<Kafka, SourceError> {
         Ok(Kafka {
             admin: Admin::connect(cfg)?,
