@@ -278,6 +278,8 @@ pub fn parse_pair(name: &str, s: &str) -> Result<(String, String), ConfigError> 
 /// Defaults of `weir run`, named so `--help`, the README and the code agree.
 pub mod defaults {
     pub const BATCH_SIZE: usize = 256;
+    /// On Kafka, where a commit waits for the brokers to ack its outputs.
+    pub const KAFKA_BATCH_SIZE: usize = 1000;
     pub const MEMORY_LIMIT: &str = "64MiB";
     pub const CALL_TIMEOUT: &str = "5s";
     pub const MAX_ATTEMPTS: u32 = 5;

@@ -90,6 +90,10 @@ pub fn run(
     let bare_span = kb::span(&cfg, &out_bare, count)?;
 
     let mut options = options;
+    // As `weir run` on Kafka.
+    options.batch_size = options
+        .batch_size
+        .or(Some(crate::config::defaults::KAFKA_BATCH_SIZE));
     options.module = Some(module_path.to_path_buf());
     options.topic = Some(vec![input.clone()]);
     options.group = Some(format!("{input}-weir"));
