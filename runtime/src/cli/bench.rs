@@ -477,7 +477,7 @@ fn probe_instances(module: &Handler, n: usize) -> anyhow::Result<(f64, f64)> {
     if matches!(module, Handler::Native { .. }) || n == 0 {
         return Ok((0.0, 0.0));
     }
-    let msg = Delivery {
+    let mut msg = Delivery {
         topic: Arc::from("bench"),
         partition: 0,
         offset: 0,
@@ -499,7 +499,7 @@ fn probe_instances(module: &Handler, n: usize) -> anyhow::Result<(f64, f64)> {
             .instantiate()
             .map_err(|e| anyhow::anyhow!("instantiating the module failed: {e:?}"))?;
         spent += t.elapsed();
-        i.run(std::slice::from_ref(&msg), &[1]);
+        i.run(std::slice::from_mut(&mut msg), &[1]);
         kept.push(i);
     }
     let after = rss_kib();

@@ -359,7 +359,7 @@ impl DlqCommand {
                             let origin_topic: Arc<str> = Arc::from(
                                 l.header(h::TOPIC).unwrap_or_else(|| dlq.clone()).as_str(),
                             );
-                            let msg = Delivery {
+                            let mut msg = Delivery {
                                 topic: origin_topic,
                                 partition: l
                                     .header(h::PARTITION)
@@ -371,7 +371,7 @@ impl DlqCommand {
                                     .unwrap_or(0),
                                 record: l.original(),
                             };
-                            let r = inst.run(std::slice::from_ref(&msg), &[1]);
+                            let r = inst.run(std::slice::from_mut(&mut msg), &[1]);
                             match r.stop {
                                 None => r.outputs,
                                 Some(stop) => {

@@ -143,7 +143,8 @@ fn run_one(
                 }
             },
         };
-        let r = inst.run(std::slice::from_ref(&input.delivery), &[attempt]);
+        let mut msg = [input.delivery.clone()];
+        let r = inst.run(&mut msg, &[attempt]);
         logs.extend(
             inst.take_logs()
                 .into_iter()

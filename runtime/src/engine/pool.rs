@@ -143,7 +143,8 @@ fn worker(
                 {
                     (module, instance, generation) = (m, None, now);
                 }
-                let result = serve(&module, &mut instance, &job.msgs, &job.attempts, &stats);
+                let mut job = job;
+                let result = serve(&module, &mut instance, &mut job.msgs, &job.attempts, &stats);
                 // The lane may be gone (shutdown); nothing to do then.
                 let _ = job.reply.send((job.msgs, result));
             }
@@ -162,7 +163,7 @@ fn worker(
 fn serve(
     module: &Handler,
     slot: &mut Option<HandlerInstance>,
-    msgs: &[Delivery],
+    msgs: &mut [Delivery],
     attempts: &[u32],
     stats: &Stats,
 ) -> RunResult {
@@ -183,7 +184,7 @@ fn serve(
         };
         let end = if one_by_one { from + 1 } else { msgs.len() };
         let started = std::time::Instant::now();
-        let r = instance.run(&msgs[from..end], &attempts[from..end]);
+        let r = instance.run(&mut msgs[from..end], &attempts[from..end]);
         let ran = (r.done + usize::from(r.stop.is_some())).max(1);
         stats
             .metrics

@@ -441,7 +441,7 @@ impl Module {
             output_budget: MAX_OUTPUTS_PER_MESSAGE,
             emit_error: None,
             shared: self.shared.clone(),
-            context: String::new(),
+            context: Context::default(),
             stderr,
             logs: Vec::new(),
         };
@@ -534,7 +534,7 @@ pub enum HandlerInstance {
 
 impl HandlerInstance {
     /// As [`Instance::run`].
-    pub fn run(&mut self, msgs: &[Delivery], attempts: &[u32]) -> RunResult {
+    pub fn run(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
         match self {
             HandlerInstance::Wasm(i) => i.run(msgs, attempts),
             HandlerInstance::Native { twin, output_topic } => {
@@ -566,17 +566,62 @@ impl std::fmt::Debug for Instance {
     }
 }
 
-fn to_wit(d: &Delivery, attempt: u32) -> types::Message {
+/// Which message(s) the current call is about, for the guest's log lines: `topic/partition@offset`
+/// (with `..` for a batch starting there). Kept as parts and formatted only when a line is
+/// logged.
+#[derive(Debug, Clone, Default)]
+struct Context {
+    topic: Option<Arc<str>>,
+    partition: u32,
+    offset: u64,
+    batch: bool,
+}
+
+impl Context {
+    fn of(d: &Delivery, batch: bool) -> Context {
+        Context {
+            topic: Some(d.topic.clone()),
+            partition: d.partition,
+            offset: d.offset,
+            batch,
+        }
+    }
+}
+
+impl std::fmt::Display for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.topic {
+            None => Ok(()),
+            Some(t) => write!(
+                f,
+                "{t}/{}@{}{}",
+                self.partition,
+                self.offset,
+                if self.batch { ".." } else { "" }
+            ),
+        }
+    }
+}
+
+/// Lends a delivery's key, payload and headers to a WIT message for one call, without copying
+/// them; [`give_back`] returns them. (Cloning them cost five allocations a message.)
+fn lend(d: &mut Delivery, attempt: u32) -> types::Message {
     types::Message {
         topic: d.topic.to_string(),
         partition: d.partition,
         offset: d.offset,
-        key: d.record.key.clone(),
-        payload: d.record.payload.clone(),
-        headers: d.record.headers.clone(),
+        key: d.record.key.take(),
+        payload: std::mem::take(&mut d.record.payload),
+        headers: std::mem::take(&mut d.record.headers),
         timestamp_ms: d.record.timestamp_ms,
         attempt,
     }
+}
+
+fn give_back(d: &mut Delivery, m: types::Message) {
+    d.record.key = m.key;
+    d.record.payload = m.payload;
+    d.record.headers = m.headers;
 }
 
 fn from_failure(f: types::Failure) -> Outcome {
@@ -637,14 +682,14 @@ impl Instance {
 
     /// Runs `msgs` in order, stopping at the first that does not succeed. `attempts[i]` is the
     /// delivery attempt of `msgs[i]` (1 for a first delivery).
-    pub fn run(&mut self, msgs: &[Delivery], attempts: &[u32]) -> RunResult {
+    pub fn run(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
         match self.entry {
             LoadedEntry::Single(_) => self.run_singly(msgs, attempts),
             LoadedEntry::Batch(_) => self.run_batch(msgs, attempts),
         }
     }
 
-    fn arm(&mut self, messages: usize, context: String) {
+    fn arm(&mut self, messages: usize, context: Context) {
         self.store.set_epoch_deadline(
             self.ticks_per_message
                 .saturating_mul(messages.max(1) as u64),
@@ -657,15 +702,17 @@ impl Instance {
         s.context = context;
     }
 
-    fn run_singly(&mut self, msgs: &[Delivery], attempts: &[u32]) -> RunResult {
+    fn run_singly(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
         let LoadedEntry::Single(guest) = &self.entry else {
             unreachable!("run_singly on a batch entry")
         };
         let guest = guest.clone();
         let mut result = RunResult::default();
-        for (d, &attempt) in msgs.iter().zip(attempts) {
-            self.arm(1, format!("{}/{}@{}", d.topic, d.partition, d.offset));
-            let call = guest.call_handle(&mut self.store, &to_wit(d, attempt));
+        for (d, &attempt) in msgs.iter_mut().zip(attempts) {
+            self.arm(1, Context::of(d, false));
+            let m = lend(d, attempt);
+            let call = guest.call_handle(&mut self.store, &m);
+            give_back(d, m);
             let outcome = match call {
                 Err(e) => classify(&self.store, &e),
                 Ok(Err(f)) => from_failure(f),
@@ -684,7 +731,7 @@ impl Instance {
         result
     }
 
-    fn run_batch(&mut self, msgs: &[Delivery], attempts: &[u32]) -> RunResult {
+    fn run_batch(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
         let LoadedEntry::Batch(guest) = &self.entry else {
             unreachable!("run_batch on a single entry")
         };
@@ -693,19 +740,17 @@ impl Instance {
         if msgs.is_empty() {
             return result;
         }
-        self.arm(
-            msgs.len(),
-            format!(
-                "{}/{}@{}..",
-                msgs[0].topic, msgs[0].partition, msgs[0].offset
-            ),
-        );
+        self.arm(msgs.len(), Context::of(&msgs[0], true));
         let batch: Vec<types::Message> = msgs
-            .iter()
+            .iter_mut()
             .zip(attempts)
-            .map(|(d, &a)| to_wit(d, a))
+            .map(|(d, &a)| lend(d, a))
             .collect();
-        let results = match guest.call_handle_batch(&mut self.store, &batch) {
+        let call = guest.call_handle_batch(&mut self.store, &batch);
+        for (d, m) in msgs.iter_mut().zip(batch) {
+            give_back(d, m);
+        }
+        let results = match call {
             // With more than one message the culprit is unknown: the caller replaces the
             // instance and runs the messages one at a time to find it.
             Err(e) => {
@@ -745,7 +790,7 @@ impl Instance {
                 // Some message emitted what cannot be published and we cannot tell which:
                 // run them one at a time, keeping what succeeds.
                 for i in 0..msgs.len() {
-                    let one = self.run_batch(&msgs[i..=i], &attempts[i..=i]);
+                    let one = self.run_batch(&mut msgs[i..=i], &attempts[i..=i]);
                     result.done += one.done;
                     result.outputs.extend(one.outputs);
                     if one.stop.is_some() {
@@ -757,7 +802,7 @@ impl Instance {
             Some((k, failure)) => {
                 // Message k's outcome is known. Drop this call's outputs and run the prefix
                 // before it again on its own, so every output belongs to a message that succeeded.
-                let prefix = self.run_batch(&msgs[..k], &attempts[..k]);
+                let prefix = self.run_batch(&mut msgs[..k], &attempts[..k]);
                 result.done = prefix.done;
                 result.outputs = prefix.outputs;
                 result.stop = Some(prefix.stop.unwrap_or_else(|| from_failure(failure)));
@@ -784,7 +829,7 @@ struct State {
     emit_error: Option<String>,
     shared: Arc<Shared>,
     /// Which message(s) the current call is about, for log lines.
-    context: String,
+    context: Context,
     /// The tail of what the guest printed on stderr during the current call.
     stderr: stderr::Tail,
     /// Log lines kept with [`HostConfig::capture_logs`].
@@ -890,13 +935,24 @@ impl log::Host for State {
             return;
         }
         let module = &*self.shared.name;
+        // `at` is formatted only when the line is logged.
         let at = &self.context;
         match level {
-            log::Level::Trace => tracing::trace!(target: "weir::guest", module, at, "{message}"),
-            log::Level::Debug => tracing::debug!(target: "weir::guest", module, at, "{message}"),
-            log::Level::Info => tracing::info!(target: "weir::guest", module, at, "{message}"),
-            log::Level::Warn => tracing::warn!(target: "weir::guest", module, at, "{message}"),
-            log::Level::Error => tracing::error!(target: "weir::guest", module, at, "{message}"),
+            log::Level::Trace => {
+                tracing::trace!(target: "weir::guest", module, at = %at, "{message}")
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "weir::guest", module, at = %at, "{message}")
+            }
+            log::Level::Info => {
+                tracing::info!(target: "weir::guest", module, at = %at, "{message}")
+            }
+            log::Level::Warn => {
+                tracing::warn!(target: "weir::guest", module, at = %at, "{message}")
+            }
+            log::Level::Error => {
+                tracing::error!(target: "weir::guest", module, at = %at, "{message}")
+            }
         }
     }
 }
