@@ -229,12 +229,7 @@ impl BenchCommand {
         }
         let produce_seconds = produce_started.elapsed().as_secs_f64();
 
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("weir-io")
-            .build()
-            .context("starting the async runtime")?;
+        let runtime = super::io_runtime()?;
         let instances = settings.engine.instances;
         let batch_size = settings.engine.batch_size;
         let delivery = match settings.engine.delivery {

@@ -15,7 +15,7 @@ use crate::host::{Handler, Module};
 use crate::source::Source;
 use crate::source::kafka::bench::{self as kb, Mock};
 use crate::source::kafka::{Kafka, KafkaConfig};
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -116,12 +116,7 @@ pub fn run(
             Module::load(module_path, &settings.host, exists)?.into()
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("weir-io")
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = super::io_runtime()?;
     let summary = runtime.block_on(async {
         let (_stop, stop_rx) = tokio::sync::watch::channel(false);
         engine::run(

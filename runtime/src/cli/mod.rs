@@ -123,6 +123,18 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     1
 }
 
+/// The tokio runtime a run's I/O (partition tasks, the admin server, the socket) runs on; the
+/// handler instances have threads of their own.
+fn io_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("weir-io")
+        .build()
+        .context("starting the async runtime")
+}
+
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =

@@ -5,7 +5,6 @@ use crate::host::Module;
 use crate::source::Source;
 use crate::source::embedded::local;
 use crate::source::kafka::Kafka;
-use anyhow::Context;
 use clap::Args;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -95,12 +94,7 @@ impl RunCommand {
             group: settings.engine.group.clone(),
             topics: settings.engine.topics.clone(),
         });
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("weir-io")
-            .build()
-            .context("starting the async runtime")?;
+        let runtime = super::io_runtime()?;
         let started = Instant::now();
         let stats = Arc::new(engine::Stats::default());
         let loaded_ms = crate::admin::now_ms();

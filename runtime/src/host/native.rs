@@ -14,23 +14,25 @@ pub enum Native {
     Orders,
 }
 
+/// An order as the `orders` example reads it (shared with the Kafka row's bare loop).
 #[derive(serde::Deserialize)]
-struct Order<'a> {
+pub(crate) struct Order<'a> {
     #[serde(borrow)]
-    id: std::borrow::Cow<'a, str>,
+    pub id: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
-    customer: std::borrow::Cow<'a, str>,
-    amount_cents: u64,
+    pub customer: std::borrow::Cow<'a, str>,
+    pub amount_cents: u64,
     #[serde(default)]
-    transient: bool,
+    pub transient: bool,
 }
 
+/// The confirmation the `orders` example emits.
 #[derive(serde::Serialize)]
-struct Confirmation<'a> {
-    order_id: &'a str,
-    customer: &'a str,
-    amount_cents: u64,
-    status: &'static str,
+pub(crate) struct Confirmation<'a> {
+    pub order_id: &'a str,
+    pub customer: &'a str,
+    pub amount_cents: u64,
+    pub status: &'static str,
 }
 
 impl Native {

@@ -12,20 +12,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-#[derive(serde::Deserialize)]
-struct Order {
-    id: String,
-    customer: String,
-    amount_cents: u64,
-}
-
-#[derive(serde::Serialize)]
-struct Confirmation<'a> {
-    order_id: &'a str,
-    customer: &'a str,
-    amount_cents: u64,
-    status: &'static str,
-}
+use crate::host::native::{Confirmation, Order};
 
 /// A Kafka-protocol cluster in this process (librdkafka's mock).
 pub struct Mock(MockCluster<'static, rdkafka::producer::DefaultProducerContext>);
@@ -74,19 +61,26 @@ pub fn produce(
         .create()?;
     for n in 0..count {
         let (id, payload) = (format!("m-{n}"), (make)(n));
-        let mut rec = BaseRecord::to(topic).key(id.as_bytes()).payload(&payload);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    rec = back;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
+        send(
+            &producer,
+            BaseRecord::to(topic).key(id.as_bytes()).payload(&payload),
+        );
     }
     producer.flush(Duration::from_secs(120))?;
     Ok(())
+}
+
+/// Sends `rec`, serving delivery reports while the producer's queue is full.
+fn send(producer: &BaseProducer, mut rec: BaseRecord<'_, [u8], Vec<u8>>) {
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return,
+            Err((_, back)) => {
+                rec = back;
+                producer.poll(Duration::from_millis(10));
+            }
+        }
+    }
 }
 
 /// The hand-written loop: consume in a group, handle, produce, store offsets after delivery.
@@ -121,19 +115,13 @@ pub fn bare(cfg: &KafkaConfig, input: &str, output: &str, count: u64) -> anyhow:
                     key: "source-offset",
                     value: Some(offset.as_bytes()),
                 });
-                let mut rec = BaseRecord::to(output)
-                    .key(order.id.as_bytes())
-                    .payload(&payload)
-                    .headers(headers);
-                loop {
-                    match producer.send(rec) {
-                        Ok(()) => break,
-                        Err((_, back)) => {
-                            rec = back;
-                            producer.poll(Duration::from_millis(10));
-                        }
-                    }
-                }
+                send(
+                    &producer,
+                    BaseRecord::to(output)
+                        .key(order.id.as_bytes())
+                        .payload(&payload)
+                        .headers(headers),
+                );
                 unflushed.insert(m.partition(), m.offset() + 1);
                 done += 1;
                 if done.is_multiple_of(1000) || done == count {
