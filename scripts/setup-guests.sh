@@ -5,8 +5,13 @@
 # wit-bindgen's C generator and wasm-tools (crates.io). Each is skipped when it is there.
 # Sourced by test.sh; the demo does not need it.
 set -euo pipefail
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq python3 python3-pip) >/dev/null
+fi
 if ! command -v componentize-py >/dev/null || [[ "$(componentize-py --version 2>/dev/null)" != *0.25.1* ]]; then
-  python3 -m pip install --quiet componentize-py==0.25.1
+  # A Debian system Python refuses pip installs (PEP 668) unless told otherwise.
+  python3 -m pip install --quiet componentize-py==0.25.1 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages componentize-py==0.25.1
   if command -v pyenv >/dev/null; then pyenv rehash; fi
 fi
 command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm) >/dev/null

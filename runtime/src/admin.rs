@@ -3,8 +3,8 @@
 //! dashboard. A small HTTP/1.1 server on tokio (one request per connection, `Connection:
 //! close`), so that weir needs no web framework for five routes.
 
-use crate::engine::Stats;
 use crate::engine::metrics::Histogram;
+use crate::engine::{Stats, now_ms};
 use crate::source::embedded::EmbeddedLog;
 use crate::source::embedded::local::MaxDepth;
 use crate::source::{Record, Source};
@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The largest request body accepted (an ingest batch).
@@ -681,10 +681,4 @@ fn to_record(v: &Value) -> Result<Record, String> {
         headers,
         timestamp_ms: None,
     })
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -138,6 +138,31 @@ fn autoscaling_drains_a_slow_backlog_10x_faster_and_keeps_key_order() {
     assert_key_order(&scaled);
 }
 
+/// Topics `in` and `out` (2 partitions each) and a `weir run` of the `sleepy` guest waiting 1 ms
+/// per message, serving its socket; `extra` are more run flags.
+fn slow_run(w: &Weir, extra: &[&str]) -> weir_tests::Running {
+    w.create_topic("in", 2);
+    w.create_topic("out", 2);
+    let sleepy = guest("sleepy");
+    let mut args = vec![
+        "run",
+        "--module",
+        sleepy.to_str().unwrap(),
+        "--topic",
+        "in",
+        "--group",
+        "g",
+        "--handler-config",
+        "wait-ms=1",
+    ];
+    args.extend_from_slice(extra);
+    let run = w.spawn(&args);
+    wait_until("the run serves its socket", Duration::from_secs(30), || {
+        w.data_dir().join("weir.sock").exists()
+    });
+    run
+}
+
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -159,50 +184,31 @@ fn backpressure_keeps_memory_flat_while_two_million_messages_arrive() {
     /// (32 MiB), and the instances. Measured: flat at 255-270 MiB from a third of the way on.
     const BOUND_KIB: u64 = 320 * 1024;
     let w = Weir::new();
-    w.create_topic("in", 2);
-    w.create_topic("out", 2);
-    let sleepy = guest("sleepy");
     // 2 instances waiting 1 ms per message: about 2,000 messages/s, far below the producer.
-    let mut run = w.spawn(&[
-        "run",
-        "--module",
-        sleepy.to_str().unwrap(),
-        "--topic",
-        "in",
-        "--group",
-        "g",
-        "--instances",
-        "2",
-        "--handler-config",
-        "wait-ms=1",
-    ]);
+    let mut run = slow_run(&w, &["--instances", "2"]);
     let pid = run.id();
-    wait_until("the run serves its socket", Duration::from_secs(30), || {
-        w.data_dir().join("weir.sock").exists()
-    });
     let mut producer = w
         .cmd(&["produce", "in", "--count", &N.to_string(), "--no-key"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start weir produce");
-    let (mut peak, mut samples) = (0u64, Vec::new());
+    // Resident memory is sampled at each poll while the producer runs.
+    let (mut peak, mut samples, mut status) = (0u64, Vec::new(), None);
     let started = Instant::now();
-    let status = loop {
-        let rss = rss_kib(pid);
-        peak = peak.max(rss);
-        samples.push(rss / 1024);
-        if let Some(status) = producer.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "producing 2M took over 10 minutes"
-        );
-        assert!(run.is_running(), "weir run died");
-        std::thread::sleep(Duration::from_millis(250));
-    };
-    assert!(status.success());
+    wait_until(
+        "2,000,000 messages are produced through the run",
+        Duration::from_secs(600),
+        || {
+            let rss = rss_kib(pid);
+            peak = peak.max(rss);
+            samples.push(rss / 1024);
+            assert!(run.is_running(), "weir run died");
+            status = producer.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    assert!(status.unwrap().success());
     // Nothing lost: every message is in the topic, and the run is behind (the handler is slow),
     // which is the situation backpressure is for.
     assert_eq!(w.end("in"), N);
@@ -231,27 +237,7 @@ fn backpressure_keeps_memory_flat_while_two_million_messages_arrive() {
 fn max_depth_makes_the_producer_wait_and_loses_nothing() {
     const N: u64 = 20_000;
     let w = Weir::new();
-    w.create_topic("in", 2);
-    w.create_topic("out", 2);
-    let sleepy = guest("sleepy");
-    let run = w.spawn(&[
-        "run",
-        "--module",
-        sleepy.to_str().unwrap(),
-        "--topic",
-        "in",
-        "--group",
-        "g",
-        "--instances",
-        "8",
-        "--handler-config",
-        "wait-ms=1",
-        "--max-depth",
-        "2000",
-    ]);
-    wait_until("the run serves its socket", Duration::from_secs(30), || {
-        w.data_dir().join("weir.sock").exists()
-    });
+    let run = slow_run(&w, &["--instances", "8", "--max-depth", "2000"]);
     let out = w.ok(&["produce", "in", "--count", &N.to_string(), "--no-key"]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(

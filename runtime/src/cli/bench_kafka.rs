@@ -89,11 +89,7 @@ pub fn run(
     kb::bare(&cfg, &input, &out_bare, count)?;
     let bare_span = kb::span(&cfg, &out_bare, count)?;
 
-    let mut options = options;
-    // As `weir run` on Kafka.
-    options.batch_size = options
-        .batch_size
-        .or(Some(crate::config::defaults::KAFKA_BATCH_SIZE));
+    let mut options = options.on_kafka();
     options.module = Some(module_path.to_path_buf());
     options.topic = Some(vec![input.clone()]);
     options.group = Some(format!("{input}-weir"));

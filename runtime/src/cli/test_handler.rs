@@ -337,9 +337,7 @@ fn read_lines(path: &Path, what: &str) -> anyhow::Result<Vec<(usize, Value)>> {
 
 fn read_inputs(path: &Path) -> anyhow::Result<Vec<Input>> {
     let shown = path.display();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = crate::engine::now_ms();
     let mut inputs = Vec::new();
     for (line, v) in read_lines(path, "--input")? {
         let bad = |what: &str| {

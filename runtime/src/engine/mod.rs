@@ -219,7 +219,8 @@ pub enum EngineError {
 /// How often expired dedupe marks are looked for.
 const DEDUPE_EVICT_EVERY: Duration = Duration::from_secs(30);
 
-pub(crate) fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

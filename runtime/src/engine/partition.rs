@@ -480,10 +480,11 @@ async fn commit(
     m.count(topic, "ok", p.acked);
     m.count(topic, "deduped", p.deduped);
     m.count(topic, "dlq", p.dead);
+    // Messages appended together share a timestamp: one histogram update per run of them.
     let now = now_ms();
-    for at in &p.acked_at {
+    for run in p.acked_at.chunk_by(|a, b| a == b) {
         m.end_to_end
-            .observe_n(now.saturating_sub(*at) as f64 / 1e3, 1);
+            .observe_n(now.saturating_sub(run[0]) as f64 / 1e3, run.len() as u64);
     }
     s.processed.fetch_add(p.acked, Ordering::Relaxed);
     s.emitted.fetch_add(p.emitted, Ordering::Relaxed);

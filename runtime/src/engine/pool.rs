@@ -135,7 +135,7 @@ fn worker(
             return;
         }
         match rx.recv_timeout(IDLE_CHECK) {
-            Ok(job) => {
+            Ok(mut job) => {
                 // A reload: this job and the next run on the new handler's instances.
                 let now = stats.module.generation();
                 if now != generation
@@ -143,7 +143,6 @@ fn worker(
                 {
                     (module, instance, generation) = (m, None, now);
                 }
-                let mut job = job;
                 let result = serve(&module, &mut instance, &mut job.msgs, &job.attempts, &stats);
                 // The lane may be gone (shutdown); nothing to do then.
                 let _ = job.reply.send((job.msgs, result));
