@@ -116,6 +116,10 @@ pub struct RunOptions {
     /// Longest time one message may run in the handler [default: 5s]
     #[arg(long, env = "WEIR_CALL_TIMEOUT")]
     pub call_timeout: Option<String>,
+    /// Let the handler send HTTP requests (wasi:http) to HOST, or only to HOST:PORT; repeat
+    /// for more (WEIR_ALLOW_HTTP: comma-separated) [default: none: every request is refused]
+    #[arg(long, env = "WEIR_ALLOW_HTTP", value_delimiter = ',')]
+    pub allow_http: Option<Vec<String>>,
     /// Attempts per message, the first included, before it is dead-lettered [default: 5]
     #[arg(long, env = "WEIR_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
@@ -350,6 +354,7 @@ impl RunOptions {
             max_in_flight: self.max_in_flight.or(lower.max_in_flight),
             memory_limit: self.memory_limit.or(lower.memory_limit),
             call_timeout: self.call_timeout.or(lower.call_timeout),
+            allow_http: self.allow_http.or(lower.allow_http),
             max_attempts: self.max_attempts.or(lower.max_attempts),
             backoff_base: self.backoff_base.or(lower.backoff_base),
             backoff_max: self.backoff_max.or(lower.backoff_max),
@@ -578,6 +583,7 @@ impl RunOptions {
                 "--max-depth must be at least 1 (leave it out for no limit)".into(),
             ));
         }
+        let allow_http = parse_allow_http(self.allow_http.as_deref().unwrap_or_default())?;
         let admin = match self.admin.as_deref().unwrap_or(defaults::ADMIN) {
             "off" => None,
             a => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
@@ -623,9 +629,20 @@ impl RunOptions {
                 cache_dir: Some(data_dir.join("compiled")),
                 handler_config,
                 capture_logs: false,
+                allow_http,
             },
         })
     }
+}
+
+/// Parses the `--allow-http` entries (`HOST` or `HOST:PORT`).
+pub fn parse_allow_http(entries: &[String]) -> Result<crate::host::http::AllowList, ConfigError> {
+    entries
+        .iter()
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| e.parse().map_err(ConfigError))
+        .collect::<Result<Vec<_>, _>>()
+        .map(crate::host::http::AllowList)
 }
 
 #[cfg(test)]

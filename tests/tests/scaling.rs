@@ -4,7 +4,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use weir_tests::{Weir, guest, wait_until};
+use weir_tests::{EchoServer, Weir, guest, wait_until};
 
 const KEYS: usize = 200;
 const PER_KEY: usize = 20;
@@ -66,16 +66,19 @@ fn scaling_events(log: &Path) -> Vec<(f64, u64)> {
         .collect()
 }
 
-#[test]
-fn autoscaling_drains_a_slow_backlog_10x_faster_and_keeps_key_order() {
-    let sleepy = guest("sleepy");
-    let m = sleepy.to_str().unwrap();
+/// The acceptance run for a guest that waits ~5 ms per message on I/O: one instance
+/// against 1-64 scaled on lag, same backlog, same test. `args` are the guest's own flags.
+fn autoscaling_beats_one_instance_10x(guest_name: &str, args: &[&str]) {
+    let module = guest(guest_name);
+    let m = module.to_str().unwrap();
 
     // One instance: each message waits ~5 ms on I/O, one after the other.
     let fixed = Weir::new();
     backlog(&fixed);
     let t = Instant::now();
-    let s = fixed.drain(&sleepy, "in", "g", &["--instances", "1"]);
+    let mut one = vec!["--instances", "1"];
+    one.extend_from_slice(args);
+    let s = fixed.drain(&module, "in", "g", &one);
     let fixed_secs = t.elapsed().as_secs_f64();
     assert_eq!(s["processed"], 4_000, "{s}");
     assert_eq!(s["instances_peak"], 1, "{s}");
@@ -86,28 +89,27 @@ fn autoscaling_drains_a_slow_backlog_10x_faster_and_keeps_key_order() {
     backlog(&scaled);
     let log = scaled.path("run.log");
     let t = Instant::now();
-    let run = scaled.spawn_logged(
-        &[
-            "--log-format",
-            "json",
-            "run",
-            "--module",
-            m,
-            "--topic",
-            "in",
-            "--group",
-            "g",
-            "--min-instances",
-            "1",
-            "--max-instances",
-            "64",
-            "--target-drain",
-            "1s",
-            "--scale-down-delay",
-            "2s",
-        ],
-        &log,
-    );
+    let mut run_args = vec![
+        "--log-format",
+        "json",
+        "run",
+        "--module",
+        m,
+        "--topic",
+        "in",
+        "--group",
+        "g",
+        "--min-instances",
+        "1",
+        "--max-instances",
+        "64",
+        "--target-drain",
+        "1s",
+        "--scale-down-delay",
+        "2s",
+    ];
+    run_args.extend_from_slice(args);
+    let run = scaled.spawn_logged(&run_args, &log);
     wait_until(
         "the scaled run drains the backlog",
         Duration::from_secs(60),
@@ -124,7 +126,7 @@ fn autoscaling_drains_a_slow_backlog_10x_faster_and_keeps_key_order() {
     let events = scaling_events(&log);
     let peak = events.iter().map(|(_, n)| *n).max().unwrap_or(0);
     eprintln!(
-        "fixed 1 instance: {fixed_secs:.2}s; scaled 1-64: {scaled_secs:.2}s ({:.1}x); instance count over time: {events:?}",
+        "{guest_name}: fixed 1 instance: {fixed_secs:.2}s; scaled 1-64: {scaled_secs:.2}s ({:.1}x); instance count over time: {events:?}",
         fixed_secs / scaled_secs
     );
     assert!(
@@ -136,6 +138,100 @@ fn autoscaling_drains_a_slow_backlog_10x_faster_and_keeps_key_order() {
         "scaled {scaled_secs:.2}s is not 10x faster than one instance {fixed_secs:.2}s"
     );
     assert_key_order(&scaled);
+}
+
+/// The handler waits on a WASI timer (`sleepy`, 5 ms).
+#[test]
+fn autoscaling_drains_a_slow_backlog_10x_faster_and_keeps_key_order() {
+    autoscaling_beats_one_instance_10x("sleepy", &[]);
+}
+
+/// The handler calls a downstream service over wasi:http that takes 5 ms to answer (`fetch`,
+/// which emits the service's answer: here the payload echoed back).
+#[test]
+fn autoscaling_over_http_drains_10x_faster_and_keeps_key_order() {
+    let service = EchoServer::start(Duration::from_millis(5));
+    let url = format!("url=http://{}/enrich", service.addr());
+    autoscaling_beats_one_instance_10x(
+        "fetch",
+        &["--handler-config", &url, "--allow-http", service.addr()],
+    );
+    assert!(
+        service.requests() >= 8_000,
+        "{} requests",
+        service.requests()
+    );
+}
+
+/// Threads of a process, from /proc.
+fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The async host: 256 instances each wait 300 ms on an HTTP answer, and the process needs no
+/// thread per instance (the instances run on one runtime thread per core).
+#[test]
+fn hundreds_of_instances_wait_on_http_at_once_with_a_few_threads() {
+    let service = EchoServer::start(Duration::from_millis(300));
+    let w = Weir::new();
+    w.create_topic("in", 2);
+    w.create_topic("out", 2);
+    // 2,000 distinct keys, so every lane has work.
+    w.ok(&["produce", "in", "--count", "2000", "--size", "60"]);
+    let fetch = guest("fetch");
+    let url = format!("url=http://{}/enrich", service.addr());
+    let t = Instant::now();
+    let mut run = w.spawn(&[
+        "run",
+        "--module",
+        fetch.to_str().unwrap(),
+        "--topic",
+        "in",
+        "--group",
+        "g",
+        "--instances",
+        "256",
+        "--batch-size",
+        "16",
+        "--handler-config",
+        &url,
+        "--allow-http",
+        service.addr(),
+        "--admin",
+        "off",
+    ]);
+    let pid = run.id();
+    let mut most_threads = 0;
+    wait_until(
+        "2,000 messages are handled",
+        Duration::from_secs(120),
+        || {
+            most_threads = most_threads.max(threads(pid));
+            w.offsets("in", "g").iter().all(|(end, c)| end == c)
+        },
+    );
+    let secs = t.elapsed().as_secs_f64();
+    assert!(run.is_running());
+    drop(run);
+    eprintln!(
+        "2,000 calls of 300 ms: {secs:.1}s, at most {} requests waiting at once, at most {most_threads} threads",
+        service.peak_in_flight()
+    );
+    assert_eq!(w.count("out"), 2_000);
+    assert!(
+        service.peak_in_flight() >= 200,
+        "only {} requests were waiting at once",
+        service.peak_in_flight()
+    );
+    assert!(
+        most_threads <= 40,
+        "{most_threads} threads for 256 instances: instances should not hold threads"
+    );
 }
 
 /// Topics `in` and `out` (2 partitions each) and a `weir run` of the `sleepy` guest waiting 1 ms

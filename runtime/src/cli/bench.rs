@@ -483,18 +483,23 @@ fn probe_instances(module: &Handler, n: usize) -> anyhow::Result<(f64, f64)> {
             timestamp_ms: Some(0),
         },
     };
+    let runtime = super::local_runtime()?;
     // Warm up the allocator and the pool's first slots.
-    drop(module.instantiate().map_err(|e| anyhow::anyhow!("{e:?}"))?);
+    drop(
+        runtime
+            .block_on(module.instantiate())
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+    );
     let before = rss_kib();
     let mut kept = Vec::with_capacity(n);
     let mut spent = Duration::ZERO;
     for _ in 0..n {
         let t = Instant::now();
-        let mut i = module
-            .instantiate()
+        let mut i = runtime
+            .block_on(module.instantiate())
             .map_err(|e| anyhow::anyhow!("instantiating the module failed: {e:?}"))?;
         spent += t.elapsed();
-        i.run(std::slice::from_mut(&mut msg), &[1]);
+        runtime.block_on(i.run(std::slice::from_mut(&mut msg), &[1]));
         kept.push(i);
     }
     let after = rss_kib();

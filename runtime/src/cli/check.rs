@@ -26,6 +26,7 @@ impl CheckCommand {
             cache_dir: None,
             handler_config: Default::default(),
             capture_logs: false,
+            allow_http: Default::default(),
         };
         let module = Module::load(&self.module, &cfg, Arc::new(|_: &str| true))?;
         let size = std::fs::metadata(&self.module)

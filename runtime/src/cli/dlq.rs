@@ -325,6 +325,9 @@ impl DlqCommand {
                             cache_dir: Some(g.data_dir.join("compiled")),
                             handler_config: g.file.handler_config.clone(),
                             capture_logs: false,
+                            allow_http: crate::config::parse_allow_http(
+                                g.file.run.allow_http.as_deref().unwrap_or_default(),
+                            )?,
                         };
                         Some(Module::load(
                             path,
@@ -333,6 +336,7 @@ impl DlqCommand {
                         )?)
                     }
                 };
+                let runtime = super::local_runtime()?;
                 let mut instance = None;
                 let bar = indicatif::ProgressBar::new(letters.len() as u64);
                 bar.set_style(
@@ -353,8 +357,11 @@ impl DlqCommand {
                         Some(m) => {
                             let inst = match &mut instance {
                                 Some(i) => i,
-                                None => instance
-                                    .insert(m.instantiate().map_err(|o| anyhow::anyhow!("{o:?}"))?),
+                                None => instance.insert(
+                                    runtime
+                                        .block_on(m.instantiate())
+                                        .map_err(|o| anyhow::anyhow!("{o:?}"))?,
+                                ),
                             };
                             let origin_topic: Arc<str> = Arc::from(
                                 l.header(h::TOPIC).unwrap_or_else(|| dlq.clone()).as_str(),
@@ -371,7 +378,8 @@ impl DlqCommand {
                                     .unwrap_or(0),
                                 record: l.original(),
                             };
-                            let r = inst.run(std::slice::from_mut(&mut msg), &[1]);
+                            let r =
+                                runtime.block_on(inst.run(std::slice::from_mut(&mut msg), &[1]));
                             match r.stop {
                                 None => r.outputs,
                                 Some(stop) => {

@@ -123,8 +123,18 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     1
 }
 
+/// A runtime on the calling thread, for commands that call a handler now and then (`weir test`,
+/// `weir dlq replay`, `weir bench`'s instance probe): handler calls are async.
+fn local_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 /// The tokio runtime a run's I/O (partition tasks, the admin server, the socket) runs on; the
-/// handler instances have threads of their own.
+/// handler instances have a runtime of their own (`engine::pool`).
 fn io_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     use anyhow::Context;
     tokio::runtime::Builder::new_multi_thread()

@@ -44,6 +44,10 @@ pub struct TestCommand {
     /// How long one call may run [default: 5s]
     #[arg(long, default_value = defaults::CALL_TIMEOUT)]
     call_timeout: String,
+    /// Let the handler send HTTP requests to HOST or HOST:PORT, as `weir run --allow-http`;
+    /// repeat for more [default: none]
+    #[arg(long = "allow-http", value_name = "HOST[:PORT]")]
+    allow_http: Vec<String>,
 }
 
 /// One input line, parsed.
@@ -75,14 +79,17 @@ impl TestCommand {
             cache_dir: None,
             handler_config,
             capture_logs: true,
+            allow_http: crate::config::parse_allow_http(&self.allow_http)?,
         };
         let module = Module::load(&self.module, &cfg, Arc::new(|_: &str| true))?;
+        let runtime = super::local_runtime()?;
         let mut instance = None;
         let mut failures = 0usize;
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         for (i, input) in inputs.iter().enumerate() {
-            let result = run_one(&module, &mut instance, input, self.max_attempts);
+            let result =
+                runtime.block_on(run_one(&module, &mut instance, input, self.max_attempts));
             match &expected {
                 Some(expected) => {
                     let mut diffs = Vec::new();
@@ -119,7 +126,7 @@ impl TestCommand {
 
 /// Runs one message until it succeeds, is rejected, or runs out of attempts; a fault replaces
 /// the instance, as the engine does.
-fn run_one(
+async fn run_one(
     module: &Module,
     instance: &mut Option<Instance>,
     input: &Input,
@@ -133,7 +140,7 @@ fn run_one(
     for attempt in 1..=max_attempts {
         let inst = match instance {
             Some(i) => i,
-            None => match module.instantiate() {
+            None => match module.instantiate().await {
                 Ok(i) => instance.insert(i),
                 Err(o) => {
                     attempts.push(attempt_json(attempt, &o));
@@ -144,7 +151,7 @@ fn run_one(
             },
         };
         let mut msg = [input.delivery.clone()];
-        let r = inst.run(&mut msg, &[attempt]);
+        let r = inst.run(&mut msg, &[attempt]).await;
         logs.extend(
             inst.take_logs()
                 .into_iter()

@@ -352,12 +352,16 @@ pub async fn run(
     }
     stats.ready.store(false, Ordering::Relaxed);
     let ctx = Arc::into_inner(ctx).expect("every partition task has ended");
-    ctx.pool.stop();
+    ctx.pool.stop().await;
     result.map(|()| stats.summary())
 }
 
 /// How often the scaler looks at lag and throughput.
 const SCALE_EVERY: Duration = Duration::from_millis(500);
+/// How soon the scaler looks again after probing (lag, but no service rate measured yet).
+const SCALE_PROBE: Duration = Duration::from_millis(100);
+/// How soon the scaler looks again while no partition is being consumed yet.
+const SCALE_FIRST_LOOK: Duration = Duration::from_millis(20);
 
 /// Scales the instance pool against lag until the run ends: each tick observes lag (over the
 /// partitions consumed now), what was handled and what failed, asks the [`scaler::Scaler`] for a
@@ -384,6 +388,12 @@ async fn scale(ctx: Arc<Ctx>, cfg: scaler::ScalerConfig, shutdown: watch::Receiv
             .iter()
             .cloned()
             .collect();
+        if parts.is_empty() {
+            // The partitions are still starting (or not yet assigned): look again soon, so a
+            // run that starts on a backlog scales up within its first moments, not a tick later.
+            tick.reset_after(SCALE_FIRST_LOOK);
+            continue;
+        }
         let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
         let lag = tokio::task::spawn_blocking(move || {
             let mut lag = 0u64;
@@ -429,6 +439,14 @@ async fn scale(ctx: Arc<Ctx>, cfg: scaler::ScalerConfig, shutdown: watch::Receiv
                 "scaling"
             );
             ctx.pool.resize(d.desired);
+        }
+        if lag > 0 && ctx.stats.busy_lanes.load(Ordering::Relaxed) == 0 {
+            // A backlog the lanes have not picked up yet (the run is starting): look again
+            // as soon as they have, since the count is capped at the lanes with work.
+            tick.reset_after(SCALE_FIRST_LOOK);
+        } else if d.reason == scaler::Reason::Probing {
+            // No service rate yet: measure one over a short interval rather than a whole tick.
+            tick.reset_after(SCALE_PROBE);
         }
     }
 }

@@ -1,8 +1,13 @@
-//! The instance pool: worker threads that each own one handler instance.
+//! The instance pool: tasks that each own one handler instance, on a runtime of their own.
 //!
-//! Calls into wasm are synchronous and CPU-bound, so they run on these threads rather than on
-//! tokio's. A job is a run of messages of one lane; any free worker takes the next job. The
-//! number of workers can change while jobs run ([`Pool::resize`], driven by the scaler).
+//! A call into wasm is asynchronous: while a handler waits (a WASI timer, an HTTP request), its
+//! task is suspended and the runtime's threads serve other instances; while it computes, it
+//! yields at every epoch tick. So the number of instances is not bounded by threads: hundreds
+//! can wait at once on two cores. The runtime has one thread per core and is separate from the
+//! one that runs partitions and I/O, so a busy handler never delays an ack or a fetch.
+//!
+//! A job is a run of messages of one lane; any idle instance takes the next job. The number of
+//! instances can change while jobs run ([`Pool::resize`], driven by the scaler).
 
 use super::{EngineError, Stats};
 use crate::host::{Handler, HandlerInstance, Outcome, RunResult};
@@ -19,35 +24,67 @@ struct Job {
 }
 
 pub(super) struct Pool {
-    /// Jobs from all lanes of all partitions; any free worker takes the next one.
-    jobs: crossbeam_channel::Sender<Job>,
-    rx: crossbeam_channel::Receiver<Job>,
-    workers: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Jobs from all lanes of all partitions; any idle instance takes the next one.
+    jobs: flume::Sender<Job>,
+    rx: flume::Receiver<Job>,
+    runtime: InstanceRuntime,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stats: Arc<Stats>,
-    /// How many workers there should be; a worker above it exits after its current job.
+    /// How many instances there should be; one above it exits after its current job.
     desired: Arc<AtomicUsize>,
-    /// How many workers there are.
+    /// How many instances there are.
     alive: Arc<AtomicUsize>,
-    /// Workers ever started (names them).
-    started: AtomicUsize,
 }
 
-/// How often an idle worker checks whether it should retire.
+/// How often an idle instance checks whether it should retire.
 const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// The runtime the instances run on. Shut down without waiting when dropped, so that dropping
+/// a pool inside another runtime's task does not panic (a runtime may not block there).
+struct InstanceRuntime(Option<tokio::runtime::Runtime>);
+
+impl InstanceRuntime {
+    fn start() -> InstanceRuntime {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        InstanceRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .thread_name("weir-instance")
+                .build()
+                .expect("start the instances' tokio runtime"),
+        ))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the runtime lives as long as the pool")
+            .handle()
+    }
+}
+
+impl Drop for InstanceRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 impl Pool {
-    /// Starts `instances` workers running the handler in `stats.module`.
+    /// Starts `instances` instances of the handler in `stats.module`.
     pub(super) fn start(instances: usize, stats: Arc<Stats>) -> Pool {
         // Unbounded: the number of jobs is bounded by the lanes (one job per lane at a time).
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let (tx, rx) = flume::unbounded::<Job>();
         let pool = Pool {
             jobs: tx,
             rx,
-            workers: Default::default(),
+            runtime: InstanceRuntime::start(),
+            tasks: Default::default(),
             stats,
             desired: Arc::new(AtomicUsize::new(0)),
             alive: Arc::new(AtomicUsize::new(0)),
-            started: AtomicUsize::new(0),
         };
         pool.resize(instances.max(1));
         pool
@@ -58,24 +95,21 @@ impl Pool {
         self.alive.load(Ordering::Relaxed)
     }
 
-    /// Grows to `n` workers at once; shrinks as workers above `n` finish their current job
-    /// (their instances are dropped with them).
+    /// Grows to `n` instances at once; shrinks as instances above `n` finish their current job.
     pub(super) fn resize(&self, n: usize) {
         let n = n.max(1);
         self.desired.store(n, Ordering::Relaxed);
-        let mut workers = self.workers.lock().expect("pool lock");
-        workers.retain(|w| !w.is_finished());
+        let mut tasks = self.tasks.lock().expect("pool lock");
+        tasks.retain(|t| !t.is_finished());
         while self.alive.load(Ordering::Relaxed) < n {
             self.alive.fetch_add(1, Ordering::Relaxed);
-            let i = self.started.fetch_add(1, Ordering::Relaxed);
             let rx = self.rx.clone();
             let stats = self.stats.clone();
             let (desired, alive) = (self.desired.clone(), self.alive.clone());
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("weir-instance-{i}"))
-                    .spawn(move || worker(rx, stats, desired, alive))
-                    .expect("spawn an instance worker thread"),
+            tasks.push(
+                self.runtime
+                    .handle()
+                    .spawn(instance_task(rx, stats, desired, alive)),
             );
         }
         self.stats.instances.store(self.size(), Ordering::Relaxed);
@@ -89,7 +123,6 @@ impl Pool {
         msgs: Vec<Delivery>,
         attempts: Vec<u32>,
     ) -> Result<(Vec<Delivery>, RunResult), EngineError> {
-        // The worker answers on this; the caller awaits it without holding a thread.
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job {
@@ -101,18 +134,20 @@ impl Pool {
         rx.await.map_err(|_| EngineError::PoolGone)
     }
 
-    pub(super) fn stop(self) {
+    /// Lets every instance finish its job and end, then stops the runtime.
+    pub(super) async fn stop(self) {
         self.desired.store(0, Ordering::Relaxed);
         drop(self.jobs);
         drop(self.rx);
-        for w in self.workers.into_inner().expect("pool lock") {
-            let _ = w.join();
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("pool lock"));
+        for t in tasks {
+            let _ = t.await;
         }
     }
 }
 
-fn worker(
-    rx: crossbeam_channel::Receiver<Job>,
+async fn instance_task(
+    rx: flume::Receiver<Job>,
     stats: Arc<Stats>,
     desired: Arc<AtomicUsize>,
     alive: Arc<AtomicUsize>,
@@ -124,7 +159,7 @@ fn worker(
         return;
     };
     loop {
-        // Retire if there are more workers than wanted (one at a time, by compare-exchange).
+        // Retire if there are more instances than wanted (one at a time, by compare-exchange).
         let now = alive.load(Ordering::Relaxed);
         if now > desired.load(Ordering::Relaxed)
             && alive
@@ -134,8 +169,8 @@ fn worker(
             stats.instances.store(now - 1, Ordering::Relaxed);
             return;
         }
-        match rx.recv_timeout(IDLE_CHECK) {
-            Ok(mut job) => {
+        match tokio::time::timeout(IDLE_CHECK, rx.recv_async()).await {
+            Ok(Ok(mut job)) => {
                 // A reload: this job and the next run on the new handler's instances.
                 let now = stats.module.generation();
                 if now != generation
@@ -143,15 +178,16 @@ fn worker(
                 {
                     (module, instance, generation) = (m, None, now);
                 }
-                let result = serve(&module, &mut instance, &mut job.msgs, &job.attempts, &stats);
+                let result =
+                    serve(&module, &mut instance, &mut job.msgs, &job.attempts, &stats).await;
                 // The lane may be gone (shutdown); nothing to do then.
                 let _ = job.reply.send((job.msgs, result));
             }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+            Ok(Err(flume::RecvError::Disconnected)) => {
                 alive.fetch_sub(1, Ordering::Relaxed);
                 return;
             }
+            Err(_idle) => {}
         }
     }
 }
@@ -159,7 +195,7 @@ fn worker(
 /// Runs a job on a worker's instance, replacing the instance after a fault. When a batch call
 /// faults, the culprit is unknown: the remaining messages run one at a time on fresh instances,
 /// so that only the faulty message is charged with the fault.
-fn serve(
+async fn serve(
     module: &Handler,
     slot: &mut Option<HandlerInstance>,
     msgs: &mut [Delivery],
@@ -172,7 +208,7 @@ fn serve(
     while from < msgs.len() {
         let instance = match slot {
             Some(i) => i,
-            None => match module.instantiate() {
+            None => match module.instantiate().await {
                 Ok(i) => slot.insert(i),
                 Err(fault) => {
                     stats.faults.fetch_add(1, Ordering::Relaxed);
@@ -183,7 +219,9 @@ fn serve(
         };
         let end = if one_by_one { from + 1 } else { msgs.len() };
         let started = std::time::Instant::now();
-        let r = instance.run(&mut msgs[from..end], &attempts[from..end]);
+        let r = instance
+            .run(&mut msgs[from..end], &attempts[from..end])
+            .await;
         let ran = (r.done + usize::from(r.stop.is_some())).max(1);
         stats
             .metrics

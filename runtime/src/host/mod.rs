@@ -2,13 +2,20 @@
 //!
 //! A [`Module`] is compiled once (the compiled code is cached on disk, keyed by the SHA-256 of
 //! the component and the engine's compatibility hash) and pre-instantiated. Each [`Instance`]
-//! has its own `Store` with a memory limit, and every call runs under an epoch deadline. WASI
-//! preview 2 is linked with nothing granted: no files, no network, no environment, no args.
+//! has its own `Store` with a memory limit. Calls are asynchronous: a handler that waits (a WASI
+//! timer, an HTTP request) suspends its call and frees the thread for other instances, and a
+//! handler that computes yields at every epoch tick, so hundreds of instances share a few
+//! threads. Every call runs under a deadline (`--call-timeout` per message).
+//!
+//! WASI preview 2 is linked with nothing granted: no files, no sockets, no environment, no
+//! args. `wasi:http` outgoing requests are linked too, and refused unless the request's host is
+//! on the allow list (`--allow-http HOST[:PORT]`, see [`http`]).
 //!
 //! The engine talks to this module in terms of [`Delivery`], [`Output`] and [`RunResult`];
 //! nothing of wasmtime leaks out.
 
 mod bindings;
+pub mod http;
 pub mod native;
 mod stderr;
 
@@ -21,6 +28,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+use tokio::time::timeout;
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -32,7 +40,7 @@ pub const MAX_OUTPUT_BYTES: usize = 16 << 20;
 /// refuses, which fails the message as `invalid-output` unless the handler handles the error.
 pub const MAX_OUTPUTS_PER_MESSAGE: usize = 10_000;
 
-/// How often the epoch advances; call deadlines are counted in these ticks.
+/// How often the epoch advances; a running call yields to other instances at every tick.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// The exported interfaces weir calls, as they appear in a component.
@@ -55,6 +63,8 @@ pub struct HostConfig {
     /// Keep the guest's log lines for [`Instance::take_logs`] instead of writing them to the
     /// log (`weir test`).
     pub capture_logs: bool,
+    /// Hosts a handler may send HTTP requests to; empty refuses every request.
+    pub allow_http: http::AllowList,
 }
 
 /// One line a guest logged, kept when [`HostConfig::capture_logs`] is set.
@@ -92,7 +102,7 @@ pub enum LoadError {
     )]
     NoHandler { path: String, exports: String },
     #[error(
-        "{path} cannot be linked: {detail}; weir provides only its own `weir:stream` interfaces and WASI 0.2 (with nothing granted)"
+        "{path} cannot be linked: {detail}; weir provides only its own `weir:stream` interfaces, WASI 0.2 (with nothing granted) and wasi:http 0.2 outgoing requests"
     )]
     Imports { path: String, detail: String },
     #[error("{path}: the handler's exports do not match weir's contract: {detail}")]
@@ -164,6 +174,7 @@ struct Shared {
     /// Asks the source whether an output topic exists, so `emit.send` can refuse at once.
     topic_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     capture_logs: bool,
+    http: Arc<http::Policy>,
 }
 
 /// A loaded, compiled, pre-instantiated handler component.
@@ -175,7 +186,7 @@ pub struct Module {
     shared: Arc<Shared>,
     digest: Arc<str>,
     memory_limit: usize,
-    ticks_per_message: u64,
+    call_timeout: Duration,
     /// Keeps the epoch ticker running.
     ticker: Arc<()>,
 }
@@ -221,6 +232,8 @@ fn make_engine(cfg: &HostConfig) -> Result<Engine, LoadError> {
     config
         .wasm_component_model(true)
         .epoch_interruption(true)
+        // A call's stack; its pages are returned when the call ends.
+        .async_stack_size(2 << 20)
         // Async-component machinery weir does not use costs ~1 µs per call (TOOLCHAIN.md).
         .concurrency_support(false)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -326,7 +339,8 @@ impl Module {
 
         let mut linker: Linker<State> = Linker::new(&engine);
         let link_err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link_err)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link_err)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(link_err)?;
         types::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
         emit::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
         log::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
@@ -364,7 +378,6 @@ impl Module {
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("handler");
-        let ticks = (cfg.call_timeout.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64 + 1;
         let module = Module {
             engine,
             pre,
@@ -374,15 +387,16 @@ impl Module {
                 config: cfg.handler_config.clone(),
                 topic_exists,
                 capture_logs: cfg.capture_logs,
+                http: Arc::new(http::Policy::new(name, cfg.allow_http.clone())),
             }),
             digest: Arc::from(digest),
             memory_limit: cfg.memory_limit,
-            ticks_per_message: ticks,
+            call_timeout: cfg.call_timeout,
             ticker,
         };
         // Instantiate once now: type mismatches in the exports, and guests that trap in their
         // start function, are load errors, not per-message faults.
-        module.instantiate().map_err(|e| LoadError::Signature {
+        block_on(module.instantiate()).map_err(|e| LoadError::Signature {
             path: shown.clone(),
             detail: format!("{e:?}"),
         })?;
@@ -425,8 +439,9 @@ impl Module {
         }
     }
 
-    /// A fresh instance. Errors are faults (the component trapped while starting).
-    pub fn instantiate(&self) -> Result<Instance, Outcome> {
+    /// A fresh instance. Errors are faults (the component trapped while starting). Must run
+    /// inside a tokio runtime with timers (the start function may wait, as any call).
+    pub async fn instantiate(&self) -> Result<Instance, Outcome> {
         let stderr = stderr::Tail::default();
         // Nothing granted: no preopened directories, environment, arguments or network.
         let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
@@ -444,15 +459,24 @@ impl Module {
             context: Context::default(),
             stderr,
             logs: Vec::new(),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            hooks: http::Hooks(self.shared.http.clone()),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.ticks_per_message.saturating_mul(10));
-        let instance = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| classify(&store, &e))?;
+        // Running wasm gives the thread back at every epoch tick; the deadline is the caller's
+        // timer, which also covers time spent waiting on I/O.
+        store.epoch_deadline_async_yield_and_update(1);
+        store.set_epoch_deadline(1);
+        let started = timeout(
+            self.call_timeout.saturating_mul(10),
+            self.pre.instantiate_async(&mut store),
+        )
+        .await;
+        let instance = match started {
+            Ok(r) => r.map_err(|e| classify(&store, &e))?,
+            Err(_) => return Err(timed_out(&store, "instantiating")),
+        };
         let entry = match &self.entry {
             Entry::Single(ix) => LoadedEntry::Single(
                 ix.load(&mut store, &instance)
@@ -466,10 +490,31 @@ impl Module {
         Ok(Instance {
             store,
             entry,
-            ticks_per_message: self.ticks_per_message,
+            call_timeout: self.call_timeout,
             _ticker: self.ticker.clone(),
         })
     }
+}
+
+/// Runs `fut` to completion on a private current-thread runtime, on a thread of its own, so it
+/// works from anywhere: plain code, or a task of another runtime (which must not block on one).
+/// For one-off calls (the check at load time); the engine runs instances on its own runtime.
+pub fn block_on<F>(fut: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("start a current-thread tokio runtime")
+                .block_on(fut)
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// What the engine runs: a component, or a native twin of an example (for `weir bench`).
@@ -506,9 +551,9 @@ impl Handler {
     }
 
     /// A fresh instance (a native twin has no state: instantiating it is free).
-    pub fn instantiate(&self) -> Result<HandlerInstance, Outcome> {
+    pub async fn instantiate(&self) -> Result<HandlerInstance, Outcome> {
         match self {
-            Handler::Wasm(m) => m.instantiate().map(HandlerInstance::Wasm),
+            Handler::Wasm(m) => m.instantiate().await.map(HandlerInstance::Wasm),
             Handler::Native { twin, output_topic } => Ok(HandlerInstance::Native {
                 twin: *twin,
                 output_topic: output_topic.clone(),
@@ -534,9 +579,9 @@ pub enum HandlerInstance {
 
 impl HandlerInstance {
     /// As [`Instance::run`].
-    pub fn run(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
+    pub async fn run(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
         match self {
-            HandlerInstance::Wasm(i) => i.run(msgs, attempts),
+            HandlerInstance::Wasm(i) => i.run(msgs, attempts).await,
             HandlerInstance::Native { twin, output_topic } => {
                 twin.run(msgs, attempts, output_topic)
             }
@@ -554,7 +599,7 @@ enum LoadedEntry {
 pub struct Instance {
     store: Store<State>,
     entry: LoadedEntry,
-    ticks_per_message: u64,
+    call_timeout: Duration,
     _ticker: Arc<()>,
 }
 
@@ -634,15 +679,23 @@ fn from_failure(f: types::Failure) -> Outcome {
     }
 }
 
+/// The fault of a call (or an instantiation) that its deadline cut short. The instance is
+/// left mid-call and must be dropped.
+fn timed_out(store: &Store<State>, what: &str) -> Outcome {
+    let mut detail = format!("{what} ran past its deadline (--call-timeout)");
+    if let Some(said) = store.data().stderr.take() {
+        detail = format!("{detail}; guest stderr: {said}");
+    }
+    Outcome::Fault {
+        kind: FaultKind::Timeout,
+        detail,
+    }
+}
+
 /// Turns a wasmtime error from a call into a fault with its kind.
 fn classify(store: &Store<State>, e: &wasmtime::Error) -> Outcome {
     let kind = if store.data().limiter.hit {
         FaultKind::Memory
-    } else if matches!(
-        e.downcast_ref::<wasmtime::Trap>(),
-        Some(wasmtime::Trap::Interrupt)
-    ) {
-        FaultKind::Timeout
     } else {
         FaultKind::Trap
     };
@@ -651,8 +704,7 @@ fn classify(store: &Store<State>, e: &wasmtime::Error) -> Outcome {
             "memory limit of {} bytes reached: {e}",
             store.data().limiter.limit
         ),
-        FaultKind::Timeout => "the call ran past its deadline (--call-timeout)".to_string(),
-        FaultKind::Trap => match e.downcast_ref::<wasmtime::Trap>() {
+        _ => match e.downcast_ref::<wasmtime::Trap>() {
             Some(trap) => trap.to_string(),
             None => format!("{e:#}").replace('\n', " "),
         },
@@ -681,44 +733,47 @@ impl Instance {
     }
 
     /// Runs `msgs` in order, stopping at the first that does not succeed. `attempts[i]` is the
-    /// delivery attempt of `msgs[i]` (1 for a first delivery).
-    pub fn run(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
+    /// delivery attempt of `msgs[i]` (1 for a first delivery). Must run inside a tokio runtime
+    /// with timers.
+    pub async fn run(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
         match self.entry {
-            LoadedEntry::Single(_) => self.run_singly(msgs, attempts),
-            LoadedEntry::Batch(_) => self.run_batch(msgs, attempts),
+            LoadedEntry::Single(_) => self.run_singly(msgs, attempts).await,
+            LoadedEntry::Batch(_) => self.run_batch(msgs, attempts).await,
         }
     }
 
-    fn arm(&mut self, messages: usize, context: Context) {
-        self.store.set_epoch_deadline(
-            self.ticks_per_message
-                .saturating_mul(messages.max(1) as u64),
-        );
+    /// Readies the store for a call of `messages` messages; returns the call's deadline.
+    fn arm(&mut self, messages: usize, context: Context) -> Duration {
         let s = self.store.data_mut();
         s.outputs.clear();
         s.output_budget = MAX_OUTPUTS_PER_MESSAGE.saturating_mul(messages.max(1));
         s.emit_error = None;
         s.stderr.take();
         s.context = context;
+        self.call_timeout
+            .saturating_mul(u32::try_from(messages.max(1)).unwrap_or(u32::MAX))
     }
 
-    fn run_singly(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
+    async fn run_singly(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
         let LoadedEntry::Single(guest) = &self.entry else {
             unreachable!("run_singly on a batch entry")
         };
         let guest = guest.clone();
         let mut result = RunResult::default();
         for (d, &attempt) in msgs.iter_mut().zip(attempts) {
-            self.arm(1, Context::of(d, false));
+            let deadline = self.arm(1, Context::of(d, false));
             let m = lend(d, attempt);
-            let call = guest.call_handle(&mut self.store, &m);
+            let call = timeout(deadline, guest.call_handle(&mut self.store, &m)).await;
             give_back(d, m);
             let outcome = match call {
-                Err(e) => classify(&self.store, &e),
-                Ok(Err(f)) => from_failure(f),
-                Ok(Ok(())) => match self.store.data_mut().emit_error.take() {
-                    None => Outcome::Ok,
-                    Some(detail) => Outcome::InvalidOutput { detail },
+                Err(_) => timed_out(&self.store, "the call"),
+                Ok(Err(e)) => classify(&self.store, &e),
+                Ok(Ok(r)) => match r {
+                    Err(f) => from_failure(f),
+                    Ok(()) => match self.store.data_mut().emit_error.take() {
+                        None => Outcome::Ok,
+                        Some(detail) => Outcome::InvalidOutput { detail },
+                    },
                 },
             };
             if outcome != Outcome::Ok {
@@ -731,7 +786,16 @@ impl Instance {
         result
     }
 
-    fn run_batch(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
+    /// Boxed: it calls itself (on the prefix before a failure, or one message at a time).
+    fn run_batch<'a>(
+        &'a mut self,
+        msgs: &'a mut [Delivery],
+        attempts: &'a [u32],
+    ) -> std::pin::Pin<Box<dyn Future<Output = RunResult> + Send + 'a>> {
+        Box::pin(self.run_batch_once(msgs, attempts))
+    }
+
+    async fn run_batch_once(&mut self, msgs: &mut [Delivery], attempts: &[u32]) -> RunResult {
         let LoadedEntry::Batch(guest) = &self.entry else {
             unreachable!("run_batch on a single entry")
         };
@@ -740,24 +804,28 @@ impl Instance {
         if msgs.is_empty() {
             return result;
         }
-        self.arm(msgs.len(), Context::of(&msgs[0], true));
+        let deadline = self.arm(msgs.len(), Context::of(&msgs[0], true));
         let batch: Vec<types::Message> = msgs
             .iter_mut()
             .zip(attempts)
             .map(|(d, &a)| lend(d, a))
             .collect();
-        let call = guest.call_handle_batch(&mut self.store, &batch);
+        let call = timeout(deadline, guest.call_handle_batch(&mut self.store, &batch)).await;
         for (d, m) in msgs.iter_mut().zip(batch) {
             give_back(d, m);
         }
         let results = match call {
             // With more than one message the culprit is unknown: the caller replaces the
             // instance and runs the messages one at a time to find it.
-            Err(e) => {
+            Err(_) => {
+                result.stop = Some(timed_out(&self.store, "the call"));
+                return result;
+            }
+            Ok(Err(e)) => {
                 result.stop = Some(classify(&self.store, &e));
                 return result;
             }
-            Ok(r) => r,
+            Ok(Ok(r)) => r,
         };
         if results.len() != msgs.len() {
             let detail = format!(
@@ -790,7 +858,7 @@ impl Instance {
                 // Some message emitted what cannot be published and we cannot tell which:
                 // run them one at a time, keeping what succeeds.
                 for i in 0..msgs.len() {
-                    let one = self.run_batch(&mut msgs[i..=i], &attempts[i..=i]);
+                    let one = self.run_batch(&mut msgs[i..=i], &attempts[i..=i]).await;
                     result.done += one.done;
                     result.outputs.extend(one.outputs);
                     if one.stop.is_some() {
@@ -802,7 +870,7 @@ impl Instance {
             Some((k, failure)) => {
                 // Message k's outcome is known. Drop this call's outputs and run the prefix
                 // before it again on its own, so every output belongs to a message that succeeded.
-                let prefix = self.run_batch(&mut msgs[..k], &attempts[..k]);
+                let prefix = self.run_batch(&mut msgs[..k], &attempts[..k]).await;
                 result.done = prefix.done;
                 result.outputs = prefix.outputs;
                 result.stop = Some(prefix.stop.unwrap_or_else(|| from_failure(failure)));
@@ -834,6 +902,9 @@ struct State {
     stderr: stderr::Tail,
     /// Log lines kept with [`HostConfig::capture_logs`].
     logs: Vec<GuestLog>,
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    /// Decides which outgoing requests go out.
+    hooks: http::Hooks,
 }
 
 impl WasiView for State {
@@ -841,6 +912,16 @@ impl WasiView for State {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for State {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
         }
     }
 }
