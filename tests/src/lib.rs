@@ -244,6 +244,11 @@ impl EchoServer {
         &self.addr
     }
 
+    /// The `--handler-config` setting that points the `fetch` guest at this server.
+    pub fn url_setting(&self) -> String {
+        format!("url=http://{}/enrich", self.addr)
+    }
+
     /// Requests answered.
     pub fn requests(&self) -> u64 {
         self.counts
@@ -284,6 +289,7 @@ fn echo_one(conn: std::net::TcpStream, latency: Duration) -> bool {
     if reader.read_exact(&mut body).is_err() {
         return false;
     }
+    // The service's latency: the behaviour the tests put weir against, not a wait of theirs.
     std::thread::sleep(latency);
     let mut w = &conn;
     let head = format!(

@@ -10,13 +10,21 @@ fn topics(w: &Weir) {
     w.create_topic("out", 1);
 }
 
+/// `weir run --drain` of the `fetch` guest pointed at `service`, with `extra` flags.
+fn drain_fetch(w: &Weir, service: &EchoServer, extra: &[&str]) -> Value {
+    let url = service.url_setting();
+    let mut args = vec!["--handler-config", url.as_str()];
+    args.extend_from_slice(extra);
+    w.drain(&guest("fetch"), "in", "g", &args)
+}
+
 /// Without `--allow-http`, or with another port, the request never leaves: the handler gets
 /// `HTTP-request-denied`, retries run out, the message is dead-lettered with that reason, and
 /// the log says which flag would allow it.
 #[test]
 fn requests_to_hosts_not_allowed_are_refused_and_dead_lettered() {
     let service = EchoServer::start(Duration::ZERO);
-    let url = format!("url=http://{}/enrich", service.addr());
+    let url = service.url_setting();
     let fetch = guest("fetch");
     let port = service
         .addr()
@@ -86,17 +94,7 @@ fn an_allowed_host_is_called_and_its_answer_emitted() {
     let w = Weir::new();
     topics(&w);
     produce_lines(&w, "in", Some("k"), &["one", "two", "three"]);
-    let s = w.drain(
-        &guest("fetch"),
-        "in",
-        "g",
-        &[
-            "--handler-config",
-            &format!("url=http://{}/enrich", service.addr()),
-            "--allow-http",
-            "127.0.0.1",
-        ],
-    );
+    let s = drain_fetch(&w, &service, &["--allow-http", "127.0.0.1"]);
     assert_eq!(s["processed"], 3, "{s}");
     let out: Vec<String> = w
         .messages("out")
@@ -117,13 +115,10 @@ fn the_call_timeout_cuts_a_slow_request_short() {
     topics(&w);
     produce_lines(&w, "in", Some("k"), &["slow"]);
     let started = std::time::Instant::now();
-    let s = w.drain(
-        &guest("fetch"),
-        "in",
-        "g",
+    let s = drain_fetch(
+        &w,
+        &service,
         &[
-            "--handler-config",
-            &format!("url=http://{}/enrich", service.addr()),
             "--allow-http",
             service.addr(),
             "--call-timeout",

@@ -154,7 +154,7 @@ fn autoscaling_drains_a_slow_backlog_10x_faster_and_keeps_key_order() {
 #[test]
 fn autoscaling_over_http_drains_faster_and_keeps_key_order() {
     let service = EchoServer::start(Duration::from_millis(5));
-    let url = format!("url=http://{}/enrich", service.addr());
+    let url = service.url_setting();
     autoscaling_beats_one_instance(
         "fetch",
         &["--handler-config", &url, "--allow-http", service.addr()],
@@ -167,13 +167,13 @@ fn autoscaling_over_http_drains_faster_and_keeps_key_order() {
     );
 }
 
-/// Threads of a process, from /proc.
-fn threads(pid: u32) -> u64 {
+/// A number from /proc/PID/status (`Threads:`, `VmRSS:` in KiB); 0 once the process is gone.
+fn proc_status(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
@@ -188,7 +188,7 @@ fn hundreds_of_instances_wait_on_http_at_once_with_a_few_threads() {
     // 2,000 distinct keys, so every lane has work.
     w.ok(&["produce", "in", "--count", "2000", "--size", "60"]);
     let fetch = guest("fetch");
-    let url = format!("url=http://{}/enrich", service.addr());
+    let url = service.url_setting();
     let t = Instant::now();
     let mut run = w.spawn(&[
         "run",
@@ -215,7 +215,7 @@ fn hundreds_of_instances_wait_on_http_at_once_with_a_few_threads() {
         "2,000 messages are handled",
         Duration::from_secs(120),
         || {
-            most_threads = most_threads.max(threads(pid));
+            most_threads = most_threads.max(proc_status(pid, "Threads:"));
             w.offsets("in", "g").iter().all(|(end, c)| end == c)
         },
     );
@@ -265,14 +265,7 @@ fn slow_run(w: &Weir, extra: &[&str]) -> weir_tests::Running {
 
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    proc_status(pid, "VmRSS:")
 }
 
 #[test]
