@@ -10,6 +10,7 @@ mod dedupe;
 mod embedded;
 mod failures;
 mod faults;
+mod hardening;
 mod http;
 mod kafka;
 mod languages;

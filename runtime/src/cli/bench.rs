@@ -172,16 +172,13 @@ impl BenchCommand {
         // Compile once (fills the compiled cache), then measure what `weir run` does at start.
         let compile_started = Instant::now();
         if self.native.is_none() {
-            Module::load(&module_path, &settings.host, Arc::new(|_: &str| true))?;
+            Module::load(&module_path, &settings.host, crate::source::limits_only())?;
         }
         let compile_ms = ms(compile_started.elapsed());
         let ready_started = Instant::now();
         let log = local::open_owned(dir.path())?;
         let source: Arc<dyn Source> = log.clone();
-        let exists = {
-            let source = source.clone();
-            Arc::new(move |t: &str| source.topic_exists(t))
-        };
+        let exists = crate::source::output_check(source.clone());
         let module: Handler = match self.native {
             Some(twin) => Handler::Native {
                 twin,

@@ -105,10 +105,7 @@ pub fn run(
             output_topic: Arc::from(out_weir.as_str()),
         },
         None => {
-            let exists = {
-                let source = source.clone();
-                Arc::new(move |t: &str| source.topic_exists(t))
-            };
+            let exists = crate::source::output_check(source.clone());
             Module::load(module_path, &settings.host, exists)?.into()
         }
     };

@@ -3,7 +3,6 @@ use crate::host::{HostConfig, Module};
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Check that a file is a component implementing weir's handler world; list its imports and
@@ -28,7 +27,7 @@ impl CheckCommand {
             capture_logs: false,
             allow_http: Default::default(),
         };
-        let module = Module::load(&self.module, &cfg, Arc::new(|_: &str| true))?;
+        let module = Module::load(&self.module, &cfg, crate::source::limits_only())?;
         let size = std::fs::metadata(&self.module)
             .map(|m| m.len() as usize)
             .unwrap_or(0);

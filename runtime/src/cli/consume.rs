@@ -1,5 +1,5 @@
-use super::Globals;
 use super::target::Target;
+use super::{Globals, shown};
 use crate::source::Delivery;
 use clap::Args;
 use std::io::Write;
@@ -47,13 +47,13 @@ fn print(out: &mut impl Write, d: &Delivery, json: bool) -> std::io::Result<()> 
             .record
             .key
             .as_deref()
-            .map(text)
+            .map(shown)
             .unwrap_or_else(|| "-".into());
         let headers: Vec<String> = d
             .record
             .headers
             .iter()
-            .map(|(k, v)| format!("{k}={}", text(v)))
+            .map(|(k, v)| format!("{}={}", shown(k.as_bytes()), shown(v)))
             .collect();
         let headers = if headers.is_empty() {
             String::new()
@@ -66,7 +66,7 @@ fn print(out: &mut impl Write, d: &Delivery, json: bool) -> std::io::Result<()> 
             d.topic,
             d.partition,
             d.offset,
-            text(&d.record.payload)
+            shown(&d.record.payload)
         )
     }
 }
@@ -94,6 +94,9 @@ impl ConsumeCommand {
                 }
                 left -= batch.len() as u64;
                 if let Some(group) = &self.group {
+                    // Printed (as far as this process can tell) before committed: a failed
+                    // write stops here, and the messages are read again next time.
+                    out.flush()?;
                     log.commit_offset(group, &self.topic, partition, from)?;
                 }
             }

@@ -193,20 +193,23 @@ impl DlqCommand {
                         "ID", "KEY", "KIND", "ATTEMPTS", "TIME", "REPLAYED"
                     );
                     for l in &letters {
-                        let key =
-                            l.d.record
-                                .key
-                                .as_deref()
-                                .map_or("-".into(), |k| String::from_utf8_lossy(k).into_owned());
+                        let key = l.d.record.key.as_deref().map_or("-".into(), super::shown);
                         println!(
                             "{:<10} {:<16} {:<18} {:>8}  {:<20} {:<8} {}",
                             l.id(),
                             shorten(&key, 16),
-                            l.header(h::ERROR_KIND).unwrap_or_else(|| "-".into()),
+                            super::shown(
+                                l.header(h::ERROR_KIND)
+                                    .unwrap_or_else(|| "-".into())
+                                    .as_bytes()
+                            ),
                             l.header(h::ATTEMPTS).unwrap_or_else(|| "-".into()),
                             when(l.header(h::LAST_FAILURE_MS)),
                             if l.replayed { "yes" } else { "no" },
-                            shorten(&l.header(h::ERROR).unwrap_or_default(), 60)
+                            shorten(
+                                &super::shown(l.header(h::ERROR).unwrap_or_default().as_bytes()),
+                                60
+                            )
                         );
                     }
                     eprintln!("{} dead letter(s) in {dlq}", letters.len());
@@ -245,18 +248,19 @@ impl DlqCommand {
                 println!("id        {}", l.id());
                 println!(
                     "key       {}",
-                    l.d.record
-                        .key
-                        .as_deref()
-                        .map_or("-".into(), |k| String::from_utf8_lossy(k).into_owned())
+                    l.d.record.key.as_deref().map_or("-".into(), super::shown)
                 );
                 println!("replayed  {}", if l.replayed { "yes" } else { "no" });
                 println!("first     {}", when(l.header(h::FIRST_FAILURE_MS)));
                 println!("last      {}", when(l.header(h::LAST_FAILURE_MS)));
                 for (n, v) in &l.d.record.headers {
-                    println!("header    {n}: {}", String::from_utf8_lossy(v));
+                    println!(
+                        "header    {}: {}",
+                        super::shown(n.as_bytes()),
+                        super::shown(v)
+                    );
                 }
-                println!("payload   {}", String::from_utf8_lossy(&l.d.record.payload));
+                println!("payload   {}", super::shown(&l.d.record.payload));
             }
             DlqCommand::Replay {
                 topic,
@@ -332,7 +336,14 @@ impl DlqCommand {
                         Some(Module::load(
                             path,
                             &cfg,
-                            Arc::new(move |t: &str| topics.contains(t)),
+                            Arc::new(move |t: &str, r: &Record| {
+                                crate::source::within_limits(r)?;
+                                if topics.contains(t) {
+                                    Ok(())
+                                } else {
+                                    Err(format!("topic `{t}` does not exist"))
+                                }
+                            }),
                         )?)
                     }
                 };

@@ -101,6 +101,27 @@ struct Globals {
 #[error("{0}")]
 struct BadInput(String);
 
+/// Bytes from a message (a payload, a key, a header, an error a guest wrote) as text safe to
+/// print on a terminal: invalid UTF-8 replaced, and control characters (escape sequences could
+/// rewrite the screen or the title, or hide lines) written as `\x1b` or `\u{9b}`.
+pub(crate) fn shown(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if (0x80..0xa0).contains(&(c as u32)) => {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn bad_input(msg: impl Into<String>) -> anyhow::Error {
     BadInput(msg.into()).into()
 }
@@ -225,5 +246,24 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::New(c) => c.execute(globals),
         Command::Bench(c) => c.execute(globals),
         Command::Status(c) => c.execute(globals),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"plain text", "plain text"),
+            (b"tab\there", "tab\there"),
+            (b"\x1b]0;owned\x07\x1b[2J", "\\x1b]0;owned\\x07\\x1b[2J"),
+            (b"line\nbreak\r", "line\\x0abreak\\x0d"),
+            ("csi \u{9b}31m".as_bytes(), "csi \\u{9b}31m"),
+            (b"del\x7f", "del\\x7f"),
+            (b"bad \xff utf8", "bad \u{fffd} utf8"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(super::shown(input), *want, "{input:?}");
+        }
     }
 }

@@ -77,10 +77,7 @@ impl RunCommand {
         for t in &settings.engine.topics {
             source.partitions(t)?;
         }
-        let exists = {
-            let source = source.clone();
-            Arc::new(move |t: &str| source.topic_exists(t))
-        };
+        let exists = crate::source::output_check(source.clone());
         let module = Module::load(&module_path, &settings.host, exists)?;
         if settings.max_depth.is_some() && g.kafka.is_some() {
             return Err(super::bad_input(
@@ -99,10 +96,7 @@ impl RunCommand {
         let reloader: crate::admin::Reloader = {
             let (stats, host, source) = (stats.clone(), settings.host.clone(), source.clone());
             Arc::new(move |path: &std::path::Path| {
-                let exists = {
-                    let source = source.clone();
-                    Arc::new(move |t: &str| source.topic_exists(t))
-                };
+                let exists = crate::source::output_check(source.clone());
                 match Module::load(path, &host, exists) {
                     Ok(m) => {
                         let (name, digest) = (m.name().to_string(), m.digest().to_string());

@@ -81,7 +81,7 @@ impl TestCommand {
             capture_logs: true,
             allow_http: crate::config::parse_allow_http(&self.allow_http)?,
         };
-        let module = Module::load(&self.module, &cfg, Arc::new(|_: &str| true))?;
+        let module = Module::load(&self.module, &cfg, crate::source::limits_only())?;
         let runtime = super::local_runtime()?;
         let mut instance = None;
         let mut failures = 0usize;

@@ -8,6 +8,7 @@
 //! gives the offset below which everything finished, and each commit writes that offset with
 //! the outputs and dead letters of what finished since the last one, atomically.
 
+use super::claims::Held;
 use super::dedupe::Claim;
 use super::dlq::{self, Origin};
 use super::offsets::OffsetTracker;
@@ -143,8 +144,13 @@ pub(super) async fn consume(
     let cfg = &ctx.cfg;
     let (src, group, t) = (ctx.source.clone(), cfg.group.clone(), topic.clone());
     let start = blocking(move || src.committed(&group, &t, partition)).await?;
-    // Messages of a retry topic carry their origin; the dead letters go to the origin's DLQ.
-    let is_retry_topic = cfg.retry_topics.iter().any(|(_, r)| **r == *topic);
+    // Messages of a retry topic are their origin topic's; the dead letters go to the origin's DLQ.
+    let retry_origin: Option<Arc<str>> = cfg
+        .retry_topics
+        .iter()
+        .find(|(_, r)| **r == *topic)
+        .map(|(origin, _)| origin.clone());
+    let is_retry_topic = retry_origin.is_some();
     let mut tracker = OffsetTracker::new(start);
     let mut committed = start;
     let mut next = start;
@@ -161,6 +167,7 @@ pub(super) async fn consume(
     let mut caught_up = false;
     let mut pending = Pending::default();
     let mut gauges = Gauges::new(&ctx, &topic, partition);
+    let mut held = Held::new(&ctx);
     let signal = ctx.source.append_signal();
     loop {
         // 1. Fetch while there is room in flight.
@@ -181,15 +188,18 @@ pub(super) async fn consume(
             for d in batch {
                 let at = d.offset;
                 tracker.dispatch(at);
-                let mut work = match is_retry_topic.then(|| dlq::from_retry_topic(&d)).flatten() {
-                    Some((msg, attempt, not_before_ms, first)) => {
-                        let wait = Duration::from_millis(not_before_ms.saturating_sub(now_ms()));
+                let mut work = match &retry_origin {
+                    Some(origin) => {
+                        let now = now_ms();
+                        let max_wait = cfg.backoff.max.as_millis() as u64;
+                        let copy = dlq::from_retry_topic(&d, origin, now, max_wait);
+                        let wait = Duration::from_millis(copy.not_before_ms.saturating_sub(now));
                         Work {
-                            msg,
+                            msg: copy.msg,
                             at,
-                            attempt,
+                            attempt: copy.attempt,
                             not_before: Some(Instant::now() + wait),
-                            first_failure_ms: Some(first),
+                            first_failure_ms: Some(copy.first_failure_ms),
                             dedupe_key: None,
                             claimed: false,
                         }
@@ -223,11 +233,13 @@ pub(super) async fn consume(
         // 2. Start every idle lane whose front message may run now.
         let now = Instant::now();
         let mut wake: Option<Instant> = None;
+        // At-most-once acked what it fetched: a clean stop still runs it (only a crash loses it).
+        let starting = !stopping || cfg.delivery == Mode::AtMostOnce;
         for (i, lane) in lanes.iter_mut().enumerate() {
-            if stopping || lane.busy || lane.queue.is_empty() {
+            if !starting || lane.busy || lane.queue.is_empty() {
                 continue;
             }
-            screen(&ctx, lane, &mut tracker, &mut pending, now)?;
+            screen(&ctx, lane, &mut tracker, &mut pending, &mut held, now)?;
             let mut meta = take_run(&mut lane.queue, cfg.batch_size, now, &mut wake);
             if meta.is_empty() {
                 continue;
@@ -266,7 +278,7 @@ pub(super) async fn consume(
         // 3. Done?
         if running == 0 {
             let idle = lanes.iter().all(|l| l.queue.is_empty());
-            if stopping || (cfg.drain && caught_up && idle) {
+            if (stopping && (idle || !starting)) || (cfg.drain && caught_up && idle) {
                 commit(
                     &ctx,
                     &topic,
@@ -274,6 +286,7 @@ pub(super) async fn consume(
                     &tracker,
                     &mut committed,
                     &mut pending,
+                    &mut held,
                 )
                 .await?;
                 return Ok(());
@@ -319,6 +332,7 @@ pub(super) async fn consume(
                 &tracker,
                 &mut committed,
                 &mut pending,
+                &mut held,
             )
             .await?;
         }
@@ -404,6 +418,7 @@ impl Pending {
 }
 
 /// Writes what finished since the last commit, then counts it and releases its claims.
+#[allow(clippy::too_many_arguments)]
 async fn commit(
     ctx: &Arc<Ctx>,
     topic: &Arc<str>,
@@ -411,6 +426,7 @@ async fn commit(
     tracker: &OffsetTracker,
     committed: &mut u64,
     pending: &mut Pending,
+    held: &mut Held,
 ) -> Result<(), EngineError> {
     if !pending.any() && tracker.commit_point() == *committed {
         return Ok(());
@@ -462,6 +478,7 @@ async fn commit(
             let mut claims = ctx.claims.lock().expect("claims lock");
             for key in &p.release {
                 claims.remove(key);
+                held.let_go(key);
             }
         }
         if let Some(store) = store.filter(|_| !undone.is_empty()) {
@@ -550,6 +567,7 @@ fn screen(
     lane: &mut Lane,
     tracker: &mut OffsetTracker,
     pending: &mut Pending,
+    held: &mut Held,
     now: Instant,
 ) -> Result<(), EngineError> {
     let Some(dedupe) = ctx.cfg.dedupe.as_ref() else {
@@ -580,6 +598,7 @@ fn screen(
                 w.not_before = Some(now + DEDUPE_RECHECK);
             } else {
                 claims.insert(key.clone());
+                held.hold(key);
                 w.claimed = true;
             }
             drop(claims);
@@ -619,7 +638,10 @@ fn screen(
                     claims.remove(w.dedupe_key.as_ref().expect("keyed"));
                 }
                 match answer {
-                    Ok(Claim::Mine) => w.claimed = true,
+                    Ok(Claim::Mine) => {
+                        held.hold(w.dedupe_key.as_ref().expect("keyed"));
+                        w.claimed = true;
+                    }
                     Ok(Claim::Done) => duplicates.push(i),
                     Ok(Claim::Busy) => w.not_before = Some(now + SHARED_RECHECK),
                     Err(()) => w.not_before = Some(now + STORE_DOWN_WAIT),
@@ -754,23 +776,30 @@ fn handle(
                     w.not_before = Some(Instant::now() + delay);
                 }
                 RetryMode::Requeue => {
-                    let retry_topic = cfg.retry_for(&origin_topic);
                     let not_before = now + delay.as_millis() as u64;
-                    if w.claimed
-                        && let Some(key) = w.dedupe_key.clone()
-                    {
-                        pending.release.push(key);
-                    }
-                    pending.commit.outputs.push(dlq::requeue(
+                    let copy = dlq::requeue(
                         &w.msg,
                         &origin,
                         w.attempt + 1,
                         not_before,
                         first,
-                        retry_topic,
-                    ));
-                    tracker.finish(w.at);
-                    rest.remove(0);
+                        cfg.retry_for(&origin_topic),
+                    );
+                    if let Err(e) = ctx.source.fits(&copy.record) {
+                        // Too large for the retry topic with its headers: retried in place.
+                        tracing::debug!(error = %e, "the retry copy does not fit; retrying in place");
+                        w.attempt += 1;
+                        w.not_before = Some(Instant::now() + delay);
+                    } else {
+                        if w.claimed
+                            && let Some(key) = w.dedupe_key.clone()
+                        {
+                            pending.release.push(key);
+                        }
+                        pending.commit.outputs.push(copy);
+                        tracker.finish(w.at);
+                        rest.remove(0);
+                    }
                 }
             }
         } else {
@@ -787,11 +816,11 @@ fn handle(
                 first_failure_ms: first,
                 last_failure_ms: now,
             };
-            pending.commit.outputs.push(dlq::envelope(
-                &w.msg,
-                &failure,
-                cfg.dlq_for(&origin_topic),
-            ));
+            let letter = dlq::envelope(&w.msg, &failure, cfg.dlq_for(&origin_topic));
+            pending
+                .commit
+                .outputs
+                .push(dlq::fit(letter, |r| ctx.source.fits(r)));
             // Not done: a later copy of it may run.
             if w.claimed
                 && let Some(key) = w.dedupe_key.clone()

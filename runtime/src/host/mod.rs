@@ -19,7 +19,7 @@ pub mod http;
 pub mod native;
 mod stderr;
 
-use crate::source::{Delivery, Output, Record};
+use crate::source::{Delivery, Output, OutputCheck, Record};
 use bindings::exports::weir::r#stream::{batch_handler, handler};
 use bindings::weir::r#stream::{config, emit, log, types};
 use sha2::{Digest, Sha256};
@@ -32,9 +32,6 @@ use tokio::time::timeout;
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-
-/// The largest payload a handler may emit.
-pub const MAX_OUTPUT_BYTES: usize = 16 << 20;
 
 /// The most messages one call may emit (a batch call: per message in it). Past it, `emit.send`
 /// refuses, which fails the message as `invalid-output` unless the handler handles the error.
@@ -172,7 +169,8 @@ struct Shared {
     name: Arc<str>,
     config: BTreeMap<String, String>,
     /// Asks the source whether an output topic exists, so `emit.send` can refuse at once.
-    topic_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    /// Whether an output may be published (its topic exists, it fits the broker's limits).
+    check_output: OutputCheck,
     capture_logs: bool,
     http: Arc<http::Policy>,
 }
@@ -324,11 +322,12 @@ fn compile(
 }
 
 impl Module {
-    /// Loads the component at `path`. `topic_exists` lets `emit.send` refuse unknown topics.
+    /// Loads the component at `path`. `check_output` lets `emit.send` refuse an output that could
+    /// not be published (an unknown topic, past a size limit) as the call makes it.
     pub fn load(
         path: &Path,
         cfg: &HostConfig,
-        topic_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+        check_output: OutputCheck,
     ) -> Result<Module, LoadError> {
         let shown = path.display().to_string();
         let bytes = read_component(path)?;
@@ -385,7 +384,7 @@ impl Module {
             shared: Arc::new(Shared {
                 name: Arc::from(name),
                 config: cfg.handler_config.clone(),
-                topic_exists,
+                check_output,
                 capture_logs: cfg.capture_logs,
                 http: Arc::new(http::Policy::new(name, cfg.allow_http.clone())),
             }),
@@ -967,21 +966,23 @@ impl emit::Host for State {
         payload: Vec<u8>,
         headers: types::Headers,
     ) -> Result<(), String> {
-        let refused = if let Err(e) = crate::source::embedded::validate_topic_name(&topic) {
-            Some(e.to_string())
-        } else if !(self.shared.topic_exists)(&topic) {
-            Some(format!("emitted to topic `{topic}`, which does not exist"))
-        } else if self.outputs.len() >= self.output_budget {
+        let record = Record {
+            key,
+            payload,
+            headers,
+            timestamp_ms: None,
+        };
+        let refused = if self.outputs.len() >= self.output_budget {
             Some(format!(
                 "emitted more than {MAX_OUTPUTS_PER_MESSAGE} messages for one message"
             ))
-        } else if payload.len() > MAX_OUTPUT_BYTES {
-            Some(format!(
-                "emitted {} bytes to `{topic}`; the most is {MAX_OUTPUT_BYTES}",
-                payload.len()
-            ))
         } else {
-            None
+            (self.shared.check_output)(&topic, &record).err().map(|e| {
+                format!(
+                    "output to `{}` refused: {e}",
+                    crate::source::clip(&topic, 200)
+                )
+            })
         };
         if let Some(e) = refused {
             // Remembered as well as returned: if the handler goes on to return `ok`, the host
@@ -989,15 +990,7 @@ impl emit::Host for State {
             self.emit_error.get_or_insert_with(|| e.clone());
             return Err(e);
         }
-        self.outputs.push(Output {
-            topic,
-            record: Record {
-                key,
-                payload,
-                headers,
-                timestamp_ms: None,
-            },
-        });
+        self.outputs.push(Output { topic, record });
         Ok(())
     }
 }

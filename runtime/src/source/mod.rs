@@ -109,6 +109,104 @@ pub enum SourceError {
     Broker(String),
 }
 
+/// weir's own bounds on a record it publishes (outputs, dead letters, retry copies), the same on
+/// every source; a broker may add its own ([`Source::fits`]). A guest's output past one of them
+/// fails that message as `invalid-output`, before anything is written, so one message never
+/// fails a commit (which would stop the run, and again after every restart).
+pub mod limits {
+    /// The largest payload.
+    pub const PAYLOAD_BYTES: usize = 16 << 20;
+    /// The largest key.
+    pub const KEY_BYTES: usize = 64 << 10;
+    /// The most headers on one record.
+    pub const HEADERS: usize = 1024;
+    /// The longest header name.
+    pub const HEADER_NAME_BYTES: usize = 1024;
+    /// The largest header value.
+    pub const HEADER_VALUE_BYTES: usize = 1 << 20;
+}
+
+/// The first `max` bytes of `s` at most, cut at a character boundary (for messages that quote
+/// text a guest or a producer chose).
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Whether `r` is within weir's [`limits`]; the error names the part and the bound.
+pub fn within_limits(r: &Record) -> Result<(), String> {
+    use limits::*;
+    if r.payload.len() > PAYLOAD_BYTES {
+        return Err(format!(
+            "payload of {} bytes; the most is {PAYLOAD_BYTES}",
+            r.payload.len()
+        ));
+    }
+    if let Some(k) = r.key.as_ref().filter(|k| k.len() > KEY_BYTES) {
+        return Err(format!("key of {} bytes; the most is {KEY_BYTES}", k.len()));
+    }
+    if r.headers.len() > HEADERS {
+        return Err(format!(
+            "{} headers; the most is {HEADERS}",
+            r.headers.len()
+        ));
+    }
+    for (name, value) in &r.headers {
+        if name.len() > HEADER_NAME_BYTES {
+            return Err(format!(
+                "header name `{}...` of {} bytes; the most is {HEADER_NAME_BYTES}",
+                clip(name, 32),
+                name.len()
+            ));
+        }
+        if value.len() > HEADER_VALUE_BYTES {
+            return Err(format!(
+                "header `{}` of {} bytes; the most is {HEADER_VALUE_BYTES}",
+                clip(name, 64),
+                value.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The bytes a record takes on the wire, about as a broker counts it against its message size:
+/// key, payload, and each header's name and value with a few bytes of framing.
+pub fn wire_size(r: &Record) -> usize {
+    r.key.as_ref().map_or(0, Vec::len)
+        + r.payload.len()
+        + r.headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 10)
+            .sum::<usize>()
+}
+
+/// What `emit.send` asks before it takes an output: may `record` be published to `topic`?
+pub type OutputCheck = Arc<dyn Fn(&str, &Record) -> Result<(), String> + Send + Sync>;
+
+/// The [`OutputCheck`] of `source`: the topic exists, and the record fits weir's limits and
+/// the broker's ([`Source::fits`]).
+pub fn output_check(source: Arc<dyn Source>) -> OutputCheck {
+    Arc::new(move |topic: &str, r: &Record| {
+        source.fits(r)?;
+        if !source.topic_exists(topic) {
+            return Err(format!("emitted to topic `{topic}`, which does not exist"));
+        }
+        Ok(())
+    })
+}
+
+/// An [`OutputCheck`] of weir's [`limits`] alone, any topic taken (`weir test`, `weir check`).
+pub fn limits_only() -> OutputCheck {
+    Arc::new(|_: &str, r: &Record| within_limits(r))
+}
+
 /// A change of the partitions this process consumes, decided by the broker's group protocol.
 #[derive(Debug)]
 pub enum GroupEvent {
@@ -143,6 +241,11 @@ pub trait Source: Send + Sync + 'static {
     fn commit(&self, group: &str, commit: Commit) -> Result<(), SourceError>;
     /// Whether `topic` exists (outputs to a missing topic are refused before commit).
     fn topic_exists(&self, topic: &str) -> bool;
+    /// Whether the broker can take `record` (weir's [`limits`], then the broker's own, such as
+    /// its largest message). No I/O: the engine asks it for every dead letter it writes.
+    fn fits(&self, record: &Record) -> Result<(), String> {
+        within_limits(record)
+    }
     /// Creates `topic` with `partitions` unless it exists (dead-letter topics).
     fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), SourceError>;
     /// Whether `group` already handled a message with idempotency key `key` (a done mark that

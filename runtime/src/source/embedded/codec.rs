@@ -127,7 +127,7 @@ pub(crate) fn check(r: &Record) -> Result<(), String> {
         if name.len() > u16::MAX as usize {
             return Err(format!(
                 "header name `{}...` is longer than 65535 bytes",
-                &name[..16]
+                crate::source::clip(name, 16)
             ));
         }
         if value.len() > u32::MAX as usize {

@@ -21,6 +21,17 @@ pub const SOCKET_NAME: &str = "weir.sock";
 
 /// Records per produce request; keeps each request line a few MiB at most.
 const CHUNK: usize = 5_000;
+/// Payload bytes per produce request, past which a chunk is cut short of [`CHUNK`] records.
+const CHUNK_BYTES: usize = 8 << 20;
+/// The longest request line served. A record's bytes travel as a JSON array (up to 4 bytes a
+/// byte), so this takes the largest record weir accepts with room to spare.
+const MAX_LINE: usize = 128 << 20;
+/// Clients served at once.
+const MAX_CLIENTS: usize = 64;
+/// How long an answer may take to write before the client is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -248,22 +259,41 @@ pub fn serve(log: Arc<EmbeddedLog>, limit: Option<MaxDepth>) -> Option<SocketGua
     let path = log.dir().join(SOCKET_NAME);
     // We hold the data directory's lock, so a socket file left here is from a dead process.
     let _ = std::fs::remove_file(&path);
-    let listener = match tokio::net::UnixListener::bind(&path) {
+    let bound = tokio::net::UnixListener::bind(&path).and_then(|l| {
+        // The socket is the log's only guard: this user's processes alone may connect.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(l)
+    });
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
+            let _ = std::fs::remove_file(&path);
             tracing::warn!(socket = %path.display(), error = %e, "cannot serve the log to other weir commands; `weir produce` will wait until this run ends");
             return None;
         }
     };
+    // Bounds the clients served at once; a client past it waits in the accept queue.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     // The accept loop; owned by the returned guard, which aborts it.
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait rather than spin on it.
+                    tracing::warn!(error = %e, "accepting a local client failed; trying again in a moment");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
             };
             let (log, limit) = (log.clone(), limit.clone());
             // One task per client, so a slow client (a big produce) does not hold up the others.
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Err(e) = connection(log, stream, limit).await {
                     tracing::debug!(error = %e, "local client connection ended");
                 }
@@ -278,11 +308,28 @@ async fn connection(
     stream: tokio::net::UnixStream,
     limit: Option<Arc<MaxDepth>>,
 ) -> std::io::Result<()> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let (read, mut write) = stream.into_split();
-    let mut lines = tokio::io::BufReader::new(read).lines();
-    while let Some(line) = lines.next_line().await? {
-        let response = match serde_json::from_str::<Request>(&line) {
+    let mut reader = tokio::io::BufReader::new(read).take(0);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        reader.set_limit(MAX_LINE as u64 + 1);
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_LINE {
+            let refused = Response::Error {
+                bad_input: true,
+                message: format!("request over {MAX_LINE} bytes; send fewer records at once"),
+            };
+            let mut out = serde_json::to_vec(&refused).expect("responses serialise");
+            out.push(b'\n');
+            write.write_all(&out).await?;
+            // The rest of the line cannot be told from the next request: end the connection.
+            return Ok(());
+        }
+        let response = match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::Error {
                 bad_input: true,
                 message: format!("bad request: {e}"),
@@ -299,9 +346,12 @@ async fn connection(
         };
         let mut out = serde_json::to_vec(&response).expect("responses serialise");
         out.push(b'\n');
-        write.write_all(&out).await?;
+        tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading")
+            })??;
     }
-    Ok(())
 }
 
 /// Removes the socket and stops serving when dropped.
@@ -436,8 +486,13 @@ impl LogHandle {
                 let mut records = records.into_iter().peekable();
                 let mut told = false;
                 while records.peek().is_some() {
-                    let chunk: Vec<WireRecord> =
-                        records.by_ref().take(CHUNK).map(WireRecord::from).collect();
+                    let mut chunk: Vec<WireRecord> = Vec::new();
+                    let mut bytes = 0usize;
+                    while chunk.len() < CHUNK && (chunk.is_empty() || bytes < CHUNK_BYTES) {
+                        let Some(r) = records.next() else { break };
+                        bytes += crate::source::wire_size(&r);
+                        chunk.push(WireRecord::from(r));
+                    }
                     let request = Request::Produce {
                         topic: topic.to_string(),
                         records: chunk,

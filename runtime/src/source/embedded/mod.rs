@@ -40,6 +40,34 @@ struct Topic {
     next_keyless: AtomicU64,
 }
 
+/// The end offsets a write batch moves, kept apart until the batch is committed.
+#[derive(Default)]
+struct Ends(Vec<(Arc<Topic>, u32, u64)>);
+
+impl Ends {
+    /// The next offset of the partition, counting what this batch staged already.
+    fn take(&mut self, t: &Arc<Topic>, p: u32) -> u64 {
+        if let Some(e) = self
+            .0
+            .iter_mut()
+            .find(|(x, q, _)| Arc::ptr_eq(x, t) && *q == p)
+        {
+            e.2 += 1;
+            return e.2 - 1;
+        }
+        let next = t.ends[p as usize].load(Ordering::Acquire);
+        self.0.push((t.clone(), p, next + 1));
+        next
+    }
+
+    /// Makes the staged records readable: their batch is committed.
+    fn apply(self) {
+        for (t, p, end) in self.0 {
+            t.ends[p as usize].store(end, Ordering::Release);
+        }
+    }
+}
+
 pub struct EmbeddedLog {
     dir: PathBuf,
     db: Database,
@@ -365,8 +393,10 @@ impl EmbeddedLog {
         let placed = {
             let _w = self.write.lock().expect("write lock");
             let mut batch = self.db.batch();
-            let placed = self.stage(&mut batch, topic, &t, records, now_ms());
+            let mut ends = Ends::default();
+            let placed = self.stage(&mut batch, topic, &t, records, now_ms(), &mut ends);
             batch.commit().map_err(|e| self.storage(e))?;
+            ends.apply();
             placed
         };
         self.db
@@ -376,15 +406,17 @@ impl EmbeddedLog {
         Ok(placed)
     }
 
-    /// Adds records to a write batch, assigning offsets. Caller holds `self.write` and must
-    /// commit the batch before releasing it (the in-memory end offsets move here).
+    /// Adds records to a write batch, assigning offsets after those already staged in `ends`.
+    /// Caller holds `self.write`, and moves the in-memory end offsets ([`Ends::apply`]) only
+    /// once the batch is committed: a failed write leaves them where the stored records end.
     fn stage(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
         topic: &str,
-        t: &Topic,
+        t: &Arc<Topic>,
         records: Vec<Record>,
         now: u64,
+        ends: &mut Ends,
     ) -> Vec<(u32, u64)> {
         let mut placed = Vec::with_capacity(records.len());
         let mut buf = Vec::new();
@@ -397,7 +429,7 @@ impl EmbeddedLog {
                 }
             };
             r.timestamp_ms.get_or_insert(now);
-            let offset = t.ends[p as usize].fetch_add(1, Ordering::Relaxed);
+            let offset = ends.take(t, p);
             buf.clear();
             codec::encode(&r, &mut buf);
             batch.insert(
@@ -482,8 +514,9 @@ impl EmbeddedLog {
             let _w = self.write.lock().expect("write lock");
             let mut batch = self.db.batch();
             let now = now_ms();
+            let mut ends = Ends::default();
             for (o, t) in commit.outputs.into_iter().zip(&output_topics) {
-                self.stage(&mut batch, &o.topic, t, vec![o.record], now);
+                self.stage(&mut batch, &o.topic, t, vec![o.record], now, &mut ends);
             }
             for (topic, partition, next) in &commit.offsets {
                 batch.insert(
@@ -505,6 +538,7 @@ impl EmbeddedLog {
                 );
             }
             batch.commit().map_err(|e| self.storage(e))?;
+            ends.apply();
         }
         self.db
             .persist(PersistMode::SyncAll)

@@ -25,7 +25,7 @@ mod admin;
 pub mod bench;
 mod group;
 
-use super::{Commit, GroupEvent, Source, SourceError, TopicStats};
+use super::{Commit, GroupEvent, Record, Source, SourceError, TopicStats};
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -58,6 +58,12 @@ const OWNED: &[(&str, &str)] = &[
     ("group.id", "pass --group instead"),
     ("bootstrap.servers", "pass --brokers instead"),
 ];
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// What librdkafka counts beyond key, payload and headers when it checks a message's size
+/// (its framing); kept off the limit so a record that passes [`Source::fits`] is never refused.
+const MESSAGE_OVERHEAD: usize = 512;
 
 /// How long a metadata, watermark or offset request may take before it is an error.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -136,6 +142,9 @@ pub(crate) fn storage(what: &str, e: impl std::fmt::Display) -> SourceError {
 pub struct Kafka {
     admin: Admin,
     exactly_once: bool,
+    /// The largest record the producer sends (librdkafka's `message.max.bytes`); a larger one
+    /// fails locally with `MSG_SIZE_TOO_LARGE`, so it is refused before it reaches a commit.
+    max_message_bytes: usize,
     /// Set by `join_group`, taken by `leave_group`.
     group: Mutex<Option<Arc<group::Group>>>,
 }
@@ -152,9 +161,18 @@ impl Kafka {
     }
 
     pub fn connect(cfg: &KafkaConfig, exactly_once: bool) -> Result<Kafka, SourceError> {
+        let max_message_bytes = match cfg.properties.get("message.max.bytes") {
+            None => DEFAULT_MESSAGE_MAX_BYTES,
+            Some(v) => v.trim().parse().map_err(|_| {
+                SourceError::Invalid(format!(
+                    "--kafka-property message.max.bytes={v}: not a number of bytes"
+                ))
+            })?,
+        };
         Ok(Kafka {
             admin: Admin::connect(cfg)?,
             exactly_once,
+            max_message_bytes,
             group: Mutex::new(None),
         })
     }
@@ -231,6 +249,20 @@ impl Source for Kafka {
 
     fn topic_exists(&self, topic: &str) -> bool {
         self.admin.topic_exists(topic)
+    }
+
+    fn fits(&self, record: &Record) -> Result<(), String> {
+        crate::source::within_limits(record)?;
+        let size = crate::source::wire_size(record);
+        let max = self.max_message_bytes.saturating_sub(MESSAGE_OVERHEAD);
+        if size > max {
+            return Err(format!(
+                "a record of {size} bytes (key, payload and headers); the producer's \
+                 message.max.bytes allows {max} (raise it with --kafka-property, and the \
+                 brokers' and topics' limits with it)"
+            ));
+        }
+        Ok(())
     }
 
     fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), SourceError> {

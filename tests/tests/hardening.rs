@@ -1,0 +1,340 @@
+//! Hostile input and faults (issue 19): each finding of the review as a test that failed on the
+//! code it was found in. One message, one header or one fault costs only its own outcome; it
+//! never stops the run, and a clean stop loses nothing and leaves nothing claimed.
+//!
+//! The handler is `hostile`, which emits what its payload asks for (see its module doc).
+
+use serde_json::Value;
+use std::process::Command;
+use std::time::Duration;
+use weir_tests::{Weir, guest, header, now_ms, produce_lines, wait_until};
+
+fn payloads(w: &Weir, topic: &str) -> Vec<String> {
+    let mut v: Vec<String> = w
+        .messages(topic)
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap_or("<binary>").to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn hostile() -> String {
+    guest("hostile").to_str().expect("UTF-8 path").to_string()
+}
+
+/// `(error kind, first words of the payload)` of each dead letter of `topic`, sorted.
+fn dead_letters(w: &Weir, topic: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = w
+        .messages(&format!("{topic}.dlq"))
+        .iter()
+        .map(|m| {
+            let p = m["payload"].as_str().unwrap_or("");
+            let words: Vec<&str> = p.split_whitespace().take(2).collect();
+            (
+                header(m, "weir.dlq.error-kind").unwrap_or("").to_string(),
+                words.join(" "),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Finding 5: header names past the codec's 65,535 bytes (one cut inside a multi-byte
+/// character), a huge key, thousands of headers. Each failed the commit and stopped the run
+/// (the multi-byte one with a panic), again on every restart.
+#[test]
+fn outputs_the_log_cannot_store_cost_only_their_own_message() {
+    let w = Weir::new();
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    let bad = [
+        "header-name 70000",
+        "header-name-multibyte 70000",
+        "key 100000",
+        "headers 5000",
+    ];
+    produce_lines(&w, "in", None, &bad);
+    produce_lines(&w, "in", None, &["fine"]);
+    let s = w.drain(&guest("hostile"), "in", "g", &["--max-attempts", "1"]);
+    assert_eq!(
+        (s["processed"].as_u64(), s["dead_lettered"].as_u64()),
+        (Some(1), Some(4)),
+        "{s}"
+    );
+    assert_eq!(payloads(&w, "out"), vec!["fine"]);
+    let mut want: Vec<(String, String)> = bad
+        .iter()
+        .map(|b| ("invalid-output".to_string(), b.to_string()))
+        .collect();
+    want.sort();
+    assert_eq!(dead_letters(&w, "in"), want);
+    assert!(w.offsets("in", "g").iter().all(|(end, c)| end == c));
+}
+
+/// Finding 5 on Kafka: an output over the producer's `message.max.bytes` failed the publish,
+/// so the commit, so the run.
+#[test]
+fn kafka_an_output_over_the_message_size_costs_only_its_message() {
+    let w = Weir::kafka_mock();
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    produce_lines(&w, "in", None, &["payload 2000000", "fine"]);
+    let s = w.drain(&guest("hostile"), "in", "g", &["--max-attempts", "1"]);
+    assert_eq!(
+        (s["processed"].as_u64(), s["dead_lettered"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    assert_eq!(payloads(&w, "out"), vec!["fine"]);
+    let letters = w.messages("in.dlq");
+    let error = header(&letters[0], "weir.dlq.error").unwrap_or("");
+    assert!(error.contains("message.max.bytes"), "{error}");
+}
+
+/// Finding 6: a dead letter that cannot be written (an input near the broker's message size
+/// plus the envelope; a reject reason of 2 MB) stopped the run on the same message every time.
+/// Now the reason is bounded and the dead letter cut to fit, saying what was cut.
+#[test]
+fn kafka_a_dead_letter_too_large_for_the_broker_is_cut_to_fit() {
+    let w = Weir::kafka_mock();
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    // One line of 999,800 bytes: it fits the producer's 1,000,000; with an envelope it does not.
+    let big = format!("reject 10 {}", "x".repeat(999_790));
+    let file = w.path("big.txt");
+    std::fs::write(&file, format!("{big}\nreject 2000000\nfine\n")).unwrap();
+    w.ok(&["produce", "in", "--file", file.to_str().unwrap()]);
+    let s = w.drain(&guest("hostile"), "in", "g", &[]);
+    assert_eq!(
+        (s["processed"].as_u64(), s["dead_lettered"].as_u64()),
+        (Some(1), Some(2)),
+        "{s}"
+    );
+    let letters = w.messages("in.dlq");
+    let cut: Vec<&Value> = letters
+        .iter()
+        .filter(|m| header(m, "weir.dlq.truncated").is_some())
+        .collect();
+    assert_eq!(cut.len(), 1, "one dead letter was cut: {letters:?}");
+    assert_eq!(
+        header(cut[0], "weir.dlq.truncated"),
+        Some(format!("payload={}", big.len()).as_str())
+    );
+    let kept = cut[0]["payload"].as_str().unwrap();
+    assert!(
+        kept.len() > 990_000 && big.starts_with(kept),
+        "{}",
+        kept.len()
+    );
+    for m in &letters {
+        let error = header(m, "weir.dlq.error").unwrap_or("");
+        assert!(error.len() <= 4096, "an error of {} bytes", error.len());
+    }
+}
+
+/// Finding 2: in requeue mode the `weir.retry.*` headers were trusted. One message naming a
+/// missing origin topic failed every commit (its dead letter went to `missing.dlq`); a
+/// not-before in the far future pinned the commit point, so `--drain` never ended.
+#[test]
+fn a_retry_topic_message_cannot_name_a_missing_origin_or_pin_the_commit_point() {
+    let w = Weir::new();
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    w.create_topic("in.retry", 1);
+    let retry_headers = |not_before: &str| {
+        [
+            "weir.retry.topic=missing",
+            "weir.retry.partition=0",
+            "weir.retry.offset=0",
+            "weir.retry.attempt=2",
+            &format!("weir.retry.not-before-ms={not_before}"),
+            "weir.retry.first-failure-ms=0",
+        ]
+        .iter()
+        .flat_map(|h| ["--header".to_string(), h.to_string()])
+        .collect::<Vec<String>>()
+    };
+    let produce = |value: &str, headers: Vec<String>| {
+        let mut args = vec!["produce", "in.retry", value];
+        args.extend(headers.iter().map(String::as_str));
+        w.ok(&args);
+    };
+    produce("reject 5", retry_headers("0"));
+    produce("far future", retry_headers("18446744073709551615"));
+    let module = hostile();
+    let run = w.spawn(&[
+        "run",
+        "--module",
+        &module,
+        "--topic",
+        "in",
+        "--group",
+        "g",
+        "--retry-mode",
+        "requeue",
+        "--backoff-max",
+        "1s",
+        "--drain",
+        "--json",
+    ]);
+    let mut run = run;
+    wait_until("the run drains and ends", Duration::from_secs(60), || {
+        !run.is_running()
+    });
+    let out = run.wait();
+    assert!(out.status.success(), "the run failed: {}", out.status);
+    assert_eq!(payloads(&w, "out"), vec!["far future"]);
+    assert_eq!(
+        dead_letters(&w, "in"),
+        vec![("rejected".to_string(), "reject 5".to_string())]
+    );
+    assert!(w.offsets("in.retry", "g").iter().all(|(end, c)| end == c));
+}
+
+/// Finding 4: a fatal error while handler calls were in flight panicked at
+/// `Arc::into_inner(..).expect(..)`, and the real error was never printed. Here the broker
+/// refuses every write (topic authorization), while another lane's call sleeps.
+#[test]
+fn kafka_a_fatal_error_with_calls_in_flight_is_reported_not_a_panic() {
+    let w = Weir::kafka_mock();
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    // Keyless: they go to different lanes, so "fine" commits while "sleep" runs.
+    produce_lines(&w, "in", None, &["sleep 5000", "fine"]);
+    let weir_tests::Broker::Mock(cluster) = w.broker() else {
+        unreachable!("a mock cluster test")
+    };
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 64],
+    );
+    let module = hostile();
+    let out = w
+        .cmd(&[
+            "run", "--module", &module, "--topic", "in", "--group", "g", "--drain", "--lanes", "4",
+        ])
+        .output()
+        .expect("run weir");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.to_lowercase().contains("authoriz"), "{stderr}");
+}
+
+/// Finding 7: at-most-once acks what it fetches; a normal stop (SIGTERM) dropped the fetched
+/// messages that had not started. The README promises loss only on a crash.
+#[test]
+fn at_most_once_handles_everything_it_acked_before_a_clean_stop() {
+    let w = Weir::new();
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    let lines: Vec<String> = (0..30).map(|i| format!("sleep 100 #{i}")).collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    produce_lines(&w, "in", None, &lines);
+    let module = hostile();
+    let run = w.spawn(&[
+        "run",
+        "--module",
+        &module,
+        "--topic",
+        "in",
+        "--group",
+        "g",
+        "--delivery",
+        "at-most-once",
+        "--batch-size",
+        "1",
+        "--lanes",
+        "1",
+    ]);
+    wait_until(
+        "the first message is handled",
+        Duration::from_secs(60),
+        || w.count("out") >= 1,
+    );
+    let out = run.terminate();
+    assert!(out.status.success(), "{}", out.status);
+    let acked = w.committed("in", "g");
+    assert!(acked > 1, "the run acked only {acked} before it stopped");
+    assert_eq!(
+        w.count("out") as u64,
+        acked,
+        "every acked message was handled"
+    );
+}
+
+/// The claims in the shared store (values other than `done`) of `group`.
+fn redis_claims(group: &str) -> Vec<String> {
+    let keys = Command::new("redis-cli")
+        .args(["--scan", "--pattern", &format!("weir:dedupe:{group}:*")])
+        .output()
+        .expect("run redis-cli");
+    String::from_utf8_lossy(&keys.stdout)
+        .lines()
+        .filter(|k| {
+            let v = Command::new("redis-cli")
+                .args(["GET", k])
+                .output()
+                .expect("run redis-cli");
+            let v = String::from_utf8_lossy(&v.stdout).trim().to_string();
+            !v.is_empty() && v != "done"
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// Finding 3: a partition that stopped with claimed messages queued (shutdown, revoke, abort)
+/// left their keys claimed in the process and in the shared store until the claims expired
+/// (about 205 s with the defaults), stalling those keys for every other process.
+#[test]
+fn a_stopped_partition_lets_go_of_its_dedupe_claims() {
+    let w = Weir::new();
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    for i in 0..20 {
+        produce_lines(
+            &w,
+            "in",
+            Some(&format!("k{i}")),
+            &[&format!("sleep 300 #{i}")],
+        );
+    }
+    let group = format!("claims-{}-{}", std::process::id(), now_ms());
+    let module = hostile();
+    let run = w.spawn(&[
+        "run",
+        "--module",
+        &module,
+        "--topic",
+        "in",
+        "--group",
+        &group,
+        "--dedupe",
+        "key",
+        "--dedupe-store",
+        "redis://127.0.0.1:6379",
+        "--dedupe-window",
+        "1m",
+        "--lanes",
+        "1",
+        "--batch-size",
+        "1",
+    ]);
+    wait_until(
+        "the first message is handled",
+        Duration::from_secs(60),
+        || w.count("out") >= 1,
+    );
+    assert!(
+        !redis_claims(&group).is_empty(),
+        "queued messages hold claims"
+    );
+    let out = run.terminate();
+    assert!(out.status.success(), "{}", out.status);
+    wait_until("no claim is left", Duration::from_secs(10), || {
+        redis_claims(&group).is_empty()
+    });
+}
