@@ -338,3 +338,108 @@ fn a_stopped_partition_lets_go_of_its_dedupe_claims() {
         redis_claims(&group).is_empty()
     });
 }
+
+/// Waits until `weir run` serves its data directory's socket, and returns the socket's path.
+fn served_socket(w: &Weir) -> std::path::PathBuf {
+    let path = w.data_dir().join("weir.sock");
+    wait_until("the run serves its socket", Duration::from_secs(60), || {
+        std::os::unix::net::UnixStream::connect(&path).is_ok()
+    });
+    path
+}
+
+fn idle_run(w: &Weir) -> weir_tests::Running {
+    w.create_topic("in", 1);
+    let noop = guest("noop");
+    w.spawn(&[
+        "run",
+        "--module",
+        noop.to_str().unwrap(),
+        "--topic",
+        "in",
+        "--group",
+        "g",
+        "--admin",
+        "off",
+    ])
+}
+
+/// Finding 9: the socket's mode followed the umask, so another user of the machine could
+/// append to and read every topic.
+#[test]
+fn the_local_socket_is_for_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = Weir::new();
+    let _run = idle_run(&w);
+    let path = served_socket(&w);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket's mode is {mode:o}");
+}
+
+/// Finding 9: a request line had no length limit: a client that never sends a newline made
+/// the run buffer without bound.
+#[test]
+fn the_local_socket_refuses_a_line_without_end() {
+    use std::io::{BufRead, Write};
+    let w = Weir::new();
+    let _run = idle_run(&w);
+    let path = served_socket(&w);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    // 129 MiB without a newline; the server may close before it has all of it.
+    for _ in 0..129 {
+        if s.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let mut answer = String::new();
+    std::io::BufReader::new(&s)
+        .read_line(&mut answer)
+        .expect("an answer before the read timeout");
+    assert!(answer.contains("request over"), "{answer}");
+}
+
+/// Finding 11: `consume` and `dlq show` printed payloads raw, so escape sequences in a message
+/// reached the operator's terminal (retitle it, clear it, hide lines).
+#[test]
+fn consume_and_dlq_show_escape_control_characters() {
+    let w = Weir::new();
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    produce_lines(&w, "in", None, &["reject 3 \u{1b}]0;owned\u{7}\u{1b}[2J"]);
+    w.drain(&guest("hostile"), "in", "g", &[]);
+    for args in [
+        &["consume", "in", "--from-beginning"][..],
+        &["dlq", "show", "in", "0"][..],
+    ] {
+        let out = w.ok(args);
+        assert!(!out.stdout.contains(&0x1b), "{args:?} printed an escape");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("\\x1b]0;owned\\x07\\x1b[2J"),
+            "{args:?}: {text}"
+        );
+    }
+}
+
+/// Finding 11: `weir consume --group` committed what it had read before it wrote it out: with
+/// its output gone (a closed pipe), the messages were committed and never printed.
+#[test]
+fn consume_with_a_group_commits_only_what_it_printed() {
+    let w = Weir::new();
+    w.create_topic("in", 1);
+    // Less than the writer's buffer: nothing reaches the pipe before the end.
+    let lines: Vec<String> = (0..100).map(|i| format!("message {i}")).collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    produce_lines(&w, "in", None, &lines);
+    let mut child = w
+        .cmd(&["consume", "in", "--group", "reader"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "printing to a closed pipe must fail");
+    assert_eq!(w.committed("in", "reader"), 0);
+}
