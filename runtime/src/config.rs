@@ -97,6 +97,19 @@ pub struct RunOptions {
     /// [default: 127.0.0.1:9464]
     #[arg(long, env = "WEIR_ADMIN")]
     pub admin: Option<String>,
+    /// Admin server: writes (ingest, reload) need `Authorization: Bearer TOKEN` [default: none,
+    /// and writes need only come from the server's own origin]
+    #[arg(long, env = "WEIR_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Admin server: a host name it answers to besides IP addresses and localhost (for
+    /// example the name a proxy or a Kubernetes service reaches it by); repeatable
+    /// [default: none]
+    #[arg(long, env = "WEIR_ADMIN_ALLOW_HOST", value_delimiter = ',')]
+    pub admin_allow_host: Option<Vec<String>>,
+    /// Admin server: `POST /module` loads modules from this directory only [default: the
+    /// directory of --module]
+    #[arg(long, env = "WEIR_RELOAD_DIR")]
+    pub reload_dir: Option<PathBuf>,
     /// Embedded log: refuse appends through this run (`weir produce`, which then waits and
     /// retries) to a consumed topic while it holds more than this many uncommitted messages
     /// [default: no limit]
@@ -313,6 +326,17 @@ pub mod defaults {
     }
 }
 
+/// The admin server's settings, validated.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Who may call it.
+    pub policy: crate::admin::Policy,
+    /// Where `POST /module` may load modules from.
+    pub reload_dir: PathBuf,
+}
+
 /// `weir run`'s settings after merging and validation.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -320,8 +344,8 @@ pub struct RunSettings {
     /// `--max-depth`: the most uncommitted messages a consumed topic may hold before appends
     /// through this run are told to slow down.
     pub max_depth: Option<u64>,
-    /// Where the admin server listens; `None`: off.
-    pub admin: Option<std::net::SocketAddr>,
+    /// The admin server; `None`: off.
+    pub admin: Option<AdminSettings>,
     pub exactly_once: bool,
     pub engine: crate::engine::EngineConfig,
     pub host: crate::host::HostConfig,
@@ -350,6 +374,9 @@ impl RunOptions {
             scale_down_delay: self.scale_down_delay.or(lower.scale_down_delay),
             max_depth: self.max_depth.or(lower.max_depth),
             admin: self.admin.or(lower.admin),
+            admin_token: self.admin_token.or(lower.admin_token),
+            admin_allow_host: self.admin_allow_host.or(lower.admin_allow_host),
+            reload_dir: self.reload_dir.or(lower.reload_dir),
             lanes: self.lanes.or(lower.lanes),
             max_in_flight: self.max_in_flight.or(lower.max_in_flight),
             memory_limit: self.memory_limit.or(lower.memory_limit),
@@ -592,6 +619,30 @@ impl RunOptions {
                 ))
             })?),
         };
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(ConfigError(
+                "--admin-token: empty; give a secret, or leave it out".into(),
+            ));
+        }
+        let reload_dir = self
+            .reload_dir
+            .clone()
+            .unwrap_or_else(|| match module.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            });
+        let admin = admin.map(|addr| AdminSettings {
+            addr,
+            policy: crate::admin::Policy {
+                token: self.admin_token.clone(),
+                allow_hosts: self.admin_allow_host.clone().unwrap_or_default(),
+            },
+            reload_dir,
+        });
         Ok(RunSettings {
             module,
             max_depth: self.max_depth,

@@ -17,7 +17,8 @@
 //! - [`dedupe_store`]: the dedupe store several processes share (Redis).
 //! - [`config`]: `weir.toml`, flags and `WEIR_*` variables resolved into one validated struct.
 //! - [`cli`]: the `weir` command line; one module per subcommand.
-//! - [`admin`]: `weir run`'s HTTP server: metrics, probes, status, ingest, the dashboard.
+//! - [`admin`]: `weir run`'s HTTP server (axum): metrics, probes, status, ingest, reload, the
+//!   dashboard, behind a guard on `Host`, `Origin` and a bearer token.
 
 pub mod admin;
 pub mod cli;

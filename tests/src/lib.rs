@@ -175,14 +175,32 @@ pub fn orders_in(lang: Lang) -> PathBuf {
 
 /// One HTTP/1.1 request to `addr` (host:port); returns the status code and the body.
 pub fn http(method: &str, addr: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http_with(method, addr, path, &[], body)
+}
+
+/// [`http`] with more request headers; a `Host` among them replaces the default (`addr`).
+pub fn http_with(
+    method: &str,
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s =
         std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let body = body.unwrap_or("");
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{head}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -314,6 +332,39 @@ pub fn admin_address(log: &Path) -> Option<String> {
                 .as_str()
                 .map(|a| a.trim_start_matches("http://").to_string())
         })
+}
+
+/// A number from /proc/PID/status (`Threads:`, `VmRSS:` and `VmHWM:` in KiB); 0 once the
+/// process is gone.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) the process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command; in
+    // clock ticks of 1/100 s on Linux.
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / 100.0
+}
+
+/// The share of one core the process used over `window` (CPU time / wall time). The window is
+/// the measurement itself, not a wait for an event.
+pub fn cpu_share(pid: u32, window: Duration) -> f64 {
+    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    std::thread::sleep(window);
+    (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64()
 }
 
 /// Polls `cond` until it holds or `within` passes; panics with `what` on timeout.
@@ -534,6 +585,12 @@ impl Weir {
 /// running (it would hold the test's output pipe open).
 pub struct Running {
     child: Option<std::process::Child>,
+}
+
+impl From<std::process::Child> for Running {
+    fn from(child: std::process::Child) -> Running {
+        Running { child: Some(child) }
+    }
 }
 
 impl Running {

@@ -60,6 +60,9 @@ fn a_reload_mid_run_hands_each_message_to_one_version_and_a_broken_module_is_ref
             "--admin",
             "127.0.0.1:0",
             "--watch",
+            // `POST /module` below loads the other versions from where they were built.
+            "--reload-dir",
+            v2.parent().unwrap().to_str().unwrap(),
         ],
         &log,
     );

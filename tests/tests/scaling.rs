@@ -4,7 +4,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use weir_tests::{EchoServer, Weir, guest, wait_until};
+use weir_tests::{EchoServer, Weir, guest, proc_status, wait_until};
 
 const KEYS: usize = 200;
 const PER_KEY: usize = 20;
@@ -165,16 +165,6 @@ fn autoscaling_over_http_drains_faster_and_keeps_key_order() {
         "{} requests",
         service.requests()
     );
-}
-
-/// A number from /proc/PID/status (`Threads:`, `VmRSS:` in KiB); 0 once the process is gone.
-fn proc_status(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The async host: 256 instances each wait 300 ms on an HTTP answer, and the process needs no

@@ -2,6 +2,7 @@
 //! log. One test binary; each module opens with its purpose.
 
 mod admin;
+mod admin_plane;
 mod bad_input;
 mod bench;
 mod conformance;

@@ -113,9 +113,9 @@ impl RunCommand {
                 }
             })
         };
-        let admin = settings.admin.map(|addr| {
+        let admin = settings.admin.map(|a| {
             (
-                addr,
+                a.addr,
                 crate::admin::Admin {
                     stats: stats.clone(),
                     source: source.clone(),
@@ -125,6 +125,8 @@ impl RunCommand {
                     topics: settings.engine.topics.clone(),
                     started_ms: loaded_ms,
                     reload: Some(reloader.clone()),
+                    reload_dir: a.reload_dir,
+                    policy: a.policy,
                 },
             )
         });

@@ -262,12 +262,34 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Reads and classifies a file before handing it to wasmtime, so each kind of wrong file gets
 /// its own message.
+/// The largest component weir loads (a Python or JavaScript one, interpreter included, is
+/// 12-18 MiB).
+pub const MAX_COMPONENT_BYTES: u64 = 256 << 20;
+
+/// Reads a component file: a regular file of at most [`MAX_COMPONENT_BYTES`] (so that a device
+/// or a FIFO given as a module fails at once instead of blocking or filling memory).
 fn read_component(path: &Path) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read;
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+    let read_err = |source| LoadError::Read {
         path: shown.clone(),
         source,
-    })?;
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(read_err(std::io::Error::other(
+            "not a regular file (give the path of a .wasm component)",
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(MAX_COMPONENT_BYTES) as usize);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_COMPONENT_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_COMPONENT_BYTES {
+        return Err(read_err(std::io::Error::other(format!(
+            "larger than {MAX_COMPONENT_BYTES} bytes, the most weir loads"
+        ))));
+    }
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(LoadError::NotWasm { path: shown });
     }
