@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Chaos soak: weir consumes a stream of orders while it is killed with `kill -9` at random
+# moments (and, on Kafka, while the mock cluster fails requests now and then; with --dedupe on
+# Kafka, while Redis pauses). At the end it drains, and every order id is counted in the
+# outputs and the dead letters: lost (none) and duplicated (none with --dedupe).
+#
+#   scripts/soak.sh [embedded|kafka] [--minutes N] [--dedupe]
+#
+# Exits 1 when an id was lost, or duplicated under --dedupe. Leaves its files in a temp folder
+# it names. Needs the machine's Redis for --dedupe on Kafka.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+kind=embedded minutes=20 dedupe=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    embedded|kafka) kind=$1 ;;
+    --minutes) minutes=$2; shift ;;
+    --dedupe) dedupe=1 ;;
+    *) echo "usage: scripts/soak.sh [embedded|kafka] [--minutes N] [--dedupe]" >&2; exit 2 ;;
+  esac
+  shift
+done
+cd "$root"
+source scripts/setup.sh >/dev/null
+cargo build -q -p weir --bin weir
+cargo build -q -p weir-tests --bin mock-kafka
+(cd guest-examples && cargo build -q --release --target wasm32-wasip2 -p orders)
+weir="$root/target/debug/weir"
+module="$root/guest-examples/target/wasm32-wasip2/release/orders.wasm"
+work="$(mktemp -d /tmp/weir-soak.XXXXXX)"
+echo "soak: $kind, $minutes min, dedupe=$dedupe; files in $work"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+args=(--data-dir "$work/data")
+group="soak-$$-$(date +%s)"
+run=(run --module "$module" --topic orders --group "$group" --admin off --max-attempts 1000
+     --backoff-max 1s)
+if [[ $kind == kafka ]]; then
+  "$root/target/debug/mock-kafka" --faults orders:4 orders.dlq:4 orders.retry:4 confirmations:4 \
+    >"$work/mock.log" &
+  pids+=($!)
+  for _ in $(seq 1 100); do grep -q '^BOOTSTRAP=' "$work/mock.log" 2>/dev/null && break; sleep 0.1; done
+  bootstrap="$(sed -n 's/^BOOTSTRAP=//p' "$work/mock.log")"
+  args+=(--brokers "$bootstrap" --kafka-property session.timeout.ms=6000
+         --kafka-property heartbeat.interval.ms=500)
+else
+  "$weir" "${args[@]}" topics create orders --partitions 4 >/dev/null
+  "$weir" "${args[@]}" topics create confirmations --partitions 4 >/dev/null
+fi
+if [[ $dedupe == 1 ]]; then
+  run+=(--dedupe header --dedupe-window 2h)
+  [[ $kind == kafka ]] && run+=(--dedupe-store redis://127.0.0.1:6379)
+fi
+
+# The producer: chunks of 500 orders with ids in sequence; a chunk that fails (the run that
+# served it was killed) is sent again, so an id may be in the input twice, never missing.
+(
+  n=0
+  while [[ ! -f "$work/stop" ]]; do
+    until "$weir" "${args[@]}" produce orders --count 500 --start "$n" >/dev/null 2>>"$work/produce.err"; do
+      sleep 0.2
+    done
+    n=$((n + 500))
+    echo "$n" >"$work/produced"
+  done
+) &
+producer=$!
+pids+=($producer)
+
+kills=0 pauses=0
+deadline=$(( $(date +%s) + minutes * 60 ))
+while [[ $(date +%s) -lt $deadline ]]; do
+  RUST_LOG=warn "$weir" "${args[@]}" "${run[@]}" >>"$work/runs.out" 2>>"$work/runs.log" &
+  victim=$!
+  # How long this run lives: the chaos schedule, 2-12 s.
+  sleep "$(( 2 + RANDOM % 11 )).$(( RANDOM % 10 ))"
+  if [[ $kind == kafka && $dedupe == 1 && $(( RANDOM % 3 )) == 0 ]]; then
+    redis-cli -h 127.0.0.1 CLIENT PAUSE 1500 WRITE >/dev/null && pauses=$((pauses + 1))
+  fi
+  kill -9 "$victim" 2>/dev/null && kills=$((kills + 1))
+  wait "$victim" 2>/dev/null || true
+done
+touch "$work/stop"
+wait "$producer"
+produced="$(cat "$work/produced" 2>/dev/null || echo 0)"
+echo "soak: $kills kills, $pauses Redis pauses, $produced orders produced; draining"
+RUST_LOG=warn timeout 900 "$weir" "${args[@]}" "${run[@]}" --drain --json >"$work/drain.json" 2>>"$work/runs.log"
+faults=0
+[[ -f "$work/mock.log" ]] && faults="$(grep -c '^fault ' "$work/mock.log" || true)"
+"$weir" "${args[@]}" consume confirmations --from-beginning --json >"$work/confirmations.jsonl"
+"$weir" "${args[@]}" consume orders.dlq --from-beginning --json >"$work/dlq.jsonl" 2>/dev/null || true
+"$weir" "${args[@]}" topics list orders --json >"$work/orders.json"
+python3 - "$work" "$produced" "$kills" "$faults" "$pauses" "$dedupe" "$kind" <<'PY'
+import json, sys, collections
+work, produced, kills, faults, pauses, dedupe, kind = sys.argv[1:]
+produced, dedupe = int(produced), dedupe == "1"
+seen = collections.Counter()
+for line in open(f"{work}/confirmations.jsonl"):
+    seen[json.loads(json.loads(line)["payload"])["order_id"]] += 1
+dead = 0
+for line in open(f"{work}/dlq.jsonl"):
+    m = json.loads(line)
+    seen[json.loads(m["payload"])["id"]] += 1
+    dead += 1
+stats = json.load(open(f"{work}/orders.json"))
+inputs = sum(p["end_offset"] for t in stats for p in t["partitions"])
+ids = [f"m-{i}" for i in range(produced)]
+lost = [i for i in ids if seen[i] == 0]
+dup_ids = [i for i in ids if seen[i] > 1]
+extra = sum(seen[i] - 1 for i in dup_ids)
+print(f"soak result: source={kind} dedupe={dedupe} kills={kills} broker_faults={faults} "
+      f"redis_pauses={pauses} ids={produced} input_messages={inputs} "
+      f"outputs={sum(seen.values()) - dead} dead_letters={dead} lost={len(lost)} "
+      f"duplicated_ids={len(dup_ids)} extra_outputs={extra}")
+if lost:
+    print("lost, first ones:", lost[:10])
+if lost or (dedupe and dup_ids):
+    sys.exit(1)
+PY
