@@ -203,12 +203,17 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| {
+        FileConfig::parse(&text, path)
+    }
+
+    /// Parses the text of the config file at `path` (named in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| {
             ConfigError(
                 format!("config file {}: {}", path.display(), e.message().trim_end())
                     .replace('\n', " "),
             )
-            .with_span(&text, e.span())
+            .with_span(text, e.span())
         })
     }
 }

@@ -10,6 +10,9 @@ use crate::engine::dedupe::{Claim, SharedStore, StoreError};
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Idle connections kept for the next calls.
+const MAX_IDLE: usize = 16;
+
 /// How long one Redis request may take before the store counts as not answering.
 const TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -39,8 +42,11 @@ return 0
 pub struct RedisStore {
     url: String,
     client: redis::Client,
-    /// One connection, made again after an error.
-    conn: Mutex<Option<redis::Connection>>,
+    /// Idle connections. A call takes one (or connects), uses it without the lock, and puts it
+    /// back unless it failed; so partitions screening at once each have a connection rather
+    /// than queue behind one. (A stack of idle connections is all this needs; a pool crate
+    /// such as r2d2 would add its own reaper thread and settings for it.)
+    idle: Mutex<Vec<redis::Connection>>,
     release: redis::Script,
 }
 
@@ -59,7 +65,7 @@ impl RedisStore {
         Ok(RedisStore {
             url: url.to_string(),
             client,
-            conn: Mutex::new(None),
+            idle: Mutex::new(Vec::new()),
             release: redis::Script::new(RELEASE),
         })
     }
@@ -70,26 +76,32 @@ impl RedisStore {
         k
     }
 
-    /// Runs `f` on the connection; an error drops the connection so the next call reconnects.
+    /// Runs `f` on an idle connection, or a new one; a connection that failed is dropped.
     fn with<T>(
         &self,
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
-        let mut slot = self.conn.lock().expect("redis connection lock");
-        if slot.is_none() {
-            let c = self
-                .client
-                .get_connection_with_timeout(TIMEOUT)
-                .map_err(|e| self.error(e))?;
-            c.set_read_timeout(Some(TIMEOUT))
-                .map_err(|e| self.error(e))?;
-            c.set_write_timeout(Some(TIMEOUT))
-                .map_err(|e| self.error(e))?;
-            *slot = Some(c);
-        }
-        let result = f(slot.as_mut().expect("connected above"));
-        if result.is_err() {
-            *slot = None;
+        let idle = self.idle.lock().expect("redis connections lock").pop();
+        let mut c = match idle {
+            Some(c) => c,
+            None => {
+                let c = self
+                    .client
+                    .get_connection_with_timeout(TIMEOUT)
+                    .map_err(|e| self.error(e))?;
+                c.set_read_timeout(Some(TIMEOUT))
+                    .map_err(|e| self.error(e))?;
+                c.set_write_timeout(Some(TIMEOUT))
+                    .map_err(|e| self.error(e))?;
+                c
+            }
+        };
+        let result = f(&mut c);
+        if result.is_ok() {
+            let mut idle = self.idle.lock().expect("redis connections lock");
+            if idle.len() < MAX_IDLE {
+                idle.push(c);
+            }
         }
         result.map_err(|e| self.error(e))
     }

@@ -25,5 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod dedupe_store;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod source;

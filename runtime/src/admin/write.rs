@@ -81,7 +81,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Bounded<'a> {
 }
 
 /// The records of an ingest body: one message object or a list of them.
-fn parse(body: &[u8]) -> Result<Vec<Record>, Answer> {
+pub(super) fn parse(body: &[u8]) -> Result<Vec<Record>, Answer> {
     let text =
         std::str::from_utf8(body).map_err(|_| Answer::error(400, "the body is not UTF-8"))?;
     let items = if text.trim_start().starts_with('[') {

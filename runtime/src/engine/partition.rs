@@ -8,8 +8,9 @@
 //! gives the offset below which everything finished, and each commit writes that offset with
 //! the outputs and dead letters of what finished since the last one, atomically.
 
+mod screen;
+
 use super::claims::Held;
-use super::dedupe::Claim;
 use super::dlq::{self, Origin};
 use super::offsets::OffsetTracker;
 use super::{Ctx, DeliveryMode as Mode, EngineError, RetryMode, now_ms};
@@ -239,7 +240,7 @@ pub(super) async fn consume(
             if !starting || lane.busy || lane.queue.is_empty() {
                 continue;
             }
-            screen(&ctx, lane, &mut tracker, &mut pending, &mut held, now)?;
+            screen::screen(&ctx, lane, &mut tracker, &mut pending, &mut held, now).await?;
             let mut meta = take_run(&mut lane.queue, cfg.batch_size, now, &mut wake);
             if meta.is_empty() {
                 continue;
@@ -544,126 +545,10 @@ async fn mark_until_stored(
                     tracing::warn!(error = %e, "cannot mark handled messages done; acking stops until the dedupe store answers");
                     warned = true;
                 }
-                tokio::time::sleep(STORE_DOWN_WAIT).await;
+                tokio::time::sleep(screen::STORE_DOWN_WAIT).await;
             }
         }
     }
-}
-
-/// How long a message waits before its idempotency key, claimed by another copy, is checked again.
-const DEDUPE_RECHECK: Duration = Duration::from_millis(5);
-
-/// How long a message waits before a key claimed in another process is checked again.
-const SHARED_RECHECK: Duration = Duration::from_millis(50);
-/// How long keyed messages wait after the shared dedupe store failed to answer.
-const STORE_DOWN_WAIT: Duration = Duration::from_secs(1);
-
-/// Screens a lane's messages against dedupe before they run: a message whose idempotency key
-/// is done is acked without running (a duplicate); one whose key another message holds (in this
-/// process or, with a shared store, in another) waits and is screened again; otherwise it claims
-/// its key. While a shared store does not answer, keyed messages wait: none runs unclaimed.
-fn screen(
-    ctx: &Ctx,
-    lane: &mut Lane,
-    tracker: &mut OffsetTracker,
-    pending: &mut Pending,
-    held: &mut Held,
-    now: Instant,
-) -> Result<(), EngineError> {
-    let Some(dedupe) = ctx.cfg.dedupe.as_ref() else {
-        return Ok(());
-    };
-    let wall = now_ms();
-    let mut kept = VecDeque::with_capacity(lane.queue.len());
-    // Positions in `kept` of the messages to claim in the shared store.
-    let mut ask: Vec<usize> = Vec::new();
-    for mut w in lane.queue.drain(..) {
-        let Some(key) = w.dedupe_key.as_ref() else {
-            kept.push_back(w);
-            continue;
-        };
-        if w.claimed || w.not_before.is_some_and(|nb| nb > now) {
-            kept.push_back(w);
-            continue;
-        }
-        if dedupe.store.is_none() {
-            if ctx.source.dedupe_done(&ctx.cfg.group, key, wall)? {
-                tracker.finish(w.at);
-                pending.deduped += 1;
-                continue;
-            }
-            let mut claims = ctx.claims.lock().expect("claims lock");
-            if claims.contains(key) {
-                // Another copy is in flight: look again shortly; by then it is done or released.
-                w.not_before = Some(now + DEDUPE_RECHECK);
-            } else {
-                claims.insert(key.clone());
-                held.hold(key);
-                w.claimed = true;
-            }
-            drop(claims);
-            kept.push_back(w);
-            continue;
-        }
-        // A shared store: reserve the key in this process first (so two lanes never claim it
-        // with one token), then ask the store for every reserved key at once, below.
-        let down = *ctx.store_down_until.lock().expect("store lock");
-        if let Some(until) = down.filter(|u| *u > now) {
-            w.not_before = Some(until);
-        } else if ctx.claims.lock().expect("claims lock").insert(key.clone()) {
-            ask.push(kept.len());
-        } else {
-            w.not_before = Some(now + DEDUPE_RECHECK);
-        }
-        kept.push_back(w);
-    }
-    if let (Some(store), false) = (dedupe.store.as_ref(), ask.is_empty()) {
-        let keys: Vec<&[u8]> = ask
-            .iter()
-            .map(|&i| {
-                kept[i]
-                    .dedupe_key
-                    .as_deref()
-                    .expect("asked for keyed messages")
-            })
-            .collect();
-        let answers = store.claim_many(&ctx.cfg.group, &keys, &ctx.token, dedupe.claim_ttl);
-        let mut duplicates = Vec::new();
-        {
-            let mut claims = ctx.claims.lock().expect("claims lock");
-            for (n, &i) in ask.iter().enumerate() {
-                let w = &mut kept[i];
-                let answer = answers.as_ref().map(|a| a[n]).map_err(|_| ());
-                if answer != Ok(Claim::Mine) {
-                    claims.remove(w.dedupe_key.as_ref().expect("keyed"));
-                }
-                match answer {
-                    Ok(Claim::Mine) => {
-                        held.hold(w.dedupe_key.as_ref().expect("keyed"));
-                        w.claimed = true;
-                    }
-                    Ok(Claim::Done) => duplicates.push(i),
-                    Ok(Claim::Busy) => w.not_before = Some(now + SHARED_RECHECK),
-                    Err(()) => w.not_before = Some(now + STORE_DOWN_WAIT),
-                }
-            }
-        }
-        if let Err(e) = answers {
-            let mut slot = ctx.store_down_until.lock().expect("store lock");
-            if slot.is_none_or(|u| u <= now) {
-                tracing::warn!(error = %e, "not running messages with an idempotency key until the dedupe store answers");
-            }
-            *slot = Some(now + STORE_DOWN_WAIT);
-        }
-        // Duplicates are acked without running.
-        for i in duplicates.into_iter().rev() {
-            let w = kept.remove(i).expect("index in range");
-            tracker.finish(w.at);
-            pending.deduped += 1;
-        }
-    }
-    lane.queue = kept;
-    Ok(())
 }
 
 /// What went wrong with a message, as the log and the DLQ envelope name it.

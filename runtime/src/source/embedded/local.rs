@@ -252,6 +252,19 @@ fn serve_one(log: &EmbeddedLog, req: Request, limit: Option<&MaxDepth>) -> Respo
     r.unwrap_or_else(error_response)
 }
 
+/// Reads one request line as the server does, and checks its records as an append would
+/// (the fuzz target of the socket protocol).
+#[doc(hidden)]
+pub fn parse_request(line: &[u8]) -> Result<(), String> {
+    let req = serde_json::from_slice::<Request>(line).map_err(|e| e.to_string())?;
+    if let Request::Produce { records, .. } = req {
+        for r in records {
+            super::codec::check(&Record::from(r))?;
+        }
+    }
+    Ok(())
+}
+
 /// Serves `log` on `<data-dir>/weir.sock` until the returned guard is dropped. Returns `None`
 /// (with a warning) when the socket cannot be made; `weir run` works without it.
 pub fn serve(log: Arc<EmbeddedLog>, limit: Option<MaxDepth>) -> Option<SocketGuard> {

@@ -1,0 +1,163 @@
+//! Screening a lane's messages against dedupe before they run.
+//!
+//! A message whose idempotency key is done is acked without running (a duplicate); one whose
+//! key another message holds (in this process or, with a shared store, in another) waits and is
+//! screened again; otherwise it claims its key. While a shared store does not answer, keyed
+//! messages wait: none runs unclaimed.
+//!
+//! The lookups (the embedded log's marks, the shared store's claims) are I/O: they run on the
+//! blocking pool, one call per lane's screening, never on the async threads that fetch, commit
+//! and serve the admin server (a slow Redis or disk then delays only the lane it screens).
+
+use super::{Held, Lane, Pending};
+use crate::engine::dedupe::Claim;
+use crate::engine::offsets::OffsetTracker;
+use crate::engine::{Ctx, EngineError, now_ms};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long a message waits before its idempotency key, claimed by another copy, is checked again.
+const DEDUPE_RECHECK: Duration = Duration::from_millis(5);
+/// How long a message waits before a key claimed in another process is checked again.
+const SHARED_RECHECK: Duration = Duration::from_millis(50);
+/// How long keyed messages wait after the shared dedupe store failed to answer.
+pub(super) const STORE_DOWN_WAIT: Duration = Duration::from_secs(1);
+
+pub(super) async fn screen(
+    ctx: &Arc<Ctx>,
+    lane: &mut Lane,
+    tracker: &mut OffsetTracker,
+    pending: &mut Pending,
+    held: &mut Held,
+    now: Instant,
+) -> Result<(), EngineError> {
+    let Some(dedupe) = ctx.cfg.dedupe.as_ref() else {
+        return Ok(());
+    };
+    // Only keyed messages that are neither claimed nor waiting are screened now.
+    let due = |w: &super::Work| {
+        w.dedupe_key.is_some() && !w.claimed && !w.not_before.is_some_and(|nb| nb > now)
+    };
+    if !lane.queue.iter().any(due) {
+        return Ok(());
+    }
+    let Some(store) = dedupe.store.clone() else {
+        // The embedded log's marks: one lookup per key, all in one blocking call.
+        let keys: Vec<Vec<u8>> = lane
+            .queue
+            .iter()
+            .filter(|w| due(w))
+            .filter_map(|w| w.dedupe_key.clone())
+            .collect();
+        let (source, group, wall) = (ctx.source.clone(), ctx.cfg.group.clone(), now_ms());
+        let done = tokio::task::spawn_blocking(move || {
+            keys.iter()
+                .map(|k| source.dedupe_done(&group, k, wall))
+                .collect::<Result<Vec<bool>, _>>()
+        })
+        .await
+        .map_err(|e| EngineError::Join(e.to_string()))??;
+        let mut done = done.into_iter();
+        let mut kept = VecDeque::with_capacity(lane.queue.len());
+        for mut w in lane.queue.drain(..) {
+            if !due(&w) {
+                kept.push_back(w);
+                continue;
+            }
+            let key = w.dedupe_key.clone().expect("due messages are keyed");
+            if done.next().expect("one answer per key") {
+                tracker.finish(w.at);
+                pending.deduped += 1;
+                continue;
+            }
+            let mut claims = ctx.claims.lock().expect("claims lock");
+            if claims.contains(&key) {
+                // Another copy is in flight: look again shortly; by then it is done or released.
+                w.not_before = Some(now + DEDUPE_RECHECK);
+            } else {
+                claims.insert(key.clone());
+                held.hold(&key);
+                w.claimed = true;
+            }
+            drop(claims);
+            kept.push_back(w);
+        }
+        lane.queue = kept;
+        return Ok(());
+    };
+    // A shared store: reserve each key in this process first (so two lanes never claim it with
+    // one token), then ask the store for every reserved key at once.
+    let mut kept = VecDeque::with_capacity(lane.queue.len());
+    // Positions in `kept` of the messages to claim in the shared store.
+    let mut ask: Vec<usize> = Vec::new();
+    let down = *ctx.store_down_until.lock().expect("store lock");
+    for mut w in lane.queue.drain(..) {
+        if due(&w) {
+            let key = w.dedupe_key.as_ref().expect("due messages are keyed");
+            if let Some(until) = down.filter(|u| *u > now) {
+                w.not_before = Some(until);
+            } else if ctx.claims.lock().expect("claims lock").insert(key.clone()) {
+                ask.push(kept.len());
+            } else {
+                w.not_before = Some(now + DEDUPE_RECHECK);
+            }
+        }
+        kept.push_back(w);
+    }
+    if !ask.is_empty() {
+        let keys: Vec<Vec<u8>> = ask
+            .iter()
+            .map(|&i| {
+                kept[i]
+                    .dedupe_key
+                    .clone()
+                    .expect("asked for keyed messages")
+            })
+            .collect();
+        let (group, token, ttl) = (ctx.cfg.group.clone(), ctx.token.clone(), dedupe.claim_ttl);
+        let answers = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            store.claim_many(&group, &refs, &token, ttl)
+        })
+        .await
+        .map_err(|e| EngineError::Join(e.to_string()))?;
+        let mut duplicates = Vec::new();
+        {
+            let mut claims = ctx.claims.lock().expect("claims lock");
+            for (n, &i) in ask.iter().enumerate() {
+                let w = &mut kept[i];
+                let key = w.dedupe_key.as_ref().expect("keyed");
+                let answer = answers.as_ref().map(|a| a[n]).map_err(|_| ());
+                if answer != Ok(Claim::Mine) {
+                    claims.remove(key);
+                }
+                match answer {
+                    Ok(Claim::Mine) => {
+                        held.hold(key);
+                        w.claimed = true;
+                    }
+                    Ok(Claim::Done) => duplicates.push(i),
+                    Ok(Claim::Busy) => w.not_before = Some(now + SHARED_RECHECK),
+                    Err(()) => w.not_before = Some(now + STORE_DOWN_WAIT),
+                }
+            }
+        }
+        if let Err(e) = answers {
+            let mut slot = ctx.store_down_until.lock().expect("store lock");
+            if slot.is_none_or(|u| u <= now) {
+                tracing::warn!(error = %e, "not running messages with an idempotency key until the dedupe store answers");
+            }
+            *slot = Some(now + STORE_DOWN_WAIT);
+        }
+        // Duplicates are acked without running.
+        for i in duplicates.into_iter().rev() {
+            let w = kept.remove(i).expect("index in range");
+            tracker.finish(w.at);
+            pending.deduped += 1;
+        }
+    }
+    lane.queue = kept;
+    Ok(())
+}
