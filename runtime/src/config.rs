@@ -123,6 +123,10 @@ pub struct RunOptions {
     /// [default: 2 × batch size × lanes]
     #[arg(long, env = "WEIR_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
+    /// Bytes (key, payload, headers) fetched and unfinished per partition before fetching
+    /// pauses, so that large messages are bounded too [default: 64MiB]
+    #[arg(long, env = "WEIR_MAX_IN_FLIGHT_BYTES")]
+    pub max_in_flight_bytes: Option<String>,
     /// Linear memory one instance may use [default: 64MiB]
     #[arg(long, env = "WEIR_MEMORY_LIMIT")]
     pub memory_limit: Option<String>,
@@ -316,6 +320,9 @@ pub mod defaults {
     pub const TARGET_DRAIN: &str = "10s";
     pub const ADMIN: &str = "127.0.0.1:9464";
     pub const SCALE_DOWN_DELAY: &str = "30s";
+    /// Bytes in flight per partition: a few batches of ordinary messages, and a handful of
+    /// large ones.
+    pub const MAX_IN_FLIGHT_BYTES: &str = "64MiB";
     /// Lanes per partition default to the number of instances, so one partition can keep
     /// every instance busy.
     pub fn lanes(instances: usize) -> usize {
@@ -384,6 +391,7 @@ impl RunOptions {
             reload_dir: self.reload_dir.or(lower.reload_dir),
             lanes: self.lanes.or(lower.lanes),
             max_in_flight: self.max_in_flight.or(lower.max_in_flight),
+            max_in_flight_bytes: self.max_in_flight_bytes.or(lower.max_in_flight_bytes),
             memory_limit: self.memory_limit.or(lower.memory_limit),
             call_timeout: self.call_timeout.or(lower.call_timeout),
             allow_http: self.allow_http.or(lower.allow_http),
@@ -563,6 +571,17 @@ impl RunOptions {
         if max_in_flight == 0 {
             return Err(ConfigError("--max-in-flight: must be at least 1".into()));
         }
+        let max_in_flight_bytes = parse_size(
+            "--max-in-flight-bytes",
+            self.max_in_flight_bytes
+                .as_deref()
+                .unwrap_or(defaults::MAX_IN_FLIGHT_BYTES),
+        )?;
+        if max_in_flight_bytes == 0 {
+            return Err(ConfigError(
+                "--max-in-flight-bytes: must be more than 0".into(),
+            ));
+        }
         let dedupe_window = parse_duration(
             "--dedupe-window",
             self.dedupe_window
@@ -659,6 +678,7 @@ impl RunOptions {
                 instances,
                 lanes,
                 max_in_flight,
+                max_in_flight_bytes,
                 drain: self.drain.unwrap_or(false),
                 backoff: Backoff {
                     base,

@@ -443,3 +443,66 @@ fn consume_with_a_group_commits_only_what_it_printed() {
     assert!(!status.success(), "printing to a closed pipe must fail");
     assert_eq!(w.committed("in", "reader"), 0);
 }
+
+/// Finding 8: what a partition holds in flight was bounded by count alone (by default
+/// 2 × batch × lanes messages): 100 messages of 4 MB, fetched while the handler is slow, were
+/// all in flight (in memory) at once. Now a byte bound (`--max-in-flight-bytes`, 64 MiB by
+/// default) holds fetching back too: at most 16 such messages, and one more fetch.
+#[test]
+fn large_messages_in_flight_are_bounded_by_bytes() {
+    let w = Weir::new();
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    w.ok(&[
+        "produce", "in", "--count", "100", "--size", "4000000", "--no-key",
+    ]);
+    let sleepy = guest("sleepy");
+    let log = w.path("run.log");
+    let _run = w.spawn_logged(
+        &[
+            "--log-format",
+            "json",
+            "run",
+            "--module",
+            sleepy.to_str().unwrap(),
+            "--topic",
+            "in",
+            "--group",
+            "g",
+            "--handler-config",
+            "wait-ms=100",
+            "--lanes",
+            "2",
+            "--instances",
+            "2",
+            "--batch-size",
+            "1",
+            "--max-in-flight",
+            "1000",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        &log,
+    );
+    let mut addr = None;
+    wait_until("the admin server listens", Duration::from_secs(30), || {
+        addr = weir_tests::admin_address(&log);
+        addr.is_some()
+    });
+    let addr = addr.unwrap();
+    let mut most = 0;
+    wait_until(
+        "twenty messages are handled",
+        Duration::from_secs(120),
+        || {
+            let (_, body) = weir_tests::http("GET", &addr, "/api/status", None);
+            let status: Value = serde_json::from_str(&body).unwrap_or_default();
+            most = most.max(status["in_flight"].as_u64().unwrap_or(0));
+            w.committed("in", "g") >= 20
+        },
+    );
+    assert!(
+        (1..=20).contains(&most),
+        "{most} messages of 4 MB were in flight at once"
+    );
+}

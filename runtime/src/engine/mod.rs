@@ -76,6 +76,8 @@ pub struct EngineConfig {
     pub lanes: usize,
     /// Messages fetched and not yet finished, per partition; fetching pauses at this bound.
     pub max_in_flight: usize,
+    /// Their bytes (key, payload, headers), per partition; fetching pauses at this bound too.
+    pub max_in_flight_bytes: usize,
     /// Stop once every partition is consumed to its end and nothing is in flight.
     pub drain: bool,
     pub backoff: Backoff,

@@ -5,12 +5,14 @@
 //! yet finished: everything below it is done. This tracker computes it, in O(log n) per call
 //! over the messages in flight, with no I/O and no clock.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
 pub struct OffsetTracker {
-    /// Offsets that were dispatched and have not finished.
-    pending: BTreeSet<u64>,
+    /// Offsets that were dispatched and have not finished, with the bytes each holds.
+    pending: BTreeMap<u64, u64>,
+    /// The bytes of all of them.
+    bytes: u64,
     /// The next offset expected to be dispatched (offsets are dispatched in order); before the
     /// first dispatch, the committed offset the tracker started from.
     next_dispatch: u64,
@@ -20,7 +22,8 @@ impl OffsetTracker {
     /// A tracker for a partition whose committed offset is `start`.
     pub fn new(start: u64) -> Self {
         Self {
-            pending: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            bytes: 0,
             next_dispatch: start,
         }
     }
@@ -29,24 +32,42 @@ impl OffsetTracker {
     /// gaps (offsets that do not exist: compaction, retention, a broker's transaction markers)
     /// count as finished and cost nothing, however long.
     pub fn dispatch(&mut self, offset: u64) {
+        self.dispatch_sized(offset, 0);
+    }
+
+    /// [`OffsetTracker::dispatch`] of a message of `bytes` (counted in
+    /// [`OffsetTracker::bytes_in_flight`] until it finishes).
+    pub fn dispatch_sized(&mut self, offset: u64, bytes: u64) {
         debug_assert!(
             offset >= self.next_dispatch,
             "offsets are dispatched in order"
         );
-        self.pending.insert(offset);
+        if let Some(old) = self.pending.insert(offset, bytes) {
+            self.bytes -= old;
+        }
+        self.bytes += bytes;
         self.next_dispatch = self.next_dispatch.max(offset + 1);
     }
 
     /// Records that `offset` finished (acked or dead-lettered). Unknown offsets are ignored,
     /// so a late completion after a reset cannot move the commit point.
     pub fn finish(&mut self, offset: u64) {
-        self.pending.remove(&offset);
+        if let Some(bytes) = self.pending.remove(&offset) {
+            self.bytes -= bytes;
+        }
+    }
+
+    /// The bytes of the messages dispatched and not finished.
+    pub fn bytes_in_flight(&self) -> u64 {
+        self.bytes
     }
 
     /// The offset to commit: the next one to read after a restart. Everything below the lowest
     /// unfinished offset was dispatched in order and finished (or never existed).
     pub fn commit_point(&self) -> u64 {
-        self.pending.first().copied().unwrap_or(self.next_dispatch)
+        self.pending
+            .first_key_value()
+            .map_or(self.next_dispatch, |(o, _)| *o)
     }
 
     /// Messages dispatched and not finished.
@@ -141,7 +162,7 @@ mod tests {
         for order in permutations((0..6).collect()) {
             let mut t = OffsetTracker::new(0);
             (0..6).for_each(|o| t.dispatch(o));
-            let mut done = BTreeSet::new();
+            let mut done = std::collections::BTreeSet::new();
             for o in order {
                 t.finish(o);
                 done.insert(o);
@@ -149,5 +170,24 @@ mod tests {
                 assert_eq!(t.commit_point(), expected);
             }
         }
+    }
+
+    #[test]
+    fn bytes_in_flight_follow_dispatch_and_finish() {
+        let mut t = OffsetTracker::new(0);
+        t.dispatch_sized(0, 100);
+        t.dispatch_sized(1, 50);
+        t.dispatch(2);
+        assert_eq!(t.bytes_in_flight(), 150);
+        t.finish(1);
+        t.finish(1);
+        t.finish(7);
+        assert_eq!(t.bytes_in_flight(), 100);
+        t.finish(0);
+        t.finish(2);
+        assert_eq!(
+            (t.bytes_in_flight(), t.in_flight(), t.commit_point()),
+            (0, 0, 3)
+        );
     }
 }

@@ -94,7 +94,8 @@ impl Gauges {
         }
     }
 
-    fn set(&mut self, lanes: usize, in_flight: usize) {
+    /// `full`: fetching waits at a bound (messages or bytes in flight).
+    fn set(&mut self, lanes: usize, in_flight: usize, full: bool) {
         let s = &self.ctx.stats;
         if lanes != self.lanes {
             s.busy_lanes.fetch_add(lanes, Ordering::Relaxed);
@@ -106,7 +107,7 @@ impl Gauges {
             s.in_flight.fetch_sub(self.in_flight, Ordering::Relaxed);
             self.in_flight = in_flight;
         }
-        let paused = in_flight > 0 && in_flight >= self.ctx.cfg.max_in_flight;
+        let paused = in_flight > 0 && full;
         if paused != self.paused {
             if paused {
                 s.paused_partitions.fetch_add(1, Ordering::Relaxed);
@@ -120,7 +121,7 @@ impl Gauges {
 
 impl Drop for Gauges {
     fn drop(&mut self) {
-        self.set(0, 0);
+        self.set(0, 0, false);
         if let Ok(mut live) = self.ctx.live.lock() {
             live.remove(&self.key);
         }
@@ -172,10 +173,15 @@ pub(super) async fn consume(
     let signal = ctx.source.append_signal();
     loop {
         // 1. Fetch while there is room in flight.
-        if !stopping && tracker.in_flight() < cfg.max_in_flight {
+        let bytes_in_flight = tracker.bytes_in_flight() as usize;
+        if !stopping
+            && tracker.in_flight() < cfg.max_in_flight
+            && bytes_in_flight < cfg.max_in_flight_bytes
+        {
             let room = (cfg.max_in_flight - tracker.in_flight()).min(cfg.batch_size * lanes_n);
+            let room_bytes = cfg.max_in_flight_bytes - bytes_in_flight;
             let (src, t) = (ctx.source.clone(), topic.clone());
-            let batch = blocking(move || src.fetch(&t, partition, next, room)).await?;
+            let batch = blocking(move || src.fetch(&t, partition, next, room, room_bytes)).await?;
             empty = batch.is_empty();
             caught_up = empty
                 && (!cfg.drain || {
@@ -188,7 +194,7 @@ pub(super) async fn consume(
             let at_most_once = cfg.delivery == Mode::AtMostOnce && !batch.is_empty();
             for d in batch {
                 let at = d.offset;
-                tracker.dispatch(at);
+                tracker.dispatch_sized(at, crate::source::wire_size(&d.record) as u64);
                 let mut work = match &retry_origin {
                     Some(origin) => {
                         let now = now_ms();
@@ -274,6 +280,8 @@ pub(super) async fn consume(
                 .filter(|l| l.busy || !l.queue.is_empty())
                 .count(),
             tracker.in_flight(),
+            tracker.in_flight() >= cfg.max_in_flight
+                || tracker.bytes_in_flight() as usize >= cfg.max_in_flight_bytes,
         );
 
         // 3. Done?
@@ -295,7 +303,9 @@ pub(super) async fn consume(
         }
 
         // 4. Wait for a lane to finish, a backoff to end, new messages, or shutdown.
-        let poll = if empty || tracker.in_flight() >= cfg.max_in_flight {
+        let full = tracker.in_flight() >= cfg.max_in_flight
+            || tracker.bytes_in_flight() as usize >= cfg.max_in_flight_bytes;
+        let poll = if empty || full {
             cfg.idle_poll
         } else {
             Duration::ZERO

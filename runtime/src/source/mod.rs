@@ -229,13 +229,15 @@ pub trait Source: Send + Sync + 'static {
     fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<u64, SourceError>;
     /// The offset the next appended message of the partition will get.
     fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, SourceError>;
-    /// Up to `max` messages of the partition from offset `from` on, in offset order.
+    /// Up to `max` messages of the partition from offset `from` on, in offset order, and no
+    /// more once they hold `max_bytes` (always at least one, however large).
     fn fetch(
         &self,
         topic: &str,
         partition: u32,
         from: u64,
         max: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Delivery>, SourceError>;
     /// Publish the outputs and move the offsets of `group`, atomically and durably.
     fn commit(&self, group: &str, commit: Commit) -> Result<(), SourceError>;

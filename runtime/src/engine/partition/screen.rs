@@ -38,7 +38,7 @@ pub(super) async fn screen(
     };
     // Only keyed messages that are neither claimed nor waiting are screened now.
     let due = |w: &super::Work| {
-        w.dedupe_key.is_some() && !w.claimed && !w.not_before.is_some_and(|nb| nb > now)
+        w.dedupe_key.is_some() && !w.claimed && w.not_before.is_none_or(|nb| nb <= now)
     };
     if !lane.queue.iter().any(due) {
         return Ok(());

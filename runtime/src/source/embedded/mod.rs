@@ -449,6 +449,18 @@ impl EmbeddedLog {
         from: u64,
         max: usize,
     ) -> Result<Vec<Delivery>, SourceError> {
+        self.read_bounded(topic, partition, from, max, usize::MAX)
+    }
+
+    /// [`EmbeddedLog::read`], stopping once the records read hold `max_bytes` (at least one).
+    pub fn read_bounded(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Delivery>, SourceError> {
         let t = self.topic(topic)?;
         if partition >= t.partitions {
             return Err(SourceError::UnknownPartition {
@@ -464,13 +476,18 @@ impl EmbeddedLog {
         let name: Arc<str> = Arc::from(topic);
         let start = codec::record_key(topic, partition, from);
         let stop = codec::record_key(topic, partition, end);
-        let mut out = Vec::with_capacity(max.min((end - from) as usize));
+        let mut out = Vec::with_capacity(max.min((end - from) as usize).min(1024));
+        let mut bytes = 0usize;
         for item in self.records.range(start..stop).take(max) {
+            if bytes >= max_bytes {
+                break;
+            }
             let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
             let offset = codec::offset_of(&k)
                 .ok_or_else(|| self.corrupt(format!("bad record key in `{topic}`")))?;
             let record = codec::decode(&v)
                 .map_err(|e| self.corrupt(format!("{topic}/{partition} offset {offset}: {e}")))?;
+            bytes += crate::source::wire_size(&record);
             out.push(Delivery {
                 topic: name.clone(),
                 partition,
@@ -671,8 +688,9 @@ impl Source for EmbeddedLog {
         partition: u32,
         from: u64,
         max: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Delivery>, SourceError> {
-        self.read(topic, partition, from, max)
+        self.read_bounded(topic, partition, from, max, max_bytes)
     }
     fn commit(&self, group: &str, commit: Commit) -> Result<(), SourceError> {
         self.commit_batch(group, commit)

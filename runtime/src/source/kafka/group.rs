@@ -21,6 +21,9 @@ use tokio::sync::mpsc;
 /// A partition's buffer pauses fetching at this many messages and resumes below the other.
 const PAUSE_AT: usize = 8192;
 const RESUME_AT: usize = 2048;
+/// The same bounds in bytes, so that large messages are bounded too.
+const PAUSE_AT_BYTES: usize = 64 << 20;
+const RESUME_AT_BYTES: usize = 16 << 20;
 /// Commits the committer merges into one produce-and-store step (or one transaction).
 const MERGE_MAX: usize = 256;
 /// Attempts at one transaction before the run fails.
@@ -31,6 +34,8 @@ type Parts = HashMap<Arc<str>, HashMap<u32, Buf>>;
 #[derive(Default)]
 struct Buf {
     queue: VecDeque<Delivery>,
+    /// The bytes of the messages in `queue`.
+    bytes: usize,
     paused: bool,
 }
 
@@ -303,17 +308,28 @@ impl Group {
         partition: u32,
         from: u64,
         max: usize,
+        max_bytes: usize,
     ) -> Vec<Delivery> {
         let mut parts = self.shared.parts.lock().expect("parts lock");
         let Some(buf) = parts.get_mut(topic).and_then(|m| m.get_mut(&partition)) else {
             return Vec::new();
         };
-        while buf.queue.front().is_some_and(|d| d.offset < from) {
+        while let Some(d) = buf.queue.front().filter(|d| d.offset < from) {
+            buf.bytes -= crate::source::wire_size(&d.record);
             buf.queue.pop_front();
         }
-        let n = max.min(buf.queue.len());
-        let out: Vec<Delivery> = buf.queue.drain(..n).collect();
-        if buf.paused && buf.queue.len() < RESUME_AT {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while out.len() < max && bytes < max_bytes {
+            let Some(d) = buf.queue.pop_front() else {
+                break;
+            };
+            let size = crate::source::wire_size(&d.record);
+            buf.bytes -= size;
+            bytes += size;
+            out.push(d);
+        }
+        if buf.paused && buf.queue.len() < RESUME_AT && buf.bytes < RESUME_AT_BYTES {
             match self.consumer.resume(&one(topic, partition)) {
                 Ok(()) => buf.paused = false,
                 Err(e) => tracing::warn!(error = %e, topic, partition, "resuming fetch failed"),
@@ -412,8 +428,10 @@ fn push(consumer: &BaseConsumer<Rebalancer>, shared: &Shared, m: &BorrowedMessag
         // A partition no longer ours: the next owner reads it from the committed offset.
         return;
     };
-    buf.queue.push_back(to_delivery(name, m));
-    if !buf.paused && buf.queue.len() >= PAUSE_AT {
+    let d = to_delivery(name, m);
+    buf.bytes += crate::source::wire_size(&d.record);
+    buf.queue.push_back(d);
+    if !buf.paused && (buf.queue.len() >= PAUSE_AT || buf.bytes >= PAUSE_AT_BYTES) {
         match consumer.pause(&one(name, partition)) {
             Ok(()) => buf.paused = true,
             Err(e) => tracing::warn!(error = %e, "pausing fetch failed"),

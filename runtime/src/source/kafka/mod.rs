@@ -217,9 +217,10 @@ impl Source for Kafka {
         partition: u32,
         from: u64,
         max: usize,
+        max_bytes: usize,
     ) -> Result<Vec<super::Delivery>, SourceError> {
         match self.group() {
-            Some(g) => Ok(g.fetch(topic, partition, from, max)),
+            Some(g) => Ok(g.fetch(topic, partition, from, max, max_bytes)),
             None => Err(SourceError::Invalid(
                 "fetching from Kafka needs a consumer group (weir run)".into(),
             )),
