@@ -126,3 +126,31 @@ pub fn envelope(data: &[u8]) {
         assert!(r.headers.iter().any(|(n, _)| n == dlq::TRUNCATED));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every seed (and every input a fuzz run once failed on, kept with its fix) of every
+    /// target, replayed by the ordinary test run.
+    #[test]
+    fn the_fuzz_seeds_replay_cleanly() {
+        let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+        let targets: [(&str, fn(&[u8])); 5] = [
+            ("record_codec", super::record_codec),
+            ("config_file", super::config_file),
+            ("socket_request", super::socket_request),
+            ("ingest_body", super::ingest_body),
+            ("envelope", super::envelope),
+        ];
+        for (name, target) in targets {
+            let dir = seeds.join(name);
+            let mut n = 0;
+            for entry in
+                std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            {
+                target(&std::fs::read(entry.unwrap().path()).unwrap());
+                n += 1;
+            }
+            assert!(n > 0, "no seeds for {name}");
+        }
+    }
+}

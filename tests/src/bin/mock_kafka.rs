@@ -5,8 +5,8 @@
 //! mock-kafka [--faults] TOPIC:PARTITIONS...
 //! ```
 //! Creates the topics, prints `BOOTSTRAP=host:port` once it serves, and runs until killed. With
-//! `--faults` it injects a burst of retriable broker errors (not leader, request timed out,
-//! coordinator not available) on produce, fetch or offset commit every few seconds, and prints a
+//! `--faults` it injects a burst of 1-3 retriable broker errors (not leader, request timed out,
+//! coordinator not available) on produce, fetch or offset commit every 10-30 s, and prints a
 //! line `fault API ERROR xN` for each burst.
 
 use rdkafka::mocking::MockCluster;
@@ -46,14 +46,18 @@ fn main() {
         E::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
     ];
     loop {
-        // The pause between bursts is the schedule of the faults, not a wait for an event.
-        std::thread::sleep(Duration::from_millis(3_000 + rand::random::<u64>() % 5_000));
+        // The pause between bursts is the schedule of the faults, not a wait for an event. The
+        // cluster keeps injected errors until requests of their kind take them, so bursts are
+        // small and far apart: more would pile up while no member fetches or commits.
+        std::thread::sleep(Duration::from_millis(
+            10_000 + rand::random::<u64>() % 20_000,
+        ));
         if !faults {
             continue;
         }
         let api = apis[rand::random::<u32>() as usize % apis.len()];
         let error = errors[rand::random::<u32>() as usize % errors.len()];
-        let n = 3 + rand::random::<u32>() as usize % 8;
+        let n = 1 + rand::random::<u32>() as usize % 3;
         cluster.request_errors(api, &vec![error; n]);
         println!("fault {api:?} {error:?} x{n}");
         std::io::stdout().flush().expect("write to stdout");
