@@ -134,7 +134,8 @@ mod tests {
     #[test]
     fn the_fuzz_seeds_replay_cleanly() {
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
-        let targets: [(&str, fn(&[u8])); 5] = [
+        type Target = fn(&[u8]);
+        let targets: [(&str, Target); 5] = [
             ("record_codec", super::record_codec),
             ("config_file", super::config_file),
             ("socket_request", super::socket_request),
