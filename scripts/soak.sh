@@ -41,7 +41,9 @@ group="soak-$$-$(date +%s)"
 run=(run --module "$module" --topic orders --group "$group" --admin off --call-timeout 2s
      --max-attempts 3 --backoff-max 1s)
 if [[ $kind == kafka ]]; then
-  "$root/target/debug/mock-kafka" --faults orders:4 orders.dlq:4 orders.retry:4 confirmations:4 \
+  # The mock cluster keeps 5 MB a partition and deletes older records past it (librdkafka's
+  # rdkafka_mock.c): 8 partitions and at most 160,000 orders keep every record the count needs.
+  "$root/target/debug/mock-kafka" --faults orders:8 orders.dlq:8 orders.retry:8 confirmations:8 \
     >"$work/mock.log" &
   pids+=($!)
   for _ in $(seq 1 100); do grep -q '^BOOTSTRAP=' "$work/mock.log" 2>/dev/null && break; sleep 0.1; done
@@ -58,15 +60,20 @@ if [[ $dedupe == 1 ]]; then
 fi
 
 # The producer: chunks of 500 orders with ids in sequence; a chunk that fails (the run that
-# served it was killed) is sent again, so an id may be in the input twice, never missing.
+# served it was killed) is sent again, so an id may be in the input twice, never missing. On
+# Kafka it spreads at most 160,000 over the soak (see above).
+max_ids=0 pause=0
+[[ $kind == kafka ]] && max_ids=160000 && pause=$(( minutes * 60 * 500 / 160000 ))
 (
   n=0
-  while [[ ! -f "$work/stop" ]]; do
+  while [[ ! -f "$work/stop" ]] && [[ $max_ids == 0 || $n -lt $max_ids ]]; do
     until "$weir" "${args[@]}" produce orders --count 500 --start "$n" >/dev/null 2>>"$work/produce.err"; do
       sleep 0.2
     done
     n=$((n + 500))
     echo "$n" >"$work/produced"
+    # The producer's pace on Kafka (a schedule, not a wait for an event).
+    [[ $pause -gt 0 ]] && sleep "$pause"
   done
 ) &
 producer=$!

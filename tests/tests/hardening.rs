@@ -506,3 +506,139 @@ fn large_messages_in_flight_are_bounded_by_bytes() {
         "{most} messages of 4 MB were in flight at once"
     );
 }
+
+/// A Redis that answers every request correctly (claims are granted, marks and releases
+/// succeed) but `delay` late: enough of the protocol (RESP arrays of bulk strings) for weir's
+/// dedupe store.
+struct SlowRedis {
+    addr: String,
+}
+
+impl SlowRedis {
+    fn start(delay: Duration) -> SlowRedis {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                std::thread::spawn(move || serve_slowly(stream, delay));
+            }
+        });
+        SlowRedis { addr }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+}
+
+/// Answers each request (a RESP array) after `delay`: 1 to EVAL/EVALSHA, OK to the rest.
+fn serve_slowly(stream: std::net::TcpStream, delay: Duration) {
+    use std::io::{BufRead, Read, Write};
+    let mut out = stream.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let Some(n) = line
+            .trim_end()
+            .strip_prefix('*')
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let mut command = String::new();
+        for i in 0..n {
+            line.clear();
+            r.read_line(&mut line).unwrap_or(0);
+            let len: usize = line.trim_end().trim_start_matches('$').parse().unwrap_or(0);
+            let mut bulk = vec![0u8; len + 2];
+            if r.read_exact(&mut bulk).is_err() {
+                return;
+            }
+            if i == 0 {
+                command = String::from_utf8_lossy(&bulk[..len]).to_ascii_uppercase();
+            }
+        }
+        // The slowness under test: every answer comes late, in order.
+        std::thread::sleep(delay);
+        let answer: &[u8] = if command.starts_with("EVAL") {
+            b":1\r\n"
+        } else {
+            b"+OK\r\n"
+        };
+        if out.write_all(answer).is_err() {
+            return;
+        }
+    }
+}
+
+/// Finding 10: the shared dedupe store was asked on the async threads that also fetch, commit
+/// and serve the admin server, through one connection behind a mutex: a slow Redis (here 50 ms
+/// an answer) stalled all of them, `/healthz` included. Now the store is asked on the blocking
+/// pool, over a connection per caller.
+#[test]
+fn a_slow_dedupe_store_does_not_stall_the_admin_server() {
+    let redis = SlowRedis::start(Duration::from_millis(50));
+    let w = Weir::new();
+    w.create_topic("in", 8);
+    w.create_topic("out", 8);
+    w.ok(&["produce", "in", "--count", "20000", "--size", "60"]);
+    let sleepy = guest("sleepy");
+    let log = w.path("run.log");
+    let url = redis.url();
+    let _run = w.spawn_logged(
+        &[
+            "--log-format",
+            "json",
+            "run",
+            "--module",
+            sleepy.to_str().unwrap(),
+            "--topic",
+            "in",
+            "--group",
+            "g",
+            "--dedupe",
+            "key",
+            "--dedupe-store",
+            &url,
+            "--admin",
+            "127.0.0.1:0",
+            "--batch-size",
+            "4",
+            "--lanes",
+            "4",
+            "--instances",
+            "4",
+        ],
+        &log,
+    );
+    let mut addr = None;
+    wait_until("the admin server listens", Duration::from_secs(30), || {
+        addr = weir_tests::admin_address(&log);
+        addr.is_some()
+    });
+    let addr = addr.unwrap();
+    wait_until(
+        "messages are being handled",
+        Duration::from_secs(60),
+        || w.count("out") > 0,
+    );
+    let mut took: Vec<Duration> = (0..20)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            assert_eq!(weir_tests::http("GET", &addr, "/healthz", None).0, 200);
+            t.elapsed()
+        })
+        .collect();
+    took.sort();
+    eprintln!("/healthz while the dedupe store is slow: {took:?}");
+    let median = took[took.len() / 2];
+    assert!(
+        median < Duration::from_millis(100),
+        "/healthz took {median:?} (median of 20) while the dedupe store was slow: {took:?}"
+    );
+}
