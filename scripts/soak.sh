@@ -7,7 +7,7 @@
 #   scripts/soak.sh [embedded|kafka] [--minutes N] [--dedupe]
 #
 # Exits 1 when an id was lost, or duplicated under --dedupe. Leaves its files in a temp folder
-# it names. Needs the machine's Redis for --dedupe on Kafka.
+# it names. Starts a redis-server of its own for --dedupe on Kafka.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 kind=embedded minutes=20 dedupe=0
@@ -56,7 +56,16 @@ else
 fi
 if [[ $dedupe == 1 ]]; then
   run+=(--dedupe header --dedupe-window 2h)
-  [[ $kind == kafka ]] && run+=(--dedupe-store redis://127.0.0.1:6379)
+  if [[ $kind == kafka ]]; then
+    # A Redis of its own: the soak pauses it, and its marks go with it (the machine's Redis
+    # serves the tests).
+    redis_port=$(( 20000 + RANDOM % 20000 ))
+    redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+      >"$work/redis.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    run+=(--dedupe-store "redis://127.0.0.1:$redis_port")
+  fi
 fi
 
 # The producer: chunks of 500 orders with ids in sequence; a chunk that fails (the run that
@@ -73,7 +82,7 @@ max_ids=0 pause=0
     n=$((n + 500))
     echo "$n" >"$work/produced"
     # The producer's pace on Kafka (a schedule, not a wait for an event).
-    [[ $pause -gt 0 ]] && sleep "$pause"
+    if [[ $pause -gt 0 ]]; then sleep "$pause"; fi
   done
 ) &
 producer=$!
@@ -90,13 +99,13 @@ while [[ $(date +%s) -lt $deadline ]]; do
   if [[ $kind == kafka ]]; then life=$(( 8 + RANDOM % 23 )); else life=$(( 2 + RANDOM % 11 )); fi
   sleep "$life.$(( RANDOM % 10 ))"
   if [[ $kind == kafka && $dedupe == 1 && $(( RANDOM % 3 )) == 0 ]]; then
-    redis-cli -h 127.0.0.1 CLIENT PAUSE 1500 WRITE >/dev/null && pauses=$((pauses + 1))
+    redis-cli -h 127.0.0.1 -p "$redis_port" CLIENT PAUSE 1500 WRITE >/dev/null && pauses=$((pauses + 1))
   fi
   kill -9 "$victim" 2>/dev/null && kills=$((kills + 1))
   wait "$victim" 2>/dev/null || true
 done
 touch "$work/stop"
-wait "$producer"
+wait "$producer" || true
 produced="$(cat "$work/produced" 2>/dev/null || echo 0)"
 echo "soak: $kills kills, $pauses Redis pauses, $produced orders produced; draining"
 RUST_LOG=warn timeout 900 "$weir" "${args[@]}" "${run[@]}" --drain --json >"$work/drain.json" 2>>"$work/runs.log"
