@@ -649,6 +649,21 @@ impl Weir {
         Running { child: Some(child) }
     }
 
+    /// `weir --log-format json <args> --admin 127.0.0.1:0` (a run), with its log in `log`; waits
+    /// until its admin server listens and returns the run and the server's address.
+    pub fn spawn_with_admin(&self, args: &[&str], log: &Path) -> (Running, String) {
+        let mut all = vec!["--log-format", "json"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--admin", "127.0.0.1:0"]);
+        let run = self.spawn_logged(&all, log);
+        let mut addr = None;
+        wait_until("the admin server listens", Duration::from_secs(30), || {
+            addr = admin_address(log);
+            addr.is_some()
+        });
+        (run, addr.expect("an address"))
+    }
+
     /// Like [`Weir::spawn`], with its log (standard error) written to `log`.
     pub fn spawn_logged(&self, args: &[&str], log: &Path) -> Running {
         let file = std::fs::File::create(log).expect("create the log file");

@@ -8,14 +8,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use weir_tests::{Running, Weir, admin_address, guest, http, produce_lines, wait_until};
+use weir_tests::{Running, Weir, guest, http, produce_lines, wait_until};
 
 /// Starts `weir run` with its admin server on a free port; returns it and the address.
 fn run_with_admin(w: &Weir, module: &Path, extra: &[&str]) -> (Running, String) {
     let log = w.path("run.log");
     let mut args = vec![
-        "--log-format",
-        "json",
         "run",
         "--module",
         module.to_str().unwrap(),
@@ -23,21 +21,13 @@ fn run_with_admin(w: &Weir, module: &Path, extra: &[&str]) -> (Running, String) 
         "orders",
         "--group",
         "shipping",
-        "--admin",
-        "127.0.0.1:0",
         "--backoff-base",
         "5ms",
         "--jitter",
         "none",
     ];
     args.extend_from_slice(extra);
-    let run = w.spawn_logged(&args, &log);
-    let mut addr = None;
-    wait_until("the admin server listens", Duration::from_secs(30), || {
-        addr = admin_address(&log);
-        addr.is_some()
-    });
-    (run, addr.unwrap())
+    w.spawn_with_admin(&args, &log)
 }
 
 /// The samples of a Prometheus text page: `name{labels}` -> value.

@@ -15,8 +15,6 @@ fn run_with_admin(w: &Weir, extra: &[&str]) -> (Running, String) {
     let noop = guest("noop");
     let log = w.path("run.log");
     let mut args = vec![
-        "--log-format",
-        "json",
         "run",
         "--module",
         noop.to_str().unwrap(),
@@ -24,17 +22,9 @@ fn run_with_admin(w: &Weir, extra: &[&str]) -> (Running, String) {
         "in",
         "--group",
         "g",
-        "--admin",
-        "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
-    let run = w.spawn_logged(&args, &log);
-    let mut addr = None;
-    wait_until("the admin server listens", Duration::from_secs(30), || {
-        addr = admin_address(&log);
-        addr.is_some()
-    });
-    (run, addr.unwrap())
+    w.spawn_with_admin(&args, &log)
 }
 
 fn reload(addr: &str, path: &Path) -> (u16, String) {

@@ -457,10 +457,8 @@ fn large_messages_in_flight_are_bounded_by_bytes() {
     ]);
     let sleepy = guest("sleepy");
     let log = w.path("run.log");
-    let _run = w.spawn_logged(
+    let (_run, addr) = w.spawn_with_admin(
         &[
-            "--log-format",
-            "json",
             "run",
             "--module",
             sleepy.to_str().unwrap(),
@@ -478,17 +476,9 @@ fn large_messages_in_flight_are_bounded_by_bytes() {
             "1",
             "--max-in-flight",
             "1000",
-            "--admin",
-            "127.0.0.1:0",
         ],
         &log,
     );
-    let mut addr = None;
-    wait_until("the admin server listens", Duration::from_secs(30), || {
-        addr = weir_tests::admin_address(&log);
-        addr.is_some()
-    });
-    let addr = addr.unwrap();
     let mut most = 0;
     wait_until(
         "twenty messages are handled",
@@ -589,10 +579,8 @@ fn a_slow_dedupe_store_does_not_stall_the_admin_server() {
     let sleepy = guest("sleepy");
     let log = w.path("run.log");
     let url = redis.url();
-    let _run = w.spawn_logged(
+    let (_run, addr) = w.spawn_with_admin(
         &[
-            "--log-format",
-            "json",
             "run",
             "--module",
             sleepy.to_str().unwrap(),
@@ -604,8 +592,6 @@ fn a_slow_dedupe_store_does_not_stall_the_admin_server() {
             "key",
             "--dedupe-store",
             &url,
-            "--admin",
-            "127.0.0.1:0",
             "--batch-size",
             "4",
             "--lanes",
@@ -615,12 +601,6 @@ fn a_slow_dedupe_store_does_not_stall_the_admin_server() {
         ],
         &log,
     );
-    let mut addr = None;
-    wait_until("the admin server listens", Duration::from_secs(30), || {
-        addr = weir_tests::admin_address(&log);
-        addr.is_some()
-    });
-    let addr = addr.unwrap();
     wait_until(
         "messages are being handled",
         Duration::from_secs(60),
