@@ -75,6 +75,7 @@ fn dedupe_key(c: &mut Criterion) {
             ],
             timestamp_ms: None,
         },
+        redeliveries: 0,
     };
     let cfg = |source| DedupeConfig {
         source,

@@ -31,15 +31,19 @@ pub struct FileConfig {
     /// What the handler reads through its `config` import.
     #[serde(default)]
     pub handler_config: BTreeMap<String, String>,
-    /// Where the topics live when not in the embedded log: `[source.kafka]`.
+    /// Where the topics live when not in the embedded log: `[source]`.
     #[serde(default)]
     pub source: SourceFile,
 }
 
-/// `[source]` of `weir.toml`.
+/// `[source]` of `weir.toml`: `url = "amqp://..."` (as `--source`) and `[source.properties]`
+/// (as `--source-property`); `[source.kafka]` is the older spelling for Kafka.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SourceFile {
+    pub url: Option<String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
     pub kafka: Option<KafkaFile>,
 }
 
@@ -304,8 +308,6 @@ pub fn parse_pair(name: &str, s: &str) -> Result<(String, String), ConfigError> 
 /// Defaults of `weir run`, named so `--help`, the README and the code agree.
 pub mod defaults {
     pub const BATCH_SIZE: usize = 256;
-    /// On Kafka, where a commit waits for the brokers to ack its outputs.
-    pub const KAFKA_BATCH_SIZE: usize = 1000;
     pub const MEMORY_LIMIT: &str = "64MiB";
     pub const CALL_TIMEOUT: &str = "5s";
     pub const MAX_ATTEMPTS: u32 = 5;
@@ -364,10 +366,12 @@ pub struct RunSettings {
 }
 
 impl RunOptions {
-    /// The defaults that differ on Kafka: each commit waits for the brokers to ack its outputs,
-    /// so a bigger batch means fewer round trips (3x the throughput of 256 on the mock cluster).
-    pub fn on_kafka(mut self) -> RunOptions {
-        self.batch_size = self.batch_size.or(Some(defaults::KAFKA_BATCH_SIZE));
+    /// The source's own default batch size where it has one ([`Capabilities::batch_size`]),
+    /// under what the user set.
+    ///
+    /// [`Capabilities::batch_size`]: crate::source::Capabilities::batch_size
+    pub fn with_source_defaults(mut self, caps: &crate::source::Capabilities) -> RunOptions {
+        self.batch_size = self.batch_size.or(caps.batch_size);
         self
     }
 

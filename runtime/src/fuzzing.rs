@@ -80,6 +80,7 @@ pub fn envelope(data: &[u8]) {
             headers,
             timestamp_ms: None,
         },
+        redeliveries: 0,
     };
     let origin: Arc<str> = Arc::from("orders");
     let (now, max_wait) = (1_000_000u64, 30_000u64);

@@ -391,6 +391,60 @@ pub enum Broker {
     Mock(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
     /// A real Kafka-protocol broker (`WEIR_TEST_KAFKA_BROKERS`).
     External(String),
+    /// The machine's RabbitMQ (`WEIR_TEST_AMQP`, default 127.0.0.1:5672 as guest), in a virtual
+    /// host of the test's own, so that tests share no queues.
+    Rabbit(Vhost),
+}
+
+/// A RabbitMQ virtual host made for one test and deleted after it (`rabbitmqctl`).
+pub struct Vhost {
+    pub name: String,
+}
+
+impl Default for Vhost {
+    fn default() -> Vhost {
+        Vhost::new()
+    }
+}
+
+impl Vhost {
+    pub fn new() -> Vhost {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("weir-test-{}-{n}", std::process::id());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Vhost { name }
+    }
+
+    /// `amqp://guest:guest@host:port/<vhost>`.
+    pub fn url(&self) -> String {
+        let base = std::env::var("WEIR_TEST_AMQP")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into());
+        format!("{}/{}", base.trim_end_matches('/'), self.name)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl (is RabbitMQ installed? .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// librdkafka settings every Kafka test passes: a short session timeout, so a member killed
@@ -422,6 +476,11 @@ impl Weir {
         Weir::on(Broker::Mock(cluster))
     }
 
+    /// A test on the machine's RabbitMQ, in a virtual host of its own.
+    pub fn rabbitmq() -> Weir {
+        Weir::on(Broker::Rabbit(Vhost::new()))
+    }
+
     pub fn on(broker: Broker) -> Weir {
         Weir {
             dir: tempfile::Builder::new()
@@ -439,10 +498,15 @@ impl Weir {
     /// The brokers' address, when the test is on Kafka.
     pub fn brokers(&self) -> Option<String> {
         match &self.broker {
-            Broker::Embedded => None,
+            Broker::Embedded | Broker::Rabbit(_) => None,
             Broker::Mock(c) => Some(c.bootstrap_servers()),
             Broker::External(b) => Some(b.clone()),
         }
+    }
+
+    /// Whether the test's topics are queues (one partition, no offsets).
+    pub fn on_queue(&self) -> bool {
+        matches!(self.broker, Broker::Rabbit(_))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -461,8 +525,11 @@ impl Weir {
         if let Some(b) = self.brokers() {
             c.arg("--brokers").arg(b);
             for p in TEST_KAFKA_PROPERTIES {
-                c.arg("--kafka-property").arg(p);
+                c.arg("--source-property").arg(p);
             }
+        }
+        if let Broker::Rabbit(v) = &self.broker {
+            c.arg("--source").arg(v.url());
         }
         c.args(args).env("RUST_LOG", "warn").stdin(Stdio::null());
         c
@@ -511,6 +578,8 @@ impl Weir {
             }
             return;
         }
+        // A queue has no partitions: the same test runs on one.
+        let partitions = if self.on_queue() { 1 } else { partitions };
         self.ok(&[
             "topics",
             "create",

@@ -5,7 +5,7 @@
 
 use super::Globals;
 use super::bad_input;
-use super::produce::synthetic_order;
+use super::produce::{FaultMix, synthetic_order, synthetic_order_mixed};
 use crate::config::RunOptions;
 use crate::engine::{self, Stats};
 use crate::host::{Handler, Module};
@@ -62,6 +62,12 @@ pub struct BenchCommand {
     /// instead of a backlog at full speed
     #[arg(long)]
     rate: Option<u64>,
+    /// This per cent of the orders ask for one retry (the `orders` example's `"transient":true`)
+    #[arg(long, default_value_t = 0.0)]
+    retry_percent: f64,
+    /// This per cent of the orders are rejected (`"amount_cents":0`) and dead-lettered
+    #[arg(long, default_value_t = 0.0)]
+    reject_percent: f64,
     /// Print the report as JSON on standard output
     #[arg(long)]
     json: bool,
@@ -117,8 +123,17 @@ pub struct Report {
 }
 
 impl BenchCommand {
+    fn mix(&self) -> anyhow::Result<FaultMix> {
+        let mix = FaultMix {
+            retry_percent: self.retry_percent,
+            reject_percent: self.reject_percent,
+        };
+        mix.check().map_err(bad_input)?;
+        Ok(mix)
+    }
+
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
-        if g.kafka.is_some() || self.kafka_mock {
+        if g.source.kind == crate::source::connect::Kind::Kafka || self.kafka_mock {
             return self.kafka(g);
         }
         if self.count == 0 {
@@ -201,13 +216,14 @@ impl BenchCommand {
         let (instantiate_us, idle_instance_kib) = probe_instances(&module, self.probe_instances)?;
 
         let size = self.size;
+        let mix = self.mix()?;
         let make = move |range: std::ops::Range<u64>| -> Vec<Record> {
             range
                 .map(|i| {
                     let id = format!("m-{i}").into_bytes();
                     Record {
                         key: Some(id.clone()),
-                        payload: synthetic_order(i, size),
+                        payload: synthetic_order_mixed(i, size, mix),
                         headers: vec![("idempotency-key".into(), id)],
                         timestamp_ms: None,
                     }
@@ -383,16 +399,23 @@ impl BenchCommand {
             )));
         }
         let dir = TempDir::new()?;
-        let r = super::bench_kafka::run(
-            g.kafka.as_ref(),
-            &module,
-            self.native,
-            self.options.clone(),
-            self.count,
-            self.size,
-            self.partitions,
-            dir.path(),
-        )?;
+        let kafka = match g.source.kind {
+            crate::source::connect::Kind::Kafka => {
+                Some(crate::source::kafka::KafkaConfig::from_spec(&g.source)?)
+            }
+            _ => None,
+        };
+        let r = super::bench_kafka::run(super::bench_kafka::Row {
+            kafka: kafka.as_ref(),
+            module_path: &module,
+            native: self.native,
+            options: self.options.clone(),
+            count: self.count,
+            size: self.size,
+            partitions: self.partitions,
+            mix: self.mix()?,
+            data_dir: dir.path(),
+        })?;
         if self.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
@@ -417,6 +440,12 @@ impl BenchCommand {
                 r.weir_messages_per_second, r.module
             );
             println!("ratio       {:.2} of the bare loop", r.ratio);
+            if let (Some(m), Some(q)) = (r.weir_mixed_messages_per_second, r.mixed_over_clean) {
+                println!(
+                    "with faults {m:.0} msg/s with {}% asking for one retry and {}% rejected: {q:.2} of the clean run",
+                    r.retry_percent, r.reject_percent
+                );
+            }
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -479,6 +508,7 @@ fn probe_instances(module: &Handler, n: usize) -> anyhow::Result<(f64, f64)> {
             headers: vec![("idempotency-key".into(), b"m-0".to_vec())],
             timestamp_ms: Some(0),
         },
+        redeliveries: 0,
     };
     let runtime = super::local_runtime()?;
     // Warm up the allocator and the pool's first slots.

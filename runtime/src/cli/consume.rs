@@ -1,6 +1,6 @@
-use super::target::Target;
 use super::{Globals, shown};
 use crate::source::Delivery;
+use crate::source::Settle;
 use clap::Args;
 use std::io::Write;
 use std::process::ExitCode;
@@ -73,11 +73,27 @@ fn print(out: &mut impl Write, d: &Delivery, json: bool) -> std::io::Result<()> 
 
 impl ConsumeCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
-        let mut log = Target::open(&g)?;
-        let partitions = log.ends(&self.topic)?;
+        let mut log = g.source.broker()?;
         let mut left = self.max.unwrap_or(u64::MAX);
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
+        if let (Some(_), Settle::PerMessage) = (&self.group, log.capabilities().settle) {
+            // A queue: consuming takes messages off it, each acked once printed.
+            while left > 0 {
+                let batch = log.take(&self.topic, left.min(1000) as usize)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for d in &batch {
+                    print(&mut out, d, self.json)?;
+                }
+                left -= batch.len() as u64;
+                out.flush()?;
+                log.settle_taken()?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let partitions = log.ends(&self.topic)?;
         for (partition, end) in partitions {
             let mut from = match (&self.group, self.from_beginning) {
                 (_, true) => 0,

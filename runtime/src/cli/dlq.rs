@@ -159,11 +159,13 @@ fn shorten(s: &str, n: usize) -> String {
 
 impl DlqCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
-        if let Some(k) = &g.kafka {
+        if !g.source.is_embedded() {
             return Err(bad_input(format!(
-                "weir dlq works on the embedded log; on Kafka ({}), read a dead-letter topic with \
-                 `weir consume TOPIC.dlq --from-beginning --json --brokers ...` (replay on Kafka is not built yet)",
-                k.brokers
+                "weir dlq works on the embedded log; on {} ({}), read a dead-letter topic with \
+                 `weir consume TOPIC.dlq --from-beginning --json --source ...` (list, show and \
+                 replay there are not built yet)",
+                g.source.name(),
+                g.source.url
             )));
         }
         let mut log = local::open(&g.data_dir)?;
@@ -388,6 +390,7 @@ impl DlqCommand {
                                     .and_then(|o| o.parse().ok())
                                     .unwrap_or(0),
                                 record: l.original(),
+                                redeliveries: 0,
                             };
                             let r =
                                 runtime.block_on(inst.run(std::slice::from_mut(&mut msg), &[1]));

@@ -10,14 +10,13 @@ mod new;
 mod produce;
 mod run;
 mod status;
-mod target;
 mod test_handler;
 mod topics;
 
 use crate::config::{ConfigError, FileConfig};
 use crate::host::LoadError;
 use crate::source::SourceError;
-use crate::source::kafka::KafkaConfig;
+use crate::source::connect::SourceSpec;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,16 +33,26 @@ pub struct Cli {
     #[arg(long, global = true, env = "WEIR_CONFIG")]
     config: Option<PathBuf>,
 
-    /// Kafka brokers (host:port,...): use Kafka instead of the embedded log
-    /// [default: `[source.kafka] brokers` in the config file; none: the embedded log]
+    /// Where the topics live: `embedded` (the log in --data-dir), `kafka://host:port,...` or
+    /// `amqp://user:pass@host:port/vhost` (RabbitMQ; `amqps://` for TLS)
+    /// [default: `[source] url` in the config file, else embedded]
+    #[arg(long, global = true, env = "WEIR_SOURCE", value_name = "URL")]
+    source: Option<String>,
+
+    /// Kafka brokers (host:port,...): short for --source kafka://host:port,...
     #[arg(long, global = true, env = "WEIR_BROKERS")]
     brokers: Option<String>,
 
-    /// A librdkafka property passed through to every Kafka client (security.protocol=SASL_SSL,
-    /// sasl.mechanism=SCRAM-SHA-512, ssl.ca.location=..., ...); repeat for more (over
-    /// `[source.kafka.properties]` in the config file) [default: none]
-    #[arg(long = "kafka-property", global = true, value_name = "KEY=VALUE")]
-    kafka_property: Vec<String>,
+    /// A client setting of the broker, passed through: a librdkafka property on Kafka
+    /// (security.protocol=SASL_SSL, ...), a weir setting on RabbitMQ (see docs/sources.md);
+    /// repeat for more (over `[source.properties]` in the config file) [default: none]
+    #[arg(
+        long = "source-property",
+        alias = "kafka-property",
+        global = true,
+        value_name = "KEY=VALUE"
+    )]
+    source_property: Vec<String>,
 
     /// Log format on standard error [default: pretty]
     #[arg(long, global = true, env = "WEIR_LOG_FORMAT", value_enum)]
@@ -92,8 +101,8 @@ enum Command {
 struct Globals {
     data_dir: PathBuf,
     file: FileConfig,
-    /// Set when the topics live in Kafka.
-    kafka: Option<KafkaConfig>,
+    /// Where the topics live.
+    source: SourceSpec,
 }
 
 /// Marks an error as the user's input to fix (exit code 2).
@@ -168,8 +177,8 @@ fn io_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,weir=info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,weir=info,lapin=off"));
     use std::io::IsTerminal;
     // Colour only on a terminal: logs piped to a file or a collector stay plain text.
     let builder = tracing_subscriber::fmt()
@@ -204,36 +213,35 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         .clone()
         .or(file.data_dir.clone())
         .unwrap_or_else(crate::config::default_data_dir);
-    let kafka_file = file.source.kafka.as_ref();
-    let brokers = cli
-        .brokers
-        .clone()
-        .or(kafka_file.and_then(|k| k.brokers.clone()));
-    let mut properties = kafka_file.map(|k| k.properties.clone()).unwrap_or_default();
-    for pair in &cli.kafka_property {
-        let (k, v) = crate::config::parse_pair("--kafka-property", pair)?;
+    let mut properties = file.source.properties.clone();
+    if let Some(k) = &file.source.kafka {
+        properties.extend(k.properties.clone());
+    }
+    for pair in &cli.source_property {
+        let (k, v) = crate::config::parse_pair("--source-property", pair)?;
         properties.insert(k, v);
     }
-    let kafka = match brokers {
-        Some(brokers) => {
-            let cfg = KafkaConfig {
-                brokers,
-                properties,
-            };
-            cfg.validate()?;
-            Some(cfg)
-        }
-        None if !properties.is_empty() => {
+    let kafka_file = file
+        .source
+        .kafka
+        .as_ref()
+        .and_then(|k| k.brokers.as_ref())
+        .map(|b| format!("kafka://{b}"));
+    let url = match (&cli.source, &cli.brokers) {
+        (Some(_), Some(_)) => {
             return Err(bad_input(
-                "--kafka-property is given but no brokers: pass --brokers host:port (or `brokers` under [source.kafka])",
+                "--source and --brokers both given: --brokers h:p is short for --source kafka://h:p; pass one",
             ));
         }
-        None => None,
+        (Some(url), None) => Some(url.clone()),
+        (None, Some(b)) => Some(format!("kafka://{b}")),
+        (None, None) => file.source.url.clone().or(kafka_file),
     };
+    let source = SourceSpec::parse(url.as_deref(), properties, data_dir.clone())?;
     let globals = Globals {
         data_dir,
         file,
-        kafka,
+        source,
     };
     match cli.command {
         Command::Topics(c) => c.execute(globals),

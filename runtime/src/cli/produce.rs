@@ -1,4 +1,3 @@
-use super::target::Target;
 use super::{Globals, bad_input};
 use crate::config::parse_pair;
 use crate::source::Record;
@@ -48,14 +47,67 @@ pub struct ProduceCommand {
     /// With --count: the first id number [default: 0]
     #[arg(long, default_value_t = 0, requires = "count")]
     start: u64,
+    /// With --count: this per cent of the orders ask for one retry (`"transient":true`)
+    #[arg(long, default_value_t = 0.0, requires = "count")]
+    retry_percent: f64,
+    /// With --count: this per cent of the orders are rejected (`"amount_cents":0`)
+    #[arg(long, default_value_t = 0.0, requires = "count")]
+    reject_percent: f64,
+}
+
+/// Which synthetic orders fail: `retry_percent` of them ask for one retry (`"transient":true`),
+/// `reject_percent` are rejected (`"amount_cents":0`). Which ones is a fixed function of the
+/// order's number, spread evenly over the input, so two runs of one mix see the same failures.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FaultMix {
+    pub retry_percent: f64,
+    pub reject_percent: f64,
+}
+
+impl FaultMix {
+    /// (asks for a retry, is rejected) for order `n`.
+    pub fn pick(&self, n: u64) -> (bool, bool) {
+        // A multiplicative hash of n to [0, 100): neighbours land far apart.
+        let r = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64 * 100.0;
+        let retry = r < self.retry_percent;
+        (
+            retry,
+            !retry && r < self.retry_percent + self.reject_percent,
+        )
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        let ok = |p: f64| (0.0..=100.0).contains(&p);
+        if !ok(self.retry_percent)
+            || !ok(self.reject_percent)
+            || self.retry_percent + self.reject_percent > 100.0
+        {
+            return Err(format!(
+                "--retry-percent ({}) and --reject-percent ({}) must be between 0 and 100 and add up to at most 100",
+                self.retry_percent, self.reject_percent
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A synthetic order the `orders` example accepts, padded to `size` bytes.
 pub fn synthetic_order(n: u64, size: usize) -> Vec<u8> {
+    synthetic_order_mixed(n, size, FaultMix::default())
+}
+
+/// As [`synthetic_order`], failing as `mix` says for order `n`.
+pub fn synthetic_order_mixed(n: u64, size: usize, mix: FaultMix) -> Vec<u8> {
+    let (transient, rejected) = mix.pick(n);
+    let amount = if rejected { 0 } else { n % 10_000 + 1 };
+    let flag = if transient {
+        r#""transient":true,"#
+    } else {
+        ""
+    };
     let mut s = format!(
-        r#"{{"id":"m-{n}","customer":"c-{}","amount_cents":{},"pad":""#,
+        r#"{{"id":"m-{n}","customer":"c-{}",{flag}"amount_cents":{amount},"pad":""#,
         n % 97,
-        n % 10_000 + 1
     );
     let closing = "\"}";
     while s.len() + closing.len() < size {
@@ -79,9 +131,11 @@ impl ProduceCommand {
             timestamp_ms: None,
         };
         let fixed_key = self.key.as_ref().map(|k| k.as_bytes().to_vec());
-        let mut log = Target::open(&g)?;
+        let mut log = g.source.broker()?;
         let mut total = 0u64;
-        let mut send = |log: &mut Target, batch: Vec<Record>| -> anyhow::Result<()> {
+        let mut send = |log: &mut Box<dyn crate::source::broker::Broker>,
+                        batch: Vec<Record>|
+         -> anyhow::Result<()> {
             let n = batch.len() as u64;
             log.append(&self.topic, batch)
                 .with_context(|| format!("producing to topic {}", self.topic))?;
@@ -95,6 +149,11 @@ impl ProduceCommand {
             )));
         }
         if let Some(count) = self.count {
+            let mix = FaultMix {
+                retry_percent: self.retry_percent,
+                reject_percent: self.reject_percent,
+            };
+            mix.check().map_err(bad_input)?;
             // A progress bar on a terminal (none when standard error is piped or a file).
             let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 let bar = indicatif::ProgressBar::new(count);
@@ -116,7 +175,7 @@ impl ProduceCommand {
                 } else {
                     fixed_key.clone().or_else(|| Some(id.clone()))
                 };
-                let mut record = make(synthetic_order(n, self.size), key);
+                let mut record = make(synthetic_order_mixed(n, self.size, mix), key);
                 record.headers.push(("idempotency-key".into(), id));
                 batch.push(record);
                 if batch.len() == CHUNK {
@@ -183,5 +242,62 @@ impl ProduceCommand {
         }
         eprintln!("produced {total} message(s) to {}", self.topic);
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_mix_picks_its_share_and_the_orders_say_so() {
+        for (retry, reject) in [(0.0, 0.0), (7.0, 1.0), (50.0, 50.0), (0.0, 3.0)] {
+            let mix = FaultMix {
+                retry_percent: retry,
+                reject_percent: reject,
+            };
+            let n = 100_000u64;
+            let (mut retries, mut rejects) = (0u64, 0u64);
+            for i in 0..n {
+                let (t, r) = mix.pick(i);
+                assert!(!(t && r), "order {i} both retries and is rejected");
+                let order: serde_json::Value =
+                    serde_json::from_slice(&synthetic_order_mixed(i, 100, mix)).unwrap();
+                assert_eq!(order["transient"].as_bool().unwrap_or(false), t);
+                assert_eq!(order["amount_cents"].as_u64() == Some(0), r);
+                retries += t as u64;
+                rejects += r as u64;
+            }
+            let share = |k: u64| k as f64 * 100.0 / n as f64;
+            assert!((share(retries) - retry).abs() < 0.5, "{retry}%: {retries}");
+            assert!(
+                (share(rejects) - reject).abs() < 0.5,
+                "{reject}%: {rejects}"
+            );
+        }
+        assert!(
+            FaultMix {
+                retry_percent: 60.0,
+                reject_percent: 50.0
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            FaultMix {
+                retry_percent: -1.0,
+                reject_percent: 0.0
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            FaultMix {
+                retry_percent: 7.0,
+                reject_percent: 1.0
+            }
+            .check()
+            .is_ok()
+        );
     }
 }

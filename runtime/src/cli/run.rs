@@ -3,15 +3,15 @@ use crate::config::{RunOptions, parse_pair};
 use crate::engine;
 use crate::host::Module;
 use crate::source::Source;
+use crate::source::connect::ConsumerOptions;
 use crate::source::embedded::local;
-use crate::source::kafka::Kafka;
 use clap::Args;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-/// Run a handler module over topics of the embedded log (or of Kafka, with --brokers). Acks each message only after the
+/// Run a handler module over topics of the embedded log (or of a broker, with --source). Acks each message only after the
 /// handler succeeded and its outputs were written. Runs until SIGINT/SIGTERM (then commits what
 /// finished and exits 0), or with --drain until nothing is left.
 #[derive(Debug, Args)]
@@ -40,10 +40,8 @@ impl RunCommand {
             let (k, v) = parse_pair("--handler-config", pair)?;
             handler_config.insert(k, v);
         }
-        let mut options = self.options.or(g.file.run);
-        if g.kafka.is_some() {
-            options = options.on_kafka();
-        }
+        let caps = g.source.capabilities();
+        let options = self.options.or(g.file.run).with_source_defaults(&caps);
         let settings = options.resolve(handler_config, &g.data_dir)?;
         // Check the module before touching the data directory: a bad module changes nothing.
         let module_path = settings.module.clone();
@@ -53,37 +51,56 @@ impl RunCommand {
                 module_path.display()
             )));
         }
-        // The embedded log is owned by this process (others reach it through its socket);
-        // Kafka is shared by every member of the group.
-        let (source, log): (Arc<dyn Source>, _) = match &g.kafka {
-            Some(cfg) => {
-                if settings
-                    .engine
-                    .dedupe
-                    .as_ref()
-                    .is_some_and(|d| d.store.is_none())
-                {
-                    return Err(super::bad_input(
-                        "--dedupe on Kafka needs a store the group's processes share: add --dedupe-store redis://host:port",
-                    ));
-                }
-                (Arc::new(Kafka::connect(cfg, settings.exactly_once)?), None)
-            }
-            None => {
-                let log = local::open_owned(&g.data_dir)?;
-                (log.clone(), Some(log))
-            }
+        if settings.max_depth.is_some() && !g.source.is_embedded() {
+            return Err(super::bad_input(format!(
+                "--max-depth applies to the embedded log; on {}, the broker's own limits bound a topic",
+                g.source.name()
+            )));
+        }
+        if settings.exactly_once && !caps.transactions {
+            return Err(super::bad_input(format!(
+                "--exactly-once needs broker transactions, which weir does not use on {} yet; \
+                 use --dedupe with a shared store for outputs once per idempotency key",
+                g.source.name()
+            )));
+        }
+        if !caps.dedupe_marks
+            && settings
+                .engine
+                .dedupe
+                .as_ref()
+                .is_some_and(|d| d.store.is_none())
+        {
+            return Err(super::bad_input(format!(
+                "--dedupe on {} needs a store the group's processes share: add --dedupe-store redis://host:port",
+                g.source.name()
+            )));
+        }
+        // The embedded log is owned by this process (others reach it through its socket); a
+        // broker is shared by every member of the group.
+        let (source, log): (Arc<dyn Source>, _) = if g.source.is_embedded() {
+            let log = local::open_owned(&g.data_dir)?;
+            (log.clone(), Some(log))
+        } else {
+            let e = &settings.engine;
+            let opts = ConsumerOptions {
+                group: e.group.clone(),
+                topics: e.topics.clone(),
+                retry_topics: match e.retry_mode {
+                    engine::RetryMode::Requeue => e.topics.iter().map(|t| e.retry_for(t)).collect(),
+                    engine::RetryMode::Blocking => Vec::new(),
+                },
+                exactly_once: settings.exactly_once,
+                at_most_once: e.delivery == engine::DeliveryMode::AtMostOnce,
+                prefetch: e.max_in_flight,
+            };
+            (g.source.consumer(&opts)?, None)
         };
         for t in &settings.engine.topics {
             source.partitions(t)?;
         }
         let exists = crate::source::output_check(source.clone());
         let module = Module::load(&module_path, &settings.host, exists)?;
-        if settings.max_depth.is_some() && g.kafka.is_some() {
-            return Err(super::bad_input(
-                "--max-depth applies to the embedded log; on Kafka, the brokers' retention and quotas bound a topic",
-            ));
-        }
         let max_depth = settings.max_depth.map(|max| local::MaxDepth {
             max,
             group: settings.engine.group.clone(),

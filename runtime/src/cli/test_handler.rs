@@ -401,6 +401,7 @@ fn read_inputs(path: &Path) -> anyhow::Result<Vec<Input>> {
                     headers,
                     timestamp_ms: Some(now_ms),
                 },
+                redeliveries: 0,
             },
         });
     }

@@ -1,5 +1,4 @@
 use super::Globals;
-use super::target::Target;
 use clap::Subcommand;
 use std::process::ExitCode;
 
@@ -31,7 +30,7 @@ pub enum TopicsCommand {
 
 impl TopicsCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
-        let mut log = Target::open(&g)?;
+        let mut log = g.source.broker()?;
         match self {
             TopicsCommand::Create {
                 topic,

@@ -112,6 +112,7 @@ mod tests {
                     .collect(),
                 timestamp_ms: None,
             },
+            redeliveries: 0,
         }
     }
 

@@ -240,6 +240,7 @@ pub fn from_retry_topic(
             partition,
             offset,
             record,
+            redeliveries: 0,
         },
         attempt,
         not_before_ms,
@@ -263,6 +264,7 @@ mod tests {
                 headers: vec![("h".into(), b"v".to_vec())],
                 timestamp_ms: Some(9),
             },
+            redeliveries: 0,
         };
         let origin = Origin {
             topic: d.topic.clone(),
@@ -275,6 +277,7 @@ mod tests {
             partition: 0,
             offset: 7,
             record: out.record,
+            redeliveries: 0,
         };
         let back = from_retry_topic(&in_retry, &d.topic, 950, 60_000);
         assert_eq!(back.msg, d);
@@ -289,6 +292,7 @@ mod tests {
             topic: Arc::from("orders.retry"),
             partition: 1,
             offset: 7,
+            redeliveries: 0,
             record: Record {
                 headers: headers
                     .iter()
@@ -365,6 +369,7 @@ mod tests {
             topic: Arc::from("t"),
             partition: 0,
             offset: 0,
+            redeliveries: 0,
             record: Record {
                 key: Some(vec![b'k'; key]),
                 payload: vec![b'p'; payload],

@@ -25,6 +25,8 @@ mod partition;
 mod pool;
 pub mod retry;
 pub mod scaler;
+#[cfg(test)]
+mod tests;
 
 use crate::host::Handler;
 use crate::source::{GroupEvent, Source, SourceError};

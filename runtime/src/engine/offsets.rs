@@ -16,6 +16,9 @@ pub struct OffsetTracker {
     /// The next offset expected to be dispatched (offsets are dispatched in order); before the
     /// first dispatch, the committed offset the tracker started from.
     next_dispatch: u64,
+    /// With a per-message source: the offsets that finished since [`OffsetTracker::take_settled`]
+    /// last took them, each to be acked by its own receipt.
+    settled: Option<Vec<u64>>,
 }
 
 impl OffsetTracker {
@@ -25,7 +28,26 @@ impl OffsetTracker {
             pending: BTreeMap::new(),
             bytes: 0,
             next_dispatch: start,
+            settled: None,
         }
+    }
+
+    /// A tracker that also keeps each finished offset, for a source that settles every message
+    /// by itself rather than by the commit point.
+    pub fn per_message(start: u64) -> Self {
+        Self {
+            settled: Some(Vec::new()),
+            ..Self::new(start)
+        }
+    }
+
+    /// The offsets that finished since the last call, in the order they finished (empty unless
+    /// made with [`OffsetTracker::per_message`]).
+    pub fn take_settled(&mut self) -> Vec<u64> {
+        self.settled
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Records that `offset` is in flight. Offsets must be dispatched in increasing order;
@@ -54,6 +76,9 @@ impl OffsetTracker {
     pub fn finish(&mut self, offset: u64) {
         if let Some(bytes) = self.pending.remove(&offset) {
             self.bytes -= bytes;
+            if let Some(settled) = &mut self.settled {
+                settled.push(offset);
+            }
         }
     }
 
@@ -79,6 +104,29 @@ impl OffsetTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_per_message_tracker_hands_over_each_finished_offset_once() {
+        let mut t = OffsetTracker::per_message(0);
+        for o in 0..4 {
+            t.dispatch(o);
+        }
+        t.finish(2);
+        t.finish(0);
+        t.finish(2); // a late second completion settles nothing twice
+        assert_eq!(t.take_settled(), vec![2, 0]);
+        assert_eq!(t.commit_point(), 1, "the watermark is still kept");
+        assert!(t.take_settled().is_empty());
+        t.finish(3);
+        assert_eq!(t.take_settled(), vec![3]);
+        let mut w = OffsetTracker::new(0);
+        w.dispatch(0);
+        w.finish(0);
+        assert!(
+            w.take_settled().is_empty(),
+            "a watermark tracker keeps none"
+        );
+    }
 
     #[test]
     fn in_order_completion_moves_the_point_one_by_one() {

@@ -8,6 +8,7 @@
 //! gives the offset below which everything finished, and each commit writes that offset with
 //! the outputs and dead letters of what finished since the last one, atomically.
 
+mod commit;
 mod screen;
 
 use super::claims::Held;
@@ -16,6 +17,7 @@ use super::offsets::OffsetTracker;
 use super::{Ctx, DeliveryMode as Mode, EngineError, RetryMode, now_ms};
 use crate::host::{Outcome, RunResult};
 use crate::source::{Commit, Delivery, SourceError};
+use commit::{InFlight, Pending};
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -153,7 +155,12 @@ pub(super) async fn consume(
         .find(|(_, r)| **r == *topic)
         .map(|(origin, _)| origin.clone());
     let is_retry_topic = retry_origin.is_some();
-    let mut tracker = OffsetTracker::new(start);
+    let per_message = ctx.source.capabilities().settle == crate::source::Settle::PerMessage;
+    let mut tracker = if per_message {
+        OffsetTracker::per_message(start)
+    } else {
+        OffsetTracker::new(start)
+    };
     let mut committed = start;
     let mut next = start;
     let lanes_n = cfg.lanes.max(1);
@@ -171,6 +178,8 @@ pub(super) async fn consume(
     let mut gauges = Gauges::new(&ctx, &topic, partition);
     let mut held = Held::new(&ctx);
     let signal = ctx.source.append_signal();
+    // The commit being written while the loop goes on (one at a time).
+    let mut writing: Option<InFlight> = None;
     loop {
         // 1. Fetch while there is room in flight.
         let bytes_in_flight = tracker.bytes_in_flight() as usize;
@@ -212,9 +221,9 @@ pub(super) async fn consume(
                         }
                     }
                     None => Work {
+                        attempt: d.redeliveries.saturating_add(1),
                         msg: d,
                         at,
-                        attempt: 1,
                         not_before: None,
                         first_failure_ms: None,
                         dedupe_key: None,
@@ -226,7 +235,12 @@ pub(super) async fn consume(
                 lanes[lane].queue.push_back(work);
             }
             if at_most_once {
-                // Ack before invoking: what is fetched is committed now and never redelivered.
+                // Ack before invoking: what is fetched is committed now and never redelivered
+                // (after the commit in flight, so offsets only move forward).
+                if let Some(mut f) = writing.take() {
+                    let (point, p) = f.wait().await?;
+                    commit::finish(&ctx, &topic, point, p, &mut committed, &mut held);
+                }
                 let (src, group, t) = (ctx.source.clone(), cfg.group.clone(), topic.clone());
                 let commit = Commit {
                     offsets: vec![(t, partition, next)],
@@ -284,15 +298,15 @@ pub(super) async fn consume(
                 || tracker.bytes_in_flight() as usize >= cfg.max_in_flight_bytes,
         );
 
-        // 3. Done?
-        if running == 0 {
+        // 3. Done? (once the commit in flight is written)
+        if running == 0 && writing.is_none() {
             let idle = lanes.iter().all(|l| l.queue.is_empty());
             if (stopping && (idle || !starting)) || (cfg.drain && caught_up && idle) {
-                commit(
+                commit::now(
                     &ctx,
                     &topic,
                     partition,
-                    &tracker,
+                    &mut tracker,
                     &mut committed,
                     &mut pending,
                     &mut held,
@@ -329,23 +343,26 @@ pub(super) async fn consume(
                     None => std::future::pending().await,
                 }
             }, if empty && !stopping => {}
+            written = commit::wait(&mut writing) => {
+                writing = None;
+                let (point, p) = written?;
+                commit::finish(&ctx, &topic, point, p, &mut committed, &mut held);
+            }
             _ = shutdown.changed(), if !stopping => {
                 // Finish the calls in flight and commit; backing-off messages stay uncommitted
                 // and are redelivered on the next start.
                 stopping = true;
             }
         }
-        if pending.any() || tracker.commit_point() != committed {
-            commit(
+        if writing.is_none() {
+            writing = commit::start(
                 &ctx,
                 &topic,
                 partition,
-                &tracker,
-                &mut committed,
+                &mut tracker,
+                committed,
                 &mut pending,
-                &mut held,
-            )
-            .await?;
+            );
         }
     }
 }
@@ -401,163 +418,7 @@ fn placeholder() -> Delivery {
         partition: 0,
         offset: 0,
         record: Default::default(),
-    }
-}
-
-/// What finished since the last commit: what to write, what to count once it is written, and
-/// which idempotency-key claims to release once it is durable (releasing earlier would let a
-/// copy of the message run before the done mark is on disk).
-#[derive(Default)]
-struct Pending {
-    commit: Commit,
-    release: Vec<Vec<u8>>,
-    acked: u64,
-    /// When each acked message was appended (ms), for the end-to-end latency.
-    acked_at: Vec<u64>,
-    emitted: u64,
-    dead: u64,
-    deduped: u64,
-}
-
-impl Pending {
-    fn any(&self) -> bool {
-        !self.commit.outputs.is_empty()
-            || !self.commit.dedupe_done.is_empty()
-            || !self.release.is_empty()
-            || self.acked + self.dead + self.deduped > 0
-    }
-}
-
-/// Writes what finished since the last commit, then counts it and releases its claims.
-#[allow(clippy::too_many_arguments)]
-async fn commit(
-    ctx: &Arc<Ctx>,
-    topic: &Arc<str>,
-    partition: u32,
-    tracker: &OffsetTracker,
-    committed: &mut u64,
-    pending: &mut Pending,
-    held: &mut Held,
-) -> Result<(), EngineError> {
-    if !pending.any() && tracker.commit_point() == *committed {
-        return Ok(());
-    }
-    let p = std::mem::take(pending);
-    let mut c = p.commit;
-    // In at-most-once mode the offset already moved past everything fetched: never back.
-    c.offsets.push((
-        topic.clone(),
-        partition,
-        tracker.commit_point().max(*committed),
-    ));
-    let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
-    let store = ctx.cfg.dedupe.as_ref().and_then(|d| d.store.clone());
-    // Claims to drop in the shared store: the keys that are not being marked done (their
-    // messages failed or were given up).
-    let undone: Vec<Vec<u8>> = if store.is_some() {
-        let done: std::collections::HashSet<&[u8]> =
-            c.dedupe_done.iter().map(|(k, _)| k.as_slice()).collect();
-        p.release
-            .iter()
-            .filter(|k| !done.contains(k.as_slice()))
-            .cloned()
-            .collect()
-    } else {
-        Vec::new()
-    };
-    match &store {
-        Some(store) if !c.dedupe_done.is_empty() => {
-            // Outputs first, then the done marks, then the offsets: a crash in between
-            // redelivers the messages, which then find their marks (outputs published once).
-            let keys: Vec<Vec<u8>> = c.dedupe_done.drain(..).map(|(k, _)| k).collect();
-            let offsets = std::mem::take(&mut c.offsets);
-            let src2 = src.clone();
-            let group2 = group.clone();
-            blocking(move || src2.commit(&group2, c)).await?;
-            mark_until_stored(ctx, store, keys).await?;
-            let c = Commit {
-                offsets,
-                ..Default::default()
-            };
-            blocking(move || src.commit(&group, c)).await?;
-        }
-        _ => blocking(move || src.commit(&group, c)).await?,
-    }
-    *committed = tracker.commit_point().max(*committed);
-    if !p.release.is_empty() {
-        {
-            let mut claims = ctx.claims.lock().expect("claims lock");
-            for key in &p.release {
-                claims.remove(key);
-                held.let_go(key);
-            }
-        }
-        if let Some(store) = store.filter(|_| !undone.is_empty()) {
-            // A failed message's claim goes, so another copy may run. Best effort: a claim
-            // also expires by itself.
-            let (group, token, keys) = (ctx.cfg.group.clone(), ctx.token.clone(), undone);
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = store.release(&group, &keys, &token) {
-                    tracing::debug!(error = %e, "releasing dedupe claims failed; they expire");
-                }
-            });
-        }
-    }
-    let s = &ctx.stats;
-    let m = &s.metrics;
-    m.count(topic, "ok", p.acked);
-    m.count(topic, "deduped", p.deduped);
-    m.count(topic, "dlq", p.dead);
-    // Messages appended together share a timestamp: one histogram update per run of them.
-    let now = now_ms();
-    for run in p.acked_at.chunk_by(|a, b| a == b) {
-        m.end_to_end
-            .observe_n(now.saturating_sub(run[0]) as f64 / 1e3, run.len() as u64);
-    }
-    s.processed.fetch_add(p.acked, Ordering::Relaxed);
-    s.emitted.fetch_add(p.emitted, Ordering::Relaxed);
-    s.dead_lettered.fetch_add(p.dead, Ordering::Relaxed);
-    s.deduped.fetch_add(p.deduped, Ordering::Relaxed);
-    Ok(())
-}
-
-/// Writes done marks to the shared store, trying again while it does not answer: no offset moves
-/// past a message whose mark is not stored (so acking stops, and the log says why). Gives up
-/// only when the run is shutting down.
-async fn mark_until_stored(
-    ctx: &Arc<Ctx>,
-    store: &Arc<dyn super::dedupe::SharedStore>,
-    keys: Vec<Vec<u8>>,
-) -> Result<(), EngineError> {
-    let window = ctx.cfg.dedupe.as_ref().map_or(Duration::ZERO, |d| d.window);
-    let keys = Arc::new(keys);
-    let mut warned = false;
-    loop {
-        let (store, group, k) = (store.clone(), ctx.cfg.group.clone(), keys.clone());
-        let r = tokio::task::spawn_blocking(move || store.mark_done(&group, &k, window))
-            .await
-            .map_err(|e| EngineError::Join(e.to_string()))?;
-        match r {
-            Ok(()) => {
-                if warned {
-                    tracing::info!("the dedupe store answers again; acking resumes");
-                }
-                return Ok(());
-            }
-            Err(e) if *ctx.shutdown.borrow() => {
-                return Err(EngineError::Dedupe(format!(
-                    "{e}; stopping with {} handled message(s) unacked (they will be redelivered)",
-                    keys.len()
-                )));
-            }
-            Err(e) => {
-                if !warned {
-                    tracing::warn!(error = %e, "cannot mark handled messages done; acking stops until the dedupe store answers");
-                    warned = true;
-                }
-                tokio::time::sleep(screen::STORE_DOWN_WAIT).await;
-            }
-        }
+        redeliveries: 0,
     }
 }
 
@@ -744,6 +605,7 @@ mod tests {
                 topic: Arc::from("t"),
                 partition: 0,
                 offset,
+                redeliveries: 0,
                 record: Record {
                     key: key.map(|k| k.as_bytes().to_vec()),
                     ..Record::default()

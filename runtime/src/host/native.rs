@@ -12,6 +12,11 @@ pub enum Native {
     Noop,
     /// Parses the order and emits a confirmation (the `orders` example).
     Orders,
+    /// Takes 20 ms per message and acks it: a call that is still running when the engine's
+    /// tests revoke its partition.
+    #[cfg(test)]
+    #[value(skip)]
+    Slow,
 }
 
 /// An order as the `orders` example reads it (shared with the Kafka row's bare loop).
@@ -40,6 +45,8 @@ impl Native {
         match self {
             Native::Noop => "noop (native)",
             Native::Orders => "orders (native)",
+            #[cfg(test)]
+            Native::Slow => "slow (native)",
         }
     }
 
@@ -50,6 +57,8 @@ impl Native {
         for (m, &attempt) in msgs.iter().zip(attempts) {
             match self {
                 Native::Noop => {}
+                #[cfg(test)]
+                Native::Slow => std::thread::sleep(Duration::from_millis(20)),
                 Native::Orders => match confirm(m, attempt, output_topic) {
                     Ok(o) => out.outputs.push(o),
                     Err(stop) => {

@@ -1,11 +1,27 @@
 //! Where messages come from and where outputs go.
 //!
-//! The engine sees only [`Source`]: fetch a batch from a partition, commit offsets together with
-//! the outputs of the messages they cover, and report depth. `embedded` is the default source,
-//! a durable single-node log in the data directory; other brokers add a module each.
+//! Two seams, one per side of weir:
+//! - [`Source`]: what `weir run`'s engine consumes through. It fetches a batch from a partition
+//!   and commits: outputs, then the settlement of what finished. Brokers settle in one of two
+//!   ways ([`Settle`]): a watermark per partition (the embedded log, Kafka: everything below an
+//!   offset is done), or each message by a receipt the broker issued (RabbitMQ's delivery tag;
+//!   later a Redis stream entry id, a JetStream ack subject, an SQS receipt handle). The engine
+//!   keeps its offset tracker on a local sequence either way; a per-message source gets the
+//!   sequence numbers that finished ([`Commit::settled`]) and acks each by its receipt, so one
+//!   slow message holds back nothing. [`Capabilities`] say what the broker does natively.
+//! - [`broker::Broker`]: what the other commands (`topics`, `produce`, `consume`) use.
+//!
+//! [`connect`] turns `--source URL` into either; it is the one file that lists the brokers.
+//! `embedded` is the default, a durable single-node log in the data directory; every other
+//! broker is a folder of its own, and no file outside it names its client crate.
 
+pub mod broker;
+pub mod connect;
 pub mod embedded;
 pub mod kafka;
+#[cfg(test)]
+pub mod memory;
+pub mod rabbitmq;
 
 use std::sync::Arc;
 
@@ -23,12 +39,21 @@ pub struct Record {
 }
 
 /// A message as it sits in a partition.
+///
+/// On a log, `offset` is the message's offset in its partition. On a queue (one partition, 0)
+/// it is a sequence number this process gives each delivery, in the order the broker handed
+/// them over: the engine tracks it, and the source keeps the broker's receipt for it. It is what
+/// a `weir:stream@0.1.0` handler sees as `offset`, and it restarts at 0 with each process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub topic: Arc<str>,
     pub partition: u32,
     pub offset: u64,
     pub record: Record,
+    /// How often the broker delivered this message before, where it counts (RabbitMQ's
+    /// `x-delivery-count`); 0 where it does not or this is the first delivery. The first
+    /// attempt the engine makes is this + 1.
+    pub redeliveries: u32,
 }
 
 /// A message a handler emitted, to be published when the message that produced it is acked.
@@ -49,6 +74,49 @@ pub struct Commit {
     pub replayed: Vec<(String, u32, u64)>,
     /// Idempotency keys this step marks as done, with when the mark expires (ms since the epoch).
     pub dedupe_done: Vec<(Vec<u8>, u64)>,
+    /// Per-message sources ([`Settle::PerMessage`]): the messages (topic, partition, offset)
+    /// that finished since the last commit (handled, dead-lettered or requeued), to ack by their
+    /// receipts after the outputs are confirmed. Empty for watermark sources, which take
+    /// `offsets` instead.
+    pub settled: Vec<(Arc<str>, u32, u64)>,
+}
+
+/// How a broker learns that messages are done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// A committed offset per partition: everything below it is done (logs).
+    Watermark,
+    /// Each message by its own receipt (queues); offsets are the source's local sequence.
+    PerMessage,
+}
+
+/// What a broker does natively, so the engine uses it rather than re-implementing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub settle: Settle,
+    /// The broker assigns partitions to the members of a group ([`Source::join_group`]).
+    pub groups: bool,
+    /// The broker keeps weir's dedupe marks with its commits (the embedded log); elsewhere
+    /// `--dedupe` needs a shared store (`--dedupe-store redis://...`).
+    pub dedupe_marks: bool,
+    /// The broker counts deliveries ([`Delivery::redeliveries`]).
+    pub delivery_count: bool,
+    /// Outputs and the settlement can be one broker transaction (`--exactly-once`).
+    pub transactions: bool,
+    /// Messages fetched per call into the handler when the user does not say.
+    pub batch_size: Option<usize>,
+}
+
+impl Capabilities {
+    /// A log that settles by watermark, with nothing else native.
+    pub const LOG: Capabilities = Capabilities {
+        settle: Settle::Watermark,
+        groups: false,
+        dedupe_marks: false,
+        delivery_count: false,
+        transactions: false,
+        batch_size: None,
+    };
 }
 
 /// Depth and lag of one partition, as `weir topics list` shows them.
@@ -104,9 +172,13 @@ pub enum SourceError {
     Storage { dir: String, detail: String },
     #[error("{0}")]
     Invalid(String),
-    /// The brokers failed a request, or could not be reached.
-    #[error("Kafka: {0}")]
-    Broker(String),
+    /// The broker failed a request, or could not be reached.
+    #[error("{broker}: {detail}")]
+    Broker {
+        /// Which broker (`Kafka`, `RabbitMQ`).
+        broker: &'static str,
+        detail: String,
+    },
 }
 
 /// weir's own bounds on a record it publishes (outputs, dead letters, retry copies), the same on
@@ -223,11 +295,18 @@ pub enum GroupEvent {
 /// What the engine needs from a broker. Implementations are blocking; the engine calls them
 /// from blocking threads.
 pub trait Source: Send + Sync + 'static {
-    /// The number of partitions of `topic`.
+    /// What the broker does natively; see [`Capabilities`].
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::LOG
+    }
+    /// The number of partitions of `topic` (1 for a queue).
     fn partitions(&self, topic: &str) -> Result<u32, SourceError>;
-    /// The next offset `group` will read from the partition (0 if it never committed).
+    /// The next offset `group` will read from the partition (0 if it never committed). On a
+    /// per-message source: how many of this process's deliveries were settled.
     fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<u64, SourceError>;
-    /// The offset the next appended message of the partition will get.
+    /// The offset the next appended message of the partition will get. On a per-message
+    /// source: this process's deliveries so far plus what waits in the broker, so that
+    /// `end_offset - committed` is the depth (ready + unacked) either way.
     fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, SourceError>;
     /// Up to `max` messages of the partition from offset `from` on, in offset order, and no
     /// more once they hold `max_bytes` (always at least one, however large).

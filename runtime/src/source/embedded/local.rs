@@ -586,6 +586,7 @@ impl LogHandle {
                             partition: w.partition,
                             offset: w.offset,
                             record: w.record.into(),
+                            redeliveries: 0,
                         })
                         .collect())
                 }

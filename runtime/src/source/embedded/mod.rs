@@ -10,6 +10,7 @@
 //! One process owns a data directory at a time (fjall holds a file lock). While `weir run` owns
 //! it, other `weir` commands reach the log through its local socket (see [`local`]).
 
+mod broker;
 pub(crate) mod codec;
 pub mod local;
 
@@ -493,6 +494,7 @@ impl EmbeddedLog {
                 partition,
                 offset,
                 record,
+                redeliveries: 0,
             });
         }
         Ok(out)
@@ -661,7 +663,19 @@ fn map_open_error(dir: &str, e: fjall::Error) -> SourceError {
     }
 }
 
+/// The embedded log settles by committed offset, writes outputs and offsets in one atomic batch
+/// (a transaction, always on) and keeps dedupe marks with its commits.
+pub(crate) const CAPABILITIES: crate::source::Capabilities = crate::source::Capabilities {
+    dedupe_marks: true,
+    transactions: true,
+    ..crate::source::Capabilities::LOG
+};
+
 impl Source for EmbeddedLog {
+    fn capabilities(&self) -> crate::source::Capabilities {
+        CAPABILITIES
+    }
+
     fn append_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         Some(self.appended.clone())
     }
@@ -856,6 +870,7 @@ mod tests {
                     }],
                     replayed: vec![("in".into(), 1, 0)],
                     dedupe_done: vec![(b"id-1".to_vec(), 5_000), (b"id-2".to_vec(), 1_000)],
+                    settled: Vec::new(),
                 },
             )
             .unwrap();

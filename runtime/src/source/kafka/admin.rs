@@ -573,5 +573,6 @@ pub(crate) fn to_delivery(topic: &Arc<str>, m: &impl Message) -> Delivery {
             headers,
             timestamp_ms: m.timestamp().to_millis().map(|t| t.max(0) as u64),
         },
+        redeliveries: 0,
     }
 }

@@ -23,6 +23,7 @@
 
 mod admin;
 pub mod bench;
+mod broker;
 mod group;
 
 use super::{Commit, GroupEvent, Record, Source, SourceError, TopicStats};
@@ -35,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use admin::{Admin, Publisher, Reader};
+pub use broker::KafkaBroker;
 
 /// How to reach the brokers, and what to pass through to librdkafka.
 #[derive(Debug, Clone, Default)]
@@ -59,6 +61,20 @@ const OWNED: &[(&str, &str)] = &[
     ("bootstrap.servers", "pass --brokers instead"),
 ];
 
+/// The batch size on Kafka unless the user sets one: each commit waits for the brokers to ack
+/// its outputs, so a bigger batch means fewer round trips (3x the throughput of 256 on the mock
+/// cluster).
+pub const BATCH_SIZE: usize = 1000;
+
+/// Kafka settles by committed offset, assigns partitions to a group's members, and has
+/// transactions; it keeps no dedupe marks or delivery counts.
+pub(crate) const CAPABILITIES: super::Capabilities = super::Capabilities {
+    groups: true,
+    transactions: true,
+    batch_size: Some(BATCH_SIZE),
+    ..super::Capabilities::LOG
+};
+
 /// librdkafka's default `message.max.bytes`.
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// What librdkafka counts beyond key, payload and headers when it checks a message's size
@@ -69,17 +85,31 @@ const MESSAGE_OVERHEAD: usize = 512;
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl KafkaConfig {
+    /// From `kafka://host:port,host:port` and the `--source-property` settings (librdkafka
+    /// properties), checked.
+    pub fn from_spec(
+        spec: &crate::source::connect::SourceSpec,
+    ) -> Result<KafkaConfig, SourceError> {
+        let brokers = spec.url.split_once("://").map_or("", |(_, rest)| rest);
+        let cfg = KafkaConfig {
+            brokers: brokers.trim_end_matches('/').to_string(),
+            properties: spec.properties.clone(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Checks the pass-through properties: one weir owns is refused with the reason.
     pub fn validate(&self) -> Result<(), SourceError> {
         if self.brokers.trim().is_empty() {
             return Err(SourceError::Invalid(
-                "--brokers: empty; pass host:port[,host:port...]".into(),
+                "Kafka: no brokers; pass --source kafka://host:port[,host:port...] (or --brokers host:port)".into(),
             ));
         }
         for k in self.properties.keys() {
             if let Some((_, why)) = OWNED.iter().find(|(name, _)| name == k) {
                 return Err(SourceError::Invalid(format!(
-                    "--kafka-property {k}: weir sets this itself ({why})"
+                    "--source-property {k}: weir sets this itself ({why})"
                 )));
             }
         }
@@ -134,7 +164,10 @@ pub(crate) fn error_librdkafka(error: &KafkaError, reason: &str) {
 }
 
 pub(crate) fn storage(what: &str, e: impl std::fmt::Display) -> SourceError {
-    SourceError::Broker(format!("{what}: {e}"))
+    SourceError::Broker {
+        broker: "Kafka",
+        detail: format!("{what}: {e}"),
+    }
 }
 
 /// Kafka as the engine's [`Source`]: the admin side (metadata, watermarks, topics) always; the
@@ -196,6 +229,10 @@ impl Kafka {
 }
 
 impl Source for Kafka {
+    fn capabilities(&self) -> super::Capabilities {
+        CAPABILITIES
+    }
+
     fn partitions(&self, topic: &str) -> Result<u32, SourceError> {
         self.admin.partitions(topic)
     }

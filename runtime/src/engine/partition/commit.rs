@@ -1,0 +1,250 @@
+//! Committing a partition's finished work: outputs, dead letters, dedupe marks and the offset.
+//!
+//! A commit runs beside the partition loop, not in it: the loop starts one ([`start`]), goes on
+//! fetching, running lanes and collecting what finishes, and applies the commit's effects once
+//! it is durable ([`finish`]). One commit per partition is in flight at a time, so offsets only
+//! move forward; what finishes meanwhile goes into the next. On a broker whose produce and
+//! commit round trip takes 100 ms, a loop that waited for every commit stood still for 100 ms
+//! each time a retry or a rejection split a run of messages into smaller commits.
+
+use super::{Held, screen};
+use crate::engine::offsets::OffsetTracker;
+use crate::engine::{Ctx, EngineError, now_ms};
+use crate::source::{Commit, SourceError};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// What finished since the last commit: what to write, what to count once it is written, and
+/// which idempotency-key claims to release once it is durable (releasing earlier would let a
+/// copy of the message run before the done mark is on disk).
+#[derive(Default)]
+pub(super) struct Pending {
+    pub commit: Commit,
+    pub release: Vec<Vec<u8>>,
+    pub acked: u64,
+    /// When each acked message was appended (ms), for the end-to-end latency.
+    pub acked_at: Vec<u64>,
+    pub emitted: u64,
+    pub dead: u64,
+    pub deduped: u64,
+}
+
+impl Pending {
+    pub fn any(&self) -> bool {
+        !self.commit.outputs.is_empty()
+            || !self.commit.dedupe_done.is_empty()
+            || !self.release.is_empty()
+            || self.acked + self.dead + self.deduped > 0
+    }
+}
+
+/// A commit on its way: its task, and the offset it commits once it is done.
+pub(super) struct InFlight {
+    task: JoinHandle<Result<Pending, EngineError>>,
+    point: u64,
+}
+
+impl InFlight {
+    /// Waits for the write; the pending it wrote, to [`finish`].
+    pub async fn wait(&mut self) -> Result<(u64, Pending), EngineError> {
+        let p = (&mut self.task)
+            .await
+            .map_err(|e| EngineError::Join(e.to_string()))??;
+        Ok((self.point, p))
+    }
+}
+
+/// Waits for `inflight` when there is one; never returns otherwise (for a `select!` branch).
+pub(super) async fn wait(inflight: &mut Option<InFlight>) -> Result<(u64, Pending), EngineError> {
+    match inflight {
+        Some(f) => f.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether there is anything to commit.
+pub(super) fn due(tracker: &OffsetTracker, committed: u64, pending: &Pending) -> bool {
+    pending.any() || tracker.commit_point() != committed
+}
+
+/// Starts writing what finished since the last commit, unless nothing did.
+pub(super) fn start(
+    ctx: &Arc<Ctx>,
+    topic: &Arc<str>,
+    partition: u32,
+    tracker: &mut OffsetTracker,
+    committed: u64,
+    pending: &mut Pending,
+) -> Option<InFlight> {
+    if !due(tracker, committed, pending) {
+        return None;
+    }
+    let mut p = std::mem::take(pending);
+    let mut c = std::mem::take(&mut p.commit);
+    c.settled = tracker
+        .take_settled()
+        .into_iter()
+        .map(|o| (topic.clone(), partition, o))
+        .collect();
+    // In at-most-once mode the offset already moved past everything fetched: never back.
+    let point = tracker.commit_point().max(committed);
+    c.offsets.push((topic.clone(), partition, point));
+    let ctx = ctx.clone();
+    let task = tokio::spawn(async move {
+        write(&ctx, c, &p.release).await?;
+        Ok(p)
+    });
+    Some(InFlight { task, point })
+}
+
+/// Starts a commit and waits for it (the last one of a partition, and at-most-once's).
+pub(super) async fn now(
+    ctx: &Arc<Ctx>,
+    topic: &Arc<str>,
+    partition: u32,
+    tracker: &mut OffsetTracker,
+    committed: &mut u64,
+    pending: &mut Pending,
+    held: &mut Held,
+) -> Result<(), EngineError> {
+    if let Some(mut f) = start(ctx, topic, partition, tracker, *committed, pending) {
+        let (point, p) = f.wait().await?;
+        finish(ctx, topic, point, p, committed, held);
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EngineError::Join(e.to_string()))?
+        .map_err(EngineError::from)
+}
+
+/// The write itself: one commit, or with a shared dedupe store, outputs, then the done marks,
+/// then the offsets.
+async fn write(ctx: &Arc<Ctx>, mut c: Commit, release: &[Vec<u8>]) -> Result<(), EngineError> {
+    let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
+    let store = ctx.cfg.dedupe.as_ref().and_then(|d| d.store.clone());
+    // Claims to drop in the shared store: the keys that are not being marked done (their
+    // messages failed or were given up).
+    let undone: Vec<Vec<u8>> = if store.is_some() {
+        let done: std::collections::HashSet<&[u8]> =
+            c.dedupe_done.iter().map(|(k, _)| k.as_slice()).collect();
+        release
+            .iter()
+            .filter(|k| !done.contains(k.as_slice()))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    match &store {
+        Some(store) if !c.dedupe_done.is_empty() => {
+            // Outputs first, then the done marks, then the offsets: a crash in between
+            // redelivers the messages, which then find their marks (outputs published once).
+            let keys: Vec<Vec<u8>> = c.dedupe_done.drain(..).map(|(k, _)| k).collect();
+            let offsets = std::mem::take(&mut c.offsets);
+            let settled = std::mem::take(&mut c.settled);
+            let (src2, group2) = (src.clone(), group.clone());
+            blocking(move || src2.commit(&group2, c)).await?;
+            mark_until_stored(ctx, store, keys).await?;
+            let c = Commit {
+                offsets,
+                settled,
+                ..Default::default()
+            };
+            blocking(move || src.commit(&group, c)).await?;
+        }
+        _ => blocking(move || src.commit(&group, c)).await?,
+    }
+    if let Some(store) = store.filter(|_| !undone.is_empty()) {
+        // A failed message's claim goes, so another copy may run. Best effort: a claim
+        // also expires by itself.
+        let (group, token) = (ctx.cfg.group.clone(), ctx.token.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.release(&group, &undone, &token) {
+                tracing::debug!(error = %e, "releasing dedupe claims failed; they expire");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Applies a durable commit: the offset moves, claims go, and what it wrote is counted.
+pub(super) fn finish(
+    ctx: &Ctx,
+    topic: &Arc<str>,
+    point: u64,
+    p: Pending,
+    committed: &mut u64,
+    held: &mut Held,
+) {
+    *committed = point.max(*committed);
+    if !p.release.is_empty() {
+        let mut claims = ctx.claims.lock().expect("claims lock");
+        for key in &p.release {
+            claims.remove(key);
+            held.let_go(key);
+        }
+    }
+    let s = &ctx.stats;
+    let m = &s.metrics;
+    m.count(topic, "ok", p.acked);
+    m.count(topic, "deduped", p.deduped);
+    m.count(topic, "dlq", p.dead);
+    // Messages appended together share a timestamp: one histogram update per run of them.
+    let now = now_ms();
+    for run in p.acked_at.chunk_by(|a, b| a == b) {
+        m.end_to_end
+            .observe_n(now.saturating_sub(run[0]) as f64 / 1e3, run.len() as u64);
+    }
+    s.processed.fetch_add(p.acked, Ordering::Relaxed);
+    s.emitted.fetch_add(p.emitted, Ordering::Relaxed);
+    s.dead_lettered.fetch_add(p.dead, Ordering::Relaxed);
+    s.deduped.fetch_add(p.deduped, Ordering::Relaxed);
+}
+
+/// Writes done marks to the shared store, trying again while it does not answer: no offset moves
+/// past a message whose mark is not stored (so acking stops, and the log says why). Gives up
+/// only when the run is shutting down.
+async fn mark_until_stored(
+    ctx: &Arc<Ctx>,
+    store: &Arc<dyn crate::engine::dedupe::SharedStore>,
+    keys: Vec<Vec<u8>>,
+) -> Result<(), EngineError> {
+    let window = ctx.cfg.dedupe.as_ref().map_or(Duration::ZERO, |d| d.window);
+    let keys = Arc::new(keys);
+    let mut warned = false;
+    loop {
+        let (store, group, k) = (store.clone(), ctx.cfg.group.clone(), keys.clone());
+        let r = tokio::task::spawn_blocking(move || store.mark_done(&group, &k, window))
+            .await
+            .map_err(|e| EngineError::Join(e.to_string()))?;
+        match r {
+            Ok(()) => {
+                if warned {
+                    tracing::info!("the dedupe store answers again; acking resumes");
+                }
+                return Ok(());
+            }
+            Err(e) if *ctx.shutdown.borrow() => {
+                return Err(EngineError::Dedupe(format!(
+                    "{e}; stopping with {} handled message(s) unacked (they will be redelivered)",
+                    keys.len()
+                )));
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "cannot mark handled messages done; acking stops until the dedupe store answers");
+                    warned = true;
+                }
+                tokio::time::sleep(screen::STORE_DOWN_WAIT).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! What the commands other than `weir run` need from wherever the topics live: create and list
+//! topics, append, read a partition, and a group's committed offsets. One implementation per
+//! broker, beside its [`Source`](super::Source); [`super::connect`] picks one by URL.
+
+use super::{Capabilities, Delivery, Record, SourceError, TopicStats};
+
+/// A broker as `weir topics`, `produce` and `consume` use it. Blocking, one command at a time.
+pub trait Broker {
+    /// The broker's name as messages give it (`the embedded log`, `Kafka`, `RabbitMQ`).
+    fn name(&self) -> &'static str;
+
+    /// What the broker does natively.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates `topic`. `replication` is a replica count where the broker has one (Kafka).
+    fn create_topic(
+        &mut self,
+        topic: &str,
+        partitions: u32,
+        replication: Option<i32>,
+    ) -> Result<(), SourceError>;
+
+    /// Every topic (or `topic`) with each partition's end and, per group (or only `group`),
+    /// its committed offset and lag.
+    fn stats(
+        &mut self,
+        topic: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Vec<TopicStats>, SourceError>;
+
+    /// Appends `batch` to `topic`, durably (acknowledged by the broker) when this returns.
+    fn append(&mut self, topic: &str, batch: Vec<Record>) -> Result<(), SourceError>;
+
+    /// Each partition of `topic` with its end offset.
+    fn ends(&mut self, topic: &str) -> Result<Vec<(u32, u64)>, SourceError>;
+
+    /// The next offset `group` will read from the partition (0 if it never committed).
+    fn committed(&mut self, group: &str, topic: &str, partition: u32) -> Result<u64, SourceError>;
+
+    /// Up to `max` messages of a partition from `from` on, below `end`, without consuming them.
+    fn read(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        end: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, SourceError>;
+
+    /// Moves `group`'s committed offset of the partition.
+    fn commit_offset(
+        &mut self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), SourceError>;
+
+    /// Takes up to `max` messages off a queue (`weir consume --group` on a queue), in the
+    /// order the broker hands them over; they are the caller's once [`Broker::settle_taken`]
+    /// acks them, and go back to the queue if it is never called. Logs are read by offset.
+    fn take(&mut self, topic: &str, max: usize) -> Result<Vec<Delivery>, SourceError> {
+        let _ = (topic, max);
+        Err(SourceError::Invalid(format!(
+            "{} is a log: read it by offset",
+            self.name()
+        )))
+    }
+
+    /// Acks what [`Broker::take`] took.
+    fn settle_taken(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+}
+
+/// Keeps only `group`'s offsets in `stats`, when a group is given.
+pub fn filter_group(stats: &mut [TopicStats], group: Option<&str>) {
+    if let Some(g) = group {
+        for t in stats {
+            for p in &mut t.partitions {
+                p.groups.retain(|x| x.group == g);
+            }
+        }
+    }
+}

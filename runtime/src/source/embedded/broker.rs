@@ -1,0 +1,71 @@
+//! The embedded log as `weir topics`, `produce` and `consume` use it.
+
+use super::local::LogHandle;
+use crate::source::broker::{Broker, filter_group};
+use crate::source::{Capabilities, Delivery, Record, SourceError, TopicStats};
+
+impl Broker for LogHandle {
+    fn name(&self) -> &'static str {
+        "the embedded log"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        super::CAPABILITIES
+    }
+
+    fn create_topic(
+        &mut self,
+        topic: &str,
+        partitions: u32,
+        _replication: Option<i32>,
+    ) -> Result<(), SourceError> {
+        LogHandle::create_topic(self, topic, partitions)
+    }
+
+    fn stats(
+        &mut self,
+        topic: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Vec<TopicStats>, SourceError> {
+        let mut stats = LogHandle::stats(self, topic)?;
+        filter_group(&mut stats, group);
+        Ok(stats)
+    }
+
+    fn append(&mut self, topic: &str, batch: Vec<Record>) -> Result<(), SourceError> {
+        LogHandle::append(self, topic, batch).map(|_| ())
+    }
+
+    fn ends(&mut self, topic: &str) -> Result<Vec<(u32, u64)>, SourceError> {
+        Ok(LogHandle::stats(self, Some(topic))?[0]
+            .partitions
+            .iter()
+            .map(|p| (p.partition, p.end_offset))
+            .collect())
+    }
+
+    fn committed(&mut self, group: &str, topic: &str, partition: u32) -> Result<u64, SourceError> {
+        LogHandle::committed(self, group, topic, partition)
+    }
+
+    fn read(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        _end: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, SourceError> {
+        LogHandle::read(self, topic, partition, from, max)
+    }
+
+    fn commit_offset(
+        &mut self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), SourceError> {
+        LogHandle::commit_offset(self, group, topic, partition, offset)
+    }
+}

@@ -1,0 +1,385 @@
+//! RabbitMQ as `weir topics`, `produce` and `consume` use it.
+
+use super::rt::Rt;
+use super::{
+    AmqpConfig, REQUEST_TIMEOUT, broker_error, check_queue_name, is_not_found,
+    is_precondition_failed, redact,
+};
+use crate::source::broker::Broker;
+use crate::source::{
+    Capabilities, Delivery, GroupOffset, PartitionStats, Record, SourceError, TopicStats,
+};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use std::sync::Arc;
+
+/// Connects to the broker, within [`REQUEST_TIMEOUT`].
+pub(crate) async fn connect(url: &str) -> Result<Connection, SourceError> {
+    let what = format!("connecting to {}", redact(url));
+    let props = ConnectionProperties::default().with_connection_name("weir".into());
+    tokio::time::timeout(REQUEST_TIMEOUT, Connection::connect(url, props))
+        .await
+        .map_err(|_| broker_error(&what, "no answer"))?
+        .map_err(|e| broker_error(&what, e))
+}
+
+/// A new channel. Tried again when the answer is a soft error: right after the broker closed a
+/// channel (a passive declare of a missing queue), lapin can hand that close to the next open.
+pub(crate) async fn channel(conn: &Connection) -> Result<Channel, SourceError> {
+    let mut tries = 0;
+    loop {
+        match conn.create_channel().await {
+            Ok(ch) => return Ok(ch),
+            Err(e) if e.is_amqp_soft_error() && tries < 3 => tries += 1,
+            Err(e) => return Err(broker_error("opening a channel", e)),
+        }
+    }
+}
+
+/// The ready messages of `queue`, or `None` when it does not exist. Asked on a channel of its
+/// own: the broker closes a channel that asks after a missing queue.
+pub(crate) async fn depth(conn: &Connection, queue: &str) -> Result<Option<u32>, SourceError> {
+    if check_queue_name(queue).is_err() {
+        return Ok(None);
+    }
+    let ch = channel(conn).await?;
+    let opts = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let r = ch
+        .queue_declare(queue.into(), opts, FieldTable::default())
+        .await;
+    match r {
+        Ok(q) => {
+            let _ = ch.close(200, "done".into()).await;
+            Ok(Some(q.message_count()))
+        }
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(broker_error(&format!("looking up queue {queue}"), e)),
+    }
+}
+
+/// Declares a durable queue of `queue_type` (idempotent when it exists with the same type).
+pub(crate) async fn declare(
+    conn: &Connection,
+    queue: &str,
+    queue_type: &str,
+) -> Result<(), SourceError> {
+    check_queue_name(queue)?;
+    let ch = channel(conn).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(queue_type)),
+    );
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    match ch.queue_declare(queue.into(), opts, args).await {
+        Ok(_) => {
+            let _ = ch.close(200, "done".into()).await;
+            Ok(())
+        }
+        // It exists with other arguments (another queue type): it exists, which is what the
+        // caller needs.
+        Err(e) if is_precondition_failed(&e) => Ok(()),
+        Err(e) => Err(broker_error(&format!("declaring queue {queue}"), e)),
+    }
+}
+
+/// Publishes `records` to `queue` on `ch` (in confirm mode) and waits for every confirm.
+pub(crate) async fn publish_confirmed(
+    ch: &Channel,
+    records: &[(&str, &Record)],
+) -> Result<(), SourceError> {
+    let mut confirms = Vec::new();
+    for &(queue, r) in records {
+        super::fits(r).map_err(SourceError::Invalid)?;
+        let c = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &r.payload,
+                super::to_amqp(r),
+            )
+            .await
+            .map_err(|e| broker_error(&format!("publishing to {queue}"), e))?;
+        confirms.push((queue.to_string(), c));
+    }
+    for (queue, c) in confirms {
+        let confirmed = tokio::time::timeout(REQUEST_TIMEOUT, c)
+            .await
+            .map_err(|_| broker_error(&format!("publishing to {queue}"), "no confirm"))?
+            .map_err(|e| broker_error(&format!("publishing to {queue}"), e))?;
+        match confirmed {
+            Confirmation::Ack(None) => {}
+            Confirmation::Ack(Some(returned)) => {
+                // Mandatory and unroutable: the queue is gone.
+                return Err(broker_error(
+                    &format!("publishing to {queue}"),
+                    format!(
+                        "returned by the broker ({}); does the queue exist?",
+                        returned.reply_text
+                    ),
+                ));
+            }
+            Confirmation::Nack(_) => {
+                return Err(broker_error(
+                    &format!("publishing to {queue}"),
+                    "refused by the broker (nack)",
+                ));
+            }
+            Confirmation::NotRequested => {}
+        }
+    }
+    Ok(())
+}
+
+/// A connection for one command, with a confirm-mode channel for appends and the messages
+/// `take` took and has not acked.
+pub struct Rabbit {
+    rt: Rt,
+    cfg: AmqpConfig,
+    conn: Arc<Connection>,
+    publisher: Option<Arc<Channel>>,
+    /// The channel of the last `take`, with the highest tag it took.
+    taken: Option<(Arc<Channel>, u64)>,
+}
+
+impl Rabbit {
+    pub fn connect(cfg: AmqpConfig) -> Result<Rabbit, SourceError> {
+        let rt = Rt::new().map_err(|e| broker_error("starting the AMQP runtime", e))?;
+        let url = cfg.url.clone();
+        let conn = Arc::new(rt.run(async move { connect(&url).await })?);
+        Ok(Rabbit {
+            rt,
+            cfg,
+            conn,
+            publisher: None,
+            taken: None,
+        })
+    }
+
+    fn depth(&self, queue: &str) -> Result<u32, SourceError> {
+        let (conn, q) = (self.conn.clone(), queue.to_string());
+        self.rt
+            .run(async move { depth(&conn, &q).await })?
+            .ok_or_else(|| SourceError::UnknownTopic(queue.to_string()))
+    }
+
+    /// Up to `max` messages of `queue` on a channel of their own, unacked.
+    fn get(&self, queue: &str, max: usize) -> Result<(Arc<Channel>, Vec<Delivery>), SourceError> {
+        self.depth(queue)?;
+        let (conn, q) = (self.conn.clone(), queue.to_string());
+        self.rt.run(async move {
+            let ch = Arc::new(channel(&conn).await?);
+            let name: Arc<str> = Arc::from(q.as_str());
+            let mut out = Vec::new();
+            while out.len() < max {
+                let got = ch
+                    .basic_get(q.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await
+                    .map_err(|e| broker_error(&format!("reading {q}"), e))?;
+                let Some(m) = got else { break };
+                let d = m.delivery;
+                let (record, redeliveries) = super::from_amqp(&d.properties, d.data, d.redelivered);
+                out.push(Delivery {
+                    topic: name.clone(),
+                    partition: 0,
+                    offset: d.delivery_tag,
+                    record,
+                    redeliveries,
+                });
+            }
+            Ok((ch, out))
+        })
+    }
+}
+
+impl Drop for Rabbit {
+    fn drop(&mut self) {
+        // Closing the connection hands whatever was read and not acked back to the queue.
+        let conn = self.conn.clone();
+        let _ = self
+            .rt
+            .run(async move { conn.close(200, "bye".into()).await });
+    }
+}
+
+impl Broker for Rabbit {
+    fn name(&self) -> &'static str {
+        "RabbitMQ"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        super::CAPABILITIES
+    }
+
+    fn create_topic(
+        &mut self,
+        topic: &str,
+        partitions: u32,
+        _replication: Option<i32>,
+    ) -> Result<(), SourceError> {
+        if partitions != 1 {
+            return Err(SourceError::Invalid(format!(
+                "a RabbitMQ queue has no partitions: create {topic} with --partitions 1 (the default); \
+                 processes on one queue share its messages"
+            )));
+        }
+        if self.depth(topic).is_ok() {
+            return Err(SourceError::TopicExists(topic.to_string()));
+        }
+        let (conn, q, ty) = (
+            self.conn.clone(),
+            topic.to_string(),
+            self.cfg.queue_type.clone(),
+        );
+        self.rt.run(async move { declare(&conn, &q, &ty).await })
+    }
+
+    fn stats(
+        &mut self,
+        topic: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Vec<TopicStats>, SourceError> {
+        let Some(topic) = topic else {
+            return Err(SourceError::Invalid(
+                "RabbitMQ lists queues only through its management API; name one: \
+                 weir topics list QUEUE"
+                    .into(),
+            ));
+        };
+        let ready = u64::from(self.depth(topic)?);
+        // A queue has no committed offsets: what waits in it is every group's lag.
+        let groups = group
+            .map(|g| GroupOffset {
+                group: g.to_string(),
+                committed: 0,
+                lag: ready,
+            })
+            .into_iter()
+            .collect();
+        Ok(vec![TopicStats {
+            topic: topic.to_string(),
+            partitions: vec![PartitionStats {
+                partition: 0,
+                end_offset: ready,
+                groups,
+            }],
+        }])
+    }
+
+    fn append(&mut self, topic: &str, batch: Vec<Record>) -> Result<(), SourceError> {
+        if self.publisher.is_none() {
+            // Refuse a missing queue, as the logs refuse a missing topic.
+            self.depth(topic)?;
+            let conn = self.conn.clone();
+            let ch = self.rt.run(async move {
+                let ch = channel(&conn).await?;
+                ch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(|e| broker_error("enabling publisher confirms", e))?;
+                Ok::<_, SourceError>(ch)
+            })?;
+            self.publisher = Some(Arc::new(ch));
+        }
+        let ch = self.publisher.clone().expect("made above");
+        let q = topic.to_string();
+        self.rt.run(async move {
+            let records: Vec<(&str, &Record)> = batch.iter().map(|r| (q.as_str(), r)).collect();
+            publish_confirmed(&ch, &records).await
+        })
+    }
+
+    fn ends(&mut self, topic: &str) -> Result<Vec<(u32, u64)>, SourceError> {
+        Ok(vec![(0, u64::from(self.depth(topic)?))])
+    }
+
+    fn committed(
+        &mut self,
+        _group: &str,
+        topic: &str,
+        _partition: u32,
+    ) -> Result<u64, SourceError> {
+        self.depth(topic)?;
+        Ok(0)
+    }
+
+    /// Shows messages without taking them: they are read unacked on a channel of their own,
+    /// which is then closed, so the broker puts them back (marked redelivered).
+    fn read(
+        &mut self,
+        topic: &str,
+        _partition: u32,
+        from: u64,
+        _end: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, SourceError> {
+        let (ch, mut got) = self.get(topic, from as usize + max)?;
+        let _ = self
+            .rt
+            .run(async move { ch.close(200, "peeked".into()).await });
+        let got: Vec<Delivery> = got
+            .drain(..)
+            .enumerate()
+            .skip(from as usize)
+            .map(|(i, mut d)| {
+                d.offset = i as u64;
+                d
+            })
+            .collect();
+        Ok(got)
+    }
+
+    fn commit_offset(
+        &mut self,
+        _group: &str,
+        _topic: &str,
+        _partition: u32,
+        _offset: u64,
+    ) -> Result<(), SourceError> {
+        Err(SourceError::Invalid(
+            "a RabbitMQ queue has no offsets to commit".into(),
+        ))
+    }
+
+    fn take(&mut self, topic: &str, max: usize) -> Result<Vec<Delivery>, SourceError> {
+        self.settle_taken()?;
+        let (ch, got) = self.get(topic, max)?;
+        if let Some(last) = got.last() {
+            self.taken = Some((ch, last.offset));
+        }
+        Ok(got
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut d)| {
+                d.offset = i as u64;
+                d
+            })
+            .collect())
+    }
+
+    fn settle_taken(&mut self) -> Result<(), SourceError> {
+        let Some((ch, last)) = self.taken.take() else {
+            return Ok(());
+        };
+        self.rt.run(async move {
+            ch.basic_ack(last, BasicAckOptions { multiple: true })
+                .await
+                .map_err(|e| broker_error("acking what was printed", e))?;
+            let _ = ch.close(200, "taken".into()).await;
+            Ok(())
+        })
+    }
+}
