@@ -15,6 +15,7 @@ mod hardening;
 mod http;
 mod kafka;
 mod languages;
+mod rabbitmq;
 mod reload;
 mod scaling;
 mod shared_dedupe;

@@ -136,6 +136,9 @@ impl BenchCommand {
         if g.source.kind == crate::source::connect::Kind::Kafka || self.kafka_mock {
             return self.kafka(g);
         }
+        if g.source.kind == crate::source::connect::Kind::RabbitMq {
+            return self.amqp(g);
+        }
         if self.count == 0 {
             return Err(bad_input("--count must be at least 1"));
         }
@@ -446,6 +449,67 @@ impl BenchCommand {
                     r.retry_percent, r.reject_percent
                 );
             }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl BenchCommand {
+    /// The RabbitMQ row: weir next to a bare lapin loop on the same server.
+    fn amqp(self, g: Globals) -> anyhow::Result<ExitCode> {
+        if self.rate.is_some() {
+            return Err(bad_input(
+                "--rate is for the embedded log; the RabbitMQ row measures throughput",
+            ));
+        }
+        let module = match (&self.options.module, self.native) {
+            (Some(m), None) => m.clone(),
+            (None, Some(n)) => PathBuf::from(n.name()),
+            _ => {
+                return Err(bad_input(
+                    "the RabbitMQ row needs --module path/to/orders.wasm (or --native orders)",
+                ));
+            }
+        };
+        if self.native.is_none() && !module.is_file() {
+            return Err(bad_input(format!(
+                "cannot read handler module {}: no such file",
+                module.display()
+            )));
+        }
+        let dir = TempDir::new()?;
+        let r = super::bench_amqp::run(super::bench_amqp::Row {
+            spec: &g.source,
+            module_path: &module,
+            native: self.native,
+            options: self.options.clone(),
+            count: self.count,
+            size: self.size,
+            mix: self.mix()?,
+            data_dir: dir.path(),
+        })?;
+        if self.json {
+            println!("{}", serde_json::to_string(&r)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "rabbitmq    {}, {} orders of {} bytes, prefetch {}",
+            r.url, r.messages, r.message_bytes, r.prefetch
+        );
+        println!(
+            "bare loop   {:.0} msg/s (lapin consumer, confirmed publishes, one multiple-ack per 100)",
+            r.bare_messages_per_second
+        );
+        println!(
+            "weir        {:.0} msg/s ({})",
+            r.weir_messages_per_second, r.module
+        );
+        println!("ratio       {:.2} of the bare loop", r.ratio);
+        if let (Some(m), Some(q)) = (r.weir_mixed_messages_per_second, r.mixed_over_clean) {
+            println!(
+                "with faults {m:.0} msg/s with {}% asking for one retry and {}% rejected: {q:.2} of the clean run",
+                r.retry_percent, r.reject_percent
+            );
         }
         Ok(ExitCode::SUCCESS)
     }

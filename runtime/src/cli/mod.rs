@@ -2,6 +2,7 @@
 //! chosen in one place, [`exit_code`].
 
 mod bench;
+mod bench_amqp;
 mod bench_kafka;
 mod check;
 mod consume;

@@ -20,6 +20,14 @@ pub trait Broker {
         replication: Option<i32>,
     ) -> Result<(), SourceError>;
 
+    /// Deletes `topic` and what it holds (where the broker allows it).
+    fn delete_topic(&mut self, topic: &str) -> Result<(), SourceError> {
+        Err(SourceError::Invalid(format!(
+            "deleting topics on {} is not supported; {topic} stays",
+            self.name()
+        )))
+    }
+
     /// Every topic (or `topic`) with each partition's end and, per group (or only `group`),
     /// its committed offset and lag.
     fn stats(

@@ -320,6 +320,13 @@ pub trait Source: Send + Sync + 'static {
     ) -> Result<Vec<Delivery>, SourceError>;
     /// Publish the outputs and move the offsets of `group`, atomically and durably.
     fn commit(&self, group: &str, commit: Commit) -> Result<(), SourceError>;
+    /// Whether [`Source::commit`] writes the outputs and settles their inputs in one broker
+    /// transaction (Kafka and RabbitMQ with `--exactly-once`): then a shared dedupe store's marks
+    /// are written after it, rather than between the outputs and the settling, and a crash in
+    /// between can no longer publish an output twice.
+    fn transactional(&self) -> bool {
+        false
+    }
     /// Whether `topic` exists (outputs to a missing topic are refused before commit).
     fn topic_exists(&self, topic: &str) -> bool;
     /// Whether the broker can take `record` (weir's [`limits`], then the broker's own, such as

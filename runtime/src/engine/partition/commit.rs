@@ -144,6 +144,16 @@ async fn write(ctx: &Arc<Ctx>, mut c: Commit, release: &[Vec<u8>]) -> Result<(),
         Vec::new()
     };
     match &store {
+        Some(store) if !c.dedupe_done.is_empty() && src.transactional() => {
+            // Outputs and settling in one transaction, then the marks: a crash before the
+            // transaction redelivers and reruns the messages (nothing was published); one
+            // after it leaves them settled, so only another copy of one (from a producer)
+            // arriving in that moment could run again.
+            let keys: Vec<Vec<u8>> = c.dedupe_done.drain(..).map(|(k, _)| k).collect();
+            let (src2, group2) = (src.clone(), group.clone());
+            blocking(move || src2.commit(&group2, c)).await?;
+            mark_until_stored(ctx, store, keys).await?;
+        }
         Some(store) if !c.dedupe_done.is_empty() => {
             // Outputs first, then the done marks, then the offsets: a crash in between
             // redelivers the messages, which then find their marks (outputs published once).

@@ -271,6 +271,10 @@ impl Source for Kafka {
         }
     }
 
+    fn transactional(&self) -> bool {
+        self.exactly_once
+    }
+
     fn commit(&self, group: &str, commit: Commit) -> Result<(), SourceError> {
         if !commit.replayed.is_empty() || !commit.dedupe_done.is_empty() {
             return Err(SourceError::Invalid(

@@ -248,6 +248,21 @@ impl Broker for Rabbit {
         self.rt.run(async move { declare(&conn, &q, &ty).await })
     }
 
+    fn delete_topic(&mut self, topic: &str) -> Result<(), SourceError> {
+        let (conn, q) = (self.conn.clone(), topic.to_string());
+        self.rt.run(async move {
+            let ch = channel(&conn).await?;
+            ch.queue_delete(
+                q.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await
+            .map_err(|e| broker_error(&format!("deleting {q}"), e))?;
+            let _ = ch.close(200, "deleted".into()).await;
+            Ok(())
+        })
+    }
+
     fn stats(
         &mut self,
         topic: Option<&str>,

@@ -417,6 +417,10 @@ impl Source for RabbitSource {
         Ok(self.ready(topic)? == 0)
     }
 
+    fn transactional(&self) -> bool {
+        self.opts.exactly_once
+    }
+
     fn commit(&self, _group: &str, commit: Commit) -> Result<(), SourceError> {
         if !commit.replayed.is_empty() || !commit.dedupe_done.is_empty() {
             return Err(SourceError::Invalid(

@@ -14,6 +14,7 @@
 //!
 //! The rest of weir does not name lapin: this folder is the only place that does.
 
+pub mod bench;
 mod broker;
 mod consumer;
 mod rt;
