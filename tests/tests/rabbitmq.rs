@@ -151,7 +151,15 @@ fn two_processes_and_a_kill(dedupe: bool) {
     if dedupe {
         // Exactly-once on RabbitMQ: outputs and acks in one AMQP transaction, plus dedupe for
         // copies the broker or a producer delivers twice.
+        // The killed process's claims block its keys until they expire, (call timeout +
+        // longest backoff) x attempts + 30 s: about 330 s by default, 36 s with these.
         args.extend([
+            "--call-timeout",
+            "2s",
+            "--backoff-max",
+            "1s",
+            "--max-attempts",
+            "2",
             "--exactly-once",
             "--dedupe",
             "header",

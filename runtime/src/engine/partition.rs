@@ -379,37 +379,51 @@ fn take_run(
     now: Instant,
     wake: &mut Option<Instant>,
 ) -> Vec<Work> {
-    let mut blocked: Vec<&[u8]> = Vec::new();
+    // The common case: nothing waits, the front run is taken as is.
+    if queue
+        .iter()
+        .all(|w| w.not_before.is_none_or(|nb| nb <= now))
+    {
+        let n = max.min(queue.len());
+        return queue.drain(..n).collect();
+    }
+    // One pass that splits the queue into the run and the rest, both in order. (Removing the
+    // taken one by one from the middle cost O(n) each: with a message waiting at the front of
+    // a long lane, 7% retries made the loop CPU-bound.)
+    let mut blocked: Vec<Vec<u8>> = Vec::new();
     let mut take = Vec::new();
-    for (i, w) in queue.iter().enumerate() {
-        if take.len() == max {
-            break;
-        }
+    let mut keep = VecDeque::with_capacity(queue.len());
+    let mut rest = std::mem::take(queue).into_iter();
+    for w in rest.by_ref() {
         let key = w.msg.record.key.as_deref();
         let waiting = w.not_before.filter(|nb| *nb > now);
         if let Some(nb) = waiting {
             *wake = Some(wake.map_or(nb, |x| x.min(nb)));
         }
-        let key_blocked = key.is_some_and(|k| blocked.contains(&k));
+        let key_blocked = key.is_some_and(|k| blocked.iter().any(|b| b.as_slice() == k));
         if waiting.is_some() || key_blocked {
             if let Some(k) = key
                 && !key_blocked
             {
-                blocked.push(k);
+                blocked.push(k.to_vec());
             }
+            keep.push_back(w);
             continue;
         }
-        take.push(i);
+        take.push(w);
+        if take.len() == max {
+            break;
+        }
     }
-    if take.len() == queue.len() {
-        return queue.drain(..).collect();
+    // What was not looked at: its backoffs still count for `wake`.
+    for w in rest {
+        if let Some(nb) = w.not_before.filter(|nb| *nb > now) {
+            *wake = Some(wake.map_or(nb, |x| x.min(nb)));
+        }
+        keep.push_back(w);
     }
-    // Pull the chosen out, leaving the rest in order.
-    let mut run = Vec::with_capacity(take.len());
-    for (removed, i) in take.into_iter().enumerate() {
-        run.push(queue.remove(i - removed).expect("index in range"));
-    }
-    run
+    *queue = keep;
+    take
 }
 
 fn placeholder() -> Delivery {
