@@ -123,6 +123,26 @@ pub struct Report {
 }
 
 impl BenchCommand {
+    /// The handler of a broker's row: --module or --native, one of them.
+    fn row_module(&self, row: &str) -> anyhow::Result<PathBuf> {
+        let module = match (&self.options.module, self.native) {
+            (Some(m), None) => m.clone(),
+            (None, Some(n)) => PathBuf::from(n.name()),
+            _ => {
+                return Err(bad_input(format!(
+                    "the {row} row needs --module path/to/orders.wasm (or --native orders)"
+                )));
+            }
+        };
+        if self.native.is_none() && !module.is_file() {
+            return Err(bad_input(format!(
+                "cannot read handler module {}: no such file",
+                module.display()
+            )));
+        }
+        Ok(module)
+    }
+
     fn mix(&self) -> anyhow::Result<FaultMix> {
         let mix = FaultMix {
             retry_percent: self.retry_percent,
@@ -386,21 +406,7 @@ impl BenchCommand {
                 "--rate is for the embedded log; the Kafka row measures throughput",
             ));
         }
-        let module = match (&self.options.module, self.native) {
-            (Some(m), None) => m.clone(),
-            (None, Some(n)) => PathBuf::from(n.name()),
-            _ => {
-                return Err(bad_input(
-                    "the Kafka row needs --module path/to/orders.wasm (or --native orders)",
-                ));
-            }
-        };
-        if self.native.is_none() && !module.is_file() {
-            return Err(bad_input(format!(
-                "cannot read handler module {}: no such file",
-                module.display()
-            )));
-        }
+        let module = self.row_module("Kafka")?;
         let dir = TempDir::new()?;
         let kafka = match g.source.kind {
             crate::source::connect::Kind::Kafka => {
@@ -462,21 +468,7 @@ impl BenchCommand {
                 "--rate is for the embedded log; the RabbitMQ row measures throughput",
             ));
         }
-        let module = match (&self.options.module, self.native) {
-            (Some(m), None) => m.clone(),
-            (None, Some(n)) => PathBuf::from(n.name()),
-            _ => {
-                return Err(bad_input(
-                    "the RabbitMQ row needs --module path/to/orders.wasm (or --native orders)",
-                ));
-            }
-        };
-        if self.native.is_none() && !module.is_file() {
-            return Err(bad_input(format!(
-                "cannot read handler module {}: no such file",
-                module.display()
-            )));
-        }
+        let module = self.row_module("RabbitMQ")?;
         let dir = TempDir::new()?;
         let r = super::bench_amqp::run(super::bench_amqp::Row {
             spec: &g.source,

@@ -7,10 +7,10 @@
 //! commit round trip takes 100 ms, a loop that waited for every commit stood still for 100 ms
 //! each time a retry or a rejection split a run of messages into smaller commits.
 
-use super::{Held, screen};
+use super::{Held, blocking, screen};
 use crate::engine::offsets::OffsetTracker;
 use crate::engine::{Ctx, EngineError, now_ms};
-use crate::source::{Commit, SourceError};
+use crate::source::Commit;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -114,15 +114,6 @@ pub(super) async fn now(
         finish(ctx, topic, point, p, committed, held);
     }
     Ok(())
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
-) -> Result<T, EngineError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| EngineError::Join(e.to_string()))?
-        .map_err(EngineError::from)
 }
 
 /// The write itself: one commit, or with a shared dedupe store, outputs, then the done marks,
