@@ -9,6 +9,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup.sh"
 source "$root/scripts/setup-guests.sh"
+source "$root/scripts/services.sh"
 cd "$root"
 cargo test --workspace "$@"
 if [[ -n "${WEIR_TEST_KAFKA_BROKERS:-}" ]]; then

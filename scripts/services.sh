@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Starts the servers the tests talk to when they do not answer: Redis (127.0.0.1:6379, shared
+# dedupe) and RabbitMQ (127.0.0.1:5672, guest/guest, the amqp:// source; the tests make a vhost
+# of their own per test with rabbitmqctl). Installs Debian's package of each when it is missing.
+# Sourced by test.sh (and so by CI); quick when both answer.
+set -euo pipefail
+echo "--- services: Redis for the shared-dedupe tests (127.0.0.1:6379; started if it is not answering)"
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  for _ in $(seq 1 100); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli ping
+fi
+
+echo "--- services: RabbitMQ for the amqp:// source (127.0.0.1:5672, guest/guest; started if it is not answering)"
+# The tests make a vhost of their own per test with rabbitmqctl, so the CLI must be there too.
+if ! command -v rabbitmqctl >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq rabbitmq-server) >/dev/null
+fi
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  (rabbitmq-server >/var/log/rabbitmq-ci.log 2>&1 &)
+  for _ in $(seq 1 240); do rabbitmqctl -q status >/dev/null 2>&1 && break; sleep 0.5; done
+fi
+rabbitmqctl -q status >/dev/null
+export WEIR_TEST_AMQP="${WEIR_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672}"
+
