@@ -518,7 +518,8 @@ impl Weir {
         self.dir.path().join(name)
     }
 
-    /// `weir <args>` against this data directory, with logs quiet unless a test asks.
+    /// `weir <args>` against this data directory, with logs quiet unless a test asks
+    /// (`WEIR_TEST_LOG=debug` sets every command's `RUST_LOG`).
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(weir_bin());
         c.arg("--data-dir").arg(self.data_dir());
@@ -531,7 +532,12 @@ impl Weir {
         if let Broker::Rabbit(v) = &self.broker {
             c.arg("--source").arg(v.url());
         }
-        c.args(args).env("RUST_LOG", "warn").stdin(Stdio::null());
+        c.args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_TEST_LOG").unwrap_or("warn".into()),
+            )
+            .stdin(Stdio::null());
         c
     }
 
@@ -564,16 +570,18 @@ impl Weir {
         stderr
     }
 
-    /// Creates `topic`. On the mock cluster, also its dead-letter and retry topics, which weir
-    /// creates by itself on brokers that take CreateTopics.
+    /// Creates `topic`. On the mock cluster, also its dead-letter and retry topics and the
+    /// topic of `weir dlq replay`'s marks, which weir creates by itself on brokers that take
+    /// CreateTopics (the mock cluster does not).
     pub fn create_topic(&self, topic: &str, partitions: u32) {
         if let Broker::Mock(c) = &self.broker {
-            for t in [
-                topic.to_string(),
-                format!("{topic}.dlq"),
-                format!("{topic}.retry"),
+            for (t, n) in [
+                (topic.to_string(), partitions),
+                (format!("{topic}.dlq"), partitions),
+                (format!("{topic}.retry"), partitions),
+                (format!("{topic}.dlq.replayed"), 1),
             ] {
-                c.create_topic(&t, partitions as i32, 1)
+                c.create_topic(&t, n as i32, 1)
                     .expect("create a topic on the mock cluster");
             }
             return;

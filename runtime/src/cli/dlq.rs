@@ -2,8 +2,8 @@ use super::{Globals, bad_input};
 use crate::config::parse_size;
 use crate::engine::dlq as h;
 use crate::host::{HostConfig, Module, Outcome};
-use crate::source::embedded::local::{self, LogHandle};
-use crate::source::{Delivery, Output, Record};
+use crate::source::broker::{Broker, DeadLetter};
+use crate::source::{Delivery, Output, Record, SourceError};
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,14 +62,16 @@ pub enum DlqCommand {
     },
 }
 
-struct DeadLetter {
-    d: Delivery,
-    replayed: bool,
+/// What `list`, `show` and `replay` read off a dead letter.
+trait Letter {
+    fn header(&self, name: &str) -> Option<String>;
+    /// The message as it was before it failed: `weir.dlq.*` headers removed.
+    fn original(&self) -> Record;
 }
 
-impl DeadLetter {
+impl Letter for DeadLetter {
     fn header(&self, name: &str) -> Option<String> {
-        self.d
+        self.delivery
             .record
             .headers
             .iter()
@@ -78,51 +80,36 @@ impl DeadLetter {
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     }
 
-    fn id(&self) -> String {
-        format!("{}:{}", self.d.partition, self.d.offset)
-    }
-
-    /// The message as it was before it failed: `weir.dlq.*` headers removed.
     fn original(&self) -> Record {
-        let mut r = self.d.record.clone();
+        let mut r = self.delivery.record.clone();
         r.headers.retain(|(n, _)| !n.starts_with("weir.dlq."));
         r.timestamp_ms = None;
         r
     }
 }
 
-/// The dead-letter topic for what the user typed: the topic itself if it exists as a DLQ.
-fn resolve(log: &mut LogHandle, topic: &str, template: &str) -> anyhow::Result<String> {
-    let candidate = template.replace("{topic}", topic);
-    let names: Vec<String> = log.stats(None)?.into_iter().map(|t| t.topic).collect();
-    if names.contains(&candidate) {
-        Ok(candidate)
-    } else if names.iter().any(|n| n == topic) && topic.ends_with(".dlq") {
-        Ok(topic.to_string())
-    } else {
-        Err(bad_input(format!(
-            "no dead-letter topic `{candidate}`: nothing was dead-lettered from `{topic}` yet (or pass --dlq-topic)"
-        )))
+fn exists(b: &mut dyn Broker, topic: &str) -> anyhow::Result<bool> {
+    match b.ends(topic) {
+        Ok(_) => Ok(true),
+        Err(SourceError::UnknownTopic(_)) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
-fn read_all(log: &mut LogHandle, dlq: &str) -> anyhow::Result<Vec<DeadLetter>> {
-    let stats = log.stats(Some(dlq))?;
-    let mut out = Vec::new();
-    for p in &stats[0].partitions {
-        let replayed = log.replayed(dlq, p.partition)?;
-        let mut from = 0;
-        while from < p.end_offset {
-            let batch = log.read(dlq, p.partition, from, 1000)?;
-            let Some(last) = batch.last() else { break };
-            from = last.offset + 1;
-            out.extend(batch.into_iter().map(|d| DeadLetter {
-                replayed: replayed.contains(&d.offset),
-                d,
-            }));
-        }
+/// The dead-letter topic for what the user typed: the topic itself if it exists as a DLQ.
+fn resolve(b: &mut dyn Broker, topic: &str, template: &str) -> anyhow::Result<String> {
+    let candidate = template.replace("{topic}", topic);
+    if exists(b, &candidate)? {
+        Ok(candidate)
+    } else if topic.ends_with(".dlq") && exists(b, topic)? {
+        Ok(topic.to_string())
+    } else {
+        Err(bad_input(format!(
+            "no dead-letter topic `{candidate}` on {}: nothing was dead-lettered from `{topic}` \
+             yet (or pass --dlq-topic)",
+            b.name()
+        )))
     }
-    Ok(out)
 }
 
 fn when(ms: Option<String>) -> String {
@@ -159,29 +146,21 @@ fn shorten(s: &str, n: usize) -> String {
 
 impl DlqCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
-        if !g.source.is_embedded() {
-            return Err(bad_input(format!(
-                "weir dlq works on the embedded log; on {} ({}), read a dead-letter topic with \
-                 `weir consume TOPIC.dlq --from-beginning --json --source ...` (list, show and \
-                 replay there are not built yet)",
-                g.source.name(),
-                g.source.url
-            )));
-        }
-        let mut log = local::open(&g.data_dir)?;
+        let mut broker = g.source.broker()?;
+        let log: &mut dyn Broker = broker.as_mut();
         match self {
             DlqCommand::List {
                 topic,
                 dlq_topic,
                 json,
             } => {
-                let dlq = resolve(&mut log, &topic, &dlq_topic)?;
-                let letters = read_all(&mut log, &dlq)?;
+                let dlq = resolve(log, &topic, &dlq_topic)?;
+                let letters = log.dead_letters(&dlq)?;
                 if json {
                     for l in &letters {
                         let v = serde_json::json!({
-                            "id": l.id(), "partition": l.d.partition, "offset": l.d.offset,
-                            "key": l.d.record.key.as_deref().map(String::from_utf8_lossy),
+                            "id": l.id, "partition": l.delivery.partition, "offset": l.delivery.offset,
+                            "key": l.delivery.record.key.as_deref().map(String::from_utf8_lossy),
                             "error_kind": l.header(h::ERROR_KIND), "attempts": l.header(h::ATTEMPTS),
                             "error": l.header(h::ERROR), "last_failure_ms": l.header(h::LAST_FAILURE_MS),
                             "origin": format!("{}/{}@{}", l.header(h::TOPIC).unwrap_or_default(), l.header(h::PARTITION).unwrap_or_default(), l.header(h::OFFSET).unwrap_or_default()),
@@ -195,10 +174,15 @@ impl DlqCommand {
                         "ID", "KEY", "KIND", "ATTEMPTS", "TIME", "REPLAYED"
                     );
                     for l in &letters {
-                        let key = l.d.record.key.as_deref().map_or("-".into(), super::shown);
+                        let key = l
+                            .delivery
+                            .record
+                            .key
+                            .as_deref()
+                            .map_or("-".into(), super::shown);
                         println!(
                             "{:<10} {:<16} {:<18} {:>8}  {:<20} {:<8} {}",
-                            l.id(),
+                            l.id,
                             shorten(&key, 16),
                             super::shown(
                                 l.header(h::ERROR_KIND)
@@ -222,18 +206,13 @@ impl DlqCommand {
                 id,
                 dlq_topic,
             } => {
-                let dlq = resolve(&mut log, &topic, &dlq_topic)?;
-                let letters = read_all(&mut log, &dlq)?;
-                let found: Vec<&DeadLetter> = match id.split_once(':') {
-                    Some((p, o)) => letters
-                        .iter()
-                        .filter(|l| l.d.partition.to_string() == p && l.d.offset.to_string() == o)
-                        .collect(),
-                    None => letters
-                        .iter()
-                        .filter(|l| l.d.offset.to_string() == id)
-                        .collect(),
-                };
+                let dlq = resolve(log, &topic, &dlq_topic)?;
+                let letters = log.dead_letters(&dlq)?;
+                // PARTITION:OFFSET, or the offset alone where one partition has it.
+                let found: Vec<&DeadLetter> = letters
+                    .iter()
+                    .filter(|l| l.id == id || l.delivery.offset.to_string() == id)
+                    .collect();
                 let l = match found.as_slice() {
                     [one] => *one,
                     [] => {
@@ -247,22 +226,26 @@ impl DlqCommand {
                         )));
                     }
                 };
-                println!("id        {}", l.id());
+                println!("id        {}", l.id);
                 println!(
                     "key       {}",
-                    l.d.record.key.as_deref().map_or("-".into(), super::shown)
+                    l.delivery
+                        .record
+                        .key
+                        .as_deref()
+                        .map_or("-".into(), super::shown)
                 );
                 println!("replayed  {}", if l.replayed { "yes" } else { "no" });
                 println!("first     {}", when(l.header(h::FIRST_FAILURE_MS)));
                 println!("last      {}", when(l.header(h::LAST_FAILURE_MS)));
-                for (n, v) in &l.d.record.headers {
+                for (n, v) in &l.delivery.record.headers {
                     println!(
                         "header    {}: {}",
                         super::shown(n.as_bytes()),
                         super::shown(v)
                     );
                 }
-                println!("payload   {}", super::shown(&l.d.record.payload));
+                println!("payload   {}", super::shown(&l.delivery.record.payload));
             }
             DlqCommand::Replay {
                 topic,
@@ -273,8 +256,9 @@ impl DlqCommand {
                 dry_run,
                 force,
             } => {
-                let dlq = resolve(&mut log, &topic, &dlq_topic)?;
-                let letters: Vec<DeadLetter> = read_all(&mut log, &dlq)?
+                let dlq = resolve(log, &topic, &dlq_topic)?;
+                let letters: Vec<DeadLetter> = log
+                    .dead_letters(&dlq)?
                     .into_iter()
                     .filter(|l| force || !l.replayed)
                     .filter(|l| {
@@ -282,18 +266,26 @@ impl DlqCommand {
                             .is_none_or(|k| l.header(h::ERROR_KIND).as_deref() == Some(k.as_str()))
                     })
                     .collect();
-                let topics: std::collections::HashSet<String> =
-                    log.stats(None)?.into_iter().map(|t| t.topic).collect();
+                // Which topics exist, asked once each.
+                let mut known: std::collections::HashMap<String, bool> = Default::default();
+                let mut topic_exists = |log: &mut dyn Broker, t: &str| -> anyhow::Result<bool> {
+                    if let Some(&e) = known.get(t) {
+                        return Ok(e);
+                    }
+                    let e = exists(log, t)?;
+                    known.insert(t.to_string(), e);
+                    Ok(e)
+                };
                 let target = |l: &DeadLetter| {
                     to.clone()
                         .or_else(|| l.header(h::TOPIC))
                         .unwrap_or_default()
                 };
                 for l in &letters {
-                    if module.is_none() && !topics.contains(&target(l)) {
+                    if module.is_none() && !topic_exists(log, &target(l))? {
                         return Err(bad_input(format!(
                             "dead letter {} would go to topic `{}`, which does not exist",
-                            l.id(),
+                            l.id,
                             target(l)
                         )));
                     }
@@ -302,7 +294,7 @@ impl DlqCommand {
                     for l in &letters {
                         println!(
                             "would replay {} ({}) to {}",
-                            l.id(),
+                            l.id,
                             l.header(h::ERROR_KIND).unwrap_or_default(),
                             if module.is_some() {
                                 "the module".into()
@@ -320,7 +312,6 @@ impl DlqCommand {
                 let handler = match &module {
                     None => None,
                     Some(path) => {
-                        let topics = topics.clone();
                         let cfg = HostConfig {
                             memory_limit: parse_size(
                                 "memory",
@@ -335,18 +326,8 @@ impl DlqCommand {
                                 g.file.run.allow_http.as_deref().unwrap_or_default(),
                             )?,
                         };
-                        Some(Module::load(
-                            path,
-                            &cfg,
-                            Arc::new(move |t: &str, r: &Record| {
-                                crate::source::within_limits(r)?;
-                                if topics.contains(t) {
-                                    Ok(())
-                                } else {
-                                    Err(format!("topic `{t}` does not exist"))
-                                }
-                            }),
-                        )?)
+                        // Output topics are checked below, against the broker, before publishing.
+                        Some(Module::load(path, &cfg, crate::source::limits_only())?)
                     }
                 };
                 let runtime = super::local_runtime()?;
@@ -361,7 +342,6 @@ impl DlqCommand {
                 );
                 let (mut replayed, mut failed) = (0u64, 0u64);
                 for l in &letters {
-                    let mark = vec![(dlq.clone(), l.d.partition, l.d.offset)];
                     let outputs = match &handler {
                         None => vec![Output {
                             topic: target(l),
@@ -403,7 +383,7 @@ impl DlqCommand {
                                     failed += 1;
                                     bar.println(format!(
                                         "dead letter {} failed again: {stop:?}",
-                                        l.id()
+                                        l.id
                                     ));
                                     bar.inc(1);
                                     continue;
@@ -411,7 +391,22 @@ impl DlqCommand {
                             }
                         }
                     };
-                    log.publish(outputs, mark)?;
+                    let mut missing = None;
+                    for o in &outputs {
+                        if !topic_exists(log, &o.topic)? {
+                            missing = Some(o.topic.clone());
+                        }
+                    }
+                    if let Some(t) = missing {
+                        failed += 1;
+                        bar.println(format!(
+                            "dead letter {} emits to topic `{t}`, which does not exist; it stays un-replayed",
+                            l.id
+                        ));
+                        bar.inc(1);
+                        continue;
+                    }
+                    log.replay(&dlq, l, outputs)?;
                     replayed += 1;
                     bar.inc(1);
                 }

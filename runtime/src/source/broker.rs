@@ -2,7 +2,18 @@
 //! topics, append, read a partition, and a group's committed offsets. One implementation per
 //! broker, beside its [`Source`](super::Source); [`super::connect`] picks one by URL.
 
-use super::{Capabilities, Delivery, Record, SourceError, TopicStats};
+use super::{Capabilities, Delivery, Output, Record, SourceError, TopicStats};
+
+/// A dead letter as `weir dlq` shows it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// How `weir dlq show` names it: `PARTITION:OFFSET` on a log, the position in the queue
+    /// (from 1, as listed) on a queue.
+    pub id: String,
+    pub delivery: Delivery,
+    /// Replayed before (a log keeps its dead letters; a queue drops the replayed ones).
+    pub replayed: bool,
+}
 
 /// A broker as `weir topics`, `produce` and `consume` use it. Blocking, one command at a time.
 pub trait Broker {
@@ -78,6 +89,24 @@ pub trait Broker {
     /// Acks what [`Broker::take`] took.
     fn settle_taken(&mut self) -> Result<(), SourceError> {
         Ok(())
+    }
+
+    /// Every dead letter in `dlq`, oldest first. A log keeps which were replayed in a topic
+    /// beside it (`<dlq>.replayed`, one record per replay); the embedded log and queues
+    /// override this with what they do natively.
+    fn dead_letters(&mut self, dlq: &str) -> Result<Vec<DeadLetter>, SourceError> {
+        super::dead_letters::read_log(self, dlq)
+    }
+
+    /// Publishes `outputs` in place of `letter` and records that it was replayed, so that a
+    /// later replay without `--force` skips it.
+    fn replay(
+        &mut self,
+        dlq: &str,
+        letter: &DeadLetter,
+        outputs: Vec<Output>,
+    ) -> Result<(), SourceError> {
+        super::dead_letters::replay_on_log(self, dlq, letter, outputs)
     }
 }
 

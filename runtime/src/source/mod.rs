@@ -17,6 +17,7 @@
 
 pub mod broker;
 pub mod connect;
+pub mod dead_letters;
 pub mod embedded;
 pub mod kafka;
 #[cfg(test)]

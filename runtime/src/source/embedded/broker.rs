@@ -1,8 +1,8 @@
 //! The embedded log as `weir topics`, `produce` and `consume` use it.
 
 use super::local::LogHandle;
-use crate::source::broker::{Broker, filter_group};
-use crate::source::{Capabilities, Delivery, Record, SourceError, TopicStats};
+use crate::source::broker::{Broker, DeadLetter, filter_group};
+use crate::source::{Capabilities, Delivery, Output, Record, SourceError, TopicStats};
 
 impl Broker for LogHandle {
     fn name(&self) -> &'static str {
@@ -67,5 +67,40 @@ impl Broker for LogHandle {
         offset: u64,
     ) -> Result<(), SourceError> {
         LogHandle::commit_offset(self, group, topic, partition, offset)
+    }
+
+    /// The log keeps replay marks beside each partition's dead letters.
+    fn dead_letters(&mut self, dlq: &str) -> Result<Vec<DeadLetter>, SourceError> {
+        let mut out = Vec::new();
+        for (partition, end) in Broker::ends(self, dlq)? {
+            let replayed = LogHandle::replayed(self, dlq, partition)?;
+            let mut from = 0;
+            while from < end {
+                let batch = LogHandle::read(self, dlq, partition, from, 1000)?;
+                let Some(last) = batch.last() else { break };
+                from = last.offset + 1;
+                out.extend(batch.into_iter().map(|d| DeadLetter {
+                    id: format!("{}:{}", d.partition, d.offset),
+                    replayed: replayed.contains(&d.offset),
+                    delivery: d,
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The outputs and the replay mark in one atomic batch.
+    fn replay(
+        &mut self,
+        dlq: &str,
+        letter: &DeadLetter,
+        outputs: Vec<Output>,
+    ) -> Result<(), SourceError> {
+        let d = &letter.delivery;
+        LogHandle::publish(
+            self,
+            outputs,
+            vec![(dlq.to_string(), d.partition, d.offset)],
+        )
     }
 }

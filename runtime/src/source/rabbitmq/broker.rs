@@ -5,9 +5,9 @@ use super::{
     AmqpConfig, REQUEST_TIMEOUT, broker_error, check_queue_name, is_not_found,
     is_precondition_failed, redact,
 };
-use crate::source::broker::Broker;
+use crate::source::broker::{Broker, DeadLetter};
 use crate::source::{
-    Capabilities, Delivery, GroupOffset, PartitionStats, Record, SourceError, TopicStats,
+    Capabilities, Delivery, GroupOffset, Output, PartitionStats, Record, SourceError, TopicStats,
 };
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -154,6 +154,9 @@ pub struct Rabbit {
     publisher: Option<Arc<Channel>>,
     /// The channel of the last `take`, with the highest tag it took.
     taken: Option<(Arc<Channel>, u64)>,
+    /// The channel `dead_letters` read on, with the delivery tag of each dead letter by
+    /// position; what is not acked goes back to the queue when the connection closes.
+    letters: Option<(Arc<Channel>, Vec<u64>)>,
 }
 
 impl Rabbit {
@@ -167,7 +170,26 @@ impl Rabbit {
             conn,
             publisher: None,
             taken: None,
+            letters: None,
         })
+    }
+
+    /// The confirm-mode channel appends go through, opened at the first.
+    fn publisher(&mut self) -> Result<Arc<Channel>, SourceError> {
+        if let Some(ch) = &self.publisher {
+            return Ok(ch.clone());
+        }
+        let conn = self.conn.clone();
+        let ch = self.rt.run(async move {
+            let ch = channel(&conn).await?;
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| broker_error("enabling publisher confirms", e))?;
+            Ok::<_, SourceError>(ch)
+        })?;
+        let ch = Arc::new(ch);
+        self.publisher = Some(ch.clone());
+        Ok(ch)
     }
 
     fn depth(&self, queue: &str) -> Result<u32, SourceError> {
@@ -299,17 +321,8 @@ impl Broker for Rabbit {
         if self.publisher.is_none() {
             // Refuse a missing queue, as the logs refuse a missing topic.
             self.depth(topic)?;
-            let conn = self.conn.clone();
-            let ch = self.rt.run(async move {
-                let ch = channel(&conn).await?;
-                ch.confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map_err(|e| broker_error("enabling publisher confirms", e))?;
-                Ok::<_, SourceError>(ch)
-            })?;
-            self.publisher = Some(Arc::new(ch));
         }
-        let ch = self.publisher.clone().expect("made above");
+        let ch = self.publisher()?;
         let q = topic.to_string();
         self.rt.run(async move {
             let records: Vec<(&str, &Record)> = batch.iter().map(|r| (q.as_str(), r)).collect();
@@ -395,6 +408,64 @@ impl Broker for Rabbit {
                 .map_err(|e| broker_error("acking what was printed", e))?;
             let _ = ch.close(200, "taken".into()).await;
             Ok(())
+        })
+    }
+
+    /// Takes every message of the dead-letter queue, unacked: a replayed one is acked (it
+    /// leaves the queue), the rest go back when the connection closes, marked redelivered.
+    /// Ids are positions in the queue as read, from 1.
+    fn dead_letters(&mut self, dlq: &str) -> Result<Vec<DeadLetter>, SourceError> {
+        if let Some((ch, _)) = self.letters.take() {
+            let _ = self
+                .rt
+                .run(async move { ch.close(200, "again".into()).await });
+        }
+        let depth = self.depth(dlq)? as usize;
+        let (ch, got) = self.get(dlq, depth)?;
+        let tags = got.iter().map(|d| d.offset).collect();
+        self.letters = Some((ch, tags));
+        Ok(got
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut d)| {
+                d.offset = i as u64 + 1;
+                DeadLetter {
+                    id: d.offset.to_string(),
+                    delivery: d,
+                    replayed: false,
+                }
+            })
+            .collect())
+    }
+
+    /// Publishes `outputs` with confirms, then acks the dead letter.
+    fn replay(
+        &mut self,
+        _dlq: &str,
+        letter: &DeadLetter,
+        outputs: Vec<Output>,
+    ) -> Result<(), SourceError> {
+        let tag = self.letters.as_ref().and_then(|(ch, tags)| {
+            let i = (letter.delivery.offset as usize).checked_sub(1)?;
+            Some((ch.clone(), *tags.get(i)?))
+        });
+        let Some((letters, tag)) = tag else {
+            return Err(SourceError::Invalid(format!(
+                "dead letter {} was not read by this connection",
+                letter.id
+            )));
+        };
+        let ch = self.publisher()?;
+        self.rt.run(async move {
+            let records: Vec<(&str, &Record)> = outputs
+                .iter()
+                .map(|o| (o.topic.as_str(), &o.record))
+                .collect();
+            publish_confirmed(&ch, &records).await?;
+            letters
+                .basic_ack(tag, BasicAckOptions { multiple: false })
+                .await
+                .map_err(|e| broker_error("acking a replayed dead letter", e))
         })
     }
 }
