@@ -9,13 +9,14 @@
 //! the outputs and dead letters of what finished since the last one, atomically.
 
 mod commit;
+mod job;
 mod screen;
 
 use super::claims::Held;
 use super::dlq::{self, Origin};
 use super::offsets::OffsetTracker;
 use super::{Ctx, DeliveryMode as Mode, EngineError, RetryMode, now_ms};
-use crate::host::{Outcome, RunResult};
+use crate::host::Outcome;
 use crate::source::{Commit, Delivery, SourceError};
 use commit::{InFlight, Pending};
 use std::collections::VecDeque;
@@ -51,8 +52,7 @@ struct Lane {
 struct Done {
     lane: usize,
     meta: Vec<Work>,
-    msgs: Vec<Delivery>,
-    result: Result<RunResult, EngineError>,
+    result: Result<(Vec<Delivery>, job::Ran), EngineError>,
 }
 
 fn lane_of(d: &Delivery, lanes: usize, round_robin: &mut usize) -> usize {
@@ -275,14 +275,10 @@ pub(super) async fn consume(
             let (ctx2, tx) = (ctx.clone(), done_tx.clone());
             // Waits for the pool while this loop goes on with other lanes; reports on `done_tx`.
             tokio::spawn(async move {
-                let (msgs, result) = match ctx2.pool.run(msgs, attempts).await {
-                    Ok((m, r)) => (m, Ok(r)),
-                    Err(e) => (Vec::new(), Err(e)),
-                };
+                let result = job::run(&ctx2.pool, msgs, attempts).await;
                 let _ = tx.send(Done {
                     lane: i,
                     meta,
-                    msgs,
                     result,
                 });
             });
@@ -372,29 +368,33 @@ pub(super) async fn consume(
 /// A message waiting out a backoff blocks its key, not the lane: it is skipped, and so is every
 /// later message with the same key, so per-key order holds while other keys go on. (Keyless
 /// messages carry no order and are never blocked by others.) `wake` learns the earliest
-/// backoff end among the skipped.
+/// backoff end among the messages looked at.
+///
+/// It looks only as far as it takes: a failed message at the front of a lane puts the rest of
+/// its run back, so this runs once per failure, and a pass over the whole lane each time made
+/// 7% retries CPU-bound. When a run is taken, what lies behind it is looked at again once the
+/// run finishes (the loop goes round on every finished run); when none is, everything was
+/// looked at and `wake` is complete.
 fn take_run(
     queue: &mut VecDeque<Work>,
     max: usize,
     now: Instant,
     wake: &mut Option<Instant>,
 ) -> Vec<Work> {
-    // The common case: nothing waits, the front run is taken as is.
+    let n = max.min(queue.len());
+    // The common case: nothing at the front waits (so nothing there is blocked either).
     if queue
         .iter()
+        .take(n)
         .all(|w| w.not_before.is_none_or(|nb| nb <= now))
     {
-        let n = max.min(queue.len());
         return queue.drain(..n).collect();
     }
-    // One pass that splits the queue into the run and the rest, both in order. (Removing the
-    // taken one by one from the middle cost O(n) each: with a message waiting at the front of
-    // a long lane, 7% retries made the loop CPU-bound.)
     let mut blocked: Vec<Vec<u8>> = Vec::new();
     let mut take = Vec::new();
-    let mut keep = VecDeque::with_capacity(queue.len());
-    let mut rest = std::mem::take(queue).into_iter();
-    for w in rest.by_ref() {
+    let mut keep = Vec::new();
+    while take.len() < max {
+        let Some(w) = queue.pop_front() else { break };
         let key = w.msg.record.key.as_deref();
         let waiting = w.not_before.filter(|nb| *nb > now);
         if let Some(nb) = waiting {
@@ -407,28 +407,24 @@ fn take_run(
             {
                 blocked.push(k.to_vec());
             }
-            keep.push_back(w);
+            keep.push(w);
             continue;
         }
         take.push(w);
-        if take.len() == max {
-            break;
-        }
     }
-    // What was not looked at: its backoffs still count for `wake`.
-    for w in rest {
-        if let Some(nb) = w.not_before.filter(|nb| *nb > now) {
-            *wake = Some(wake.map_or(nb, |x| x.min(nb)));
-        }
-        keep.push_back(w);
+    // The skipped go back in front, in their order.
+    for w in keep.into_iter().rev() {
+        queue.push_front(w);
     }
-    *queue = keep;
     take
 }
 
+/// What stands in a [`Work`] for its message while a job has it: one shared empty topic name,
+/// so the stand-in costs no allocation (a run is taken again after every failure in it).
 fn placeholder() -> Delivery {
+    static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
     Delivery {
-        topic: Arc::from(""),
+        topic: EMPTY.clone(),
         partition: 0,
         offset: 0,
         record: Default::default(),
@@ -448,7 +444,9 @@ fn failure_kind(stop: &Outcome, exhausted: bool) -> (&'static str, String) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Takes a lane's finished job: what was done is finished in the tracker and its outputs go
+/// to the next commit; each failure is retried, requeued or dead-lettered; what waits (a retry
+/// in place, the messages its key held back) goes back to the front of the lane, in order.
 fn handle(
     ctx: &Ctx,
     topic: &Arc<str>,
@@ -458,154 +456,159 @@ fn handle(
     pending: &mut Pending,
     done: Done,
 ) -> Result<(), EngineError> {
-    let cfg = &ctx.cfg;
-    let Done {
-        lane,
-        mut meta,
-        msgs,
-        result,
-    } = done;
-    let result = result?;
-    for (w, m) in meta.iter_mut().zip(msgs) {
-        w.msg = m;
-    }
+    let Done { lane, meta, result } = done;
+    let (msgs, ran) = result?;
     let lane = &mut lanes[lane];
     lane.busy = false;
-    let finished = result.done;
-    for w in &meta[..finished] {
-        tracker.finish(w.at);
-    }
-    pending.acked += finished as u64;
-    pending.acked_at.extend(
-        meta[..finished]
-            .iter()
-            .filter_map(|w| w.msg.record.timestamp_ms),
-    );
-    pending.emitted += result.outputs.len() as u64;
-    pending.commit.outputs.extend(result.outputs);
-    if let Some(d) = &cfg.dedupe {
-        let expires = now_ms() + d.window.as_millis() as u64;
-        for w in &mut meta[..finished] {
-            if w.claimed
-                && let Some(key) = w.dedupe_key.clone()
-            {
-                pending.commit.dedupe_done.push((key.clone(), expires));
-                pending.release.push(key);
-                w.claimed = false;
-            }
-        }
-    }
-    let mut rest = meta.split_off(finished);
-    if let Some(stop) = result.stop {
-        let w = &mut rest[0];
-        let now = now_ms();
-        let first = *w.first_failure_ms.get_or_insert(now);
-        let retryable = matches!(
-            stop,
-            Outcome::Retry { .. } | Outcome::Fault { .. } | Outcome::InvalidOutput { .. }
-        );
-        let exhausted = retryable && !cfg.backoff.may_retry(w.attempt);
-        let (kind, error) = failure_kind(&stop, exhausted);
-        ctx.stats.metrics.count(
-            topic,
-            if kind == "retries-exhausted" {
-                "retry"
-            } else {
-                kind
-            },
-            1,
-        );
-        let key = w.msg.record.key.as_deref().map(String::from_utf8_lossy);
-        tracing::warn!(
-            topic = %w.msg.topic, partition = w.msg.partition, offset = w.msg.offset,
-            key = key.as_deref().unwrap_or(""), attempt = w.attempt, kind, error = %error,
-            "message failed"
-        );
-        let origin_topic = if is_retry_topic {
-            w.msg.topic.clone()
-        } else {
-            topic.clone()
-        };
-        let origin = Origin {
-            topic: origin_topic.clone(),
-            partition: w.msg.partition,
-            offset: w.msg.offset,
-        };
-        if retryable && !exhausted && cfg.delivery == Mode::AtLeastOnce {
-            let requested = match &stop {
-                Outcome::Retry { delay, .. } => *delay,
-                _ => None,
-            };
-            let delay = cfg
-                .backoff
-                .delay(w.attempt, requested, rand::random::<f64>());
-            ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
-            match cfg.retry_mode {
-                RetryMode::Blocking => {
-                    w.attempt += 1;
-                    w.not_before = Some(Instant::now() + delay);
-                }
-                RetryMode::Requeue => {
-                    let not_before = now + delay.as_millis() as u64;
-                    let copy = dlq::requeue(
-                        &w.msg,
-                        &origin,
-                        w.attempt + 1,
-                        not_before,
-                        first,
-                        cfg.retry_for(&origin_topic),
-                    );
-                    if let Err(e) = ctx.source.fits(&copy.record) {
-                        // Too large for the retry topic with its headers: retried in place.
-                        tracing::debug!(error = %e, "the retry copy does not fit; retrying in place");
-                        w.attempt += 1;
-                        w.not_before = Some(Instant::now() + delay);
-                    } else {
-                        if w.claimed
-                            && let Some(key) = w.dedupe_key.clone()
-                        {
-                            pending.release.push(key);
-                        }
-                        pending.commit.outputs.push(copy);
-                        tracker.finish(w.at);
-                        rest.remove(0);
-                    }
+    pending.emitted += ran.outputs.len() as u64;
+    pending.commit.outputs.extend(ran.outputs);
+    let expires = ctx
+        .cfg
+        .dedupe
+        .as_ref()
+        .map(|d| now_ms() + d.window.as_millis() as u64);
+    let mut back = Vec::new();
+    for ((mut w, msg), fate) in meta.into_iter().zip(msgs).zip(ran.fates) {
+        w.msg = msg;
+        match fate {
+            job::Fate::Done => {
+                tracker.finish(w.at);
+                pending.acked += 1;
+                pending.acked_at.extend(w.msg.record.timestamp_ms);
+                if let Some(expires) = expires
+                    && w.claimed
+                    && let Some(key) = w.dedupe_key.take()
+                {
+                    pending.commit.dedupe_done.push((key.clone(), expires));
+                    pending.release.push(key);
                 }
             }
-        } else {
-            // The handler that ran it: the current one (a reload between the call and here is
-            // the one case this names the newer module).
-            let current = ctx.stats.module.get().unwrap_or_else(|| ctx.module.clone());
-            let failure = dlq::Failure {
-                origin: &origin,
-                attempts: w.attempt,
-                kind,
-                error: &error,
-                module: current.name(),
-                digest: current.digest(),
-                first_failure_ms: first,
-                last_failure_ms: now,
-            };
-            let letter = dlq::envelope(&w.msg, &failure, cfg.dlq_for(&origin_topic));
-            pending
-                .commit
-                .outputs
-                .push(dlq::fit(letter, |r| ctx.source.fits(r)));
-            // Not done: a later copy of it may run.
-            if w.claimed
-                && let Some(key) = w.dedupe_key.clone()
-            {
-                pending.release.push(key);
+            job::Fate::Failed(stop) => {
+                if let Some(w) = fail(ctx, topic, is_retry_topic, tracker, pending, w, stop) {
+                    back.push(w);
+                }
             }
-            tracker.finish(w.at);
-            pending.dead += 1;
-            rest.remove(0);
+            job::Fate::Held => back.push(w),
         }
     }
-    for w in rest.into_iter().rev() {
+    for w in back.into_iter().rev() {
         lane.queue.push_front(w);
     }
     Ok(())
+}
+
+/// One message's failure: retried in place (returned, to wait in its lane), or settled now
+/// (requeued to the retry topic or dead-lettered).
+fn fail(
+    ctx: &Ctx,
+    topic: &Arc<str>,
+    is_retry_topic: bool,
+    tracker: &mut OffsetTracker,
+    pending: &mut Pending,
+    mut w: Work,
+    stop: Outcome,
+) -> Option<Work> {
+    let cfg = &ctx.cfg;
+    let now = now_ms();
+    let first = *w.first_failure_ms.get_or_insert(now);
+    let retryable = matches!(
+        stop,
+        Outcome::Retry { .. } | Outcome::Fault { .. } | Outcome::InvalidOutput { .. }
+    );
+    let exhausted = retryable && !cfg.backoff.may_retry(w.attempt);
+    let (kind, error) = failure_kind(&stop, exhausted);
+    ctx.stats.metrics.count(
+        topic,
+        if kind == "retries-exhausted" {
+            "retry"
+        } else {
+            kind
+        },
+        1,
+    );
+    let key = w.msg.record.key.as_deref().map(String::from_utf8_lossy);
+    tracing::warn!(
+        topic = %w.msg.topic, partition = w.msg.partition, offset = w.msg.offset,
+        key = key.as_deref().unwrap_or(""), attempt = w.attempt, kind, error = %error,
+        "message failed"
+    );
+    let origin_topic = if is_retry_topic {
+        w.msg.topic.clone()
+    } else {
+        topic.clone()
+    };
+    let origin = Origin {
+        topic: origin_topic.clone(),
+        partition: w.msg.partition,
+        offset: w.msg.offset,
+    };
+    if retryable && !exhausted && cfg.delivery == Mode::AtLeastOnce {
+        let requested = match &stop {
+            Outcome::Retry { delay, .. } => *delay,
+            _ => None,
+        };
+        let delay = cfg
+            .backoff
+            .delay(w.attempt, requested, rand::random::<f64>());
+        ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
+        if cfg.retry_mode == RetryMode::Requeue {
+            let not_before = now + delay.as_millis() as u64;
+            let copy = dlq::requeue(
+                &w.msg,
+                &origin,
+                w.attempt + 1,
+                not_before,
+                first,
+                cfg.retry_for(&origin_topic),
+            );
+            match ctx.source.fits(&copy.record) {
+                Ok(()) => {
+                    if w.claimed
+                        && let Some(key) = w.dedupe_key.take()
+                    {
+                        pending.release.push(key);
+                    }
+                    pending.commit.outputs.push(copy);
+                    tracker.finish(w.at);
+                    return None;
+                }
+                // Too large for the retry topic with its headers: retried in place.
+                Err(e) => {
+                    tracing::debug!(error = %e, "the retry copy does not fit; retrying in place")
+                }
+            }
+        }
+        w.attempt += 1;
+        w.not_before = Some(Instant::now() + delay);
+        return Some(w);
+    }
+    // The handler that ran it: the current one (a reload between the call and here is the one
+    // case this names the newer module).
+    let current = ctx.stats.module.get().unwrap_or_else(|| ctx.module.clone());
+    let failure = dlq::Failure {
+        origin: &origin,
+        attempts: w.attempt,
+        kind,
+        error: &error,
+        module: current.name(),
+        digest: current.digest(),
+        first_failure_ms: first,
+        last_failure_ms: now,
+    };
+    let letter = dlq::envelope(&w.msg, &failure, cfg.dlq_for(&origin_topic));
+    pending
+        .commit
+        .outputs
+        .push(dlq::fit(letter, |r| ctx.source.fits(r)));
+    // Not done: a later copy of it may run.
+    if w.claimed
+        && let Some(key) = w.dedupe_key.take()
+    {
+        pending.release.push(key);
+    }
+    tracker.finish(w.at);
+    pending.dead += 1;
+    None
 }
 
 #[cfg(test)]
@@ -655,6 +658,30 @@ mod tests {
         assert_eq!(offsets(&run), vec![1, 3, 4], "b and keyless go on; a waits");
         assert_eq!(q.iter().map(|w| w.at).collect::<Vec<_>>(), vec![0, 2]);
         assert_eq!(wake, Some(now + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_run_behind_a_waiting_message_stops_at_the_batch_size() {
+        let now = Instant::now();
+        let mut q: VecDeque<Work> = [
+            work(0, Some("a"), true, now),
+            work(1, Some("b"), false, now),
+            work(2, Some("c"), false, now),
+            work(3, Some("d"), false, now),
+            work(4, Some("a"), false, now),
+        ]
+        .into_iter()
+        .collect();
+        let mut wake = None;
+        let run = take_run(&mut q, 2, now, &mut wake);
+        assert_eq!(offsets(&run), vec![1, 2]);
+        // The waiting one back in front, then what was not looked at, in order.
+        assert_eq!(q.iter().map(|w| w.at).collect::<Vec<_>>(), vec![0, 3, 4]);
+        assert_eq!(wake, Some(now + Duration::from_secs(1)));
+        // Once it is due, it leads again, and its key follows in order.
+        let later = now + Duration::from_secs(2);
+        let run = take_run(&mut q, 9, later, &mut wake);
+        assert_eq!(offsets(&run), vec![0, 3, 4]);
     }
 
     #[test]
