@@ -264,6 +264,9 @@ fn retries_that_run_out_are_dead_lettered_as_exhausted() {
             "3",
             "--backoff-base",
             "5ms",
+            // Without jitter the two backoffs are 5 and 10 ms; full jitter may draw nearly 0.
+            "--jitter",
+            "none",
         ],
     );
     assert_eq!(
@@ -294,8 +297,8 @@ fn retries_that_run_out_are_dead_lettered_as_exhausted() {
         .parse()
         .unwrap();
     assert!(
-        last >= first + 5,
-        "two backoffs passed between the first and last failure"
+        last >= first + 15,
+        "two backoffs (5 ms, 10 ms) passed between the first and last failure: {first} -> {last}"
     );
     // Dead-lettering unblocks the key: its next message was handled.
     assert!(payloads(&w, "out").contains(&"slow second".to_string()));

@@ -227,3 +227,18 @@ fn two_processes_one_killed_every_order_once_with_exactly_once_and_dedupe() {
 fn two_processes_one_killed_duplicates_bounded_by_the_prefetch() {
     two_processes_and_a_kill(false);
 }
+
+/// `amqp://host:5672/` names the virtual host "" (the AMQP URI spec), which the broker refuses;
+/// the error says how to name the default one.
+#[test]
+fn a_trailing_slash_in_the_url_gets_a_hint() {
+    let w = Weir::new();
+    let base = std::env::var("WEIR_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into());
+    let url = format!("{}/", base.trim_end_matches('/'));
+    let out = w.output(&["--source", &url, "topics", "list", "q"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("names the virtual host \"\""), "{stderr}");
+    assert!(stderr.contains("%2f"), "{stderr}");
+}

@@ -51,7 +51,8 @@ impl StatusCommand {
                     ));
                 }
                 eprintln!(
-                    "no weir run answers at http://{addr} ({why}); showing the data directory instead"
+                    "no weir run answers at http://{addr} ({why}); showing the topics on {} instead",
+                    g.source.name()
                 );
                 super::topics::TopicsCommand::List {
                     topic: None,

@@ -24,7 +24,19 @@ pub(crate) async fn connect(url: &str) -> Result<Connection, SourceError> {
     tokio::time::timeout(REQUEST_TIMEOUT, Connection::connect(url, props))
         .await
         .map_err(|_| broker_error(&what, "no answer"))?
-        .map_err(|e| broker_error(&what, e))
+        .map_err(|e| broker_error(&what, format!("{e}{}", vhost_hint(url))))
+}
+
+/// A hint for the URL whose path names the virtual host "" (`amqp://host:5672/`: the AMQP URI
+/// spec reads what follows the last `/` as the vhost name), which the broker refuses.
+fn vhost_hint(url: &str) -> &'static str {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(u) if u.vhost.is_empty() => {
+            "; the URL ends in `/`, which names the virtual host \"\": leave the slash out for the \
+             default vhost `/` (or write it as %2f: amqp://host:5672/%2f)"
+        }
+        _ => "",
+    }
 }
 
 /// A new channel. Tried again when the answer is a soft error: right after the broker closed a
