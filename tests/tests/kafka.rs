@@ -456,3 +456,25 @@ impl OnBroker {
             .sum()
     }
 }
+
+/// `weir consume` outlives a lost connection as the run does: librdkafka reconnects, and the
+/// reader polls on (a verification read once failed here on errors left for the next fetch).
+#[test]
+fn consume_waits_out_a_lost_connection() {
+    let w = Weir::kafka_mock();
+    w.create_topic("orders", 1);
+    w.ok(&["produce", "orders", "--count", "10"]);
+    let Broker::Mock(cluster) = w.broker() else {
+        unreachable!("a mock cluster test")
+    };
+    use RDKafkaRespErr as E;
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[
+            E::RD_KAFKA_RESP_ERR__TRANSPORT,
+            E::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            E::RD_KAFKA_RESP_ERR__TRANSPORT,
+        ],
+    );
+    assert_eq!(w.messages("orders").len(), 10);
+}

@@ -532,6 +532,11 @@ impl Reader {
                         out.push(d);
                     }
                 }
+                // librdkafka reconnects by itself: a lost connection is waited out, up to the
+                // deadline, as the run's consumer does.
+                Some(Err(e)) if transient(&e) && Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "a transient error while reading; polling on");
+                }
                 Some(Err(e)) => return Err(storage(&format!("reading {topic}/{partition}"), e)),
                 None => {
                     // The rest up to `end` may be transaction markers, which are never
@@ -551,6 +556,23 @@ impl Reader {
         self.at = Some((topic.to_string(), partition, next));
         Ok(out)
     }
+}
+
+/// Errors a consumer outlives: the connection or the partition's leader comes back.
+fn transient(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::AllBrokersDown
+                | C::BrokerTransportFailure
+                | C::NotLeaderForPartition
+                | C::LeaderNotAvailable
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::NetworkException
+        )
+    )
 }
 
 /// A Kafka message as the engine sees it.
