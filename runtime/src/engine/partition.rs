@@ -18,7 +18,7 @@ use super::offsets::OffsetTracker;
 use super::{Ctx, DeliveryMode as Mode, EngineError, RetryMode, now_ms};
 use crate::host::Outcome;
 use crate::source::{Commit, Delivery, SourceError};
-use commit::{InFlight, Pending};
+use commit::{InFlight, Later, Pending};
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -460,8 +460,12 @@ fn handle(
     let (msgs, ran) = result?;
     let lane = &mut lanes[lane];
     lane.busy = false;
-    pending.emitted += ran.outputs.len() as u64;
-    pending.commit.outputs.extend(ran.outputs);
+    for (last, outputs) in ran.outputs {
+        let at = meta[last].at;
+        for o in outputs {
+            pending.hold(at, Later::Output(o));
+        }
+    }
     let expires = ctx
         .cfg
         .dedupe
@@ -479,8 +483,8 @@ fn handle(
                     && w.claimed
                     && let Some(key) = w.dedupe_key.take()
                 {
-                    pending.commit.dedupe_done.push((key.clone(), expires));
-                    pending.release.push(key);
+                    pending.hold(w.at, Later::Mark(key.clone(), expires));
+                    pending.hold(w.at, Later::Release(key));
                 }
             }
             job::Fate::Failed(stop) => {
@@ -566,9 +570,9 @@ fn fail(
                     if w.claimed
                         && let Some(key) = w.dedupe_key.take()
                     {
-                        pending.release.push(key);
+                        pending.hold(w.at, Later::Release(key));
                     }
-                    pending.commit.outputs.push(copy);
+                    pending.hold(w.at, Later::Letter(copy));
                     tracker.finish(w.at);
                     return None;
                 }
@@ -596,15 +600,15 @@ fn fail(
         last_failure_ms: now,
     };
     let letter = dlq::envelope(&w.msg, &failure, cfg.dlq_for(&origin_topic));
-    pending
-        .commit
-        .outputs
-        .push(dlq::fit(letter, |r| ctx.source.fits(r)));
+    pending.hold(
+        w.at,
+        Later::Letter(dlq::fit(letter, |r| ctx.source.fits(r))),
+    );
     // Not done: a later copy of it may run.
     if w.claimed
         && let Some(key) = w.dedupe_key.take()
     {
-        pending.release.push(key);
+        pending.hold(w.at, Later::Release(key));
     }
     tracker.finish(w.at);
     pending.dead += 1;

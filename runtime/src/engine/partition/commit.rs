@@ -10,7 +10,8 @@
 use super::{Held, blocking, screen};
 use crate::engine::offsets::OffsetTracker;
 use crate::engine::{Ctx, EngineError, now_ms};
-use crate::source::Commit;
+use crate::source::{Commit, Output, Settle};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -29,9 +30,53 @@ pub(super) struct Pending {
     pub emitted: u64,
     pub dead: u64,
     pub deduped: u64,
+    /// What finished messages leave to write, by the message's offset, until the commit point
+    /// passes it (see [`Later`]).
+    held: BTreeMap<u64, Vec<Later>>,
+}
+
+/// What a finished message leaves to write. On a log a commit writes an offset and, with it,
+/// the outputs of the messages below it: an output of a message above the offset written then
+/// (it finished before an earlier message of another key) would be written again when that
+/// message runs again after a crash or a storage error, although outputs and offset went in
+/// one atomic write. So each waits until the commit point passes its message. On a queue each
+/// message settles by itself, and nothing waits.
+pub(super) enum Later {
+    /// A handler's output (counted as emitted).
+    Output(Output),
+    /// A dead letter or a copy for the retry topic.
+    Letter(Output),
+    /// An idempotency key marked done, with when the mark expires.
+    Mark(Vec<u8>, u64),
+    /// A claim on an idempotency key, let go once the commit is written.
+    Release(Vec<u8>),
 }
 
 impl Pending {
+    /// Keeps `item` of the message at offset `at` for the commit that passes it.
+    pub fn hold(&mut self, at: u64, item: Later) {
+        self.held.entry(at).or_default().push(item);
+    }
+
+    /// Moves what belongs to messages below `point` into the commit.
+    fn take_below(&mut self, point: u64) {
+        let above = self.held.split_off(&point);
+        for item in std::mem::replace(&mut self.held, above)
+            .into_values()
+            .flatten()
+        {
+            match item {
+                Later::Output(o) => {
+                    self.emitted += 1;
+                    self.commit.outputs.push(o);
+                }
+                Later::Letter(o) => self.commit.outputs.push(o),
+                Later::Mark(key, expires) => self.commit.dedupe_done.push((key, expires)),
+                Later::Release(key) => self.release.push(key),
+            }
+        }
+    }
+
     pub fn any(&self) -> bool {
         !self.commit.outputs.is_empty()
             || !self.commit.dedupe_done.is_empty()
@@ -78,18 +123,24 @@ pub(super) fn start(
     committed: u64,
     pending: &mut Pending,
 ) -> Option<InFlight> {
+    // In at-most-once mode the offset already moved past everything fetched: never back.
+    let point = tracker.commit_point().max(committed);
+    pending.take_below(match ctx.source.capabilities().settle {
+        Settle::Watermark => point,
+        Settle::PerMessage => u64::MAX,
+    });
     if !due(tracker, committed, pending) {
         return None;
     }
+    let held = std::mem::take(&mut pending.held);
     let mut p = std::mem::take(pending);
+    pending.held = held;
     let mut c = std::mem::take(&mut p.commit);
     c.settled = tracker
         .take_settled()
         .into_iter()
         .map(|o| (topic.clone(), partition, o))
         .collect();
-    // In at-most-once mode the offset already moved past everything fetched: never back.
-    let point = tracker.commit_point().max(committed);
     c.offsets.push((topic.clone(), partition, point));
     let ctx = ctx.clone();
     let task = tokio::spawn(async move {

@@ -20,11 +20,13 @@ pub(super) enum Fate {
     Held,
 }
 
-/// A finished run: each message's fate, in the run's order, and the outputs of those done.
+/// A finished run: each message's fate, in the run's order, and the outputs of those done,
+/// per call: with the index (in the run) of the last message done in that call, so the
+/// outputs can wait for the commit point to pass it.
 #[derive(Debug)]
 pub(super) struct Ran {
     pub fates: Vec<Fate>,
-    pub outputs: Vec<Output>,
+    pub outputs: Vec<(usize, Vec<Output>)>,
 }
 
 /// Runs `msgs` (with their attempt numbers) and hands them back in the same order.
@@ -66,10 +68,13 @@ where
         for (&i, d) in todo.iter().zip(back) {
             slots[i] = Some(d);
         }
-        for &i in &todo[..r.done.min(todo.len())] {
+        let done = r.done.min(todo.len());
+        for &i in &todo[..done] {
             fates[i] = Fate::Done;
         }
-        outputs.extend(r.outputs);
+        if done > 0 {
+            outputs.push((todo[done - 1], r.outputs));
+        }
         let (Some(stop), Some(&f)) = (r.stop, todo.get(r.done)) else {
             break;
         };
@@ -148,7 +153,15 @@ mod tests {
         let out: Vec<u64> = ran
             .outputs
             .iter()
-            .map(|o| String::from_utf8_lossy(&o.record.payload).parse().unwrap())
+            .flat_map(|(last, outs)| {
+                // Each call's outputs belong to messages up to its last one done.
+                let last = run[*last].0;
+                outs.iter().map(move |o| {
+                    let n: u64 = String::from_utf8_lossy(&o.record.payload).parse().unwrap();
+                    assert!(n <= last, "output of {n} tagged with {last}");
+                    n
+                })
+            })
             .collect();
         (ran.fates, calls.into_inner(), out)
     }
