@@ -870,6 +870,22 @@ pub fn produce_lines(w: &Weir, topic: &str, key: Option<&str>, lines: &[&str]) {
     w.ok(&args);
 }
 
+/// Produces `lines` of `KEY<sep>VALUE` to `topic`, each keyed, with `weir produce --file`.
+pub fn produce_keyed(w: &Weir, topic: &str, sep: &str, lines: &[String]) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = w.path(&format!("keyed-{n}.txt"));
+    std::fs::write(&file, lines.join("\n") + "\n").expect("write the input file");
+    w.ok(&[
+        "produce",
+        topic,
+        "--file",
+        file.to_str().expect("UTF-8 path"),
+        "--key-separator",
+        sep,
+    ]);
+}
+
 /// (end offset, committed offset of `group`) per partition of `topic`, from `topics list --json`.
 pub fn offsets_in(stats: &Value, topic: &str, group: &str) -> Vec<(u64, u64)> {
     let t = stats

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
-use weir_tests::{Broker, Weir, guest, header, now_ms, produce_lines, wait_until};
+use weir_tests::{Broker, Weir, guest, header, now_ms, produce_keyed, produce_lines, wait_until};
 
 /// Generates `embedded`, `kafka` and `rabbitmq` tests for each behaviour.
 macro_rules! on_every_source {
@@ -306,16 +306,7 @@ fn each_key_keeps_its_order(w: Weir) {
             format!("k{}:{i}{flaky}", i % KEYS)
         })
         .collect();
-    let file = w.path("keyed.txt");
-    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    w.ok(&[
-        "produce",
-        "in",
-        "--file",
-        file.to_str().unwrap(),
-        "--key-separator",
-        ":",
-    ]);
+    produce_keyed(&w, "in", ":", &lines);
     let s = w.drain(
         &guest("flaky"),
         "in",

@@ -1,7 +1,7 @@
 //! Crash safety: `kill -9` in the middle of a run loses nothing.
 
 use std::time::Duration;
-use weir_tests::{Weir, guest, http, offsets_in, wait_until};
+use weir_tests::{Weir, guest, http, offsets_in, produce_keyed, wait_until};
 
 #[test]
 fn kill_9_mid_run_then_restart_handles_every_message_at_least_once() {
@@ -78,16 +78,7 @@ fn outputs_past_a_waiting_retry_are_written_once_across_a_kill() {
     w.create_topic("out", 1);
     let mut lines = vec!["a:first flaky".to_string()];
     lines.extend((1..=N).map(|i| format!("k{i}:order {i}")));
-    let file = w.path("input.txt");
-    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    w.ok(&[
-        "produce",
-        "in",
-        "--file",
-        file.to_str().unwrap(),
-        "--key-separator",
-        ":",
-    ]);
+    produce_keyed(&w, "in", ":", &lines);
     let flaky = guest("flaky");
     let log = w.path("run.log");
     let (mut run, addr) = w.spawn_with_admin(

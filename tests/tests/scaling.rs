@@ -4,7 +4,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use weir_tests::{EchoServer, Weir, guest, proc_status, wait_until};
+use weir_tests::{EchoServer, Weir, guest, proc_status, produce_keyed, wait_until};
 
 const KEYS: usize = 200;
 const PER_KEY: usize = 20;
@@ -13,22 +13,10 @@ const PER_KEY: usize = 20;
 fn backlog(w: &Weir) {
     w.create_topic("in", 2);
     w.create_topic("out", 2);
-    let mut lines = String::new();
-    for seq in 0..PER_KEY {
-        for k in 0..KEYS {
-            lines.push_str(&format!("k-{k}\t{seq}\n"));
-        }
-    }
-    let file = w.path("in.txt");
-    std::fs::write(&file, lines).unwrap();
-    w.ok(&[
-        "produce",
-        "in",
-        "--file",
-        file.to_str().unwrap(),
-        "--key-separator",
-        "\t",
-    ]);
+    let lines: Vec<String> = (0..PER_KEY)
+        .flat_map(|seq| (0..KEYS).map(move |k| format!("k-{k}\t{seq}")))
+        .collect();
+    produce_keyed(w, "in", "\t", &lines);
 }
 
 /// Every key's outputs are in sequence order (outputs keep the input's key, so each key's

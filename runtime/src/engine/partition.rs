@@ -40,6 +40,10 @@ struct Work {
     dedupe_key: Option<Vec<u8>>,
     /// Whether this message holds the in-flight claim on its idempotency key.
     claimed: bool,
+    /// It failed here and waits to run again: it then runs in a call without first attempts.
+    /// (With later messages in one call, that call's outputs would belong to offsets far apart,
+    /// and on a log they would wait for everything between: see `commit::Later`.)
+    again: bool,
 }
 
 #[derive(Default)]
@@ -218,6 +222,7 @@ pub(super) async fn consume(
                             first_failure_ms: Some(copy.first_failure_ms),
                             dedupe_key: None,
                             claimed: false,
+                            again: false,
                         }
                     }
                     None => Work {
@@ -228,6 +233,7 @@ pub(super) async fn consume(
                         first_failure_ms: None,
                         dedupe_key: None,
                         claimed: false,
+                        again: false,
                     },
                 };
                 work.dedupe_key = cfg.dedupe.as_ref().and_then(|c| c.key_of(&work.msg));
@@ -382,11 +388,12 @@ fn take_run(
     wake: &mut Option<Instant>,
 ) -> Vec<Work> {
     let n = max.min(queue.len());
-    // The common case: nothing at the front waits (so nothing there is blocked either).
+    // The common case: nothing at the front waits (so nothing there is blocked either), and
+    // nothing there runs again after a failure.
     if queue
         .iter()
         .take(n)
-        .all(|w| w.not_before.is_none_or(|nb| nb <= now))
+        .all(|w| w.not_before.is_none_or(|nb| nb <= now) && !w.again)
     {
         return queue.drain(..n).collect();
     }
@@ -409,6 +416,12 @@ fn take_run(
             }
             keep.push(w);
             continue;
+        }
+        // Messages that failed here run apart from the others: a run of them, or a run
+        // without them.
+        if take.first().is_some_and(|t: &Work| t.again != w.again) {
+            keep.push(w);
+            break;
         }
         take.push(w);
     }
@@ -460,10 +473,16 @@ fn handle(
     let (msgs, ran) = result?;
     let lane = &mut lanes[lane];
     lane.busy = false;
-    for (last, outputs) in ran.outputs {
-        let at = meta[last].at;
+    for (done, outputs) in ran.outputs {
+        // A lane's messages need not be in offset order (a keyless message that waited out a
+        // backoff runs after later ones): the span is the lowest and highest offset done.
+        let ats = done.iter().map(|&i| meta[i].at);
+        let (first, last) = (ats.clone().min(), ats.max());
+        let (Some(first), Some(last)) = (first, last) else {
+            continue;
+        };
         for o in outputs {
-            pending.hold(at, Later::Output(o));
+            pending.hold(first, last, Later::Output(o));
         }
     }
     let expires = ctx
@@ -483,8 +502,8 @@ fn handle(
                     && w.claimed
                     && let Some(key) = w.dedupe_key.take()
                 {
-                    pending.hold(w.at, Later::Mark(key.clone(), expires));
-                    pending.hold(w.at, Later::Release(key));
+                    pending.hold(w.at, w.at, Later::Mark(key.clone(), expires));
+                    pending.hold(w.at, w.at, Later::Release(key));
                 }
             }
             job::Fate::Failed(stop) => {
@@ -570,9 +589,9 @@ fn fail(
                     if w.claimed
                         && let Some(key) = w.dedupe_key.take()
                     {
-                        pending.hold(w.at, Later::Release(key));
+                        pending.release.push(key);
                     }
-                    pending.hold(w.at, Later::Letter(copy));
+                    pending.hold(w.at, w.at, Later::Letter(copy));
                     tracker.finish(w.at);
                     return None;
                 }
@@ -584,6 +603,7 @@ fn fail(
         }
         w.attempt += 1;
         w.not_before = Some(Instant::now() + delay);
+        w.again = true;
         return Some(w);
     }
     // The handler that ran it: the current one (a reload between the call and here is the one
@@ -602,13 +622,14 @@ fn fail(
     let letter = dlq::envelope(&w.msg, &failure, cfg.dlq_for(&origin_topic));
     pending.hold(
         w.at,
+        w.at,
         Later::Letter(dlq::fit(letter, |r| ctx.source.fits(r))),
     );
     // Not done: a later copy of it may run.
     if w.claimed
         && let Some(key) = w.dedupe_key.take()
     {
-        pending.hold(w.at, Later::Release(key));
+        pending.release.push(key);
     }
     tracker.finish(w.at);
     pending.dead += 1;
@@ -638,6 +659,7 @@ mod tests {
             first_failure_ms: None,
             dedupe_key: None,
             claimed: false,
+            again: false,
         }
     }
 
@@ -686,6 +708,21 @@ mod tests {
         let later = now + Duration::from_secs(2);
         let run = take_run(&mut q, 9, later, &mut wake);
         assert_eq!(offsets(&run), vec![0, 3, 4]);
+    }
+
+    #[test]
+    fn messages_that_failed_here_run_apart_from_first_attempts() {
+        let now = Instant::now();
+        let mut q: VecDeque<Work> = (0..6).map(|o| work(o, None, false, now)).collect();
+        for i in [0, 1, 4] {
+            q[i].again = true;
+        }
+        let mut wake = None;
+        assert_eq!(offsets(&take_run(&mut q, 9, now, &mut wake)), vec![0, 1]);
+        // A run of first attempts stops before the next retry, which then runs apart.
+        assert_eq!(offsets(&take_run(&mut q, 9, now, &mut wake)), vec![2, 3]);
+        assert_eq!(offsets(&take_run(&mut q, 9, now, &mut wake)), vec![4]);
+        assert_eq!(offsets(&take_run(&mut q, 9, now, &mut wake)), vec![5]);
     }
 
     #[test]

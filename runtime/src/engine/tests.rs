@@ -134,12 +134,22 @@ async fn outputs_are_written_with_the_offset_that_passes_their_message() {
     // Order 0 retries while later orders finish. A commit writes an offset and outputs in one
     // atomic write; an output of a message at or above that offset would be written again when
     // the message runs again after a crash. So later orders' confirmations wait for m-0.
+    // Nor may an offset pass a message whose output is not written with it or before: a crash
+    // then would lose it.
     let commits = m.commits();
+    let mut written = HashSet::new();
     for c in &commits {
         let point = c.offsets[0].2;
         for id in ids(&c.outputs) {
             let k: u64 = id[2..].parse().unwrap();
             assert!(k < point, "{id} written with offset {point}");
+            written.insert(k);
+        }
+        for k in 0..point {
+            assert!(
+                written.contains(&k),
+                "offset {point} passed m-{k}, not written"
+            );
         }
     }
     let first = commits

@@ -11,7 +11,7 @@ use super::{Held, blocking, screen};
 use crate::engine::offsets::OffsetTracker;
 use crate::engine::{Ctx, EngineError, now_ms};
 use crate::source::{Commit, Output, Settle};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -30,17 +30,32 @@ pub(super) struct Pending {
     pub emitted: u64,
     pub dead: u64,
     pub deduped: u64,
-    /// What finished messages leave to write, by the message's offset, until the commit point
-    /// passes it (see [`Later`]).
-    held: BTreeMap<u64, Vec<Later>>,
+    /// What finished messages leave to write, until the commit point passes them.
+    held: Waiting,
+}
+
+/// What finished messages leave to write (see [`Later`]). Each item belongs to a span of
+/// messages (one message, or the messages of one handler call, whose outputs are not told
+/// apart; a lane's messages need not run in offset order, so a span can be wide). A commit
+/// writes the items of the spans wholly below its offset, and its offset passes no message of
+/// a span it does not write: each message's outputs go out with the offset that passes it.
+#[derive(Default)]
+struct Waiting {
+    /// By the span's highest offset: (the span's lowest, the item).
+    by_offset: BTreeMap<u64, Vec<(u64, Later)>>,
+    /// Idempotency keys whose done marks wait.
+    done_keys: HashSet<Vec<u8>>,
+    /// The last `release`: the point it was given and the offset it returned, while nothing
+    /// was held since (the loop asks after every finished job; the walk is not free).
+    last: Option<(u64, u64)>,
 }
 
 /// What a finished message leaves to write. On a log a commit writes an offset and, with it,
 /// the outputs of the messages below it: an output of a message above the offset written then
 /// (it finished before an earlier message of another key) would be written again when that
 /// message runs again after a crash or a storage error, although outputs and offset went in
-/// one atomic write. So each waits until the commit point passes its message. On a queue each
-/// message settles by itself, and nothing waits.
+/// one atomic write. So each waits until the commit's offset passes its message. On a queue
+/// each message settles by itself, and nothing waits.
 pub(super) enum Later {
     /// A handler's output (counted as emitted).
     Output(Output),
@@ -48,33 +63,69 @@ pub(super) enum Later {
     Letter(Output),
     /// An idempotency key marked done, with when the mark expires.
     Mark(Vec<u8>, u64),
-    /// A claim on an idempotency key, let go once the commit is written.
+    /// The claim of a message done with an idempotency key, let go once its mark is written.
+    /// (A failed message's claim goes with the next commit, straight through `release`: a copy
+    /// that runs meanwhile publishes nothing that its failure did not.)
     Release(Vec<u8>),
 }
 
 impl Pending {
-    /// Keeps `item` of the message at offset `at` for the commit that passes it.
-    pub fn hold(&mut self, at: u64, item: Later) {
-        self.held.entry(at).or_default().push(item);
+    /// Keeps `item` of the messages at offsets `first..=last` for the commit that passes them.
+    pub fn hold(&mut self, first: u64, last: u64, item: Later) {
+        if let Later::Mark(key, _) = &item {
+            self.held.done_keys.insert(key.clone());
+        }
+        self.held.last = None;
+        self.held
+            .by_offset
+            .entry(last)
+            .or_default()
+            .push((first, item));
     }
 
-    /// Moves what belongs to messages below `point` into the commit.
-    fn take_below(&mut self, point: u64) {
-        let above = self.held.split_off(&point);
-        for item in std::mem::replace(&mut self.held, above)
-            .into_values()
-            .flatten()
+    /// Whether a message of this partition with `key` is done and its mark waits to be
+    /// written: a copy of it is a duplicate. (Waiting for its claim instead could wait forever:
+    /// the mark waits for the commit point, which may wait for the copy.)
+    pub fn done_unwritten(&self, key: &[u8]) -> bool {
+        self.held.done_keys.contains(key)
+    }
+
+    /// Moves into the commit what may go with an offset at most `point` (everything below it
+    /// finished), and returns the offset to write: `point`, lowered below every span that
+    /// must wait. A span waits when its highest offset is not below the offset; walking the
+    /// spans from the highest down, each one that waits lowers the offset to its lowest, until
+    /// the next one lies wholly below.
+    fn release(&mut self, point: u64) -> u64 {
+        if let Some((p, cap)) = self.held.last
+            && p == point
         {
+            return cap;
+        }
+        let mut cap = point;
+        for (&last, items) in self.held.by_offset.iter().rev() {
+            if last < cap {
+                break;
+            }
+            cap = items.iter().fold(cap, |c, (first, _)| c.min(*first));
+        }
+        let above = self.held.by_offset.split_off(&cap);
+        let below = std::mem::replace(&mut self.held.by_offset, above);
+        for (_, item) in below.into_values().flatten() {
             match item {
                 Later::Output(o) => {
                     self.emitted += 1;
                     self.commit.outputs.push(o);
                 }
                 Later::Letter(o) => self.commit.outputs.push(o),
-                Later::Mark(key, expires) => self.commit.dedupe_done.push((key, expires)),
+                Later::Mark(key, expires) => {
+                    self.held.done_keys.remove(&key);
+                    self.commit.dedupe_done.push((key, expires));
+                }
                 Later::Release(key) => self.release.push(key),
             }
         }
+        self.held.last = Some((point, cap));
+        cap
     }
 
     pub fn any(&self) -> bool {
@@ -109,11 +160,6 @@ pub(super) async fn wait(inflight: &mut Option<InFlight>) -> Result<(u64, Pendin
     }
 }
 
-/// Whether there is anything to commit.
-pub(super) fn due(tracker: &OffsetTracker, committed: u64, pending: &Pending) -> bool {
-    pending.any() || tracker.commit_point() != committed
-}
-
 /// Starts writing what finished since the last commit, unless nothing did.
 pub(super) fn start(
     ctx: &Arc<Ctx>,
@@ -125,11 +171,15 @@ pub(super) fn start(
 ) -> Option<InFlight> {
     // In at-most-once mode the offset already moved past everything fetched: never back.
     let point = tracker.commit_point().max(committed);
-    pending.take_below(match ctx.source.capabilities().settle {
-        Settle::Watermark => point,
-        Settle::PerMessage => u64::MAX,
-    });
-    if !due(tracker, committed, pending) {
+    let point = match ctx.source.capabilities().settle {
+        Settle::Watermark => pending.release(point).max(committed),
+        Settle::PerMessage => {
+            pending.release(u64::MAX);
+            point
+        }
+    };
+    // Anything to commit?
+    if !pending.any() && point == committed {
         return None;
     }
     let held = std::mem::take(&mut pending.held);
@@ -175,8 +225,7 @@ async fn write(ctx: &Arc<Ctx>, mut c: Commit, release: &[Vec<u8>]) -> Result<(),
     // Claims to drop in the shared store: the keys that are not being marked done (their
     // messages failed or were given up).
     let undone: Vec<Vec<u8>> = if store.is_some() {
-        let done: std::collections::HashSet<&[u8]> =
-            c.dedupe_done.iter().map(|(k, _)| k.as_slice()).collect();
+        let done: HashSet<&[u8]> = c.dedupe_done.iter().map(|(k, _)| k.as_slice()).collect();
         release
             .iter()
             .filter(|k| !done.contains(k.as_slice()))

@@ -21,12 +21,12 @@ pub(super) enum Fate {
 }
 
 /// A finished run: each message's fate, in the run's order, and the outputs of those done,
-/// per call: with the index (in the run) of the last message done in that call, so the
-/// outputs can wait for the commit point to pass it.
+/// per call, with the indexes (in the run) of the messages done in that call: a call's outputs
+/// are not told apart by message, so they belong to all of those together.
 #[derive(Debug)]
 pub(super) struct Ran {
     pub fates: Vec<Fate>,
-    pub outputs: Vec<(usize, Vec<Output>)>,
+    pub outputs: Vec<(Vec<usize>, Vec<Output>)>,
 }
 
 /// Runs `msgs` (with their attempt numbers) and hands them back in the same order.
@@ -73,7 +73,7 @@ where
             fates[i] = Fate::Done;
         }
         if done > 0 {
-            outputs.push((todo[done - 1], r.outputs));
+            outputs.push((todo[..done].to_vec(), r.outputs));
         }
         let (Some(stop), Some(&f)) = (r.stop, todo.get(r.done)) else {
             break;
@@ -153,12 +153,15 @@ mod tests {
         let out: Vec<u64> = ran
             .outputs
             .iter()
-            .flat_map(|(last, outs)| {
-                // Each call's outputs belong to messages up to its last one done.
-                let last = run[*last].0;
+            .flat_map(|(done, outs)| {
+                // Each call's outputs belong to the messages done in it.
+                let done: Vec<u64> = done.iter().map(|&i| run[i].0).collect();
                 outs.iter().map(move |o| {
                     let n: u64 = String::from_utf8_lossy(&o.record.payload).parse().unwrap();
-                    assert!(n <= last, "output of {n} tagged with {last}");
+                    assert!(
+                        done.contains(&n),
+                        "output of {n}, done in the call: {done:?}"
+                    );
                     n
                 })
             })

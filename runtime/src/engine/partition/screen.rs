@@ -67,7 +67,7 @@ pub(super) async fn screen(
                 continue;
             }
             let key = w.dedupe_key.clone().expect("due messages are keyed");
-            if done.next().expect("one answer per key") {
+            if done.next().expect("one answer per key") || pending.done_unwritten(&key) {
                 tracker.finish(w.at);
                 pending.deduped += 1;
                 continue;
@@ -96,7 +96,12 @@ pub(super) async fn screen(
     for mut w in lane.queue.drain(..) {
         if due(&w) {
             let key = w.dedupe_key.as_ref().expect("due messages are keyed");
-            if let Some(until) = down.filter(|u| *u > now) {
+            if pending.done_unwritten(key) {
+                // A copy of a message done here whose mark waits to be written.
+                tracker.finish(w.at);
+                pending.deduped += 1;
+                continue;
+            } else if let Some(until) = down.filter(|u| *u > now) {
                 w.not_before = Some(until);
             } else if ctx.claims.lock().expect("claims lock").insert(key.clone()) {
                 ask.push(kept.len());
