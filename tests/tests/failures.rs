@@ -87,15 +87,15 @@ fn blocking_retry_backs_off_exponentially_while_other_keys_flow() {
         );
     }
 
-    // Other keys went on while "slow" backed off; the slow key's second message waited.
+    // The slow key's second message waited for its first. (Other keys run while it backs off,
+    // but their outputs wait for the offset to pass them, so they are written with or after
+    // it and their order in `out` no longer shows who ran first: the engine's paused-time test
+    // `a_retry_waits_its_backoff_and_holds_back_only_its_key` measures that instead.)
     let out = payloads(&w, "out");
     assert_eq!(out.len(), 42);
     let flaky_at = position(&out, "flaky first");
     for i in 0..40 {
-        assert!(
-            position(&out, &format!("fine {i}")) < flaky_at,
-            "key k{i} waited for the slow key"
-        );
+        assert!(out.contains(&format!("fine {i}")), "fine {i} missing");
     }
     assert!(
         position(&out, "slow second") > flaky_at,
