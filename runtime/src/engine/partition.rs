@@ -9,14 +9,14 @@
 //! the outputs and dead letters of what finished since the last one, atomically.
 
 mod commit;
+mod fail;
 mod job;
 mod screen;
 
 use super::claims::Held;
-use super::dlq::{self, Origin};
+use super::dlq;
 use super::offsets::OffsetTracker;
-use super::{Ctx, DeliveryMode as Mode, EngineError, RetryMode, now_ms};
-use crate::host::Outcome;
+use super::{Ctx, DeliveryMode as Mode, EngineError, now_ms};
 use crate::source::{Commit, Delivery, SourceError};
 use commit::{InFlight, Later, Pending};
 use std::collections::VecDeque;
@@ -445,18 +445,6 @@ fn placeholder() -> Delivery {
     }
 }
 
-/// What went wrong with a message, as the log and the DLQ envelope name it.
-fn failure_kind(stop: &Outcome, exhausted: bool) -> (&'static str, String) {
-    match stop {
-        Outcome::Reject { reason } => ("rejected", reason.clone()),
-        Outcome::Retry { reason, .. } if exhausted => ("retries-exhausted", reason.clone()),
-        Outcome::Retry { reason, .. } => ("retry", reason.clone()),
-        Outcome::Fault { kind, detail } => (kind.as_str(), detail.clone()),
-        Outcome::InvalidOutput { detail } => ("invalid-output", detail.clone()),
-        Outcome::Ok => ("ok", String::new()),
-    }
-}
-
 /// Takes a lane's finished job: what was done is finished in the tracker and its outputs go
 /// to the next commit; each failure is retried, requeued or dead-lettered; what waits (a retry
 /// in place, the messages its key held back) goes back to the front of the lane, in order.
@@ -507,7 +495,7 @@ fn handle(
                 }
             }
             job::Fate::Failed(stop) => {
-                if let Some(w) = fail(ctx, topic, is_retry_topic, tracker, pending, w, stop) {
+                if let Some(w) = fail::fail(ctx, topic, is_retry_topic, tracker, pending, w, stop) {
                     back.push(w);
                 }
             }
@@ -518,122 +506,6 @@ fn handle(
         lane.queue.push_front(w);
     }
     Ok(())
-}
-
-/// One message's failure: retried in place (returned, to wait in its lane), or settled now
-/// (requeued to the retry topic or dead-lettered).
-fn fail(
-    ctx: &Ctx,
-    topic: &Arc<str>,
-    is_retry_topic: bool,
-    tracker: &mut OffsetTracker,
-    pending: &mut Pending,
-    mut w: Work,
-    stop: Outcome,
-) -> Option<Work> {
-    let cfg = &ctx.cfg;
-    let now = now_ms();
-    let first = *w.first_failure_ms.get_or_insert(now);
-    let retryable = matches!(
-        stop,
-        Outcome::Retry { .. } | Outcome::Fault { .. } | Outcome::InvalidOutput { .. }
-    );
-    let exhausted = retryable && !cfg.backoff.may_retry(w.attempt);
-    let (kind, error) = failure_kind(&stop, exhausted);
-    ctx.stats.metrics.count(
-        topic,
-        if kind == "retries-exhausted" {
-            "retry"
-        } else {
-            kind
-        },
-        1,
-    );
-    let key = w.msg.record.key.as_deref().map(String::from_utf8_lossy);
-    tracing::warn!(
-        topic = %w.msg.topic, partition = w.msg.partition, offset = w.msg.offset,
-        key = key.as_deref().unwrap_or(""), attempt = w.attempt, kind, error = %error,
-        "message failed"
-    );
-    let origin_topic = if is_retry_topic {
-        w.msg.topic.clone()
-    } else {
-        topic.clone()
-    };
-    let origin = Origin {
-        topic: origin_topic.clone(),
-        partition: w.msg.partition,
-        offset: w.msg.offset,
-    };
-    if retryable && !exhausted && cfg.delivery == Mode::AtLeastOnce {
-        let requested = match &stop {
-            Outcome::Retry { delay, .. } => *delay,
-            _ => None,
-        };
-        let delay = cfg
-            .backoff
-            .delay(w.attempt, requested, rand::random::<f64>());
-        ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
-        if cfg.retry_mode == RetryMode::Requeue {
-            let not_before = now + delay.as_millis() as u64;
-            let copy = dlq::requeue(
-                &w.msg,
-                &origin,
-                w.attempt + 1,
-                not_before,
-                first,
-                cfg.retry_for(&origin_topic),
-            );
-            match ctx.source.fits(&copy.record) {
-                Ok(()) => {
-                    if w.claimed
-                        && let Some(key) = w.dedupe_key.take()
-                    {
-                        pending.release.push(key);
-                    }
-                    pending.hold(w.at, w.at, Later::Letter(copy));
-                    tracker.finish(w.at);
-                    return None;
-                }
-                // Too large for the retry topic with its headers: retried in place.
-                Err(e) => {
-                    tracing::debug!(error = %e, "the retry copy does not fit; retrying in place")
-                }
-            }
-        }
-        w.attempt += 1;
-        w.not_before = Some(Instant::now() + delay);
-        w.again = true;
-        return Some(w);
-    }
-    // The handler that ran it: the current one (a reload between the call and here is the one
-    // case this names the newer module).
-    let current = ctx.stats.module.get().unwrap_or_else(|| ctx.module.clone());
-    let failure = dlq::Failure {
-        origin: &origin,
-        attempts: w.attempt,
-        kind,
-        error: &error,
-        module: current.name(),
-        digest: current.digest(),
-        first_failure_ms: first,
-        last_failure_ms: now,
-    };
-    let letter = dlq::envelope(&w.msg, &failure, cfg.dlq_for(&origin_topic));
-    pending.hold(
-        w.at,
-        w.at,
-        Later::Letter(dlq::fit(letter, |r| ctx.source.fits(r))),
-    );
-    // Not done: a later copy of it may run.
-    if w.claimed
-        && let Some(key) = w.dedupe_key.take()
-    {
-        pending.release.push(key);
-    }
-    tracker.finish(w.at);
-    pending.dead += 1;
-    None
 }
 
 #[cfg(test)]
