@@ -342,11 +342,11 @@ impl DlqCommand {
                 );
                 let (mut replayed, mut failed) = (0u64, 0u64);
                 for l in &letters {
-                    let outputs = match &handler {
-                        None => vec![Output {
+                    let outputs: Result<Vec<Output>, String> = match &handler {
+                        None => Ok(vec![Output {
                             topic: target(l),
                             record: l.original(),
-                        }],
+                        }]),
                         Some(m) => {
                             let inst = match &mut instance {
                                 Some(i) => i,
@@ -375,39 +375,38 @@ impl DlqCommand {
                             let r =
                                 runtime.block_on(inst.run(std::slice::from_mut(&mut msg), &[1]));
                             match r.stop {
-                                None => r.outputs,
+                                None => Ok(r.outputs),
                                 Some(stop) => {
                                     if matches!(stop, Outcome::Fault { .. }) {
                                         instance = None;
                                     }
-                                    failed += 1;
-                                    bar.println(format!(
-                                        "dead letter {} failed again: {stop:?}",
-                                        l.id
-                                    ));
-                                    bar.inc(1);
-                                    continue;
+                                    Err(format!("failed again: {stop:?}"))
                                 }
                             }
                         }
                     };
-                    let mut missing = None;
-                    for o in &outputs {
-                        if !topic_exists(log, &o.topic)? {
-                            missing = Some(o.topic.clone());
+                    let mut outputs = outputs;
+                    if let Ok(outs) = &outputs {
+                        for o in outs {
+                            if !topic_exists(log, &o.topic)? {
+                                outputs = Err(format!(
+                                    "emits to topic `{}`, which does not exist; it stays un-replayed",
+                                    o.topic
+                                ));
+                                break;
+                            }
                         }
                     }
-                    if let Some(t) = missing {
-                        failed += 1;
-                        bar.println(format!(
-                            "dead letter {} emits to topic `{t}`, which does not exist; it stays un-replayed",
-                            l.id
-                        ));
-                        bar.inc(1);
-                        continue;
+                    match outputs {
+                        Ok(outputs) => {
+                            log.replay(&dlq, l, outputs)?;
+                            replayed += 1;
+                        }
+                        Err(why) => {
+                            failed += 1;
+                            bar.println(format!("dead letter {} {why}", l.id));
+                        }
                     }
-                    log.replay(&dlq, l, outputs)?;
-                    replayed += 1;
                     bar.inc(1);
                 }
                 bar.finish_and_clear();
