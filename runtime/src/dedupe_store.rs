@@ -16,7 +16,9 @@ const MAX_IDLE: usize = 16;
 /// How long one Redis request may take before the store counts as not answering.
 const TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Claims a key unless it is done or claimed by another token; renews our own claim.
+/// Claims a key unless it is done or claimed by another token; renews our own claim. A key
+/// finished by anyone (`fin|TOKEN|PLACE`) is claimed when asked from the same place (the
+/// message itself, delivered again) and is a duplicate otherwise. ARGV: token, ttl, place.
 const CLAIM: &str = r"
 local v = redis.call('GET', KEYS[1])
 if not v then
@@ -28,12 +30,31 @@ if v == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
+local place = string.match(v, '^fin|[^|]*|(.*)$')
+if place then
+  if place == ARGV[3] then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+  end
+  return 2
+end
 return 3
 ";
 
-/// Deletes a key only while it holds our claim (never a `done` mark, never another's claim).
-const RELEASE: &str = r"
+/// Turns our claim into a finished one. ARGV: token, ttl, place.
+const FINISH: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], 'fin|' .. ARGV[1] .. '|' .. ARGV[3], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Deletes a key only while it holds our claim, running or finished (never a `done` mark,
+/// never another's claim).
+const RELEASE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] or (v and string.sub(v, 1, string.len(ARGV[1]) + 5) == 'fin|' .. ARGV[1] .. '|') then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -118,7 +139,7 @@ impl SharedStore for RedisStore {
     fn claim_many(
         &self,
         group: &str,
-        keys: &[&[u8]],
+        keys: &[(&[u8], &str)],
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<Claim>, StoreError> {
@@ -127,13 +148,14 @@ impl SharedStore for RedisStore {
         }
         // One pipeline of EVALs: a round trip per lane's screening, not per message.
         let mut pipe = redis::pipe();
-        for key in keys {
+        for (key, place) in keys {
             pipe.cmd("EVAL")
                 .arg(CLAIM)
                 .arg(1)
                 .arg(Self::key(group, key))
                 .arg(token)
-                .arg(ttl.as_millis() as u64);
+                .arg(ttl.as_millis() as u64)
+                .arg(*place);
         }
         let answers: Vec<i64> = self.with(|c| pipe.query(c))?;
         Ok(answers
@@ -144,6 +166,30 @@ impl SharedStore for RedisStore {
                 _ => Claim::Busy,
             })
             .collect())
+    }
+
+    fn finish(
+        &self,
+        group: &str,
+        keys: &[(Vec<u8>, String)],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (key, place) in keys {
+            pipe.cmd("EVAL")
+                .arg(FINISH)
+                .arg(1)
+                .arg(Self::key(group, key))
+                .arg(token)
+                .arg(ttl.as_millis() as u64)
+                .arg(place)
+                .ignore();
+        }
+        self.with(|c| pipe.query::<()>(c))
     }
 
     fn mark_done(&self, group: &str, keys: &[Vec<u8>], window: Duration) -> Result<(), StoreError> {
@@ -172,5 +218,59 @@ impl SharedStore for RedisStore {
 
     fn describe(&self) -> String {
         self.url.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The claim scripts against the machine's Redis (127.0.0.1:6379; scripts/services.sh
+    //! starts it), under a group name of their own.
+    use super::*;
+
+    #[test]
+    fn a_finished_claim_makes_copies_duplicates_and_lets_its_own_message_run_again() {
+        let store = RedisStore::new("redis://127.0.0.1:6379").unwrap();
+        let group = format!("unit-{}-{:x}", std::process::id(), rand::random::<u32>());
+        let ttl = Duration::from_secs(60);
+        let k = b"k".to_vec();
+        // (process, step, the place of its message, a claim's answer)
+        let steps: &[(&str, &str, &str, Option<Claim>)] = &[
+            ("a", "claim", "t/0/5", Some(Claim::Mine)),
+            ("b", "claim", "t/1/9", Some(Claim::Busy)),
+            // a is done with t/0/5 and its mark waits: a copy from elsewhere is a duplicate.
+            ("a", "finish", "t/0/5", None),
+            ("b", "claim", "t/1/9", Some(Claim::Done)),
+            // a stopped before writing its mark: t/0/5 delivered to b is the message itself.
+            ("b", "claim", "t/0/5", Some(Claim::Mine)),
+            ("a", "claim", "t/0/5", Some(Claim::Busy)),
+            // a's release leaves b's claim alone; b's release of its finished claim lets go.
+            ("a", "release", "", None),
+            ("c", "claim", "t/2/1", Some(Claim::Busy)),
+            ("b", "finish", "t/0/5", None),
+            ("b", "release", "", None),
+            ("c", "claim", "t/2/1", Some(Claim::Mine)),
+        ];
+        for (n, (who, step, place, want)) in steps.iter().enumerate() {
+            let got = match *step {
+                "claim" => Some(
+                    store
+                        .claim_many(&group, &[(k.as_slice(), *place)], who, ttl)
+                        .expect("Redis answers (scripts/services.sh starts it)")[0],
+                ),
+                "finish" => {
+                    let keys = [(k.clone(), place.to_string())];
+                    store.finish(&group, &keys, who, ttl).unwrap();
+                    None
+                }
+                _ => {
+                    store
+                        .release(&group, std::slice::from_ref(&k), who)
+                        .unwrap();
+                    None
+                }
+            };
+            assert_eq!(got, *want, "step {n}: {who} {step} {place}");
+        }
+        store.release(&group, &[k], "c").unwrap();
     }
 }

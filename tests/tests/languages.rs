@@ -213,11 +213,12 @@ fn new_project_builds_and_passes(lang: Lang) {
             );
         }
         Lang::Js => {
-            // Reuses the installed jco of the JS example instead of a second download.
+            // Reuses the installed jco of the JS example instead of a second download. The
+            // example is built first (under its lock): a link to a node_modules/ that another
+            // test's `npm ci` is still filling made build.sh skip its install and find no jco.
+            orders_in(Lang::Js);
             let modules = root().join("guest-examples/js/orders/node_modules");
-            if modules.is_dir() {
-                std::os::unix::fs::symlink(&modules, project.join("node_modules")).unwrap();
-            }
+            std::os::unix::fs::symlink(&modules, project.join("node_modules")).unwrap();
         }
         Lang::Python | Lang::C => {}
     }

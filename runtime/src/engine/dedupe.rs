@@ -37,17 +37,31 @@ pub struct StoreError(pub String);
 /// them with short timeouts).
 pub trait SharedStore: std::fmt::Debug + Send + Sync {
     /// Claims each key for `token` for `ttl`, unless it is done or held by another token; one
-    /// answer per key, in order (one round trip for all of them).
+    /// answer per key, in order (one round trip for all of them). Each key comes with the
+    /// place of the message asking (`topic/partition/offset`): a key another process
+    /// [finished](SharedStore::finish) from that very place is the same message delivered again
+    /// (its first holder stopped before writing it) and is claimed; from another place, the
+    /// message is a duplicate.
     fn claim_many(
         &self,
         group: &str,
-        keys: &[&[u8]],
+        keys: &[(&[u8], &str)],
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<Claim>, StoreError>;
+    /// Turns `token`'s claims on keys into "done, waiting for the commit point" (each with the
+    /// place of its message), for `ttl`: copies elsewhere are duplicates rather than wait.
+    fn finish(
+        &self,
+        group: &str,
+        keys: &[(Vec<u8>, String)],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
     /// Marks keys done for `window` (after their outputs were published).
     fn mark_done(&self, group: &str, keys: &[Vec<u8>], window: Duration) -> Result<(), StoreError>;
-    /// Drops `token`'s claims on keys that were not done (their message failed or was given up).
+    /// Drops `token`'s claims (running or finished) on keys that were not marked done (their
+    /// message failed, was given up, or its partition stopped).
     fn release(&self, group: &str, keys: &[Vec<u8>], token: &str) -> Result<(), StoreError>;
     /// Where it is, for the log.
     fn describe(&self) -> String;

@@ -241,7 +241,7 @@ struct Ctx {
     stats: Arc<Stats>,
     /// Idempotency keys of messages in flight, across all partitions of this run: a second copy
     /// of a key waits until the first is done (then it is a duplicate) or has failed.
-    claims: std::sync::Mutex<HashSet<Vec<u8>>>,
+    claims: std::sync::Mutex<claims::Claims>,
     /// This run's token for claims in a shared dedupe store.
     token: String,
     /// Until when the shared dedupe store counts as down (no keyed message runs until then).

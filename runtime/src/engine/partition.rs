@@ -17,7 +17,7 @@ use super::claims::Held;
 use super::dlq;
 use super::offsets::OffsetTracker;
 use super::{Ctx, DeliveryMode as Mode, EngineError, now_ms};
-use crate::source::{Commit, Delivery, SourceError};
+use crate::source::{Commit, Delivery, Settle, SourceError};
 use commit::{InFlight, Later, Pending};
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
@@ -159,7 +159,7 @@ pub(super) async fn consume(
         .find(|(_, r)| **r == *topic)
         .map(|(origin, _)| origin.clone());
     let is_retry_topic = retry_origin.is_some();
-    let per_message = ctx.source.capabilities().settle == crate::source::Settle::PerMessage;
+    let per_message = ctx.source.capabilities().settle == Settle::PerMessage;
     let mut tracker = if per_message {
         OffsetTracker::per_message(start)
     } else {
@@ -478,6 +478,8 @@ fn handle(
         .dedupe
         .as_ref()
         .map(|d| now_ms() + d.window.as_millis() as u64);
+    let shared = ctx.cfg.dedupe.as_ref().is_some_and(|d| d.store.is_some());
+    let settle = ctx.source.capabilities().settle;
     let mut back = Vec::new();
     for ((mut w, msg), fate) in meta.into_iter().zip(msgs).zip(ran.fates) {
         w.msg = msg;
@@ -490,6 +492,11 @@ fn handle(
                     && w.claimed
                     && let Some(key) = w.dedupe_key.take()
                 {
+                    ctx.claims.lock().expect("claims lock").finish(&key);
+                    if shared && settle == Settle::Watermark {
+                        let place = screen::place(&w.msg.topic, w.msg.partition, w.msg.offset);
+                        pending.finished(key.clone(), place);
+                    }
                     pending.hold(w.at, w.at, Later::Mark(key.clone(), expires));
                     pending.hold(w.at, w.at, Later::Release(key));
                 }

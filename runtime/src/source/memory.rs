@@ -27,6 +27,8 @@ struct State {
     commits: Vec<Committed>,
     /// Offsets fetched, in the order the engine asked for them.
     fetched: Vec<(String, u32, u64)>,
+    /// Idempotency keys marked done, per group.
+    marks: std::collections::HashSet<(String, Vec<u8>)>,
 }
 
 pub struct Memory {
@@ -177,6 +179,9 @@ impl Source for Memory {
                 .ok_or_else(|| missing(&o.topic))?;
             parts[0].push(o.record.clone());
         }
+        for (key, _) in &c.dedupe_done {
+            s.marks.insert((group.to_string(), key.clone()));
+        }
         for (t, p, o) in &c.offsets {
             let e = s
                 .offsets
@@ -203,8 +208,9 @@ impl Source for Memory {
         Ok(())
     }
 
-    fn dedupe_done(&self, _: &str, _: &[u8], _: u64) -> Result<bool, SourceError> {
-        Ok(false)
+    fn dedupe_done(&self, group: &str, key: &[u8], _: u64) -> Result<bool, SourceError> {
+        let s = self.state.lock().unwrap();
+        Ok(s.marks.contains(&(group.to_string(), key.to_vec())))
     }
 
     fn evict_dedupe(&self, _: u64, _: usize) -> Result<usize, SourceError> {

@@ -8,6 +8,7 @@
 //! each time a retry or a rejection split a run of messages into smaller commits.
 
 use super::{Held, blocking, screen};
+use crate::engine::dedupe::{SharedStore, StoreError};
 use crate::engine::offsets::OffsetTracker;
 use crate::engine::{Ctx, EngineError, now_ms};
 use crate::source::{Commit, Output, Settle};
@@ -45,6 +46,9 @@ struct Waiting {
     by_offset: BTreeMap<u64, Vec<(u64, Later)>>,
     /// Idempotency keys whose done marks wait.
     done_keys: HashSet<Vec<u8>>,
+    /// Keys done since the last commit started, with their message's place: a commit tells a
+    /// shared store of those whose marks still wait (see `claims`).
+    finished: Vec<(Vec<u8>, String)>,
     /// The last `release`: the point it was given and the offset it returned, while nothing
     /// was held since (the loop asks after every finished job; the walk is not free).
     last: Option<(u64, u64)>,
@@ -83,11 +87,17 @@ impl Pending {
             .push((first, item));
     }
 
-    /// Whether a message of this partition with `key` is done and its mark waits to be
-    /// written: a copy of it is a duplicate. (Waiting for its claim instead could wait forever:
-    /// the mark waits for the commit point, which may wait for the copy.)
-    pub fn done_unwritten(&self, key: &[u8]) -> bool {
-        self.held.done_keys.contains(key)
+    /// Notes that the message at `place` (see `screen::place`) is done with `key`, for a
+    /// shared store to learn at the next commit if its mark still waits then.
+    pub fn finished(&mut self, key: Vec<u8>, place: String) {
+        self.held.finished.push((key, place));
+    }
+
+    /// The keys done since the last call whose marks still wait, with their places.
+    fn take_finished(&mut self) -> Vec<(Vec<u8>, String)> {
+        let mut f = std::mem::take(&mut self.held.finished);
+        f.retain(|(k, _)| self.held.done_keys.contains(k));
+        f
     }
 
     /// Moves into the commit what may go with an offset at most `point` (everything below it
@@ -178,8 +188,11 @@ pub(super) fn start(
             point
         }
     };
+    // Done keys whose marks wait for this partition's commit point: a shared store learns
+    // they are finished, so copies in other processes are duplicates rather than wait.
+    let announce = pending.take_finished();
     // Anything to commit?
-    if !pending.any() && point == committed {
+    if !pending.any() && point == committed && announce.is_empty() {
         return None;
     }
     let held = std::mem::take(&mut pending.held);
@@ -194,6 +207,9 @@ pub(super) fn start(
     c.offsets.push((topic.clone(), partition, point));
     let ctx = ctx.clone();
     let task = tokio::spawn(async move {
+        if !announce.is_empty() {
+            announce_finished(&ctx, announce).await?;
+        }
         write(&ctx, c, &p.release).await?;
         Ok(p)
     });
@@ -315,15 +331,45 @@ pub(super) fn finish(
 /// only when the run is shutting down.
 async fn mark_until_stored(
     ctx: &Arc<Ctx>,
-    store: &Arc<dyn crate::engine::dedupe::SharedStore>,
+    store: &Arc<dyn SharedStore>,
     keys: Vec<Vec<u8>>,
 ) -> Result<(), EngineError> {
     let window = ctx.cfg.dedupe.as_ref().map_or(Duration::ZERO, |d| d.window);
+    let (store, group, n) = (store.clone(), ctx.cfg.group.clone(), keys.len());
     let keys = Arc::new(keys);
+    until_stored(ctx, n, move || store.mark_done(&group, &keys, window)).await
+}
+
+/// Tells the shared store which claims are finished (done, marks waiting), trying again while
+/// it does not answer, like the marks: copies in other processes wait for them meanwhile.
+async fn announce_finished(
+    ctx: &Arc<Ctx>,
+    keys: Vec<(Vec<u8>, String)>,
+) -> Result<(), EngineError> {
+    let Some(d) = ctx.cfg.dedupe.as_ref() else {
+        return Ok(());
+    };
+    let Some(store) = d.store.clone() else {
+        return Ok(());
+    };
+    // Longer than a claim: the mark may wait for an earlier message's retries too.
+    let ttl = d.claim_ttl * 2;
+    let (group, token, n) = (ctx.cfg.group.clone(), ctx.token.clone(), keys.len());
+    let keys = Arc::new(keys);
+    until_stored(ctx, n, move || store.finish(&group, &keys, &token, ttl)).await
+}
+
+/// Runs `call` (a blocking store call about `n` keys) until it succeeds or the run shuts down.
+async fn until_stored(
+    ctx: &Arc<Ctx>,
+    n: usize,
+    call: impl Fn() -> Result<(), StoreError> + Send + Sync + 'static,
+) -> Result<(), EngineError> {
+    let call = Arc::new(call);
     let mut warned = false;
     loop {
-        let (store, group, k) = (store.clone(), ctx.cfg.group.clone(), keys.clone());
-        let r = tokio::task::spawn_blocking(move || store.mark_done(&group, &k, window))
+        let c = call.clone();
+        let r = tokio::task::spawn_blocking(move || c())
             .await
             .map_err(|e| EngineError::Join(e.to_string()))?;
         match r {
@@ -335,8 +381,7 @@ async fn mark_until_stored(
             }
             Err(e) if *ctx.shutdown.borrow() => {
                 return Err(EngineError::Dedupe(format!(
-                    "{e}; stopping with {} handled message(s) unacked (they will be redelivered)",
-                    keys.len()
+                    "{e}; stopping with {n} handled message(s) unacked (they will be redelivered)"
                 )));
             }
             Err(e) => {

@@ -10,6 +10,7 @@
 //! and serve the admin server (a slow Redis or disk then delays only the lane it screens).
 
 use super::{Held, Lane, Pending};
+use crate::engine::claims::Local;
 use crate::engine::dedupe::Claim;
 use crate::engine::offsets::OffsetTracker;
 use crate::engine::{Ctx, EngineError, now_ms};
@@ -44,12 +45,36 @@ pub(super) async fn screen(
         return Ok(());
     }
     let Some(store) = dedupe.store.clone() else {
-        // The embedded log's marks: one lookup per key, all in one blocking call.
-        let keys: Vec<Vec<u8>> = lane
-            .queue
+        // The embedded log's marks. Each key is claimed here first, then looked up (one blocking
+        // call for all): looking up first could miss a mark written just after the lookup and
+        // then find the claim already let go, and run a copy again.
+        let mut kept = VecDeque::with_capacity(lane.queue.len());
+        let mut ask: Vec<usize> = Vec::new();
+        for mut w in lane.queue.drain(..) {
+            if due(&w) {
+                let key = w.dedupe_key.as_deref().expect("due messages are keyed");
+                match ctx.claims.lock().expect("claims lock").claim(key) {
+                    Local::Claimed => ask.push(kept.len()),
+                    // Another copy is in flight: look again shortly; by then it is done or
+                    // released.
+                    Local::Busy => w.not_before = Some(now + DEDUPE_RECHECK),
+                    // A copy of a message done here whose mark waits to be written.
+                    Local::Duplicate => {
+                        tracker.finish(w.at);
+                        pending.deduped += 1;
+                        continue;
+                    }
+                }
+            }
+            kept.push_back(w);
+        }
+        if ask.is_empty() {
+            lane.queue = kept;
+            return Ok(());
+        }
+        let keys: Vec<Vec<u8>> = ask
             .iter()
-            .filter(|w| due(w))
-            .filter_map(|w| w.dedupe_key.clone())
+            .map(|&i| kept[i].dedupe_key.clone().expect("keyed"))
             .collect();
         let (source, group, wall) = (ctx.source.clone(), ctx.cfg.group.clone(), now_ms());
         let done = tokio::task::spawn_blocking(move || {
@@ -58,31 +83,38 @@ pub(super) async fn screen(
                 .collect::<Result<Vec<bool>, _>>()
         })
         .await
-        .map_err(|e| EngineError::Join(e.to_string()))??;
-        let mut done = done.into_iter();
-        let mut kept = VecDeque::with_capacity(lane.queue.len());
-        for mut w in lane.queue.drain(..) {
-            if !due(&w) {
-                kept.push_back(w);
-                continue;
+        .map_err(|e| EngineError::Join(e.to_string()))?;
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing claimed here may stay claimed by a lookup that failed.
+                let mut claims = ctx.claims.lock().expect("claims lock");
+                for &i in &ask {
+                    claims.remove(kept[i].dedupe_key.as_deref().expect("keyed"));
+                }
+                lane.queue = kept;
+                return Err(e.into());
             }
-            let key = w.dedupe_key.clone().expect("due messages are keyed");
-            if done.next().expect("one answer per key") || pending.done_unwritten(&key) {
-                tracker.finish(w.at);
-                pending.deduped += 1;
-                continue;
-            }
+        };
+        let mut duplicates = Vec::new();
+        {
             let mut claims = ctx.claims.lock().expect("claims lock");
-            if claims.contains(&key) {
-                // Another copy is in flight: look again shortly; by then it is done or released.
-                w.not_before = Some(now + DEDUPE_RECHECK);
-            } else {
-                claims.insert(key.clone());
-                held.hold(&key);
-                w.claimed = true;
+            for (&i, done) in ask.iter().zip(done) {
+                let w = &mut kept[i];
+                let key = w.dedupe_key.as_deref().expect("keyed");
+                if done {
+                    claims.remove(key);
+                    duplicates.push(i);
+                } else {
+                    held.hold(key);
+                    w.claimed = true;
+                }
             }
-            drop(claims);
-            kept.push_back(w);
+        }
+        for i in duplicates.into_iter().rev() {
+            let w = kept.remove(i).expect("index in range");
+            tracker.finish(w.at);
+            pending.deduped += 1;
         }
         lane.queue = kept;
         return Ok(());
@@ -95,35 +127,39 @@ pub(super) async fn screen(
     let down = *ctx.store_down_until.lock().expect("store lock");
     for mut w in lane.queue.drain(..) {
         if due(&w) {
-            let key = w.dedupe_key.as_ref().expect("due messages are keyed");
-            if pending.done_unwritten(key) {
-                // A copy of a message done here whose mark waits to be written.
-                tracker.finish(w.at);
-                pending.deduped += 1;
-                continue;
-            } else if let Some(until) = down.filter(|u| *u > now) {
+            let key = w.dedupe_key.as_deref().expect("due messages are keyed");
+            if let Some(until) = down.filter(|u| *u > now) {
                 w.not_before = Some(until);
-            } else if ctx.claims.lock().expect("claims lock").insert(key.clone()) {
-                ask.push(kept.len());
             } else {
-                w.not_before = Some(now + DEDUPE_RECHECK);
+                match ctx.claims.lock().expect("claims lock").claim(key) {
+                    Local::Claimed => ask.push(kept.len()),
+                    Local::Busy => w.not_before = Some(now + DEDUPE_RECHECK),
+                    // A copy of a message done here whose mark waits to be written.
+                    Local::Duplicate => {
+                        tracker.finish(w.at);
+                        pending.deduped += 1;
+                        continue;
+                    }
+                }
             }
         }
         kept.push_back(w);
     }
     if !ask.is_empty() {
-        let keys: Vec<Vec<u8>> = ask
+        let keys: Vec<(Vec<u8>, String)> = ask
             .iter()
             .map(|&i| {
-                kept[i]
-                    .dedupe_key
-                    .clone()
-                    .expect("asked for keyed messages")
+                let w = &kept[i];
+                let key = w.dedupe_key.clone().expect("asked for keyed messages");
+                (key, place(&w.msg.topic, w.msg.partition, w.msg.offset))
             })
             .collect();
         let (group, token, ttl) = (ctx.cfg.group.clone(), ctx.token.clone(), dedupe.claim_ttl);
         let answers = tokio::task::spawn_blocking(move || {
-            let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            let refs: Vec<(&[u8], &str)> = keys
+                .iter()
+                .map(|(k, p)| (k.as_slice(), p.as_str()))
+                .collect();
             store.claim_many(&group, &refs, &token, ttl)
         })
         .await
@@ -165,4 +201,9 @@ pub(super) async fn screen(
     }
     lane.queue = kept;
     Ok(())
+}
+
+/// Where a message is, as a shared store's claims name it: `topic/partition/offset`.
+pub(super) fn place(topic: &str, partition: u32, offset: u64) -> String {
+    format!("{topic}/{partition}/{offset}")
 }
