@@ -44,15 +44,23 @@ pub(super) async fn screen(
     if !lane.queue.iter().any(due) {
         return Ok(());
     }
-    let Some(store) = dedupe.store.clone() else {
-        // The embedded log's marks. Each key is claimed here first, then looked up (one blocking
-        // call for all): looking up first could miss a mark written just after the lookup and
-        // then find the claim already let go, and run a copy again.
-        let mut kept = VecDeque::with_capacity(lane.queue.len());
-        let mut ask: Vec<usize> = Vec::new();
-        for mut w in lane.queue.drain(..) {
-            if due(&w) {
-                let key = w.dedupe_key.as_deref().expect("due messages are keyed");
+    // Each key is claimed in this process first (so two lanes never claim it at once), then
+    // looked up in one blocking call for all: in the embedded log's marks, or in the shared
+    // store. Looking up first could miss a mark written just after the lookup, then find the
+    // claim already let go, and run a copy again.
+    let mut kept = VecDeque::with_capacity(lane.queue.len());
+    // Positions in `kept` of the messages to look up.
+    let mut ask: Vec<usize> = Vec::new();
+    let down = match dedupe.store {
+        Some(_) => *ctx.store_down_until.lock().expect("store lock"),
+        None => None,
+    };
+    for mut w in lane.queue.drain(..) {
+        if due(&w) {
+            let key = w.dedupe_key.as_deref().expect("due messages are keyed");
+            if let Some(until) = down.filter(|u| *u > now) {
+                w.not_before = Some(until);
+            } else {
                 match ctx.claims.lock().expect("claims lock").claim(key) {
                     Local::Claimed => ask.push(kept.len()),
                     // Another copy is in flight: look again shortly; by then it is done or
@@ -66,8 +74,10 @@ pub(super) async fn screen(
                     }
                 }
             }
-            kept.push_back(w);
         }
+        kept.push_back(w);
+    }
+    let Some(store) = dedupe.store.clone() else {
         if ask.is_empty() {
             lane.queue = kept;
             return Ok(());
@@ -119,32 +129,6 @@ pub(super) async fn screen(
         lane.queue = kept;
         return Ok(());
     };
-    // A shared store: reserve each key in this process first (so two lanes never claim it with
-    // one token), then ask the store for every reserved key at once.
-    let mut kept = VecDeque::with_capacity(lane.queue.len());
-    // Positions in `kept` of the messages to claim in the shared store.
-    let mut ask: Vec<usize> = Vec::new();
-    let down = *ctx.store_down_until.lock().expect("store lock");
-    for mut w in lane.queue.drain(..) {
-        if due(&w) {
-            let key = w.dedupe_key.as_deref().expect("due messages are keyed");
-            if let Some(until) = down.filter(|u| *u > now) {
-                w.not_before = Some(until);
-            } else {
-                match ctx.claims.lock().expect("claims lock").claim(key) {
-                    Local::Claimed => ask.push(kept.len()),
-                    Local::Busy => w.not_before = Some(now + DEDUPE_RECHECK),
-                    // A copy of a message done here whose mark waits to be written.
-                    Local::Duplicate => {
-                        tracker.finish(w.at);
-                        pending.deduped += 1;
-                        continue;
-                    }
-                }
-            }
-        }
-        kept.push_back(w);
-    }
     if !ask.is_empty() {
         let keys: Vec<(Vec<u8>, String)> = ask
             .iter()
