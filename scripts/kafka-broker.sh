@@ -1,26 +1,23 @@
 #!/usr/bin/env bash
-# Starts a real Kafka-protocol broker (tansu, in memory) on 127.0.0.1:$PORT for the tests that
-# need one, and prints `WEIR_TEST_KAFKA_BROKERS=127.0.0.1:$PORT` once it answers. Builds tansu
-# only when WEIR_INSTALL_TANSU=1: `cargo install tansu --features dynostore` takes about 16
-# minutes on 2 cores. Prints nothing and exits 0 when tansu is not installed.
+# Starts a real Kafka-protocol broker with transactions for the tests that need one (noida-db
+# from PyPI, installed when missing; a data directory of its own) on 127.0.0.1:$PORT (default
+# 19092), unless something answers there already, and prints the two variables the tests read.
+# Exits 1 when it does not start. Sourced through scripts/services.sh; runs on its own too:
+#   export $(PORT=19092 scripts/kafka-broker.sh)
 set -euo pipefail
 port="${PORT:-19092}"
-bin="$(command -v tansu || true)"
-[[ -z "$bin" && -x /root/.local/tansu/bin/tansu ]] && bin=/root/.local/tansu/bin/tansu
-if [[ -z "$bin" && "${WEIR_INSTALL_TANSU:-0}" == 1 ]]; then
-  cargo install tansu --features dynostore --root "$HOME/.local/tansu" >&2
-  bin="$HOME/.local/tansu/bin/tansu"
-fi
-[[ -z "$bin" ]] && exit 0
-url="tcp://127.0.0.1:$port"
-nohup "$bin" broker --listener-url "$url" --advertised-listener-url "$url" \
-  --storage-engine memory://tansu/ >/tmp/weir-tansu.log 2>&1 &
-for _ in $(seq 1 100); do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "WEIR_TEST_KAFKA_BROKERS=127.0.0.1:$port"
-    exit 0
+answers() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+if ! answers; then
+  if ! command -v noida-db >/dev/null; then
+    # A Debian system Python refuses pip installs (PEP 668) unless told otherwise.
+    python3 -m pip install --quiet noida-db==0.2.3 2>/dev/null \
+      || python3 -m pip install --quiet --break-system-packages noida-db==0.2.3
+    if command -v pyenv >/dev/null; then pyenv rehash; fi
   fi
-  sleep 0.1
-done
-echo "tansu did not start; see /tmp/weir-tansu.log" >&2
-exit 1
+  dir="$(mktemp -d /tmp/weir-noida.XXXXXX)"
+  nohup noida-db start --only kafka --kafka-port "$port" --data-dir "$dir" >/tmp/weir-noida.log 2>&1 &
+  for _ in $(seq 1 300); do answers && break; sleep 0.1; done
+  answers || { echo "noida-db did not start on port $port; see /tmp/weir-noida.log" >&2; exit 1; }
+fi
+echo "WEIR_TEST_KAFKA_BROKERS=127.0.0.1:$port"
+echo "WEIR_TEST_KAFKA_TXN_BROKERS=127.0.0.1:$port"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Starts the servers the tests talk to when they do not answer: Redis (127.0.0.1:6379, shared
-# dedupe) and RabbitMQ (127.0.0.1:5672, guest/guest, the amqp:// source; the tests make a vhost
-# of their own per test with rabbitmqctl). Installs Debian's package of each when it is missing.
-# Sourced by test.sh (and so by CI); quick when both answer.
+# dedupe), RabbitMQ (127.0.0.1:5672, guest/guest, the amqp:// source; the tests make a vhost
+# of their own per test with rabbitmqctl), each from Debian's package (installed when missing),
+# and noida-db (PyPI), a Kafka-protocol broker with transactions, on 127.0.0.1:19092.
+# Sourced by test.sh (and so by CI); quick when all answer.
 set -euo pipefail
 echo "--- services: Redis for the shared-dedupe tests (127.0.0.1:6379; started if it is not answering)"
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
@@ -26,3 +27,9 @@ fi
 rabbitmqctl -q status >/dev/null
 export WEIR_TEST_AMQP="${WEIR_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672}"
 
+
+echo "--- services: a Kafka-protocol broker with transactions (noida-db, 127.0.0.1:19092; started if it is not answering)"
+# The real-broker Kafka tests (two members, exactly-once across a kill) run against it; the
+# rest of the Kafka tests use librdkafka's in-process mock cluster.
+while read -r setting; do export "$setting"; done < <(PORT="${WEIR_TEST_KAFKA_PORT:-19092}" "$(dirname "${BASH_SOURCE[0]}")/kafka-broker.sh")
+[[ -n "${WEIR_TEST_KAFKA_TXN_BROKERS:-}" ]] || { echo "noida-db did not start: see /tmp/weir-noida.log" >&2; exit 1; }

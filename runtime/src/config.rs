@@ -131,6 +131,11 @@ pub struct RunOptions {
     /// pauses, so that large messages are bounded too [default: 64MiB]
     #[arg(long, env = "WEIR_MAX_IN_FLIGHT_BYTES")]
     pub max_in_flight_bytes: Option<String>,
+    /// Where compiled handler modules are kept, so a restart loads one in milliseconds instead
+    /// of compiling it again; runs with several data directories may share one (entries are
+    /// keyed by the module's digest and the engine's settings) [default: DATA_DIR/compiled]
+    #[arg(long, env = "WEIR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Linear memory one instance may use [default: 64MiB]
     #[arg(long, env = "WEIR_MEMORY_LIMIT")]
     pub memory_limit: Option<String>,
@@ -396,6 +401,7 @@ impl RunOptions {
             lanes: self.lanes.or(lower.lanes),
             max_in_flight: self.max_in_flight.or(lower.max_in_flight),
             max_in_flight_bytes: self.max_in_flight_bytes.or(lower.max_in_flight_bytes),
+            cache_dir: self.cache_dir.or(lower.cache_dir),
             memory_limit: self.memory_limit.or(lower.memory_limit),
             call_timeout: self.call_timeout.or(lower.call_timeout),
             allow_http: self.allow_http.or(lower.allow_http),
@@ -706,7 +712,7 @@ impl RunOptions {
                 memory_limit,
                 call_timeout,
                 max_instances: most as u32,
-                cache_dir: Some(data_dir.join("compiled")),
+                cache_dir: Some(self.cache_dir.unwrap_or_else(|| data_dir.join("compiled"))),
                 handler_config,
                 capture_logs: false,
                 allow_http,

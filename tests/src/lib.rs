@@ -27,21 +27,93 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
-/// The `weir` binary, built (once per test process) in the debug profile.
+/// A directory under `target/` that every test process of a run (and later runs) shares.
+pub fn shared_dir(name: &str) -> PathBuf {
+    let dir = target_dir().join(name);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
+/// Runs `f` holding an exclusive lock on `target/weir-test-locks/<name>`: test processes
+/// (cargo-nextest runs each test in one of its own) build a shared thing once, not at once.
+pub fn with_lock<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    let path = shared_dir("weir-test-locks").join(name);
+    let file = std::fs::File::create(&path)
+        .unwrap_or_else(|e| panic!("create the lock {}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
+    let out = f();
+    drop(file);
+    out
+}
+
+/// The `weir` binary under test. It is `runtime/src/main.rs` built as this package's
+/// `weir-under-test` binary, so cargo builds it before any test runs, once, with the features of
+/// the test build (building `-p weir` from here compiled tokio and everything above it a second
+/// time, without tokio's test-util).
 pub fn weir_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let status = cargo()
-            .current_dir(root())
-            .args(["build", "--quiet", "-p", "weir", "--bin", "weir"])
-            .status()
-            .expect("run cargo build for the weir binary");
-        assert!(status.success(), "building the weir binary failed");
-        target_dir().join("debug").join("weir")
+        let name = format!("weir-under-test{}", std::env::consts::EXE_SUFFIX);
+        // cargo-nextest names it; under `cargo test` it is beside the test binary's deps/.
+        let bin = std::env::var_os("NEXTEST_BIN_EXE_weir-under-test")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let exe = std::env::current_exe().expect("the test binary's path");
+                let profile_dir = exe
+                    .parent()
+                    .and_then(Path::parent)
+                    .expect("the test binary is in target/<profile>/deps");
+                profile_dir.join(&name)
+            });
+        assert!(
+            bin.is_file(),
+            "no weir binary at {}: run the tests through cargo (`cargo nextest run` or \
+             `cargo test -p weir-tests`), which builds it",
+            bin.display()
+        );
+        bin
     })
 }
 
-/// The component built from `guest-examples/rust/<name>`, built (once per test process).
+/// Whether this is CI (`CI` set to anything but `false` or empty), where no test may skip:
+/// a missing service or tool fails the test that needs it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
+}
+
+/// For a test that cannot run here (`why` says what is missing and how to get it): fails it in
+/// CI, says so on standard error elsewhere. The caller returns after it.
+pub fn skip(why: &str) {
+    assert!(!in_ci(), "CI=true and {why}");
+    eprintln!("SKIPPED: {why}");
+}
+
+/// `WEIR_TEST_SCALE` (default 1): how many times the CI-sized volumes the tests run. A kill
+/// test needs enough messages that the kill lands mid-stream, not a benchmark's worth; run
+/// `WEIR_TEST_SCALE=10 scripts/test.sh` to put ten times as many through the same checks.
+pub fn scale() -> f64 {
+    static SCALE: OnceLock<f64> = OnceLock::new();
+    *SCALE.get_or_init(|| match std::env::var("WEIR_TEST_SCALE") {
+        Err(_) => 1.0,
+        Ok(v) => match v.parse::<f64>() {
+            Ok(x) if x > 0.0 && x.is_finite() => x,
+            _ => panic!("WEIR_TEST_SCALE={v}: expected a positive number (1 is CI's size)"),
+        },
+    })
+}
+
+/// `base` messages times [`scale`], and never fewer than `floor` (what the property needs).
+pub fn scaled(base: u64, floor: u64) -> u64 {
+    ((base as f64 * scale()).round() as u64).max(floor)
+}
+
+/// The profile the tests build the Rust guests with (guest-examples/Cargo.toml): release
+/// without LTO, so a change to a guest or the SDK rebuilds in seconds.
+const GUEST_PROFILE: &str = "guest-test";
+
+/// The component built from `guest-examples/rust/<name>`, built (once per test process; cargo
+/// finds the build fresh after the first) in the guests' test profile.
 pub fn guest(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
@@ -52,7 +124,8 @@ pub fn guest(name: &str) -> PathBuf {
             .args([
                 "build",
                 "--quiet",
-                "--release",
+                "--profile",
+                GUEST_PROFILE,
                 "--target",
                 "wasm32-wasip2",
                 "--manifest-path",
@@ -64,7 +137,9 @@ pub fn guest(name: &str) -> PathBuf {
             status.success(),
             "building the guest examples failed (is the wasm32-wasip2 target installed?)"
         );
-        root().join("guest-examples/target/wasm32-wasip2/release")
+        root()
+            .join("guest-examples/target/wasm32-wasip2")
+            .join(GUEST_PROFILE)
     });
     let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
     assert!(path.is_file(), "no guest component at {}", path.display());
@@ -121,9 +196,14 @@ pub fn preview1_adapter() -> PathBuf {
     path
 }
 
-/// The `orders` example in `lang`, built once per test process with its language's toolchain
-/// (scripts/setup-guests.sh installs them).
+/// The `orders` example in `lang`, built with its language's toolchain
+/// (scripts/setup-guests.sh installs them) once for every test process of a run and for later
+/// runs: the component is kept under `target/weir-test-guests/`, named by a digest of the
+/// example's sources and the WIT contract, and built again only when they change.
 pub fn orders_in(lang: Lang) -> PathBuf {
+    if lang == Lang::Rust {
+        return guest("orders");
+    }
     static BUILT: OnceLock<Mutex<HashMap<Lang, PathBuf>>> = OnceLock::new();
     let built = BUILT.get_or_init(Default::default);
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
@@ -134,43 +214,105 @@ pub fn orders_in(lang: Lang) -> PathBuf {
         .join("guest-examples")
         .join(lang.name())
         .join("orders");
-    let path = match lang {
-        Lang::Rust => guest("orders"),
-        Lang::Python => {
-            run_build(
+    let cached = shared_dir("weir-test-guests").join(format!(
+        "orders-{}-{}.wasm",
+        lang.name(),
+        sources_digest(&[&dir, &root().join("wit")])
+    ));
+    with_lock(&format!("guest-{}", lang.name()), || {
+        if cached.is_file() {
+            return;
+        }
+        match lang {
+            Lang::Rust => unreachable!("built by cargo above"),
+            Lang::Python => run_build(
                 &dir,
                 &mut Command::new("./build.sh"),
                 "needs componentize-py: scripts/setup-guests.sh",
-            );
-            dir.join("orders.wasm")
-        }
-        Lang::Js => {
-            if !dir.join("node_modules").is_dir() {
+            ),
+            Lang::Js => {
+                npm_install(&dir);
                 run_build(
                     &dir,
-                    Command::new("npm").args(["ci", "--no-audit", "--no-fund"]),
-                    "needs Node.js and npm",
+                    Command::new("npm").args(["run", "--silent", "build"]),
+                    "needs jco from npm: scripts/setup-guests.sh",
                 );
             }
-            run_build(
-                &dir,
-                Command::new("npm").args(["run", "--silent", "build"]),
-                "needs jco from npm: scripts/setup-guests.sh",
-            );
-            dir.join("orders.wasm")
-        }
-        Lang::C => {
-            run_build(
+            Lang::C => run_build(
                 &dir,
                 Command::new("./build.sh").env("ADAPTER", preview1_adapter()),
                 "needs clang, wasi-libc, wit-bindgen and wasm-tools: scripts/setup-guests.sh",
-            );
-            dir.join("orders.wasm")
+            ),
         }
-    };
-    assert!(path.is_file(), "no component at {}", path.display());
-    built.insert(lang, path.clone());
-    path
+        let out = dir.join("orders.wasm");
+        assert!(out.is_file(), "no component at {}", out.display());
+        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::copy(&out, &tmp).expect("copy the component to the test cache");
+        std::fs::rename(&tmp, &cached).expect("move the component into the test cache");
+    });
+    built.insert(lang, cached.clone());
+    cached
+}
+
+/// The JavaScript example's `node_modules/` (jco), installed with `npm ci` once, under the
+/// JS example's lock: another test may link to it, and must not see it half filled.
+pub fn js_node_modules() -> PathBuf {
+    let dir = root().join("guest-examples/js/orders");
+    with_lock("guest-js", || npm_install(&dir));
+    dir.join("node_modules")
+}
+
+fn npm_install(dir: &Path) {
+    // `npm ci` writes this file last: a node_modules/ without it is an install cut short.
+    if !dir.join("node_modules/.package-lock.json").is_file() {
+        run_build(
+            dir,
+            Command::new("npm").args(["ci", "--no-audit", "--no-fund"]),
+            "needs Node.js and npm",
+        );
+    }
+}
+
+/// A digest of every file under `dirs` (names and contents, in a fixed order), leaving out what
+/// builds write there: `orders.wasm`, `*.core.wasm`, `gen/`, `node_modules/`.
+pub fn sources_digest(dirs: &[&Path]) -> String {
+    use sha2::{Digest, Sha256};
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+            .map(|e| e.expect("a directory entry").path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if matches!(name, "gen" | "node_modules" | "orders.wasm")
+                || name.ends_with(".core.wasm")
+            {
+                continue;
+            }
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut h = Sha256::new();
+    for dir in dirs {
+        let mut files = Vec::new();
+        walk(dir, &mut files);
+        for f in files {
+            h.update(
+                f.strip_prefix(root())
+                    .unwrap_or(&f)
+                    .to_string_lossy()
+                    .as_bytes(),
+            );
+            h.update([0]);
+            h.update(std::fs::read(&f).unwrap_or_else(|e| panic!("read {}: {e}", f.display())));
+        }
+    }
+    hex::encode(&h.finalize()[..8])
 }
 
 /// One HTTP/1.1 request to `addr` (host:port); returns the status code and the body.
@@ -447,6 +589,37 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// (ready messages, consumers) of `queue` at the AMQP `url`, from the broker itself: a passive
+/// declare, as any client can ask. (Each poll used to start `rabbitmqctl`, an Erlang VM and
+/// about a core-second, beside the runs under test.) Once no consumer is left, the broker has
+/// put back whatever was unacked, so (0, 0) means nothing is left in the queue or held.
+pub fn queue_state(url: &str, queue: &str) -> (u64, u64) {
+    use lapin::options::QueueDeclareOptions;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let ch = conn.create_channel().await.expect("a channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("no queue {queue}: {e}"));
+        let _ = conn.close(200, "read".into()).await;
+        (u64::from(q.message_count()), u64::from(q.consumer_count()))
+    })
+}
+
 /// librdkafka settings every Kafka test passes: a short session timeout, so a member killed
 /// with `kill -9` leaves the group in seconds rather than 45.
 pub const TEST_KAFKA_PROPERTIES: &[&str] =
@@ -504,6 +677,14 @@ impl Weir {
         }
     }
 
+    /// (ready messages, consumers) of a queue of the test's RabbitMQ virtual host.
+    pub fn queue_state(&self, queue: &str) -> (u64, u64) {
+        let Broker::Rabbit(v) = &self.broker else {
+            panic!("queue_state on a test that is not on RabbitMQ")
+        };
+        queue_state(&v.url(), queue)
+    }
+
     /// Whether the test's topics are queues (one partition, no offsets).
     pub fn on_queue(&self) -> bool {
         matches!(self.broker, Broker::Rabbit(_))
@@ -537,6 +718,9 @@ impl Weir {
                 "RUST_LOG",
                 std::env::var("WEIR_TEST_LOG").unwrap_or("warn".into()),
             )
+            // One cache of compiled modules for every test: each compiled its guest again in
+            // a data directory of its own (seconds each for Python and JavaScript).
+            .env("WEIR_CACHE_DIR", shared_dir("weir-test-compiled"))
             .stdin(Stdio::null());
         c
     }

@@ -2,25 +2,27 @@
 //! copies in flight at once do not both run, and with a crash the outputs stay exactly-once.
 
 use std::time::Duration;
-use weir_tests::{Weir, guest, wait_until};
+use weir_tests::{Weir, guest, scaled, wait_until};
 
 #[test]
 fn ten_thousand_ids_produced_three_times_run_once_each() {
+    // The ten thousand the name promises (more with WEIR_TEST_SCALE).
+    let ids = scaled(10_000, 10_000);
     let w = Weir::new();
     w.create_topic("orders", 4);
     w.create_topic("confirmations", 2);
     // Keyless, so the copies of one id land in different partitions and may be in flight at once.
     for _ in 0..3 {
-        w.ok(&["produce", "orders", "--count", "10000", "--no-key"]);
+        w.ok(&["produce", "orders", "--count", &ids.to_string(), "--no-key"]);
     }
     let s = w.drain(&guest("orders"), "orders", "g", &["--dedupe", "header"]);
     assert_eq!(
         (s["processed"].as_u64(), s["deduped"].as_u64()),
-        (Some(10_000), Some(20_000)),
+        (Some(ids), Some(2 * ids)),
         "{s}"
     );
     let per_id = w.confirmations_per_id();
-    assert_eq!(per_id.len(), 10_000);
+    assert_eq!(per_id.len() as u64, ids);
     assert!(per_id.values().all(|&n| n == 1), "an id ran twice");
     // The marks outlive the run: the same ids again are all duplicates.
     w.ok(&["produce", "orders", "--count", "100", "--no-key"]);
@@ -32,7 +34,7 @@ fn ten_thousand_ids_produced_three_times_run_once_each() {
     );
     // Without dedupe, the copies do run.
     let plain = w.drain(&guest("noop"), "orders", "other", &[]);
-    assert_eq!(plain["processed"], 30_100);
+    assert_eq!(plain["processed"], 3 * ids + 100);
 }
 
 #[test]
@@ -88,11 +90,12 @@ fn expired_marks_let_a_key_run_again() {
 
 #[test]
 fn with_dedupe_a_kill_9_leaves_every_output_exactly_once() {
-    const N: u64 = 30_000;
+    // A debug build handles about 20,000 a second here: enough that the kill lands mid-run.
+    let n = scaled(20_000, 20_000);
     let w = Weir::new();
     w.create_topic("orders", 4);
     w.create_topic("confirmations", 4);
-    w.ok(&["produce", "orders", "--count", &N.to_string()]);
+    w.ok(&["produce", "orders", "--count", &n.to_string()]);
     let module = guest("orders");
     let args = [
         "run",
@@ -113,37 +116,40 @@ fn with_dedupe_a_kill_9_leaves_every_output_exactly_once() {
     wait_until(
         "the run has committed some messages",
         Duration::from_secs(120),
-        || w.committed("orders", "g") >= 2_000,
+        || w.committed("orders", "g") >= n / 8,
     );
     run.kill();
     let at_kill = w.committed("orders", "g");
     assert!(
-        at_kill < N,
+        at_kill < n,
         "the run finished before it was killed; the test proves nothing"
     );
     let s = w.drain(&module, "orders", "g", &["--dedupe", "key"]);
     // Outputs, done marks and offsets are one write: what was handled but not yet passed by the
     // commit point at the kill is a duplicate now, not a second output.
     let per_id = w.confirmations_per_id();
-    assert_eq!(per_id.len() as u64, N);
+    assert_eq!(per_id.len() as u64, n);
     assert!(
-        per_id.values().all(|&n| n == 1),
+        per_id.values().all(|&c| c == 1),
         "an order was confirmed twice"
     );
     assert_eq!(
         s["processed"].as_u64().unwrap() + s["deduped"].as_u64().unwrap(),
-        N - at_kill,
+        n - at_kill,
         "{s}"
     );
 }
 
 #[test]
 fn twenty_kill_9s_at_random_moments_leave_every_output_exactly_once() {
-    const N: u64 = 50_000;
+    // The 20 kill points add up to about 4,100 messages, plus what each run does before its
+    // kill lands (a round overshoots by up to a couple of thousand): 50,000 leave input for
+    // every round.
+    let n = scaled(50_000, 50_000);
     let w = Weir::new();
     w.create_topic("orders", 4);
     w.create_topic("confirmations", 4);
-    w.ok(&["produce", "orders", "--count", &N.to_string()]);
+    w.ok(&["produce", "orders", "--count", &n.to_string()]);
     let module = guest("orders");
     let args = [
         "run",
@@ -171,14 +177,14 @@ fn twenty_kill_9s_at_random_moments_leave_every_output_exactly_once() {
         let mut run = w.spawn(&args);
         // A moment that differs each round: after 20 to about 420 more messages are committed.
         let step = 20 + (round * 7919 + 13) % 400;
-        let target = (before + step).min(N);
+        let target = (before + step).min(n);
         wait_until("the run makes progress", Duration::from_secs(120), || {
             w.committed("orders", "g") >= target
         });
         run.kill();
         before = w.committed("orders", "g");
         kills += 1;
-        if before == N {
+        if before == n {
             break;
         }
     }
@@ -186,10 +192,10 @@ fn twenty_kill_9s_at_random_moments_leave_every_output_exactly_once() {
         kills, 20,
         "the input ran out before 20 kills; the test proves less than it says"
     );
-    eprintln!("20 kills; {before} of {N} messages committed by the last");
+    eprintln!("20 kills; {before} of {n} messages committed by the last");
     w.drain(&module, "orders", "g", &["--dedupe", "key"]);
     let per_id = w.confirmations_per_id();
-    assert_eq!(per_id.len() as u64, N, "an order was lost");
-    let twice: Vec<_> = per_id.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert_eq!(per_id.len() as u64, n, "an order was lost");
+    let twice: Vec<_> = per_id.iter().filter(|(_, c)| **c > 1).take(5).collect();
     assert!(twice.is_empty(), "confirmed more than once: {twice:?}");
 }

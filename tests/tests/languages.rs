@@ -6,7 +6,10 @@
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Command;
-use weir_tests::{Lang, Weir, header, orders_in, preview1_adapter, produce_lines, root, run_build};
+use weir_tests::{
+    Lang, Weir, header, js_node_modules, orders_in, preview1_adapter, produce_lines, root,
+    run_build,
+};
 
 /// One input per scenario: ok + emit, retry then success, two rejections, a trap.
 const ORDERS: [&str; 5] = [
@@ -213,11 +216,10 @@ fn new_project_builds_and_passes(lang: Lang) {
             );
         }
         Lang::Js => {
-            // Reuses the installed jco of the JS example instead of a second download. The
-            // example is built first (under its lock): a link to a node_modules/ that another
-            // test's `npm ci` is still filling made build.sh skip its install and find no jco.
-            orders_in(Lang::Js);
-            let modules = root().join("guest-examples/js/orders/node_modules");
+            // Reuses the installed jco of the JS example instead of a second download, once
+            // it is whole (under its lock): a link to a node_modules/ that another test's
+            // `npm ci` was still filling made build.sh skip its install and find no jco.
+            let modules = js_node_modules();
             std::os::unix::fs::symlink(&modules, project.join("node_modules")).unwrap();
         }
         Lang::Python | Lang::C => {}

@@ -44,25 +44,49 @@ fn two_members_on_kafka_run_each_id_once() {
     let w = Weir::kafka_mock();
     w.create_topic("orders", 4);
     w.create_topic("confirmations", 4);
+    let group = unique("g");
+    let module = guest("orders");
+    let args = run_args(module.to_str().unwrap(), &group, REDIS);
+    // Both members hold partitions before anything is produced: a member that took every
+    // partition alone would show only in-process dedupe.
+    let assigned = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("partitions assigned")
+    };
+    let (log_a, log_b) = (w.path("a.log"), w.path("b.log"));
+    let a = w.spawn_logged(&args, &log_a);
+    wait_until("a holds partitions", Duration::from_secs(60), || {
+        assigned(&log_a)
+    });
+    let b = w.spawn_logged(&args, &log_b);
+    wait_until("b holds partitions", Duration::from_secs(60), || {
+        assigned(&log_b)
+    });
     // Keyless: the three copies of an id land on different partitions, so on different members.
     for _ in 0..3 {
         w.ok(&["produce", "orders", "--count", &IDS.to_string(), "--no-key"]);
     }
-    let group = unique("g");
-    let module = guest("orders");
-    let args = run_args(module.to_str().unwrap(), &group, REDIS);
-    let (a, b) = (w.spawn(&args), w.spawn(&args));
     wait_until("every copy is committed", Duration::from_secs(180), || {
         w.offsets("orders", &group).iter().all(|(end, c)| end == c)
     });
-    let (mut processed, mut deduped) = (0, 0);
+    let mut per_member = Vec::new();
     for r in [a, b] {
         let out = r.terminate();
         assert!(out.status.success());
         let s: Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
-        processed += s["processed"].as_u64().unwrap();
-        deduped += s["deduped"].as_u64().unwrap();
+        per_member.push((
+            s["processed"].as_u64().unwrap(),
+            s["deduped"].as_u64().unwrap(),
+        ));
     }
+    eprintln!("(processed, deduped) per member: {per_member:?}");
+    assert!(
+        per_member.iter().all(|(p, _)| *p > 0),
+        "a member handled nothing, so nothing was shared: {per_member:?}"
+    );
+    let processed: u64 = per_member.iter().map(|(p, _)| p).sum();
+    let deduped: u64 = per_member.iter().map(|(_, d)| d).sum();
     let per_id = w.confirmations_per_id();
     assert_eq!(per_id.len() as u64, IDS);
     assert!(per_id.values().all(|&n| n == 1), "an id ran twice");
@@ -77,7 +101,11 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start() -> PrivateRedis {
-        let port = 20_000 + (std::process::id() % 20_000) as u16;
+        // A port free now (the system picks it), not one derived from the pid.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -110,7 +138,8 @@ impl Drop for PrivateRedis {
 
 #[test]
 fn a_silent_redis_stops_acking_until_it_answers_again() {
-    const N: u64 = 20_000;
+    // Enough that Redis is stopped with most still to come (20,000 before issue 33).
+    let n = weir_tests::scaled(5_000, 5_000);
     let redis = PrivateRedis::start();
     let url = format!("redis://127.0.0.1:{}", redis.port);
     let w = Weir::new();
@@ -118,12 +147,12 @@ fn a_silent_redis_stops_acking_until_it_answers_again() {
     // commit of it has to wait for a done mark.
     w.create_topic("orders", 1);
     w.create_topic("confirmations", 1);
-    w.ok(&["produce", "orders", "--count", &N.to_string()]);
+    w.ok(&["produce", "orders", "--count", &n.to_string()]);
     let module = guest("orders");
     let log = w.path("run.log");
     let run = w.spawn_logged(&run_args(module.to_str().unwrap(), "g", &url), &log);
     wait_until("some orders are committed", Duration::from_secs(60), || {
-        w.committed("orders", "g") >= 1_000
+        w.committed("orders", "g") >= n / 10
     });
     redis.signal("-STOP");
     let log_says = |what: &str| {
@@ -138,7 +167,7 @@ fn a_silent_redis_stops_acking_until_it_answers_again() {
     );
     // Acking has stopped: the committed offsets stand still while Redis is silent.
     let frozen = w.committed("orders", "g");
-    assert!(frozen < N, "everything was committed before Redis stopped");
+    assert!(frozen < n, "everything was committed before Redis stopped");
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         assert_eq!(
@@ -149,7 +178,7 @@ fn a_silent_redis_stops_acking_until_it_answers_again() {
     }
     redis.signal("-CONT");
     wait_until("every order is committed", Duration::from_secs(120), || {
-        w.committed("orders", "g") == N
+        w.committed("orders", "g") == n
     });
     let out = run.terminate();
     assert!(out.status.success());
@@ -159,6 +188,6 @@ fn a_silent_redis_stops_acking_until_it_answers_again() {
         }
     }
     let per_id = w.confirmations_per_id();
-    assert_eq!(per_id.len() as u64, N);
-    assert!(per_id.values().all(|&n| n == 1), "a message ran twice");
+    assert_eq!(per_id.len() as u64, n);
+    assert!(per_id.values().all(|&c| c == 1), "a message ran twice");
 }

@@ -48,6 +48,10 @@ pub struct TestCommand {
     /// repeat for more [default: none]
     #[arg(long = "allow-http", value_name = "HOST[:PORT]")]
     allow_http: Vec<String>,
+    /// Keep the compiled module here, as `weir run --cache-dir` does, so that the next
+    /// `weir test` of the same module loads it in milliseconds [default: compile every time]
+    #[arg(long, env = "WEIR_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 /// One input line, parsed.
@@ -76,7 +80,7 @@ impl TestCommand {
             memory_limit: parse_size("--memory-limit", &self.memory_limit)?,
             call_timeout: parse_duration("--call-timeout", &self.call_timeout)?,
             max_instances: 2,
-            cache_dir: None,
+            cache_dir: self.cache_dir.clone(),
             handler_config,
             capture_logs: true,
             allow_http: crate::config::parse_allow_http(&self.allow_http)?,

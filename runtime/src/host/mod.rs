@@ -319,8 +319,9 @@ fn compile(
     let cached = dir.join(format!("{digest}-{:016x}.cwasm", h.finish()));
     if cached.is_file() {
         // SAFETY: the file was written by `Component::serialize` below, by this build of weir
-        // (the name carries the engine's compatibility hash), into weir's own data directory,
-        // which is trusted like the log it holds. Wasmtime checks the header and version too.
+        // (the name carries the engine's compatibility hash), into weir's own data directory
+        // or the cache directory its user named (`--cache-dir`), which are trusted like the
+        // log and the module itself. Wasmtime checks the header and version too.
         #[allow(unsafe_code)]
         match unsafe { Component::deserialize_file(engine, &cached) } {
             Ok(c) => return Ok(c),

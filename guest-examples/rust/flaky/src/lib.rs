@@ -19,10 +19,15 @@ fn contains(msg: &Message, word: &str) -> bool {
         .any(|w| w == word.as_bytes())
 }
 
-/// Good messages are copied to the output topic (config `output-topic`, default `out`).
+/// Good messages are copied to the output topic (config `output-topic`, default `out`), with
+/// two headers more: `seen-offset` and `seen-attempt`, the offset and attempt the handler was
+/// given (for a retry copy, the origin's, which only weir's retry headers can tell it).
 fn pass(msg: &Message) -> Result<(), Failure> {
     let topic = config::get("output-topic").unwrap_or_else(|| "out".into());
-    emit::send(&topic, msg.key.as_deref(), &msg.payload, &msg.headers).map_err(|e| {
+    let mut headers = msg.headers.clone();
+    headers.push(("seen-offset".into(), msg.offset.to_string().into_bytes()));
+    headers.push(("seen-attempt".into(), msg.attempt.to_string().into_bytes()));
+    emit::send(&topic, msg.key.as_deref(), &msg.payload, &headers).map_err(|e| {
         Failure::Retry(RetryRequest {
             reason: e,
             delay_ms: None,

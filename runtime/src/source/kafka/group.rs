@@ -225,11 +225,19 @@ impl Group {
             })
             .map_err(|e| bad_config(cfg, e))?;
         let consumer = Arc::new(consumer);
-        let txn_id = format!(
-            "weir-{group}-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        );
+        // A member with a static identity (`group.instance.id`, KIP-345, as users give each
+        // pod of a StatefulSet) keeps its transactional id across restarts: the restarted
+        // member fences the dead one's producer and aborts its open transaction at once, so
+        // read_committed readers are not held back until the broker's transaction timeout (a
+        // broker may never abort it: see docs/kafka.md). Without one, the id is new each start.
+        let txn_id = match cfg.properties.get("group.instance.id") {
+            Some(member) => format!("weir-{group}-{member}"),
+            None => format!(
+                "weir-{group}-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+        };
         let publisher = if exactly_once {
             let p = Publisher::new(
                 cfg,

@@ -58,6 +58,10 @@ const OWNED: &[(&str, &str)] = &[
         "outputs and dead letters are written by an idempotent producer",
     ),
     ("group.id", "pass --group instead"),
+    (
+        "transactional.id",
+        "weir gives each member its own (from group.instance.id when set) for --exactly-once",
+    ),
     ("bootstrap.servers", "pass --brokers instead"),
 ];
 

@@ -24,7 +24,12 @@ pub(crate) async fn connect(url: &str) -> Result<Connection, SourceError> {
     tokio::time::timeout(REQUEST_TIMEOUT, Connection::connect(url, props))
         .await
         .map_err(|_| broker_error(&what, "no answer"))?
-        .map_err(|e| broker_error(&what, format!("{e}{}", vhost_hint(url))))
+        .map_err(|e| {
+            // Only the broker's refusal gets the hint: a broker that cannot be reached at all
+            // says nothing about the vhost.
+            let hint = if e.is_io_error() { "" } else { vhost_hint(url) };
+            broker_error(&what, format!("{e}{hint}"))
+        })
 }
 
 /// A hint for the URL whose path names the virtual host "" (`amqp://host:5672/`: the AMQP URI
