@@ -201,9 +201,33 @@ fn running_out_of_file_descriptors_does_not_spin() {
     });
     let addr = addr.unwrap();
     let pid = _run.id();
-    let idle: Vec<std::net::TcpStream> = (0..300)
-        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
-        .collect();
+    // 300 idle connections, made from 50 threads at once with a timeout of a second each:
+    // past what the server takes and its backlog holds, a connect waits out SYN retries
+    // (seconds each), which one by one took over a minute. (A server without a bound accepts
+    // until its descriptors run out.)
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    let idle: Vec<std::net::TcpStream> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..50)
+            .map(|_| {
+                s.spawn(move || {
+                    (0..6)
+                        .filter_map(|_| {
+                            std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(1)).ok()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    assert!(
+        idle.len() > 100,
+        "only {} connections were made",
+        idle.len()
+    );
     // Give the server half a second to meet the limit, then measure it over two.
     let _ = cpu_share(pid, Duration::from_millis(500));
     let share = cpu_share(pid, Duration::from_secs(2));

@@ -128,6 +128,9 @@ fn broker_errors_on_produce_fetch_and_commit_are_survived() {
     let log = w.path("run.log");
     let mut args = run_args(module.to_str().unwrap());
     args.extend(["--kafka-property", "auto.commit.interval.ms=200"]);
+    // A small fetch buffer, so that the run keeps fetching while the errors are injected
+    // (with the default 16 MiB it had every order in memory before they were set).
+    args.extend(["--kafka-property", "queued.max.messages.kbytes=64"]);
     let mut run = w.spawn_logged(&args, &log);
     wait_until(
         "some orders are confirmed",
@@ -329,7 +332,8 @@ fn exactly_once_commits_through_transactions_on_the_mock_cluster() {
 /// dead dynamic member nor aborts a dead producer's transaction at its timeout).
 #[test]
 fn txn_broker_exactly_once_survives_a_kill() {
-    let n = scaled(6_000, 4_000);
+    // noida-db runs transactions fast: the kill must land while most orders are still to come.
+    let n = scaled(20_000, 20_000);
     let Some(on) = OnBroker::new("WEIR_TEST_KAFKA_TXN_BROKERS", n, 6, 3) else {
         return;
     };
@@ -349,9 +353,9 @@ fn txn_broker_exactly_once_survives_a_kill() {
     let committed = || on.committed();
     let (mut a, b) = (w.spawn(&args_a), w.spawn(&args_b));
     wait_until(
-        "half the orders are committed",
+        "a tenth of the orders are committed",
         Duration::from_secs(240),
-        || committed() >= n / 2,
+        || committed() >= n / 10,
     );
     a.kill();
     let at_kill = committed();
