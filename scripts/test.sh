@@ -37,7 +37,7 @@ cd "$root"
 names=("$@")
 if (( quick )); then
   cargo nextest run --workspace --no-tests=pass \
-    -E 'package(weir) | test(/^conformance::.*::embedded$/)' -- "${names[@]}"
+    -E 'package(weir) | package(weir-core) | test(/^conformance::.*::embedded$/)' -- "${names[@]}"
   exit
 fi
 # Two passes (.config/nextest.toml): everything that does not measure time or CPU, three at

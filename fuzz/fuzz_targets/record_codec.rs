@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| weir::fuzzing::record_codec(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| weir_core::fuzzing::record_codec(data));

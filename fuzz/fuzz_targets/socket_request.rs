@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| weir::fuzzing::socket_request(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| weir_core::fuzzing::socket_request(data));

@@ -15,7 +15,12 @@
 //!   [`engine::retry`] the pure backoff policy.
 //!   [`source::kafka`] is Kafka (consumer groups), the only module that names rdkafka.
 //! - [`dedupe_store`]: the dedupe store several processes share (Redis).
-//! - [`config`]: `weir.toml`, flags and `WEIR_*` variables resolved into one validated struct.
+//! - [`config`]: `weir.toml`, flags and `WEIR_*` variables, checked in `weir_core::config`
+//!   and resolved here into one struct of settings.
+//!
+//! The pure parts (records, the log's codec, the dead-letter envelope, the retry policy,
+//! configuration, the decoders of outside bytes) are the crate `weir_core` (`core/`), which the
+//! fuzz targets build alone.
 //! - [`cli`]: the `weir` command line; one module per subcommand.
 //! - [`admin`]: `weir run`'s HTTP server (axum): metrics, probes, status, ingest, reload, the
 //!   dashboard, behind a guard on `Host`, `Origin` and a bearer token.
@@ -25,7 +30,5 @@ pub mod cli;
 pub mod config;
 pub mod dedupe_store;
 pub mod engine;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod host;
 pub mod source;

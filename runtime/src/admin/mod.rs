@@ -14,13 +14,6 @@ mod write;
 
 pub use guard::Policy;
 
-/// Parses an ingest body as `POST /topics/{topic}/messages` does (the fuzz target's way in);
-/// the error is the status the server would answer.
-#[doc(hidden)]
-pub fn parse_ingest(body: &[u8]) -> Result<Vec<crate::source::Record>, u16> {
-    write::parse(body).map_err(|a| a.status)
-}
-
 use crate::engine::Stats;
 use crate::source::Source;
 use crate::source::embedded::EmbeddedLog;

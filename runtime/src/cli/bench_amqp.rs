@@ -93,10 +93,7 @@ pub fn run(row: Row<'_>) -> anyhow::Result<AmqpReport> {
     probe.module = Some(row.module_path.to_path_buf());
     probe.topic = Some(vec![input.clone()]);
     probe.group = Some("bench".into());
-    let prefetch = probe
-        .resolve(BTreeMap::new(), row.data_dir)?
-        .engine
-        .max_in_flight;
+    let prefetch = probe.check()?.max_in_flight;
 
     produce(&mut broker, &input, FaultMix::default())?;
     let bare = rabbitmq::bench::bare(
@@ -146,7 +143,7 @@ fn weir(row: &Row<'_>, input: &str, output: &str, mix: FaultMix) -> anyhow::Resu
     options.admin = Some("off".into());
     let mut handler_config = BTreeMap::new();
     handler_config.insert("output-topic".to_string(), output.to_string());
-    let settings = options.resolve(handler_config, row.data_dir)?;
+    let settings = crate::config::resolve(options, handler_config, row.data_dir)?;
     let e = &settings.engine;
     let source: Arc<dyn Source> = row.spec.consumer(&ConsumerOptions {
         group: e.group.clone(),

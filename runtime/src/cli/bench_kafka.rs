@@ -150,7 +150,7 @@ fn weir(
     options.admin = Some("off".into());
     let mut handler_config = BTreeMap::new();
     handler_config.insert("output-topic".to_string(), output.to_string());
-    let settings = options.resolve(handler_config, row.data_dir)?;
+    let settings = crate::config::resolve(options, handler_config, row.data_dir)?;
     let source: Arc<dyn Source> = Arc::new(Kafka::connect(cfg, false)?);
     let module: Handler = match row.native {
         Some(twin) => Handler::Native {

@@ -41,8 +41,11 @@ impl RunCommand {
             handler_config.insert(k, v);
         }
         let caps = g.source.capabilities();
-        let options = self.options.or(g.file.run).with_source_defaults(&caps);
-        let settings = options.resolve(handler_config, &g.data_dir)?;
+        let options = self
+            .options
+            .or(g.file.run)
+            .with_batch_default(caps.batch_size);
+        let settings = crate::config::resolve(options, handler_config, &g.data_dir)?;
         // Check the module before touching the data directory: a bad module changes nothing.
         let module_path = settings.module.clone();
         if !module_path.is_file() {

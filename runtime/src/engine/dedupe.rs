@@ -67,16 +67,7 @@ pub trait SharedStore: std::fmt::Debug + Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Where the idempotency key comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
-    /// The value of this header.
-    Header(String),
-    /// The message key.
-    MessageKey,
-    /// SHA-256 of the payload.
-    PayloadHash,
-}
+pub use weir_core::config::KeySource;
 
 #[derive(Debug, Clone)]
 pub struct DedupeConfig {

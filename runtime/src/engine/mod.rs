@@ -18,12 +18,12 @@
 
 mod claims;
 pub mod dedupe;
-pub mod dlq;
+pub use weir_core::dlq;
 pub mod metrics;
 pub mod offsets;
 mod partition;
 mod pool;
-pub mod retry;
+pub use weir_core::retry;
 pub mod scaler;
 #[cfg(test)]
 mod tests;
@@ -38,32 +38,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 
-/// What a retryable failure does to the message.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum RetryMode {
-    /// Retry in place after the backoff; later messages of the same lane (key) wait, other
-    /// lanes go on. Per-key order is kept.
-    Blocking,
-    /// Ack it and republish it to the retry topic with a not-before time; nothing waits.
-    /// Throughput is kept, order is not.
-    Requeue,
-}
-
-/// When a message is acked relative to its handling.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeliveryMode {
-    /// Ack after the handler succeeded and its outputs were written (or it was dead-lettered).
-    AtLeastOnce,
-    /// Ack when fetched, before the handler runs: never redelivered, never retried; a failure
-    /// is dead-lettered, and a crash loses what was in flight.
-    AtMostOnce,
-}
+pub use weir_core::config::{DeliveryMode, RetryMode};
 
 /// Settings of one `weir run`, validated.
 #[derive(Debug, Clone)]

@@ -16,29 +16,7 @@
 
 use std::time::Duration;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScalerConfig {
-    pub min: usize,
-    pub max: usize,
-    /// Clear the backlog within this long.
-    pub target_drain: Duration,
-    /// Scale down only to the highest recommendation of this last stretch of time.
-    pub stabilization: Duration,
-    /// Weight of the newest sample in the service-rate moving average (0..=1].
-    pub rate_smoothing: f64,
-}
-
-impl Default for ScalerConfig {
-    fn default() -> Self {
-        ScalerConfig {
-            min: 1,
-            max: 64,
-            target_drain: Duration::from_secs(10),
-            stabilization: Duration::from_secs(30),
-            rate_smoothing: 0.5,
-        }
-    }
-}
+pub use weir_core::config::ScalerConfig;
 
 /// What the engine saw since the previous tick.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -16,6 +16,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+pub use weir_core::socket::parse_request;
+use weir_core::socket::{Request, WireRecord};
 
 pub const SOCKET_NAME: &str = "weir.sock";
 
@@ -32,41 +34,6 @@ const MAX_CLIENTS: usize = 64;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The pause after a failed accept.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-enum Request {
-    Produce {
-        topic: String,
-        records: Vec<WireRecord>,
-    },
-    CreateTopic {
-        topic: String,
-        partitions: u32,
-    },
-    Stats {
-        topic: Option<String>,
-    },
-    Read {
-        topic: String,
-        partition: u32,
-        from: u64,
-        max: usize,
-    },
-    Committed {
-        group: String,
-        topic: String,
-        partition: u32,
-    },
-    Publish {
-        outputs: Vec<(String, WireRecord)>,
-        replayed: Vec<(String, u32, u64)>,
-    },
-    Replayed {
-        topic: String,
-        partition: u32,
-    },
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "ok", rename_all = "kebab-case")]
@@ -124,40 +91,10 @@ impl MaxDepth {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct WireRecord {
-    key: Option<Vec<u8>>,
-    payload: Vec<u8>,
-    headers: Vec<(String, Vec<u8>)>,
-    timestamp_ms: Option<u64>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
 struct WireDelivery {
     partition: u32,
     offset: u64,
     record: WireRecord,
-}
-
-impl From<Record> for WireRecord {
-    fn from(r: Record) -> Self {
-        WireRecord {
-            key: r.key,
-            payload: r.payload,
-            headers: r.headers,
-            timestamp_ms: r.timestamp_ms,
-        }
-    }
-}
-
-impl From<WireRecord> for Record {
-    fn from(r: WireRecord) -> Self {
-        Record {
-            key: r.key,
-            payload: r.payload,
-            headers: r.headers,
-            timestamp_ms: r.timestamp_ms,
-        }
-    }
 }
 
 impl SourceError {
@@ -250,19 +187,6 @@ fn serve_one(log: &EmbeddedLog, req: Request, limit: Option<&MaxDepth>) -> Respo
         }
     };
     r.unwrap_or_else(error_response)
-}
-
-/// Reads one request line as the server does, and checks its records as an append would
-/// (the fuzz target of the socket protocol).
-#[doc(hidden)]
-pub fn parse_request(line: &[u8]) -> Result<(), String> {
-    let req = serde_json::from_slice::<Request>(line).map_err(|e| e.to_string())?;
-    if let Request::Produce { records, .. } = req {
-        for r in records {
-            super::codec::check(&Record::from(r))?;
-        }
-    }
-    Ok(())
 }
 
 /// Serves `log` on `<data-dir>/weir.sock` until the returned guard is dropped. Returns `None`

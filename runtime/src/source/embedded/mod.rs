@@ -11,7 +11,7 @@
 //! it, other `weir` commands reach the log through its local socket (see [`local`]).
 
 mod broker;
-pub(crate) mod codec;
+pub(crate) use weir_core::codec;
 pub mod local;
 
 use super::{
@@ -103,21 +103,7 @@ fn now_ms() -> u64 {
 
 /// Kafka's rules, so topic names move between sources unchanged.
 pub fn validate_topic_name(name: &str) -> Result<(), SourceError> {
-    let why = if name.is_empty() {
-        Some("it is empty")
-    } else if name.len() > 249 {
-        Some("it is longer than 249 characters")
-    } else if name == "." || name == ".." {
-        Some("`.` and `..` are reserved")
-    } else if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        Some("use only ASCII letters, digits, `.`, `_` and `-`")
-    } else {
-        None
-    };
-    match why {
+    match weir_core::topic::problem(name) {
         Some(why) => Err(SourceError::InvalidTopic {
             name: name.to_string(),
             why,

@@ -9,19 +9,19 @@
 //! | u32 header count | (u16 len, name, u32 len, value)* | payload (the rest)
 //! ```
 
-use super::super::Record;
+use crate::record::Record;
 
 const VERSION: u8 = 1;
 const HAS_KEY: u8 = 1;
 const HAS_TS: u8 = 2;
 
-pub(crate) fn record_key(topic: &str, partition: u32, offset: u64) -> Vec<u8> {
+pub fn record_key(topic: &str, partition: u32, offset: u64) -> Vec<u8> {
     let mut k = partition_prefix(topic, partition);
     k.extend_from_slice(&offset.to_be_bytes());
     k
 }
 
-pub(crate) fn partition_prefix(topic: &str, partition: u32) -> Vec<u8> {
+pub fn partition_prefix(topic: &str, partition: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(topic.len() + 13);
     k.extend_from_slice(topic.as_bytes());
     k.push(0);
@@ -30,12 +30,12 @@ pub(crate) fn partition_prefix(topic: &str, partition: u32) -> Vec<u8> {
 }
 
 /// The offset at the end of a record key, if the key is one.
-pub(crate) fn offset_of(key: &[u8]) -> Option<u64> {
+pub fn offset_of(key: &[u8]) -> Option<u64> {
     let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
     Some(u64::from_be_bytes(tail))
 }
 
-pub(crate) fn group_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
+pub fn group_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(group.len() + topic.len() + 8);
     k.extend_from_slice(b"o/");
     k.extend_from_slice(group.as_bytes());
@@ -47,7 +47,7 @@ pub(crate) fn group_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
 }
 
 /// Splits a key made by [`group_key`] into (group, topic, partition).
-pub(crate) fn parse_group_key(key: &[u8]) -> Option<(String, String, u32)> {
+pub fn parse_group_key(key: &[u8]) -> Option<(String, String, u32)> {
     let rest = key.strip_prefix(b"o/")?;
     let (body, part) = rest.split_at(rest.len().checked_sub(4)?);
     let partition = u32::from_be_bytes(part.try_into().ok()?);
@@ -59,14 +59,14 @@ pub(crate) fn parse_group_key(key: &[u8]) -> Option<(String, String, u32)> {
 }
 
 /// Key of the mark that a dead letter was replayed: `r/topic 0 partition offset`.
-pub(crate) fn replay_key(topic: &str, partition: u32, offset: u64) -> Vec<u8> {
+pub fn replay_key(topic: &str, partition: u32, offset: u64) -> Vec<u8> {
     let mut k = b"r/".to_vec();
     k.extend_from_slice(&record_key(topic, partition, offset));
     k
 }
 
 /// Key of an idempotency key's done mark: `d/group 0 key`; the value is its expiry (u64 BE).
-pub(crate) fn dedupe_key(group: &str, key: &[u8]) -> Vec<u8> {
+pub fn dedupe_key(group: &str, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(group.len() + key.len() + 3);
     k.extend_from_slice(b"d/");
     k.extend_from_slice(group.as_bytes());
@@ -77,7 +77,7 @@ pub(crate) fn dedupe_key(group: &str, key: &[u8]) -> Vec<u8> {
 
 /// Key of the expiry index entry of a done mark: `x/expiry(u64 BE)` then the mark's key, so
 /// expired marks are one range scan from the start.
-pub(crate) fn expiry_key(expires_ms: u64, mark: &[u8]) -> Vec<u8> {
+pub fn expiry_key(expires_ms: u64, mark: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(10 + mark.len());
     k.extend_from_slice(b"x/");
     k.extend_from_slice(&expires_ms.to_be_bytes());
@@ -85,13 +85,13 @@ pub(crate) fn expiry_key(expires_ms: u64, mark: &[u8]) -> Vec<u8> {
     k
 }
 
-pub(crate) fn topic_key(topic: &str) -> Vec<u8> {
+pub fn topic_key(topic: &str) -> Vec<u8> {
     let mut k = b"t/".to_vec();
     k.extend_from_slice(topic.as_bytes());
     k
 }
 
-pub(crate) fn encode(r: &Record, out: &mut Vec<u8>) {
+pub fn encode(r: &Record, out: &mut Vec<u8>) {
     let header_bytes: usize = r.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
     out.reserve(
         2 + 8 + 4 + r.key.as_ref().map_or(0, Vec::len) + 4 + header_bytes + r.payload.len(),
@@ -119,7 +119,7 @@ pub(crate) fn encode(r: &Record, out: &mut Vec<u8>) {
 
 /// Limits a record must respect to be encodable; checked when it is produced, so that an
 /// append never fails half-way.
-pub(crate) fn check(r: &Record) -> Result<(), String> {
+pub fn check(r: &Record) -> Result<(), String> {
     if r.key.as_ref().is_some_and(|k| k.len() > u32::MAX as usize) {
         return Err("key is larger than 4 GiB".into());
     }
@@ -127,7 +127,7 @@ pub(crate) fn check(r: &Record) -> Result<(), String> {
         if name.len() > u16::MAX as usize {
             return Err(format!(
                 "header name `{}...` is longer than 65535 bytes",
-                crate::source::clip(name, 16)
+                crate::record::clip(name, 16)
             ));
         }
         if value.len() > u32::MAX as usize {
@@ -173,7 +173,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Result<Record, String> {
+pub fn decode(bytes: &[u8]) -> Result<Record, String> {
     let mut r = Reader { buf: bytes };
     let version = r.u8()?;
     if version != VERSION {

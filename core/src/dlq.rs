@@ -5,7 +5,7 @@
 //! (`--retry-mode requeue`) carries `weir.retry.*` headers with its origin, its next attempt
 //! number and the time before which it must not run.
 
-use crate::source::{Delivery, Headers, Output, Record};
+use crate::record::{Delivery, Headers, Output, Record};
 use std::sync::Arc;
 
 pub const TOPIC: &str = "weir.dlq.topic";
@@ -73,7 +73,7 @@ pub fn envelope(d: &Delivery, f: &Failure<'_>, dlq_topic: String) -> Output {
             (ERROR_KIND, f.kind.to_string()),
             (
                 ERROR,
-                crate::source::clip(f.error, MAX_ERROR_BYTES).to_string(),
+                crate::record::clip(f.error, MAX_ERROR_BYTES).to_string(),
             ),
             (MODULE, f.module.to_string()),
             (MODULE_DIGEST, f.digest.to_string()),
@@ -213,7 +213,7 @@ pub fn from_retry_topic(
     if named.is_some_and(|t| t != origin_topic.as_bytes()) {
         tracing::warn!(
             topic = %d.topic, partition = d.partition, offset = d.offset,
-            named = %crate::source::clip(&String::from_utf8_lossy(named.unwrap_or_default()), 200),
+            named = %crate::record::clip(&String::from_utf8_lossy(named.unwrap_or_default()), 200),
             origin = %origin_topic,
             "a retry-topic message names another origin topic; it is handled as a message of its retry topic's origin"
         );
@@ -399,7 +399,7 @@ mod tests {
 
     fn at_most(n: usize) -> impl Fn(&Record) -> Result<(), String> {
         move |r: &Record| {
-            if crate::source::wire_size(r) <= n {
+            if crate::record::wire_size(r) <= n {
                 Ok(())
             } else {
                 Err("too big".into())
@@ -431,7 +431,7 @@ mod tests {
         assert_eq!(o, small);
         // Too big by its payload: the payload is cut to the most that fits.
         let o = fit(letter(2_000_000, 2, 10), at_most(1_000_000));
-        assert_eq!(crate::source::wire_size(&o.record), 1_000_000);
+        assert_eq!(crate::record::wire_size(&o.record), 1_000_000);
         assert_eq!(truncated(&o).as_deref(), Some("payload=2000000"));
         assert_eq!(o.record.key.as_deref(), Some(&[b'k'; 10][..]));
         // The headers alone are too big: they go too, weir's stay.
@@ -450,6 +450,6 @@ mod tests {
             truncated(&o).as_deref(),
             Some("payload=100,headers=0,key=60000")
         );
-        assert!(crate::source::wire_size(&o.record) <= 50_000);
+        assert!(crate::record::wire_size(&o.record) <= 50_000);
     }
 }

@@ -3,9 +3,8 @@
 //! bug; an error is the input being refused, as it should be.
 #![doc(hidden)]
 
-use crate::engine::dlq;
-use crate::source::embedded::codec;
-use crate::source::{Delivery, Output, Record};
+use crate::record::{Delivery, Output, Record};
+use crate::{codec, dlq};
 use std::sync::Arc;
 
 /// A stored record (the embedded log's codec): decoding never panics, and what decodes and
@@ -24,7 +23,7 @@ pub fn record_codec(data: &[u8]) {
     }
 }
 
-/// `weir.toml`: parsing never panics, and a file that parses resolves (with defaults) to
+/// `weir.toml`: parsing never panics, and a file that parses checks out (with defaults) to
 /// settings or to an error that names the setting, never a panic.
 pub fn config_file(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -35,22 +34,19 @@ pub fn config_file(data: &[u8]) {
         let mut run = file.run.clone();
         run.module.get_or_insert_with(|| "m.wasm".into());
         run.topic.get_or_insert_with(|| vec!["t".into()]);
-        let _ = run.resolve(
-            file.handler_config.clone(),
-            std::path::Path::new("/nonexistent"),
-        );
+        let _ = run.check();
     }
 }
 
 /// A line of the local socket's protocol.
 pub fn socket_request(data: &[u8]) {
-    let _ = crate::source::embedded::local::parse_request(data);
+    let _ = crate::socket::parse_request(data);
 }
 
 /// An ingest body of the admin server: parsing never panics; what it accepts is within the
 /// request bound.
 pub fn ingest_body(data: &[u8]) {
-    if let Ok(records) = crate::admin::parse_ingest(data) {
+    if let Ok(records) = crate::ingest::parse(data) {
         assert!(!records.is_empty() && records.len() <= 100_000);
     }
 }
@@ -111,7 +107,7 @@ pub fn envelope(data: &[u8]) {
         last_failure_ms: 2,
     };
     let fits = |r: &Record| {
-        if crate::source::wire_size(r) <= limit {
+        if crate::record::wire_size(r) <= limit {
             Ok(())
         } else {
             Err("too big".to_string())
@@ -123,7 +119,7 @@ pub fn envelope(data: &[u8]) {
         assert!(r.headers.iter().all(|(n, _)| n.starts_with("weir.dlq.")));
         assert!(r.payload.is_empty() && r.key.is_none());
     }
-    if crate::source::wire_size(&d.record) > limit {
+    if crate::record::wire_size(&d.record) > limit {
         assert!(r.headers.iter().any(|(n, _)| n == dlq::TRUNCATED));
     }
 }
