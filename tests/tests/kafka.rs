@@ -323,50 +323,71 @@ fn exactly_once_commits_through_transactions_on_the_mock_cluster() {
 }
 
 /// Issue 4's exactly-once acceptance test, on a broker that implements transactions
-/// (`WEIR_TEST_KAFKA_TXN_BROKERS`, noida-db here): two members with `--exactly-once`, one
-/// killed halfway and started again; a `read_committed` reader sees every order's confirmation
-/// exactly once, while a `read_uncommitted` one sees the aborted copies too (so the kill did
-/// land inside a transaction). The members have static identities (`group.instance.id`), as
-/// pods of a StatefulSet do: the restarted one takes its partitions back at once and fences
-/// the dead one's producer, which aborts its open transaction (noida-db 0.2.3 neither evicts a
-/// dead dynamic member nor aborts a dead producer's transaction at its timeout).
+/// (`WEIR_TEST_KAFKA_TXN_BROKERS`, noida-db here): a member with `--exactly-once` is killed
+/// mid-run and started again, three times; a `read_committed` reader sees every order's
+/// confirmation exactly once, while a `read_uncommitted` one sees the aborted copies too (so a
+/// kill did land inside a transaction). The member has a static identity (`group.instance.id`), as a pod of
+/// a StatefulSet does: started again, it takes its partitions back at once and fences the dead
+/// one's producer, which aborts its open transaction.
+///
+/// One member, not two: noida-db 0.2.3 neither evicts a dead dynamic member nor aborts a dead
+/// producer's transaction at its timeout, and a static member that rejoins beside another is
+/// sometimes handed the other's partitions (seen here: both held 1, 3 and 5, nobody 0, 2 and 4,
+/// for two minutes). docs/kafka.md says what this broker shows and what it does not.
 #[test]
 fn txn_broker_exactly_once_survives_a_kill() {
-    // noida-db runs transactions fast: the kill must land while most orders are still to come.
-    let n = scaled(20_000, 20_000);
+    // noida-db runs transactions fast (about 10,000 orders a second here, with small batches):
+    // the kills must land while most orders are still to come.
+    let n = scaled(50_000, 50_000);
     let Some(on) = OnBroker::new("WEIR_TEST_KAFKA_TXN_BROKERS", n, 6, 3) else {
         return;
     };
-    let member = |id: &str| {
-        on.run_args(&[
-            "--exactly-once",
-            "--batch-size",
-            "32",
-            "--kafka-property",
-            &format!("group.instance.id={id}"),
-        ])
-    };
-    let (args_a, args_b) = (member("a"), member("b"));
-    let args_a: Vec<&str> = args_a.iter().map(String::as_str).collect();
-    let args_b: Vec<&str> = args_b.iter().map(String::as_str).collect();
+    // Small batches, so many transactions: the run takes seconds, and the kill lands in one.
+    let args = on.run_args(&[
+        "--exactly-once",
+        "--batch-size",
+        "4",
+        "--kafka-property",
+        "group.instance.id=member-0",
+        // Used only without --exactly-once: a run that committed its offsets the plain way
+        // would show its progress (and its kills their duplicates) as this one does.
+        "--kafka-property",
+        "auto.commit.interval.ms=100",
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let w = &on.w;
     let committed = || on.committed();
-    let (mut a, b) = (w.spawn(&args_a), w.spawn(&args_b));
-    wait_until(
-        "a tenth of the orders are committed",
-        Duration::from_secs(240),
-        || committed() >= n / 10,
-    );
-    a.kill();
-    let at_kill = committed();
-    assert!(at_kill < n, "everything was committed before the kill");
-    let a = w.spawn(&args_a);
-    wait_until("every order is committed", Duration::from_secs(240), || {
-        committed() >= n
-    });
-    for r in [b, a] {
-        assert!(r.terminate().status.success());
+    // Three kills, each a moment later in the input: a kill lands inside an open transaction
+    // almost always, three make the test's own check below (aborted copies exist) all but sure.
+    let logs: Vec<_> = (0..4).map(|i| w.path(&format!("run-{i}.log"))).collect();
+    let mut run = w.spawn_logged(&args, &logs[0]);
+    let mut before = 0;
+    for i in 0..3 {
+        // Each run is killed once it has made some progress of its own.
+        wait_until("the run commits", Duration::from_secs(240), || {
+            committed() >= before + n / 50
+        });
+        run.kill();
+        before = committed();
+        assert!(before < n, "everything was committed before kill {i}");
+        run = w.spawn_logged(&args, &logs[i + 1]);
     }
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("every order is committed", Duration::from_secs(120), || {
+            committed() >= n
+        })
+    }));
+    if let Err(e) = done {
+        for l in &logs {
+            let text = std::fs::read_to_string(l).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("CONFWARN")).collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            eprintln!("--- {}:\n{}", l.display(), tail.join("\n"));
+        }
+        eprintln!("committed {} of {n}", committed());
+        std::panic::resume_unwind(e);
+    }
+    assert!(run.terminate().status.success());
     let raw: u64 = keys_in(&on.brokers, &on.output, 3, n, false).values().sum();
     assert!(
         raw > n,

@@ -81,8 +81,12 @@ fn two_members_on_kafka_run_each_id_once() {
         ));
     }
     eprintln!("(processed, deduped) per member: {per_member:?}");
+    // Both members handled copies (ran them or skipped them). With each member's dedupe on its
+    // own, the ids whose copies went to both would run on both: the processed sum below would
+    // pass the number of ids. (A member may process none: seen once, (0 processed, 1,716
+    // skipped) beside (3,000, 4,284), every copy it got already run by the other.)
     assert!(
-        per_member.iter().all(|(p, _)| *p > 0),
+        per_member.iter().all(|(p, d)| p + d > 0),
         "a member handled nothing, so nothing was shared: {per_member:?}"
     );
     let processed: u64 = per_member.iter().map(|(p, _)| p).sum();
