@@ -4,7 +4,9 @@
 # of their own per test with rabbitmqctl), each from Debian's package (installed when missing),
 # and noida-db (PyPI), a Kafka-protocol broker with transactions, on 127.0.0.1:19092.
 # Sourced by test.sh (and so by CI); quick when all answer.
+#   scripts/services.sh [all|redis]   (`redis` alone for `scripts/test.sh --quick`)
 set -euo pipefail
+services_wanted="${1:-all}"
 echo "--- services: Redis for the shared-dedupe tests (127.0.0.1:6379; started if it is not answering)"
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
@@ -15,21 +17,23 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   redis-cli ping
 fi
 
-echo "--- services: RabbitMQ for the amqp:// source (127.0.0.1:5672, guest/guest; started if it is not answering)"
-# The tests make a vhost of their own per test with rabbitmqctl, so the CLI must be there too.
-if ! command -v rabbitmqctl >/dev/null; then
-  (apt-get update -qq && apt-get install -y -qq rabbitmq-server) >/dev/null
-fi
-if ! rabbitmqctl -q status >/dev/null 2>&1; then
-  (rabbitmq-server >/var/log/rabbitmq-ci.log 2>&1 &)
-  for _ in $(seq 1 240); do rabbitmqctl -q status >/dev/null 2>&1 && break; sleep 0.5; done
-fi
-rabbitmqctl -q status >/dev/null
-export WEIR_TEST_AMQP="${WEIR_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672}"
+if [[ "$services_wanted" == all ]]; then
+  echo "--- services: RabbitMQ for the amqp:// source (127.0.0.1:5672, guest/guest; started if it is not answering)"
+  # The tests make a vhost of their own per test with rabbitmqctl, so the CLI must be there too.
+  if ! command -v rabbitmqctl >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq rabbitmq-server) >/dev/null
+  fi
+  if ! rabbitmqctl -q status >/dev/null 2>&1; then
+    (rabbitmq-server >/var/log/rabbitmq-ci.log 2>&1 &)
+    for _ in $(seq 1 240); do rabbitmqctl -q status >/dev/null 2>&1 && break; sleep 0.5; done
+  fi
+  rabbitmqctl -q status >/dev/null
+  export WEIR_TEST_AMQP="${WEIR_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672}"
 
-
-echo "--- services: a Kafka-protocol broker with transactions (noida-db, 127.0.0.1:19092; started if it is not answering)"
-# The real-broker Kafka tests (two members, exactly-once across a kill) run against it; the
-# rest of the Kafka tests use librdkafka's in-process mock cluster.
-while read -r setting; do export "$setting"; done < <(PORT="${WEIR_TEST_KAFKA_PORT:-19092}" "$(dirname "${BASH_SOURCE[0]}")/kafka-broker.sh")
-[[ -n "${WEIR_TEST_KAFKA_TXN_BROKERS:-}" ]] || { echo "noida-db did not start: see /tmp/weir-noida.log" >&2; exit 1; }
+  echo "--- services: a Kafka-protocol broker with transactions (noida-db, 127.0.0.1:19092; started if it is not answering)"
+  # The real-broker Kafka tests (two members, exactly-once across kills) run against it; the
+  # rest of the Kafka tests use librdkafka's in-process mock cluster.
+  broker_settings="$(PORT="${WEIR_TEST_KAFKA_PORT:-19092}" "$(dirname "${BASH_SOURCE[0]}")/kafka-broker.sh")" \
+    || { echo "noida-db did not start: see /tmp/weir-noida.log" >&2; exit 1; }
+  while read -r setting; do export "$setting"; done <<<"$broker_settings"
+fi

@@ -28,7 +28,11 @@ source "$root/scripts/setup.sh"
 if (( ! quick )); then
   source "$root/scripts/setup-guests.sh" all
 fi
-source "$root/scripts/services.sh"
+if (( quick )); then
+  source "$root/scripts/services.sh" redis
+else
+  source "$root/scripts/services.sh" all
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "--- installing cargo-nextest"
   cargo install --quiet --locked cargo-nextest

@@ -99,8 +99,8 @@ fn retries_back_off_then_succeed(w: Weir) {
     // One key, one lane: the retried messages hold back the ones after them.
     assert_eq!(out, ["a", "flaky one", "b", "flaky two", "c"]);
     // The attempts of one message are spaced by the backoff, 200 ms then 400 ms: each gap at
-    // least its backoff, and not past twice it and a little (a backoff that did not grow, or
-    // grew tenfold, fails one bound or the other).
+    // least its backoff, and under twice it and a second (room for a loaded machine; a backoff
+    // that did not grow, or grew tenfold, fails one bound or the other).
     let mut at: HashMap<u64, Vec<u64>> = HashMap::new();
     for f in &l.failures {
         let offset = f["fields"]["offset"].as_u64().expect("an offset");
@@ -114,7 +114,7 @@ fn retries_back_off_then_succeed(w: Weir) {
         for (i, backoff) in [(1, 200), (2, 400)] {
             let gap = times[i] - times[i - 1];
             assert!(
-                (backoff..2 * backoff + 200).contains(&gap),
+                (backoff..2 * backoff + 1000).contains(&gap),
                 "gap {i} of {times:?}: {gap} ms for a backoff of {backoff} ms"
             );
         }

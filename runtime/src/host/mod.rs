@@ -334,7 +334,11 @@ fn compile(
     // A cache we cannot write only costs time on the next start.
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+        // A name of its own per writer (process and call): two loads of one module in a
+        // process must not write the same file while a third maps it.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = cached.with_extension(format!("tmp{}-{n}", std::process::id()));
         std::fs::write(&tmp, component.serialize().map_err(std::io::Error::other)?)?;
         std::fs::rename(&tmp, &cached)
     };

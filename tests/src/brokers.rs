@@ -1,0 +1,105 @@
+//! Where a test's topics live: the embedded log, a mock Kafka cluster, a real Kafka-protocol
+//! broker, or a RabbitMQ virtual host of the test's own.
+
+use std::process::{Command, Stdio};
+
+/// Where a test's topics live.
+pub enum Broker {
+    /// The embedded log in the test's data directory.
+    Embedded,
+    /// librdkafka's in-process mock cluster, one per test, on a loopback port. It cannot create
+    /// topics over the protocol, so the harness creates them with the mock's own API.
+    Mock(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    /// A real Kafka-protocol broker (`WEIR_TEST_KAFKA_BROKERS`).
+    External(String),
+    /// The machine's RabbitMQ (`WEIR_TEST_AMQP`, default 127.0.0.1:5672 as guest), in a virtual
+    /// host of the test's own, so that tests share no queues.
+    Rabbit(Vhost),
+}
+
+/// A RabbitMQ virtual host made for one test and deleted after it (`rabbitmqctl`).
+pub struct Vhost {
+    pub name: String,
+}
+
+impl Default for Vhost {
+    fn default() -> Vhost {
+        Vhost::new()
+    }
+}
+
+impl Vhost {
+    pub fn new() -> Vhost {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("weir-test-{}-{n}", std::process::id());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Vhost { name }
+    }
+
+    /// `amqp://guest:guest@host:port/<vhost>`.
+    pub fn url(&self) -> String {
+        let base = std::env::var("WEIR_TEST_AMQP")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into());
+        format!("{}/{}", base.trim_end_matches('/'), self.name)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl (is RabbitMQ installed? .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// (ready messages, consumers) of `queue` at the AMQP `url`, from the broker itself: a passive
+/// declare, as any client can ask. (Each poll used to start `rabbitmqctl`, an Erlang VM and
+/// about a core-second, beside the runs under test.) Once no consumer is left, the broker has
+/// put back whatever was unacked, so (0, 0) means nothing is left in the queue or held.
+pub fn queue_state(url: &str, queue: &str) -> (u64, u64) {
+    use lapin::options::QueueDeclareOptions;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let ch = conn.create_channel().await.expect("a channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("no queue {queue}: {e}"));
+        let _ = conn.close(200, "read".into()).await;
+        (u64::from(q.message_count()), u64::from(q.consumer_count()))
+    })
+}
+
+/// librdkafka settings every Kafka test passes: a short session timeout, so a member killed
+/// with `kill -9` leaves the group in seconds rather than 45.
+pub const TEST_KAFKA_PROPERTIES: &[&str] =
+    &["session.timeout.ms=6000", "heartbeat.interval.ms=500"];
