@@ -21,15 +21,30 @@ fn orders() -> u64 {
 /// `--max-in-flight` of each process: the prefetch, so what one process can hold unacked.
 const PREFETCH: u64 = 500;
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime")
 }
 
+/// The JSON of order `i`.
+pub(crate) fn order(i: u64) -> String {
+    format!(
+        r#"{{"id":"m-{i}","customer":"c-{}","amount_cents":{}}}"#,
+        i % 97,
+        i % 10_000 + 1
+    )
+}
+
 /// Publishes `n` orders to `queue` with publisher confirms, each with an `idempotency-key`.
 fn publish_orders(url: &str, queue: &str, n: u64) {
+    publish(url, queue, n, order);
+}
+
+/// Publishes `n` messages to `queue` with publisher confirms: message `i` is `body(i)` with the
+/// `idempotency-key` `m-{i}`.
+pub(crate) fn publish(url: &str, queue: &str, n: u64, body: impl Fn(u64) -> String) {
     runtime().block_on(async {
         let conn = Connection::connect(url, ConnectionProperties::default())
             .await
@@ -41,11 +56,7 @@ fn publish_orders(url: &str, queue: &str, n: u64) {
         let mut confirms = Vec::new();
         for i in 0..n {
             let id = format!("m-{i}");
-            let body = format!(
-                r#"{{"id":"{id}","customer":"c-{}","amount_cents":{}}}"#,
-                i % 97,
-                i % 10_000 + 1
-            );
+            let body = body(i);
             let mut headers = FieldTable::default();
             headers.insert(
                 "idempotency-key".into(),
@@ -80,7 +91,7 @@ fn publish_orders(url: &str, queue: &str, n: u64) {
 
 /// Takes every message of `queue` (auto-ack): as many as it holds when called (nothing
 /// publishes to it any more), with a deadline in case fewer arrive.
-fn take_all(url: &str, queue: &str) -> Vec<Vec<u8>> {
+pub(crate) fn take_all(url: &str, queue: &str) -> Vec<Vec<u8>> {
     let (ready, consumers) = queue_state(url, queue);
     assert_eq!(consumers, 0, "{queue} is still consumed");
     runtime().block_on(async {

@@ -16,6 +16,7 @@ mod http;
 mod kafka;
 mod languages;
 mod rabbitmq;
+mod rabbitmq_commits;
 mod reload;
 mod scaling;
 mod shared_dedupe;

@@ -1,5 +1,5 @@
-//! RabbitMQ as the engine's [`Source`]: one consumer per queue on one channel, deliveries
-//! buffered until the engine fetches them, each acked by its tag once it finished.
+//! RabbitMQ as the engine's [`Source`]: one consumer per queue, each on a channel of its own,
+//! deliveries buffered until the engine fetches them, each acked by its tag once it finished.
 //!
 //! ```text
 //!  supervisor task ── basic.consume per queue ──▶ buffers ──fetch──▶ engine (seq = offset)
@@ -13,20 +13,24 @@
 //! - A link (connection + channels) has a generation. Receipts of an older generation are never
 //!   used: the broker requeued those messages when their channel closed, and another delivery
 //!   of each will come. Their outputs may then be published twice (at-least-once).
-//! - `--exactly-once`: the consume channel is in `tx` mode; a commit publishes the outputs and
-//!   acks their inputs in one transaction.
+//! - Each consumed queue (a partition to the engine, `<topic>.retry` included) has its own
+//!   channel, so its delivery tags, acks and transaction are its own: a commit of one queue can
+//!   never ack, nor commit, another's messages (a `multiple` ack or a `tx.commit` on a shared
+//!   channel did, before their outputs were published).
+//! - `--exactly-once`: each queue's channel is in `tx` mode; a commit publishes the outputs and
+//!   acks their inputs in one transaction. Outputs are published `mandatory`, and every queue
+//!   they go to is looked up before the commit: a queue deleted under the run stops it with
+//!   nothing of that commit acked, instead of its outputs dropped and their inputs acked.
 //! - At-most-once: the consumer auto-acks; nothing is settled.
 
-use super::broker::{channel, connect, declare, depth, publish_confirmed};
+use super::broker::{channel, connect, declare, depth};
 use super::rt::Rt;
-use super::{AmqpConfig, REQUEST_TIMEOUT, broker_error};
+use super::settle::settle_on;
+use super::{AmqpConfig, broker_error};
 use crate::source::connect::ConsumerOptions;
 use crate::source::{Capabilities, Commit, Delivery, Record, Source, SourceError};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -41,12 +45,14 @@ const RECONNECT_FOR: Duration = Duration::from_secs(60);
 const RECONNECT_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// One connection with its channels.
-struct Link {
-    generation: u64,
-    conn: Connection,
-    consume: Channel,
-    /// Confirm mode; in `tx` mode the consume channel publishes instead.
-    publish: Option<Channel>,
+pub(super) struct Link {
+    pub(super) generation: u64,
+    pub(super) conn: Connection,
+    /// Each consumed queue's channel: its consumer, its acks and (`tx` mode) its transaction.
+    pub(super) channels: HashMap<String, Channel>,
+    /// Confirm mode, shared by every queue's commits (each publish is confirmed on its own);
+    /// in `tx` mode each queue's channel publishes its outputs instead.
+    pub(super) publish: Option<Channel>,
 }
 
 /// A delivery waiting to be fetched.
@@ -58,7 +64,7 @@ struct Buffered {
 }
 
 #[derive(Default)]
-struct Queue {
+pub(super) struct Queue {
     buffer: VecDeque<Buffered>,
     buffered_bytes: usize,
     /// The sequence number the next fetched delivery gets.
@@ -67,23 +73,24 @@ struct Queue {
     settled: u64,
     /// Sequence number to (generation, delivery tag).
     receipts: HashMap<u64, (u64, u64)>,
+    /// The tags of the current link's channel for this queue, handed over and not acked.
+    pub(super) outstanding: BTreeSet<u64>,
 }
 
 #[derive(Default)]
-struct State {
-    queues: HashMap<String, Queue>,
-    /// The current link's generation, and its tags handed over and not acked.
-    generation: u64,
-    outstanding: BTreeSet<u64>,
+pub(super) struct State {
+    pub(super) queues: HashMap<String, Queue>,
+    /// The current link's generation.
+    pub(super) generation: u64,
     /// Set when the consumer cannot go on (its queue was deleted): fetch reports it.
     failed: Option<String>,
 }
 
-struct Shared {
-    state: Mutex<State>,
+pub(super) struct Shared {
+    pub(super) state: Mutex<State>,
     link: watch::Sender<Option<Arc<Link>>>,
     signal: Arc<Notify>,
-    known: Mutex<HashSet<String>>,
+    pub(super) known: Mutex<HashSet<String>>,
     stopping: AtomicBool,
 }
 
@@ -191,17 +198,8 @@ async fn open(
     for t in &opts.retry_topics {
         declare(&conn, t, &cfg.queue_type).await?;
     }
-    let consume = channel(&conn).await?;
     let prefetch = opts.prefetch.clamp(1, u16::MAX as usize) as u16;
-    consume
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|e| broker_error("setting the prefetch", e))?;
     let publish = if opts.exactly_once {
-        consume
-            .tx_select()
-            .await
-            .map_err(|e| broker_error("starting transactions", e))?;
         None
     } else {
         let p = channel(&conn).await?;
@@ -211,8 +209,21 @@ async fn open(
         Some(p)
     };
     let mut consumers = Vec::new();
+    let mut channels = HashMap::new();
     for (i, t) in opts.topics.iter().chain(&opts.retry_topics).enumerate() {
-        // Unique per consumer on the channel (the broker closes the connection otherwise).
+        // A channel per queue: the prefetch, the tags and the transaction are the queue's.
+        let consume = channel(&conn).await?;
+        consume
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| broker_error("setting the prefetch", e))?;
+        if opts.exactly_once {
+            consume
+                .tx_select()
+                .await
+                .map_err(|e| broker_error("starting transactions", e))?;
+        }
+        // Unique per consumer (the broker closes the connection otherwise).
         let tag = format!(
             "weir-{}-{}-{generation}-{i}",
             opts.group,
@@ -231,11 +242,12 @@ async fn open(
             .await
             .map_err(|e| broker_error(&format!("consuming {t}"), e))?;
         consumers.push((t.clone(), c));
+        channels.insert(t.clone(), consume);
     }
     let link = Arc::new(Link {
         generation,
         conn,
-        consume,
+        channels,
         publish,
     });
     Ok((link, consumers))
@@ -278,7 +290,9 @@ async fn supervise(
         {
             let mut st = shared.state.lock().expect("state");
             st.generation = link.generation;
-            st.outstanding.clear();
+            for q in st.queues.values_mut() {
+                q.outstanding.clear();
+            }
         }
         shared.link.send_replace(Some(link.clone()));
         let mut streams = futures_util::stream::select_all(
@@ -292,10 +306,10 @@ async fn supervise(
                     let (record, redeliveries) =
                         super::from_amqp(&d.properties, d.data, d.redelivered);
                     let mut st = shared.state.lock().expect("state");
-                    if !opts.at_most_once {
-                        st.outstanding.insert(d.delivery_tag);
-                    }
                     let q = st.queues.entry(topic).or_default();
+                    if !opts.at_most_once {
+                        q.outstanding.insert(d.delivery_tag);
+                    }
                     q.buffered_bytes += crate::source::wire_size(&record);
                     q.buffer.push_back(Buffered {
                         record,
@@ -322,30 +336,12 @@ async fn supervise(
             for q in st.queues.values_mut() {
                 q.buffer.clear();
                 q.buffered_bytes = 0;
+                q.outstanding.clear();
             }
-            st.outstanding.clear();
         }
         let _ = link.conn.close(200, "reconnecting".into()).await;
         generation += 1;
     }
-}
-
-/// The acks that settle `tags` given the tags handed over and not yet acked: one `multiple`
-/// ack for every settled tag below the lowest unsettled one, and one each for the rest.
-/// Removes the settled tags from `outstanding`.
-fn acks(outstanding: &mut BTreeSet<u64>, mut tags: Vec<u64>) -> Vec<(u64, bool)> {
-    tags.retain(|t| outstanding.remove(t));
-    tags.sort_unstable();
-    let floor = outstanding.first().copied().unwrap_or(u64::MAX);
-    let below = tags.partition_point(|t| *t < floor);
-    let mut out = Vec::new();
-    if below > 1 {
-        out.push((tags[below - 1], true));
-    } else if below == 1 {
-        out.push((tags[0], false));
-    }
-    out.extend(tags[below..].iter().map(|t| (*t, false)));
-    out
 }
 
 impl Source for RabbitSource {
@@ -430,6 +426,14 @@ impl Source for RabbitSource {
         if commit.outputs.is_empty() && commit.settled.is_empty() {
             return Ok(());
         }
+        // The queue whose messages this commit settles: the engine commits one partition (one
+        // queue) at a time, so they are all of one, and its channel acks them.
+        let queue = commit
+            .settled
+            .first()
+            .or(commit.offsets.first())
+            .map(|(t, _, _)| t.to_string())
+            .ok_or_else(|| SourceError::Invalid("a commit that names no queue".into()))?;
         // The receipts to ack, by generation; each settled message is counted once.
         let receipts: Vec<(u64, u64)> = {
             let mut st = self.shared.state.lock().expect("state");
@@ -455,10 +459,14 @@ impl Source for RabbitSource {
                     .filter(|(g, _)| *g == link.generation)
                     .map(|(_, t)| *t)
                     .collect();
-                let r = settle_on(&shared, &link, &outputs, tags, tx, settle).await;
+                let r = settle_on(&shared, &link, &queue, &outputs, tags, tx, settle).await;
+                let channel_up = link
+                    .channels
+                    .get(&queue)
+                    .is_some_and(|c| c.status().connected());
                 match r {
                     Ok(()) => return Ok(()),
-                    Err(e) if !link.conn.status().connected() || !link.consume.status().connected() => {
+                    Err(e) if !link.conn.status().connected() || !channel_up => {
                         // The link broke under the commit: its receipts are void (the broker
                         // requeued those messages); publish again on the next link.
                         tracing::warn!(error = %e, "commit interrupted by a lost link; publishing again after reconnecting");
@@ -482,15 +490,21 @@ impl Source for RabbitSource {
         if self.shared.known.lock().expect("known").contains(topic) {
             return true;
         }
-        let exists = self.ready(topic).is_ok();
-        if exists {
-            self.shared
-                .known
-                .lock()
-                .expect("known")
-                .insert(topic.to_string());
+        // Only the broker's "no such queue" says no: a lost link is not a missing queue (the
+        // commit finds out, and waits for the link), or a handler's outputs would fail as
+        // invalid and be dead-lettered while the broker is away.
+        match self.ready(topic) {
+            Ok(_) => {
+                self.shared
+                    .known
+                    .lock()
+                    .expect("known")
+                    .insert(topic.to_string());
+                true
+            }
+            Err(SourceError::UnknownTopic(_)) => false,
+            Err(_) => true,
         }
-        exists
     }
 
     fn fits(&self, record: &Record) -> Result<(), String> {
@@ -528,93 +542,5 @@ impl Source for RabbitSource {
 
     fn append_signal(&self) -> Option<Arc<Notify>> {
         Some(self.shared.signal.clone())
-    }
-}
-
-/// Publishes `outputs` and acks `tags` on `link`: confirmed publishes then acks, or one `tx`.
-async fn settle_on(
-    shared: &Shared,
-    link: &Link,
-    outputs: &[crate::source::Output],
-    tags: Vec<u64>,
-    tx: bool,
-    settle: bool,
-) -> Result<(), SourceError> {
-    let to_ack = if settle {
-        let mut st = shared.state.lock().expect("state");
-        if st.generation == link.generation {
-            acks(&mut st.outstanding, tags)
-        } else {
-            Vec::new()
-        }
-    } else {
-        Vec::new()
-    };
-    match &link.publish {
-        Some(publish) => {
-            let records: Vec<(&str, &Record)> = outputs
-                .iter()
-                .map(|o| (o.topic.as_str(), &o.record))
-                .collect();
-            publish_confirmed(publish, &records).await?;
-        }
-        None => {
-            for o in outputs {
-                link.consume
-                    .basic_publish(
-                        "".into(),
-                        o.topic.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &o.record.payload,
-                        super::to_amqp(&o.record),
-                    )
-                    .await
-                    .map_err(|e| broker_error(&format!("publishing to {}", o.topic), e))?;
-            }
-        }
-    }
-    for (tag, multiple) in to_ack {
-        link.consume
-            .basic_ack(tag, BasicAckOptions { multiple })
-            .await
-            .map_err(|e| broker_error("acking", e))?;
-    }
-    if tx {
-        tokio::time::timeout(REQUEST_TIMEOUT, link.consume.tx_commit())
-            .await
-            .map_err(|_| broker_error("committing the transaction", "no answer"))?
-            .map_err(|e| broker_error("committing the transaction", e))?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::acks;
-    use std::collections::BTreeSet;
-
-    #[test]
-    fn acks_take_one_multiple_below_the_lowest_unsettled_tag() {
-        // (outstanding, settled now, acks sent, outstanding after)
-        type Case<'a> = (&'a [u64], &'a [u64], &'a [(u64, bool)], &'a [u64]);
-        let cases: &[Case] = &[
-            (&[1, 2, 3], &[1, 2, 3], &[(3, true)], &[]),
-            (&[1, 2, 3], &[1], &[(1, false)], &[2, 3]),
-            (&[1, 2, 3], &[2, 3], &[(2, false), (3, false)], &[1]),
-            (
-                &[1, 2, 3, 4, 5],
-                &[1, 2, 4],
-                &[(2, true), (4, false)],
-                &[3, 5],
-            ),
-            (&[1, 2], &[7], &[], &[1, 2]),
-            (&[5, 6], &[6, 5], &[(6, true)], &[]),
-        ];
-        for (outstanding, settled, want, left) in cases {
-            let mut o: BTreeSet<u64> = outstanding.iter().copied().collect();
-            let got = acks(&mut o, settled.to_vec());
-            assert_eq!(got, *want, "{outstanding:?} {settled:?}");
-            assert_eq!(o.into_iter().collect::<Vec<_>>(), *left);
-        }
     }
 }

@@ -18,6 +18,7 @@ pub mod bench;
 mod broker;
 mod consumer;
 mod rt;
+mod settle;
 
 use super::{Capabilities, Record, Settle, SourceError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};

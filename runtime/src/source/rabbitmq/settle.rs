@@ -1,0 +1,165 @@
+//! Settling a queue's messages: publishing a commit's outputs and acking its inputs on the
+//! queue's own channel, with publisher confirms or in one transaction.
+
+use super::REQUEST_TIMEOUT;
+use super::broker::{depth, publish_confirmed};
+use super::broker_error;
+use super::consumer::{Link, Shared};
+use crate::source::{Record, SourceError};
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
+use std::collections::BTreeSet;
+
+/// The acks that settle `tags` given the tags of the queue's channel handed over and not yet
+/// acked (`outstanding`, which still holds `tags`: they leave it once the acks went out): one
+/// `multiple` ack for every settled tag below the lowest unsettled one, and one each for the
+/// rest. Tags not outstanding (acked already, or of another link) get none.
+fn acks(outstanding: &BTreeSet<u64>, mut tags: Vec<u64>) -> Vec<(u64, bool)> {
+    tags.retain(|t| outstanding.contains(t));
+    tags.sort_unstable();
+    tags.dedup();
+    let floor = outstanding
+        .iter()
+        .find(|t| tags.binary_search(t).is_err())
+        .copied()
+        .unwrap_or(u64::MAX);
+    let below = tags.partition_point(|t| *t < floor);
+    let mut out = Vec::new();
+    if below > 1 {
+        out.push((tags[below - 1], true));
+    } else if below == 1 {
+        out.push((tags[0], false));
+    }
+    out.extend(tags[below..].iter().map(|t| (*t, false)));
+    out
+}
+
+/// Publishes `outputs` and acks `tags` of `queue` on `link`: confirmed publishes then acks, or
+/// one `tx` on the queue's own channel. The tags leave the queue's outstanding set once acked.
+pub(super) async fn settle_on(
+    shared: &Shared,
+    link: &Link,
+    queue: &str,
+    outputs: &[crate::source::Output],
+    tags: Vec<u64>,
+    tx: bool,
+    settle: bool,
+) -> Result<(), SourceError> {
+    let ch = link
+        .channels
+        .get(queue)
+        .ok_or_else(|| broker_error("settling", format!("weir does not consume {queue}")))?;
+    let to_ack = if settle {
+        let st = shared.state.lock().expect("state");
+        match st.queues.get(queue) {
+            Some(q) if st.generation == link.generation => acks(&q.outstanding, tags.clone()),
+            _ => Vec::new(),
+        }
+    } else {
+        Vec::new()
+    };
+    match &link.publish {
+        Some(publish) => {
+            let records: Vec<(&str, &Record)> = outputs
+                .iter()
+                .map(|o| (o.topic.as_str(), &o.record))
+                .collect();
+            publish_confirmed(publish, &records).await?;
+        }
+        None => {
+            for o in outputs {
+                ch.basic_publish(
+                    "".into(),
+                    o.topic.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &o.record.payload,
+                    super::to_amqp(&o.record),
+                )
+                .await
+                .map_err(|e| broker_error(&format!("publishing to {}", o.topic), e))?;
+            }
+            // A transaction has no confirms: a publish to a queue that is gone would be dropped
+            // while the acks commit. Each queue the outputs go to is looked up first; if one is
+            // gone, the transaction is rolled back and nothing of the commit is acked. (A queue
+            // deleted between this look and the commit is the one window left: AMQP 0-9-1 has
+            // no confirms in `tx` mode.)
+            let mut dests: Vec<&str> = outputs.iter().map(|o| o.topic.as_str()).collect();
+            dests.sort_unstable();
+            dests.dedup();
+            for d in dests {
+                if depth(&link.conn, d).await?.is_none() {
+                    let _ = ch.tx_rollback().await;
+                    shared.known.lock().expect("known").remove(d);
+                    return Err(broker_error(
+                        &format!("publishing to {d}"),
+                        "the queue no longer exists (deleted while weir ran); nothing of this \
+                         commit was acked: declare it again (weir topics create) and restart",
+                    ));
+                }
+            }
+        }
+    }
+    for (tag, multiple) in to_ack {
+        ch.basic_ack(tag, BasicAckOptions { multiple })
+            .await
+            .map_err(|e| broker_error("acking", e))?;
+    }
+    if tx {
+        tokio::time::timeout(REQUEST_TIMEOUT, ch.tx_commit())
+            .await
+            .map_err(|_| broker_error("committing the transaction", "no answer"))?
+            .map_err(|e| broker_error("committing the transaction", e))?;
+    }
+    if settle {
+        let mut st = shared.state.lock().expect("state");
+        if st.generation == link.generation
+            && let Some(q) = st.queues.get_mut(queue)
+        {
+            for t in &tags {
+                q.outstanding.remove(t);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::acks;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn acks_take_one_multiple_below_the_lowest_unsettled_tag() {
+        // (outstanding, settled now, acks sent, outstanding after)
+        type Case<'a> = (&'a [u64], &'a [u64], &'a [(u64, bool)], &'a [u64]);
+        let cases: &[Case] = &[
+            (&[1, 2, 3], &[1, 2, 3], &[(3, true)], &[]),
+            (&[1, 2, 3], &[1], &[(1, false)], &[2, 3]),
+            (&[1, 2, 3], &[2, 3], &[(2, false), (3, false)], &[1]),
+            (
+                &[1, 2, 3, 4, 5],
+                &[1, 2, 4],
+                &[(2, true), (4, false)],
+                &[3, 5],
+            ),
+            (&[1, 2], &[7], &[], &[1, 2]),
+            // Another commit's tags (5, 6) stay outstanding until their acks went out: a later
+            // commit's ack of 7 must not be `multiple`, or it acks them before their outputs
+            // are published (a shared outstanding set, emptied early, did).
+            (&[5, 6, 7], &[7], &[(7, false)], &[5, 6]),
+            (&[5, 6], &[6, 5], &[(6, true)], &[]),
+        ];
+        for (outstanding, settled, want, left) in cases {
+            let mut o: BTreeSet<u64> = outstanding.iter().copied().collect();
+            let got = acks(&o, settled.to_vec());
+            assert_eq!(got, *want, "{outstanding:?} {settled:?}");
+            // The caller takes the settled tags out once their acks went out.
+            for t in *settled {
+                o.remove(t);
+            }
+            assert_eq!(o.into_iter().collect::<Vec<_>>(), *left);
+        }
+    }
+}
