@@ -38,6 +38,17 @@ impl Vhost {
         Vhost { name }
     }
 
+    /// Closes every client connection of the virtual host, as a broker restart or a network
+    /// cut would (`rabbitmqctl close_all_connections`).
+    pub fn close_connections(&self) {
+        rabbitmqctl(&[
+            "close_all_connections",
+            "-p",
+            &self.name,
+            "closed by a weir test",
+        ]);
+    }
+
     /// `amqp://guest:guest@host:port/<vhost>`.
     pub fn url(&self) -> String {
         let base = std::env::var("WEIR_TEST_AMQP")

@@ -201,3 +201,134 @@ fn an_output_queue_deleted_mid_run_loses_nothing_with_confirms() {
 fn an_output_queue_deleted_mid_run_loses_nothing_in_transactions() {
     an_output_queue_deleted_mid_run_loses_nothing(true);
 }
+
+/// The broker drops every connection twice while a run works (issue 34): each close costs a
+/// reconnect, never the run; nothing is lost; with `--exactly-once` nothing is written twice
+/// (a message the lost link delivered runs again, and only then are its outputs published);
+/// otherwise at most what was in flight at each close (the prefetch) runs twice.
+fn a_lost_link_costs_a_reconnect(extra: &[&str], exactly_once: bool) {
+    let n = scaled(20_000, 20_000);
+    let w = Weir::rabbitmq();
+    let url = url(&w);
+    let Broker::Rabbit(vhost) = w.broker() else {
+        unreachable!()
+    };
+    w.create_topic("orders", 1);
+    w.create_topic("confirmations", 1);
+    let requeue = extra.contains(&"requeue");
+    publish(&url, "orders", n, if requeue { mixed } else { order });
+    let module = guest("orders");
+    let group = format!("g-{}-{}", std::process::id(), weir_tests::now_ms());
+    let mut args = vec![
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "orders",
+        "--group",
+        &group,
+        "--max-in-flight",
+        "500",
+        "--backoff-base",
+        "10ms",
+        "--drain",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let log_path = w.path("run.log");
+    let mut run = w.spawn_logged(&args, &log_path);
+    let show = |what: &str| {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!(
+            "{what}; orders {:?}, confirmations {:?}; the run's log, last 40 lines:\n{}",
+            queue_state(&url, "orders"),
+            queue_state(&url, "confirmations"),
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        );
+    };
+    let steps = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for part in [4, 2] {
+            wait_until("orders are confirmed", Duration::from_secs(120), || {
+                queue_state(&url, "confirmations").0 >= n / part
+            });
+            vhost.close_connections();
+        }
+        wait_until("the run drains", Duration::from_secs(120), || {
+            !run.is_running()
+        });
+    }));
+    if let Err(e) = steps {
+        show("stuck");
+        std::panic::resume_unwind(e);
+    }
+    let out = run.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "the run stopped on a lost link:\n{log}"
+    );
+    let reconnects = log.matches("reconnected to RabbitMQ").count();
+    assert!(reconnects >= 1, "no reconnect in the log:\n{log}");
+    let mut per_id: HashMap<String, u64> = HashMap::new();
+    for body in take_all(&url, "confirmations") {
+        let c: serde_json::Value = serde_json::from_slice(&body).expect("a JSON confirmation");
+        *per_id
+            .entry(c["order_id"].as_str().expect("an order_id").to_string())
+            .or_default() += 1;
+    }
+    let lost: Vec<u64> = (0..n)
+        // (Rejected orders are dead-lettered, not confirmed.)
+        .filter(|i| !(requeue && rejected(*i)))
+        .filter(|i| !per_id.contains_key(&format!("m-{i}")))
+        .collect();
+    if !lost.is_empty() {
+        show("lost");
+    }
+    assert!(
+        lost.is_empty(),
+        "{} orders lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let twice: u64 = per_id.values().map(|c| c - 1).sum();
+    eprintln!("{reconnects} reconnects; {twice} confirmations twice");
+    if exactly_once {
+        assert_eq!(twice, 0, "written twice under --exactly-once");
+    } else {
+        assert!(
+            twice <= 2 * 500,
+            "{twice} written twice; two closes of 500 in flight"
+        );
+    }
+    assert_eq!(queue_state(&url, "orders"), (0, 0), "orders left");
+}
+
+#[test]
+fn a_lost_link_costs_a_reconnect_at_least_once() {
+    a_lost_link_costs_a_reconnect(&[], false);
+}
+
+#[test]
+fn a_lost_link_costs_a_reconnect_with_exactly_once() {
+    a_lost_link_costs_a_reconnect(&["--exactly-once"], true);
+}
+
+#[test]
+fn a_lost_link_costs_a_reconnect_with_exactly_once_and_dedupe() {
+    a_lost_link_costs_a_reconnect(
+        &[
+            "--exactly-once",
+            "--dedupe",
+            "header",
+            "--dedupe-store",
+            "redis://127.0.0.1:6379",
+        ],
+        true,
+    );
+}
+
+#[test]
+fn a_lost_link_costs_a_reconnect_in_requeue_mode() {
+    a_lost_link_costs_a_reconnect(&["--retry-mode", "requeue"], false);
+}

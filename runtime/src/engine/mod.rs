@@ -445,23 +445,46 @@ async fn every_partition(
     loop {
         // One task per partition; the set lets one failing partition stop the others.
         let mut tasks = tokio::task::JoinSet::new();
+        let mut of: HashMap<tokio::task::Id, (Arc<str>, u32)> = HashMap::new();
+        let spawn = |tasks: &mut tokio::task::JoinSet<_>, t: &Arc<str>, p: u32| {
+            tasks
+                .spawn(partition::consume(
+                    ctx.clone(),
+                    t.clone(),
+                    p,
+                    shutdown.clone(),
+                ))
+                .id()
+        };
         for (t, p) in partitions {
-            tasks.spawn(partition::consume(
-                ctx.clone(),
-                t.clone(),
-                *p,
-                shutdown.clone(),
-            ));
+            of.insert(spawn(&mut tasks, t, *p), (t.clone(), *p));
         }
         let mut failed = None;
-        while let Some(r) = tasks.join_next().await {
-            let r = r
-                .map_err(|e| EngineError::Join(e.to_string()))
-                .and_then(|r| r);
-            if let Err(e) = r {
-                // One partition failing (a storage error) stops the run: nothing more is acked.
-                failed.get_or_insert(e);
-                tasks.abort_all();
+        while let Some(r) = tasks.join_next_with_id().await {
+            let (id, r) = match r {
+                Ok((id, r)) => (id, r),
+                Err(e) => (e.id(), Err(EngineError::Join(e.to_string()))),
+            };
+            let key = of.remove(&id);
+            match r {
+                Ok(()) => {}
+                // The link its messages came on broke: they come again on the next one, so the
+                // partition starts over with nothing of the old link's (the source voided it).
+                // (Stopping, it just ends: the next run gets them.)
+                Err(EngineError::Source(SourceError::Lost { .. })) if failed.is_none() => {
+                    if let Some((t, p)) = key.filter(|_| !*shutdown.borrow()) {
+                        tracing::warn!(topic = %t, partition = p, "the broker link was lost; the partition starts again (its unsettled messages are delivered again)");
+                        let (src, topic) = (ctx.source.clone(), t.clone());
+                        let _ = tokio::task::spawn_blocking(move || src.release(&topic, p)).await;
+                        of.insert(spawn(&mut tasks, &t, p), (t, p));
+                    }
+                }
+                Err(e) => {
+                    // One partition failing (a storage error) stops the run: nothing more is
+                    // acked.
+                    failed.get_or_insert(e);
+                    tasks.abort_all();
+                }
             }
         }
         if let Some(e) = failed {

@@ -144,6 +144,14 @@ pub enum SourceError {
         broker: &'static str,
         detail: String,
     },
+    /// The link the partition's messages came on is gone, and with it their receipts: the
+    /// broker hands those messages out again. The engine drops what the partition holds (its
+    /// messages, their outputs, their dedupe claims) and starts it again; nothing of it is
+    /// published or acked.
+    #[error(
+        "the link to the broker that delivered `{topic}`'s messages was lost; they are delivered again"
+    )]
+    Lost { topic: String },
 }
 
 /// weir's own bounds on a record it publishes (outputs, dead letters, retry copies), the same on
@@ -307,4 +315,8 @@ pub trait Source: Send + Sync + 'static {
     fn append_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
     }
+    /// The partition's task ended on [`SourceError::Lost`] without settling what it was
+    /// handed: give those messages back to the broker now (a queue requeues them), so that the
+    /// partition, started again, gets them again. Logs have nothing to do: their offsets say it.
+    fn release(&self, _topic: &str, _partition: u32) {}
 }

@@ -12,7 +12,10 @@
 //!   than the engine may hold.
 //! - A link (connection + channels) has a generation. Receipts of an older generation are never
 //!   used: the broker requeued those messages when their channel closed, and another delivery
-//!   of each will come. Their outputs may then be published twice (at-least-once).
+//!   of each will come. A fetch or a commit that meets one voids every receipt of the lost link
+//!   and reports [`SourceError::Lost`]: the engine starts the partition over, and nothing of the
+//!   lost link is acked or published (its messages run again, and their outputs are published
+//!   once, with them).
 //! - Each consumed queue (a partition to the engine, `<topic>.retry` included) has its own
 //!   channel, so its delivery tags, acks and transaction are its own: a commit of one queue can
 //!   never ack, nor commit, another's messages (a `multiple` ack or a `tx.commit` on a shared
@@ -71,6 +74,13 @@ pub(super) struct Queue {
     next_seq: u64,
     /// How many fetched deliveries were settled.
     settled: u64,
+    /// How many fetched deliveries were voided (their link was lost; the broker delivers them
+    /// again, under new numbers). Settled + voided + receipts = the numbers handed out.
+    voided: u64,
+    /// Set when receipts were voided: the partition must end before it gets anything more
+    /// (its task may still be fetching while a commit finds out), and [`Source::release`]
+    /// clears it once it has.
+    restarting: bool,
     /// Sequence number to (generation, delivery tag).
     receipts: HashMap<u64, (u64, u64)>,
     /// The tags of the current link's channel for this queue, handed over and not acked.
@@ -154,8 +164,23 @@ impl RabbitSource {
     fn ready(&self, queue: &str) -> Result<u64, SourceError> {
         let (shared, q) = (self.shared.clone(), queue.to_string());
         let ready = self.rt.run(async move {
-            let link = Self::link(&shared).await?;
-            depth(&link.conn, &q).await
+            // A link that breaks under the question is waited out (up to RECONNECT_FOR), not
+            // reported: a lost link costs a reconnect, not the run.
+            let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
+            loop {
+                let link = Self::link(&shared).await?;
+                match depth(&link.conn, &q).await {
+                    Ok(r) => return Ok(r),
+                    Err(_)
+                        if !link.conn.status().connected()
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        forget(&shared, &link);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         })?;
         ready
             .map(u64::from)
@@ -344,6 +369,28 @@ async fn supervise(
     }
 }
 
+/// Voids the receipts of `q` whose link generation matches `gone`: their messages are the
+/// broker's again. Returns how many.
+fn void(q: &mut Queue, gone: impl Fn(u64) -> bool) -> usize {
+    let before = q.receipts.len();
+    q.receipts.retain(|_, (g, _)| !gone(*g));
+    let n = before - q.receipts.len();
+    q.voided += n as u64;
+    n
+}
+
+/// Stops handing out `link` once it is known broken (the supervisor puts up the next one).
+fn forget(shared: &Shared, link: &Link) {
+    shared.link.send_if_modified(|l| {
+        if l.as_ref().is_some_and(|l| l.generation == link.generation) {
+            *l = None;
+            true
+        } else {
+            false
+        }
+    });
+}
+
 impl Source for RabbitSource {
     fn capabilities(&self) -> Capabilities {
         super::CAPABILITIES
@@ -355,7 +402,7 @@ impl Source for RabbitSource {
 
     fn committed(&self, _group: &str, topic: &str, _partition: u32) -> Result<u64, SourceError> {
         let st = self.shared.state.lock().expect("state");
-        Ok(st.queues.get(topic).map_or(0, |q| q.settled))
+        Ok(st.queues.get(topic).map_or(0, |q| q.settled + q.voided))
     }
 
     fn end_offset(&self, topic: &str, _partition: u32) -> Result<u64, SourceError> {
@@ -381,17 +428,33 @@ impl Source for RabbitSource {
             return Err(broker_error("consuming", why));
         }
         let name: Arc<str> = Arc::from(topic);
+        let generation = st.generation;
         let q = st.queues.entry(topic.to_string()).or_default();
+        // The partition holds messages of a link that is gone: it must start over before it
+        // gets any of the new link's, or one commit could mix the two.
+        if q.restarting || void(q, |g| g != generation) > 0 {
+            q.restarting = true;
+            return Err(SourceError::Lost {
+                topic: topic.to_string(),
+            });
+        }
         let mut out = Vec::new();
         let mut bytes = 0;
         while out.len() < max && (out.is_empty() || bytes < max_bytes) {
             let Some(b) = q.buffer.pop_front() else { break };
             let size = crate::source::wire_size(&b.record);
             q.buffered_bytes -= size;
+            if b.generation != generation {
+                // Buffered by a link that broke before the buffers were cleared: the broker
+                // delivers it again.
+                continue;
+            }
             bytes += size;
             let seq = q.next_seq;
             q.next_seq += 1;
-            q.receipts.insert(seq, (b.generation, b.tag));
+            if !self.opts.at_most_once {
+                q.receipts.insert(seq, (b.generation, b.tag));
+            }
             out.push(Delivery {
                 topic: name.clone(),
                 partition,
@@ -434,54 +497,70 @@ impl Source for RabbitSource {
             .or(commit.offsets.first())
             .map(|(t, _, _)| t.to_string())
             .ok_or_else(|| SourceError::Invalid("a commit that names no queue".into()))?;
-        // The receipts to ack, by generation; each settled message is counted once.
-        let receipts: Vec<(u64, u64)> = {
+        // The receipts to ack. One of a lost link (or voided already) voids them all: the
+        // broker delivers those messages again, so nothing of this commit may be published.
+        let (receipts, generation) = {
             let mut st = self.shared.state.lock().expect("state");
+            let generation = st.generation;
+            let q = st.queues.entry(queue.clone()).or_default();
             let mut r = Vec::with_capacity(commit.settled.len());
-            for (topic, _, seq) in &commit.settled {
-                if let Some(q) = st.queues.get_mut(&**topic)
-                    && let Some(receipt) = q.receipts.remove(seq)
-                {
-                    q.settled += 1;
-                    r.push(receipt);
+            let mut stale = false;
+            for (_, _, seq) in &commit.settled {
+                match q.receipts.get(seq) {
+                    Some(&(g, tag)) if g == generation => r.push((*seq, tag)),
+                    _ => stale = true,
                 }
             }
-            r
+            if stale {
+                void(q, |g| g != generation);
+                q.restarting = true;
+                return Err(SourceError::Lost { topic: queue });
+            }
+            (r, generation)
         };
         let (shared, tx) = (self.shared.clone(), self.opts.exactly_once);
         let settle = !self.opts.at_most_once;
         self.rt.run(async move {
-            let outputs = commit.outputs;
-            loop {
-                let link = Self::link(&shared).await?;
-                let tags: Vec<u64> = receipts
-                    .iter()
-                    .filter(|(g, _)| *g == link.generation)
-                    .map(|(_, t)| *t)
-                    .collect();
-                let r = settle_on(&shared, &link, &queue, &outputs, tags, tx, settle).await;
-                let channel_up = link
-                    .channels
-                    .get(&queue)
-                    .is_some_and(|c| c.status().connected());
-                match r {
-                    Ok(()) => return Ok(()),
-                    Err(e) if !link.conn.status().connected() || !channel_up => {
-                        // The link broke under the commit: its receipts are void (the broker
-                        // requeued those messages); publish again on the next link.
-                        tracing::warn!(error = %e, "commit interrupted by a lost link; publishing again after reconnecting");
-                        shared.link.send_if_modified(|l| {
-                            if l.as_ref().is_some_and(|l| l.generation == link.generation) {
-                                *l = None;
-                                true
-                            } else {
-                                false
-                            }
-                        });
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e) => return Err(e),
+            let link = Self::link(&shared).await?;
+            let lost = |shared: &Shared| {
+                let mut st = shared.state.lock().expect("state");
+                if let Some(q) = st.queues.get_mut(&queue) {
+                    void(q, |g| g == generation);
+                    q.restarting = true;
                 }
+                SourceError::Lost {
+                    topic: queue.clone(),
+                }
+            };
+            if link.generation != generation {
+                return Err(lost(&shared));
+            }
+            let tags: Vec<u64> = receipts.iter().map(|(_, t)| *t).collect();
+            let r = settle_on(&shared, &link, &queue, &commit.outputs, tags, tx, settle).await;
+            let channel_up = link
+                .channels
+                .get(&queue)
+                .is_some_and(|c| c.status().connected());
+            match r {
+                Ok(()) => {
+                    let mut st = shared.state.lock().expect("state");
+                    if let Some(q) = st.queues.get_mut(&queue) {
+                        for (seq, _) in &receipts {
+                            if q.receipts.remove(seq).is_some() {
+                                q.settled += 1;
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) if !link.conn.status().connected() || !channel_up => {
+                    // The link broke under the commit: its receipts are void (the broker
+                    // requeues what it did not ack), and nothing of it is published again.
+                    tracing::warn!(error = %e, "commit interrupted by a lost link; its messages are delivered again");
+                    forget(&shared, &link);
+                    Err(lost(&shared))
+                }
+                Err(e) => Err(e),
             }
         })
     }
@@ -542,5 +621,53 @@ impl Source for RabbitSource {
 
     fn append_signal(&self) -> Option<Arc<Notify>> {
         Some(self.shared.signal.clone())
+    }
+
+    /// Gives back (`basic.nack` with requeue) what the ended partition was handed on the
+    /// current link and did not settle, and voids every receipt it held: the partition starts
+    /// over with nothing, and the broker hands those messages out again.
+    fn release(&self, topic: &str, _partition: u32) {
+        let tags: Vec<u64> = {
+            let mut st = self.shared.state.lock().expect("state");
+            let generation = st.generation;
+            let Some(q) = st.queues.get_mut(topic) else {
+                return;
+            };
+            let tags: Vec<u64> = q
+                .receipts
+                .values()
+                .filter(|(g, _)| *g == generation)
+                .map(|(_, t)| *t)
+                .collect();
+            for t in &tags {
+                q.outstanding.remove(t);
+            }
+            void(q, |_| true);
+            q.restarting = false;
+            tags
+        };
+        if tags.is_empty() {
+            return;
+        }
+        let (shared, queue) = (self.shared.clone(), topic.to_string());
+        let _ = self.rt.run(async move {
+            let link = Self::link(&shared).await?;
+            let Some(ch) = link.channels.get(&queue) else {
+                return Ok(());
+            };
+            for tag in tags {
+                // A failure means the link went too: the broker requeues them itself.
+                let _ = ch
+                    .basic_nack(
+                        tag,
+                        lapin::options::BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        },
+                    )
+                    .await;
+            }
+            Ok::<(), SourceError>(())
+        });
     }
 }
