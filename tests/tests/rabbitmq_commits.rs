@@ -332,3 +332,91 @@ fn a_lost_link_costs_a_reconnect_with_exactly_once_and_dedupe() {
 fn a_lost_link_costs_a_reconnect_in_requeue_mode() {
     a_lost_link_costs_a_reconnect(&["--retry-mode", "requeue"], false);
 }
+
+/// Runs `weir run ... --drain --json` with `extra` on a queue of `n` orders (and `copies` of
+/// each), waits for it within a deadline, and returns its summary and the confirmations per id.
+fn drain_orders(extra: &[&str], n: u64, copies: u64) -> (serde_json::Value, HashMap<String, u64>) {
+    let w = Weir::rabbitmq();
+    let url = url(&w);
+    w.create_topic("orders", 1);
+    w.create_topic("confirmations", 1);
+    for _ in 0..copies {
+        publish(&url, "orders", n, order);
+    }
+    let module = guest("orders");
+    let group = format!("g-{}-{}", std::process::id(), weir_tests::now_ms());
+    let mut args = vec![
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "orders",
+        "--group",
+        &group,
+        "--drain",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let log = w.path("run.log");
+    let mut run = w.spawn_logged(&args, &log);
+    let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("the run drains", Duration::from_secs(120), || {
+            !run.is_running()
+        })
+    }));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    if let Err(e) = ended {
+        eprintln!("{text}");
+        std::panic::resume_unwind(e);
+    }
+    let out = run.wait();
+    assert!(out.status.success(), "the run failed:\n{text}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("run --json prints a JSON summary");
+    let mut per_id: HashMap<String, u64> = HashMap::new();
+    for body in take_all(&url, "confirmations") {
+        let c: serde_json::Value = serde_json::from_slice(&body).expect("a JSON confirmation");
+        *per_id
+            .entry(c["order_id"].as_str().expect("an order_id").to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(queue_state(&url, "orders"), (0, 0), "orders left");
+    (summary, per_id)
+}
+
+/// At-most-once on a queue: acked on delivery, each order handled once, its output published,
+/// and `--drain` ends.
+#[test]
+fn at_most_once_publishes_every_output_and_drains() {
+    let n = 2_000;
+    let (s, per_id) = drain_orders(&["--delivery", "at-most-once"], n, 1);
+    assert_eq!(s["processed"], n, "{s}");
+    assert_eq!(per_id.len() as u64, n);
+    assert!(per_id.values().all(|&c| c == 1), "an order confirmed twice");
+}
+
+/// Dedupe through Redis without `--exactly-once`: outputs are published (and confirmed) before
+/// their done marks and acks, in a commit of their own; each id runs once.
+#[test]
+fn dedupe_without_exactly_once_runs_each_id_once() {
+    let n = 2_000;
+    let (s, per_id) = drain_orders(
+        &[
+            "--dedupe",
+            "header",
+            "--dedupe-store",
+            "redis://127.0.0.1:6379",
+            "--dedupe-window",
+            "10m",
+        ],
+        n,
+        2,
+    );
+    assert_eq!(
+        (s["processed"].as_u64(), s["deduped"].as_u64()),
+        (Some(n), Some(n)),
+        "{s}"
+    );
+    assert_eq!(per_id.len() as u64, n);
+    assert!(per_id.values().all(|&c| c == 1), "an order confirmed twice");
+}

@@ -495,12 +495,22 @@ async fn every_partition(
         }
         // Every partition was drained once; outputs or requeued retries may have landed in a
         // topic we consume, so go again until a whole round finds nothing.
-        let mut behind = false;
-        for (t, p) in partitions {
-            if ctx.source.committed(&ctx.cfg.group, t, *p)? < ctx.source.end_offset(t, *p)? {
-                behind = true;
+        // On the blocking pool: a broker may be waited for (a reconnect) before it answers.
+        let (src, group, parts) = (
+            ctx.source.clone(),
+            ctx.cfg.group.clone(),
+            partitions.to_vec(),
+        );
+        let behind = tokio::task::spawn_blocking(move || {
+            for (t, p) in &parts {
+                if src.committed(&group, t, *p)? < src.end_offset(t, *p)? {
+                    return Ok(true);
+                }
             }
-        }
+            Ok::<_, SourceError>(false)
+        })
+        .await
+        .map_err(|e| EngineError::Join(e.to_string()))??;
         if !behind {
             break Ok(());
         }

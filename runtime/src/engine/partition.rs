@@ -147,7 +147,28 @@ pub(super) async fn consume(
     ctx: Arc<Ctx>,
     topic: Arc<str>,
     partition: u32,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), EngineError> {
+    let mut writing = None;
+    let r = run(ctx, topic, partition, shutdown, &mut writing).await;
+    if r.is_err()
+        && let Some(mut w) = writing.take()
+    {
+        // The commit being written finishes (or fails) before the partition is gone: one
+        // started again in its place (a lost broker link) must not meet it half-way.
+        let _ = w.wait().await;
+    }
+    r
+}
+
+/// The partition loop; `writing` is the commit being written, there for the caller to wait
+/// for when the loop ends on an error.
+async fn run(
+    ctx: Arc<Ctx>,
+    topic: Arc<str>,
+    partition: u32,
     mut shutdown: watch::Receiver<bool>,
+    writing: &mut Option<InFlight>,
 ) -> Result<(), EngineError> {
     let cfg = &ctx.cfg;
     let (src, group, t) = (ctx.source.clone(), cfg.group.clone(), topic.clone());
@@ -182,8 +203,7 @@ pub(super) async fn consume(
     let mut gauges = Gauges::new(&ctx, &topic, partition);
     let mut held = Held::new(&ctx);
     let signal = ctx.source.append_signal();
-    // The commit being written while the loop goes on (one at a time).
-    let mut writing: Option<InFlight> = None;
+    // `writing`: the commit being written while the loop goes on (one at a time).
     loop {
         // 1. Fetch while there is room in flight.
         let bytes_in_flight = tracker.bytes_in_flight() as usize;
@@ -345,8 +365,8 @@ pub(super) async fn consume(
                     None => std::future::pending().await,
                 }
             }, if empty && !stopping => {}
-            written = commit::wait(&mut writing) => {
-                writing = None;
+            written = commit::wait(writing) => {
+                *writing = None;
                 let (point, p) = written?;
                 commit::finish(&ctx, &topic, point, p, &mut committed, &mut held);
             }
@@ -357,7 +377,7 @@ pub(super) async fn consume(
             }
         }
         if writing.is_none() {
-            writing = commit::start(
+            *writing = commit::start(
                 &ctx,
                 &topic,
                 partition,

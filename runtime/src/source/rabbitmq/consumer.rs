@@ -490,61 +490,94 @@ impl Source for RabbitSource {
             return Ok(());
         }
         // The queue whose messages this commit settles: the engine commits one partition (one
-        // queue) at a time, so they are all of one, and its channel acks them.
-        let queue = commit
+        // queue) at a time, so they are all of one, and its channel acks them. (A commit of
+        // outputs alone, before their done marks and acks, names none: it needs no channel.)
+        let queue: Option<String> = commit
             .settled
             .first()
             .or(commit.offsets.first())
-            .map(|(t, _, _)| t.to_string())
-            .ok_or_else(|| SourceError::Invalid("a commit that names no queue".into()))?;
+            .map(|(t, _, _)| t.to_string());
+        let (shared, tx) = (self.shared.clone(), self.opts.exactly_once);
+        if self.opts.at_most_once {
+            // Auto-acked when delivered: no receipts; only the outputs go out, and the count.
+            let n = commit.settled.len() as u64;
+            self.rt.run(async move {
+                let link = Self::link(&shared).await?;
+                settle_on(
+                    &shared,
+                    &link,
+                    None,
+                    &commit.outputs,
+                    Vec::new(),
+                    false,
+                    false,
+                )
+                .await
+            })?;
+            if let Some(q) = queue {
+                let mut st = self.shared.state.lock().expect("state");
+                st.queues.entry(q).or_default().settled += n;
+            }
+            return Ok(());
+        }
         // The receipts to ack. One of a lost link (or voided already) voids them all: the
         // broker delivers those messages again, so nothing of this commit may be published.
         let (receipts, generation) = {
             let mut st = self.shared.state.lock().expect("state");
             let generation = st.generation;
-            let q = st.queues.entry(queue.clone()).or_default();
             let mut r = Vec::with_capacity(commit.settled.len());
-            let mut stale = false;
-            for (_, _, seq) in &commit.settled {
-                match q.receipts.get(seq) {
-                    Some(&(g, tag)) if g == generation => r.push((*seq, tag)),
-                    _ => stale = true,
+            if let Some(queue) = &queue {
+                let q = st.queues.entry(queue.clone()).or_default();
+                let mut stale = false;
+                for (_, _, seq) in &commit.settled {
+                    match q.receipts.get(seq) {
+                        Some(&(g, tag)) if g == generation => r.push((*seq, tag)),
+                        _ => stale = true,
+                    }
                 }
-            }
-            if stale {
-                void(q, |g| g != generation);
-                q.restarting = true;
-                return Err(SourceError::Lost { topic: queue });
+                if stale {
+                    void(q, |g| g != generation);
+                    q.restarting = true;
+                    return Err(SourceError::Lost {
+                        topic: queue.clone(),
+                    });
+                }
             }
             (r, generation)
         };
-        let (shared, tx) = (self.shared.clone(), self.opts.exactly_once);
-        let settle = !self.opts.at_most_once;
         self.rt.run(async move {
             let link = Self::link(&shared).await?;
             let lost = |shared: &Shared| {
                 let mut st = shared.state.lock().expect("state");
-                if let Some(q) = st.queues.get_mut(&queue) {
+                if let Some(q) = queue.as_ref().and_then(|q| st.queues.get_mut(q)) {
                     void(q, |g| g == generation);
                     q.restarting = true;
                 }
                 SourceError::Lost {
-                    topic: queue.clone(),
+                    topic: queue.clone().unwrap_or_default(),
                 }
             };
-            if link.generation != generation {
+            if link.generation != generation && !receipts.is_empty() {
                 return Err(lost(&shared));
             }
             let tags: Vec<u64> = receipts.iter().map(|(_, t)| *t).collect();
-            let r = settle_on(&shared, &link, &queue, &commit.outputs, tags, tx, settle).await;
-            let channel_up = link
-                .channels
-                .get(&queue)
-                .is_some_and(|c| c.status().connected());
+            let r = settle_on(
+                &shared,
+                &link,
+                queue.as_deref(),
+                &commit.outputs,
+                tags,
+                tx,
+                true,
+            )
+            .await;
+            let channel_up = queue
+                .as_ref()
+                .is_none_or(|q| link.channels.get(q).is_some_and(|c| c.status().connected()));
             match r {
                 Ok(()) => {
                     let mut st = shared.state.lock().expect("state");
-                    if let Some(q) = st.queues.get_mut(&queue) {
+                    if let Some(q) = queue.as_ref().and_then(|q| st.queues.get_mut(q)) {
                         for (seq, _) in &receipts {
                             if q.receipts.remove(seq).is_some() {
                                 q.settled += 1;
@@ -627,7 +660,7 @@ impl Source for RabbitSource {
     /// current link and did not settle, and voids every receipt it held: the partition starts
     /// over with nothing, and the broker hands those messages out again.
     fn release(&self, topic: &str, _partition: u32) {
-        let tags: Vec<u64> = {
+        let (tags, generation) = {
             let mut st = self.shared.state.lock().expect("state");
             let generation = st.generation;
             let Some(q) = st.queues.get_mut(topic) else {
@@ -644,14 +677,23 @@ impl Source for RabbitSource {
             }
             void(q, |_| true);
             q.restarting = false;
-            tags
+            (tags, generation)
         };
         if tags.is_empty() {
             return;
         }
-        let (shared, queue) = (self.shared.clone(), topic.to_string());
+        let (shared, queue, tx) = (
+            self.shared.clone(),
+            topic.to_string(),
+            self.opts.exactly_once,
+        );
         let _ = self.rt.run(async move {
-            let link = Self::link(&shared).await?;
+            // Only on the link that delivered them: tags are numbered per channel, and a newer
+            // link's would name other messages (the broker requeued these with the old one).
+            let link = shared.link.borrow().clone();
+            let Some(link) = link.filter(|l| l.generation == generation) else {
+                return Ok(());
+            };
             let Some(ch) = link.channels.get(&queue) else {
                 return Ok(());
             };
@@ -666,6 +708,10 @@ impl Source for RabbitSource {
                         },
                     )
                     .await;
+            }
+            if tx {
+                // On a channel in `tx` mode a nack waits for the commit, like an ack.
+                let _ = ch.tx_commit().await;
             }
             Ok::<(), SourceError>(())
         });

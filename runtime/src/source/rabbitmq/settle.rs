@@ -38,24 +38,36 @@ fn acks(outstanding: &BTreeSet<u64>, mut tags: Vec<u64>) -> Vec<(u64, bool)> {
 pub(super) async fn settle_on(
     shared: &Shared,
     link: &Link,
-    queue: &str,
+    queue: Option<&str>,
     outputs: &[crate::source::Output],
     tags: Vec<u64>,
     tx: bool,
     settle: bool,
 ) -> Result<(), SourceError> {
-    let ch = link
-        .channels
-        .get(queue)
-        .ok_or_else(|| broker_error("settling", format!("weir does not consume {queue}")))?;
-    let to_ack = if settle {
-        let st = shared.state.lock().expect("state");
-        match st.queues.get(queue) {
-            Some(q) if st.generation == link.generation => acks(&q.outstanding, tags.clone()),
-            _ => Vec::new(),
+    // The queue's channel: it acks, and in `tx` mode publishes and commits. A commit of
+    // outputs alone in confirm mode needs none.
+    let ch = match queue {
+        Some(q) => Some(
+            link.channels
+                .get(q)
+                .ok_or_else(|| broker_error("settling", format!("weir does not consume {q}")))?,
+        ),
+        None => None,
+    };
+    let channel = || {
+        ch.ok_or_else(|| {
+            SourceError::Invalid("a transaction or an ack needs the queue it settles".into())
+        })
+    };
+    let to_ack = match queue {
+        Some(queue) if settle => {
+            let st = shared.state.lock().expect("state");
+            match st.queues.get(queue) {
+                Some(q) if st.generation == link.generation => acks(&q.outstanding, tags.clone()),
+                _ => Vec::new(),
+            }
         }
-    } else {
-        Vec::new()
+        _ => Vec::new(),
     };
     match &link.publish {
         Some(publish) => {
@@ -66,6 +78,7 @@ pub(super) async fn settle_on(
             publish_confirmed(publish, &records).await?;
         }
         None => {
+            let ch = channel()?;
             for o in outputs {
                 ch.basic_publish(
                     "".into(),
@@ -102,17 +115,18 @@ pub(super) async fn settle_on(
         }
     }
     for (tag, multiple) in to_ack {
-        ch.basic_ack(tag, BasicAckOptions { multiple })
+        channel()?
+            .basic_ack(tag, BasicAckOptions { multiple })
             .await
             .map_err(|e| broker_error("acking", e))?;
     }
     if tx {
-        tokio::time::timeout(REQUEST_TIMEOUT, ch.tx_commit())
+        tokio::time::timeout(REQUEST_TIMEOUT, channel()?.tx_commit())
             .await
             .map_err(|_| broker_error("committing the transaction", "no answer"))?
             .map_err(|e| broker_error("committing the transaction", e))?;
     }
-    if settle {
+    if settle && let Some(queue) = queue {
         let mut st = shared.state.lock().expect("state");
         if st.generation == link.generation
             && let Some(q) = st.queues.get_mut(queue)
