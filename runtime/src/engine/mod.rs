@@ -26,6 +26,8 @@ mod pool;
 pub use weir_core::retry;
 pub mod scaler;
 #[cfg(test)]
+mod settle_tests;
+#[cfg(test)]
 mod tests;
 
 use crate::host::Handler;
@@ -241,7 +243,9 @@ pub async fn run(
     for t in &cfg.topics {
         let n = source.partitions(t)?;
         source.ensure_topic(&cfg.dlq_for(t), n)?;
-        if cfg.retry_mode == RetryMode::Requeue {
+        // Where the broker delays a redelivery itself, requeue mode gives the message back
+        // with its delay ([`crate::source::Commit::delayed`]) and needs no retry topic.
+        if cfg.retry_mode == RetryMode::Requeue && !source.capabilities().delayed_retry {
             let r = cfg.retry_for(t);
             source.ensure_topic(&r, n)?;
             cfg.retry_topics

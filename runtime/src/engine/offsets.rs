@@ -82,6 +82,19 @@ impl OffsetTracker {
         }
     }
 
+    /// Records that `offset` finished without being settled by the engine (given back to the
+    /// broker with a delay: [`crate::source::Commit::delayed`] settles it).
+    pub fn give_back(&mut self, offset: u64) {
+        if let Some(bytes) = self.pending.remove(&offset) {
+            self.bytes -= bytes;
+        }
+    }
+
+    /// The offsets dispatched and not finished, in order.
+    pub fn held(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pending.keys().copied()
+    }
+
     /// The bytes of the messages dispatched and not finished.
     pub fn bytes_in_flight(&self) -> u64 {
         self.bytes

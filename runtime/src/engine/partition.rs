@@ -11,6 +11,7 @@
 mod commit;
 mod fail;
 mod job;
+mod lanes;
 mod screen;
 
 use super::claims::Held;
@@ -19,8 +20,8 @@ use super::offsets::OffsetTracker;
 use super::{Ctx, DeliveryMode as Mode, EngineError, now_ms};
 use crate::source::{Commit, Delivery, Settle, SourceError};
 use commit::{InFlight, Later, Pending};
+use lanes::{lane_of, take_run};
 use std::collections::VecDeque;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -57,21 +58,6 @@ struct Done {
     lane: usize,
     meta: Vec<Work>,
     result: Result<(Vec<Delivery>, job::Ran), EngineError>,
-}
-
-fn lane_of(d: &Delivery, lanes: usize, round_robin: &mut usize) -> usize {
-    match &d.record.key {
-        Some(k) => {
-            // Not the partitioner's hash: with it, every key of a partition could share a lane.
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            k.hash(&mut h);
-            (h.finish() % lanes as u64) as usize
-        }
-        None => {
-            *round_robin = (*round_robin + 1) % lanes;
-            *round_robin
-        }
-    }
 }
 
 /// This partition's share of the run's gauges (busy lanes, messages in flight) and its entry
@@ -203,6 +189,7 @@ async fn run(
     let mut gauges = Gauges::new(&ctx, &topic, partition);
     let mut held = Held::new(&ctx);
     let signal = ctx.source.append_signal();
+    let mut leases = Leases::new(ctx.source.capabilities().lease);
     // `writing`: the commit being written while the loop goes on (one at a time).
     loop {
         // 1. Fetch while there is room in flight.
@@ -334,9 +321,23 @@ async fn run(
                     &mut held,
                 )
                 .await?;
+                if per_message && tracker.in_flight() > 0 {
+                    // Stopped or revoked with messages it did not run (waiting out a
+                    // backoff, or behind one): the broker gets them back now, for this
+                    // process or another, rather than when a lease or the link runs out.
+                    let (src, t) = (ctx.source.clone(), topic.clone());
+                    blocking(move || {
+                        src.release(&t, partition);
+                        Ok(())
+                    })
+                    .await?;
+                }
                 return Ok(());
             }
         }
+        leases
+            .renew(&ctx, &topic, partition, &tracker, &mut wake)
+            .await?;
 
         // 4. Wait for a lane to finish, a backoff to end, new messages, or shutdown.
         let full = tracker.in_flight() >= cfg.max_in_flight
@@ -387,69 +388,6 @@ async fn run(
             );
         }
     }
-}
-
-/// Takes the next run of a lane: messages that may run now, in queue order, up to `max`.
-///
-/// A message waiting out a backoff blocks its key, not the lane: it is skipped, and so is every
-/// later message with the same key, so per-key order holds while other keys go on. (Keyless
-/// messages carry no order and are never blocked by others.) `wake` learns the earliest
-/// backoff end among the messages looked at.
-///
-/// It looks only as far as it takes: a failed message at the front of a lane puts the rest of
-/// its run back, so this runs once per failure, and a pass over the whole lane each time made
-/// 7% retries CPU-bound. When a run is taken, what lies behind it is looked at again once the
-/// run finishes (the loop goes round on every finished run); when none is, everything was
-/// looked at and `wake` is complete.
-fn take_run(
-    queue: &mut VecDeque<Work>,
-    max: usize,
-    now: Instant,
-    wake: &mut Option<Instant>,
-) -> Vec<Work> {
-    let n = max.min(queue.len());
-    // The common case: nothing at the front waits (so nothing there is blocked either), and
-    // nothing there runs again after a failure.
-    if queue
-        .iter()
-        .take(n)
-        .all(|w| w.not_before.is_none_or(|nb| nb <= now) && !w.again)
-    {
-        return queue.drain(..n).collect();
-    }
-    let mut blocked: Vec<Vec<u8>> = Vec::new();
-    let mut take = Vec::new();
-    let mut keep = Vec::new();
-    while take.len() < max {
-        let Some(w) = queue.pop_front() else { break };
-        let key = w.msg.record.key.as_deref();
-        let waiting = w.not_before.filter(|nb| *nb > now);
-        if let Some(nb) = waiting {
-            *wake = Some(wake.map_or(nb, |x| x.min(nb)));
-        }
-        let key_blocked = key.is_some_and(|k| blocked.iter().any(|b| b.as_slice() == k));
-        if waiting.is_some() || key_blocked {
-            if let Some(k) = key
-                && !key_blocked
-            {
-                blocked.push(k.to_vec());
-            }
-            keep.push(w);
-            continue;
-        }
-        // Messages that failed here run apart from the others: a run of them, or a run
-        // without them.
-        if take.first().is_some_and(|t: &Work| t.again != w.again) {
-            keep.push(w);
-            break;
-        }
-        take.push(w);
-    }
-    // The skipped go back in front, in their order.
-    for w in keep.into_iter().rev() {
-        queue.push_front(w);
-    }
-    take
 }
 
 /// What stands in a [`Work`] for its message while a job has it: one shared empty topic name,
@@ -535,102 +473,56 @@ fn handle(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::source::Record;
+/// Renews the broker's lease ([`crate::source::Capabilities::lease`]) of the messages a
+/// partition holds, every third of a lease: each message held at the previous renewal is
+/// extended, so none is held past two thirds of a lease without one.
+struct Leases {
+    every: Option<Duration>,
+    at: Instant,
+    before: Vec<u64>,
+}
 
-    fn work(offset: u64, key: Option<&str>, waiting: bool, now: Instant) -> Work {
-        Work {
-            msg: Delivery {
-                topic: Arc::from("t"),
-                partition: 0,
-                offset,
-                redeliveries: 0,
-                record: Record {
-                    key: key.map(|k| k.as_bytes().to_vec()),
-                    ..Record::default()
-                },
-            },
-            at: offset,
-            attempt: 1,
-            not_before: waiting.then(|| now + Duration::from_secs(1)),
-            first_failure_ms: None,
-            dedupe_key: None,
-            claimed: false,
-            again: false,
+impl Leases {
+    fn new(lease: Option<Duration>) -> Leases {
+        let every = lease.map(|l| (l / 3).max(Duration::from_millis(10)));
+        Leases {
+            every,
+            at: Instant::now() + every.unwrap_or_default(),
+            before: Vec::new(),
         }
     }
 
-    fn offsets(v: &[Work]) -> Vec<u64> {
-        v.iter().map(|w| w.at).collect()
-    }
-
-    #[test]
-    fn a_backing_off_key_blocks_only_itself() {
+    /// Extends what is due now; otherwise makes `wake` no later than the next renewal while
+    /// messages are held (a long call wakes the loop for it).
+    async fn renew(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        topic: &Arc<str>,
+        partition: u32,
+        tracker: &OffsetTracker,
+        wake: &mut Option<Instant>,
+    ) -> Result<(), EngineError> {
+        let Some(every) = self.every else {
+            return Ok(());
+        };
         let now = Instant::now();
-        let mut q: VecDeque<Work> = [
-            work(0, Some("a"), true, now),
-            work(1, Some("b"), false, now),
-            work(2, Some("a"), false, now),
-            work(3, None, false, now),
-            work(4, Some("b"), false, now),
-        ]
-        .into_iter()
-        .collect();
-        let mut wake = None;
-        let run = take_run(&mut q, 10, now, &mut wake);
-        assert_eq!(offsets(&run), vec![1, 3, 4], "b and keyless go on; a waits");
-        assert_eq!(q.iter().map(|w| w.at).collect::<Vec<_>>(), vec![0, 2]);
-        assert_eq!(wake, Some(now + Duration::from_secs(1)));
-    }
-
-    #[test]
-    fn a_run_behind_a_waiting_message_stops_at_the_batch_size() {
-        let now = Instant::now();
-        let mut q: VecDeque<Work> = [
-            work(0, Some("a"), true, now),
-            work(1, Some("b"), false, now),
-            work(2, Some("c"), false, now),
-            work(3, Some("d"), false, now),
-            work(4, Some("a"), false, now),
-        ]
-        .into_iter()
-        .collect();
-        let mut wake = None;
-        let run = take_run(&mut q, 2, now, &mut wake);
-        assert_eq!(offsets(&run), vec![1, 2]);
-        // The waiting one back in front, then what was not looked at, in order.
-        assert_eq!(q.iter().map(|w| w.at).collect::<Vec<_>>(), vec![0, 3, 4]);
-        assert_eq!(wake, Some(now + Duration::from_secs(1)));
-        // Once it is due, it leads again, and its key follows in order.
-        let later = now + Duration::from_secs(2);
-        let run = take_run(&mut q, 9, later, &mut wake);
-        assert_eq!(offsets(&run), vec![0, 3, 4]);
-    }
-
-    #[test]
-    fn messages_that_failed_here_run_apart_from_first_attempts() {
-        let now = Instant::now();
-        let mut q: VecDeque<Work> = (0..6).map(|o| work(o, None, false, now)).collect();
-        for i in [0, 1, 4] {
-            q[i].again = true;
+        if now >= self.at {
+            let held: Vec<u64> = tracker.held().collect();
+            let due: Vec<u64> = held
+                .iter()
+                .copied()
+                .filter(|o| self.before.binary_search(o).is_ok())
+                .collect();
+            self.before = held;
+            self.at = now + every;
+            if !due.is_empty() {
+                let (src, t) = (ctx.source.clone(), topic.clone());
+                blocking(move || src.extend(&t, partition, &due)).await?;
+            }
         }
-        let mut wake = None;
-        assert_eq!(offsets(&take_run(&mut q, 9, now, &mut wake)), vec![0, 1]);
-        // A run of first attempts stops before the next retry, which then runs apart.
-        assert_eq!(offsets(&take_run(&mut q, 9, now, &mut wake)), vec![2, 3]);
-        assert_eq!(offsets(&take_run(&mut q, 9, now, &mut wake)), vec![4]);
-        assert_eq!(offsets(&take_run(&mut q, 9, now, &mut wake)), vec![5]);
-    }
-
-    #[test]
-    fn runs_respect_the_batch_size_and_keep_queue_order() {
-        let now = Instant::now();
-        let mut q: VecDeque<Work> = (0..5).map(|o| work(o, Some("k"), false, now)).collect();
-        let mut wake = None;
-        assert_eq!(offsets(&take_run(&mut q, 2, now, &mut wake)), vec![0, 1]);
-        assert_eq!(offsets(&take_run(&mut q, 9, now, &mut wake)), vec![2, 3, 4]);
-        assert!(q.is_empty() && wake.is_none());
+        if tracker.in_flight() > 0 {
+            *wake = Some(wake.map_or(self.at, |w| w.min(self.at)));
+        }
+        Ok(())
     }
 }

@@ -14,7 +14,7 @@ use crate::source::memory::Memory;
 use crate::source::{Record, Source};
 use tokio::time::Instant;
 
-fn config(topic: &str) -> EngineConfig {
+pub(super) fn config(topic: &str) -> EngineConfig {
     EngineConfig {
         group: "g".into(),
         topics: vec![topic.into()],
@@ -42,7 +42,7 @@ fn config(topic: &str) -> EngineConfig {
 }
 
 /// Order `n`, keyed by its id; `transient` ones ask for one 10 ms retry.
-fn order(n: u64, transient: bool) -> Record {
+pub(super) fn order(n: u64, transient: bool) -> Record {
     let id = format!("m-{n}");
     Record {
         key: Some(id.clone().into_bytes()),
@@ -56,7 +56,7 @@ fn order(n: u64, transient: bool) -> Record {
     }
 }
 
-fn orders_twin() -> Handler {
+pub(super) fn orders_twin() -> Handler {
     Handler::Native {
         twin: Native::Orders,
         output_topic: Arc::from("out"),
@@ -64,7 +64,7 @@ fn orders_twin() -> Handler {
 }
 
 /// The order ids in `outputs`, as the twin's confirmations name them.
-fn ids(outputs: &[crate::source::Output]) -> Vec<String> {
+pub(super) fn ids(outputs: &[crate::source::Output]) -> Vec<String> {
     outputs
         .iter()
         .map(|o| {
@@ -74,7 +74,7 @@ fn ids(outputs: &[crate::source::Output]) -> Vec<String> {
         .collect()
 }
 
-async fn drain(source: Arc<dyn Source>, handler: Handler, cfg: EngineConfig) -> Summary {
+pub(super) async fn drain(source: Arc<dyn Source>, handler: Handler, cfg: EngineConfig) -> Summary {
     let (_stop, stop_rx) = watch::channel(false);
     run(source, handler, cfg, stop_rx, Arc::new(Stats::default()))
         .await
@@ -206,7 +206,7 @@ async fn a_per_message_source_settles_each_message_as_it_finishes() {
 }
 
 /// Polls `cond` against a deadline (virtual time runs while the loop waits for the pool).
-async fn until(what: &str, cond: impl Fn() -> bool) {
+pub(super) async fn until(what: &str, cond: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !cond() {
         assert!(

@@ -17,6 +17,11 @@ pub enum Native {
     #[cfg(test)]
     #[value(skip)]
     Slow,
+    /// Asks for a retry, with no delay of its own, on a message's first attempt and acks it on
+    /// any later one: the engine's backoff decides how long the message is held.
+    #[cfg(test)]
+    #[value(skip)]
+    Busy,
 }
 
 /// An order as the `orders` example reads it (shared with the Kafka row's bare loop).
@@ -47,6 +52,8 @@ impl Native {
             Native::Orders => "orders (native)",
             #[cfg(test)]
             Native::Slow => "slow (native)",
+            #[cfg(test)]
+            Native::Busy => "busy (native)",
         }
     }
 
@@ -59,6 +66,16 @@ impl Native {
                 Native::Noop => {}
                 #[cfg(test)]
                 Native::Slow => std::thread::sleep(Duration::from_millis(20)),
+                #[cfg(test)]
+                Native::Busy if attempt < 2 => {
+                    out.stop = Some(Outcome::Retry {
+                        reason: "busy".into(),
+                        delay: None,
+                    });
+                    return out;
+                }
+                #[cfg(test)]
+                Native::Busy => {}
                 Native::Orders => match confirm(m, attempt, output_topic) {
                     Ok(o) => out.outputs.push(o),
                     Err(stop) => {

@@ -22,7 +22,10 @@ pub mod embedded;
 pub mod kafka;
 #[cfg(test)]
 pub mod memory;
+#[cfg(test)]
+pub mod memory_queue;
 pub mod rabbitmq;
+pub mod receipts;
 
 use std::sync::Arc;
 
@@ -44,6 +47,10 @@ pub struct Commit {
     /// receipts after the outputs are confirmed. Empty for watermark sources, which take
     /// `offsets` instead.
     pub settled: Vec<(Arc<str>, u32, u64)>,
+    /// Per-message sources that redeliver after a delay ([`Capabilities::delayed_retry`]):
+    /// messages (topic, partition, offset) to give back to the broker, to be delivered again
+    /// (with their delivery count one higher) no sooner than the delay; they are settled by it.
+    pub delayed: Vec<(Arc<str>, u32, u64, std::time::Duration)>,
 }
 
 /// How a broker learns that messages are done.
@@ -70,6 +77,16 @@ pub struct Capabilities {
     pub transactions: bool,
     /// Messages fetched per call into the handler when the user does not say.
     pub batch_size: Option<usize>,
+    /// The broker delivers a message again after a delay it is given ([`Commit::delayed`]:
+    /// JetStream's `NakWithDelay`, SQS's `ChangeMessageVisibility`): `--retry-mode requeue`
+    /// uses it instead of a retry topic, and the attempt number is the broker's delivery count.
+    pub delayed_retry: bool,
+    /// The broker hands a message to another consumer once it was held this long unacked
+    /// (JetStream's `ack_wait`, SQS's visibility timeout), unless [`Source::extend`] renews
+    /// it: the engine does, for every message it holds (a long call, a blocking retry's wait,
+    /// a lane behind them). `None`: the broker waits as long as the link lives (RabbitMQ, up
+    /// to its `consumer_timeout`), or nothing is leased (logs).
+    pub lease: Option<std::time::Duration>,
 }
 
 impl Capabilities {
@@ -81,6 +98,8 @@ impl Capabilities {
         delivery_count: false,
         transactions: false,
         batch_size: None,
+        delayed_retry: false,
+        lease: None,
     };
 }
 
@@ -315,8 +334,16 @@ pub trait Source: Send + Sync + 'static {
     fn append_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
     }
-    /// The partition's task ended on [`SourceError::Lost`] without settling what it was
-    /// handed: give those messages back to the broker now (a queue requeues them), so that the
-    /// partition, started again, gets them again. Logs have nothing to do: their offsets say it.
+    /// The partition's task ended without settling all it was handed (a lost link, a
+    /// revocation, a stop with messages waiting): give those messages back to the broker now
+    /// (a queue requeues them, for this process or another to take at once rather than when a
+    /// lease or a link runs out), and let the partition start again with nothing held. Logs
+    /// have nothing to do: their offsets say it.
     fn release(&self, _topic: &str, _partition: u32) {}
+    /// Keeps the messages (by offset) of the partition from being handed to another consumer
+    /// for another [`Capabilities::lease`] (JetStream's in-progress ack, SQS's visibility).
+    /// Sources without a lease have nothing to do.
+    fn extend(&self, _topic: &str, _partition: u32, _offsets: &[u64]) -> Result<(), SourceError> {
+        Ok(())
+    }
 }

@@ -141,6 +141,7 @@ impl Pending {
     pub fn any(&self) -> bool {
         !self.commit.outputs.is_empty()
             || !self.commit.dedupe_done.is_empty()
+            || !self.commit.delayed.is_empty()
             || !self.release.is_empty()
             || self.acked + self.dead + self.deduped > 0
     }
@@ -267,12 +268,14 @@ async fn write(ctx: &Arc<Ctx>, mut c: Commit, release: &[Vec<u8>]) -> Result<(),
             let keys: Vec<Vec<u8>> = c.dedupe_done.drain(..).map(|(k, _)| k).collect();
             let offsets = std::mem::take(&mut c.offsets);
             let settled = std::mem::take(&mut c.settled);
+            let delayed = std::mem::take(&mut c.delayed);
             let (src2, group2) = (src.clone(), group.clone());
             blocking(move || src2.commit(&group2, c)).await?;
             mark_until_stored(ctx, store, keys).await?;
             let c = Commit {
                 offsets,
                 settled,
+                delayed,
                 ..Default::default()
             };
             blocking(move || src.commit(&group, c)).await?;

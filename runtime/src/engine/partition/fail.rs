@@ -75,6 +75,21 @@ pub(super) fn fail(
             .backoff
             .delay(w.attempt, requested, rand::random::<f64>());
         ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
+        if cfg.retry_mode == RetryMode::Requeue && ctx.source.capabilities().delayed_retry {
+            // The broker delays it: given back with the commit, delivered again after the
+            // delay with its delivery count (the next attempt's number) one higher.
+            if w.claimed
+                && let Some(key) = w.dedupe_key.take()
+            {
+                pending.release.push(key);
+            }
+            pending
+                .commit
+                .delayed
+                .push((topic.clone(), w.msg.partition, w.at, delay));
+            tracker.give_back(w.at);
+            return None;
+        }
         if cfg.retry_mode == RetryMode::Requeue {
             let not_before = now + delay.as_millis() as u64;
             let copy = dlq::requeue(

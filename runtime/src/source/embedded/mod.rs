@@ -856,7 +856,7 @@ mod tests {
                     }],
                     replayed: vec![("in".into(), 1, 0)],
                     dedupe_done: vec![(b"id-1".to_vec(), 5_000), (b"id-2".to_vec(), 1_000)],
-                    settled: Vec::new(),
+                    ..Default::default()
                 },
             )
             .unwrap();

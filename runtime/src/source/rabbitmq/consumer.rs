@@ -24,13 +24,15 @@
 //!   acks their inputs in one transaction. Outputs are published `mandatory`, and every queue
 //!   they go to is looked up before the commit: a queue deleted under the run stops it with
 //!   nothing of that commit acked, instead of its outputs dropped and their inputs acked.
-//! - At-most-once: the consumer auto-acks; nothing is settled.
+//! - At-most-once: each fetch acks what it hands over before the engine runs it (not
+//!   auto-ack, which RabbitMQ does not bound by the prefetch); nothing is settled after.
 
 use super::broker::{channel, connect, declare, depth};
 use super::rt::Rt;
 use super::settle::settle_on;
 use super::{AmqpConfig, broker_error};
 use crate::source::connect::ConsumerOptions;
+use crate::source::receipts::Receipts;
 use crate::source::{Capabilities, Commit, Delivery, Record, Source, SourceError};
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
@@ -70,19 +72,8 @@ struct Buffered {
 pub(super) struct Queue {
     buffer: VecDeque<Buffered>,
     buffered_bytes: usize,
-    /// The sequence number the next fetched delivery gets.
-    next_seq: u64,
-    /// How many fetched deliveries were settled.
-    settled: u64,
-    /// How many fetched deliveries were voided (their link was lost; the broker delivers them
-    /// again, under new numbers). Settled + voided + receipts = the numbers handed out.
-    voided: u64,
-    /// Set when receipts were voided: the partition must end before it gets anything more
-    /// (its task may still be fetching while a commit finds out), and [`Source::release`]
-    /// clears it once it has.
-    restarting: bool,
-    /// Sequence number to (generation, delivery tag).
-    receipts: HashMap<u64, (u64, u64)>,
+    /// Sequence number to delivery tag, per link generation.
+    receipts: Receipts<u64>,
     /// The tags of the current link's channel for this queue, handed over and not acked.
     pub(super) outstanding: BTreeSet<u64>,
 }
@@ -188,6 +179,29 @@ impl RabbitSource {
     }
 }
 
+impl RabbitSource {
+    /// At-most-once: acks every delivery of `queue`'s channel up to `tag` (one `multiple`
+    /// ack: the buffer hands them over in tag order) before the engine gets them, so none is
+    /// delivered again. Not auto-ack: RabbitMQ ignores the prefetch of an auto-ack consumer,
+    /// so its buffer had no bound. Whether the ack was written on the link that delivered them.
+    fn ack_handed_over(&self, queue: &str, generation: u64, tag: u64) -> bool {
+        let link = self.shared.link.borrow().clone();
+        let Some(ch) = link
+            .filter(|l| l.generation == generation)
+            .and_then(|l| l.channels.get(queue).cloned())
+        else {
+            return false;
+        };
+        self.rt
+            .run(async move {
+                ch.basic_ack(tag, lapin::options::BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(|e| broker_error("acking", e))
+            })
+            .is_ok()
+    }
+}
+
 impl Drop for RabbitSource {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::Relaxed);
@@ -258,10 +272,7 @@ async fn open(
             .basic_consume(
                 t.as_str().into(),
                 tag.as_str().into(),
-                BasicConsumeOptions {
-                    no_ack: opts.at_most_once,
-                    ..BasicConsumeOptions::default()
-                },
+                BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
@@ -369,16 +380,6 @@ async fn supervise(
     }
 }
 
-/// Voids the receipts of `q` whose link generation matches `gone`: their messages are the
-/// broker's again. Returns how many.
-fn void(q: &mut Queue, gone: impl Fn(u64) -> bool) -> usize {
-    let before = q.receipts.len();
-    q.receipts.retain(|_, (g, _)| !gone(*g));
-    let n = before - q.receipts.len();
-    q.voided += n as u64;
-    n
-}
-
 /// Stops handing out `link` once it is known broken (the supervisor puts up the next one).
 fn forget(shared: &Shared, link: &Link) {
     shared.link.send_if_modified(|l| {
@@ -402,7 +403,7 @@ impl Source for RabbitSource {
 
     fn committed(&self, _group: &str, topic: &str, _partition: u32) -> Result<u64, SourceError> {
         let st = self.shared.state.lock().expect("state");
-        Ok(st.queues.get(topic).map_or(0, |q| q.settled + q.voided))
+        Ok(st.queues.get(topic).map_or(0, |q| q.receipts.committed()))
     }
 
     fn end_offset(&self, topic: &str, _partition: u32) -> Result<u64, SourceError> {
@@ -411,7 +412,7 @@ impl Source for RabbitSource {
         Ok(st
             .queues
             .get(topic)
-            .map_or(0, |q| q.next_seq + q.buffer.len() as u64)
+            .map_or(0, |q| q.receipts.next_seq() + q.buffer.len() as u64)
             + ready)
     }
 
@@ -432,14 +433,14 @@ impl Source for RabbitSource {
         let q = st.queues.entry(topic.to_string()).or_default();
         // The partition holds messages of a link that is gone: it must start over before it
         // gets any of the new link's, or one commit could mix the two.
-        if q.restarting || void(q, |g| g != generation) > 0 {
-            q.restarting = true;
+        if q.receipts.check(generation).is_err() {
             return Err(SourceError::Lost {
                 topic: topic.to_string(),
             });
         }
         let mut out = Vec::new();
         let mut bytes = 0;
+        let mut last_tag = None;
         while out.len() < max && (out.is_empty() || bytes < max_bytes) {
             let Some(b) = q.buffer.pop_front() else { break };
             let size = crate::source::wire_size(&b.record);
@@ -450,11 +451,12 @@ impl Source for RabbitSource {
                 continue;
             }
             bytes += size;
-            let seq = q.next_seq;
-            q.next_seq += 1;
-            if !self.opts.at_most_once {
-                q.receipts.insert(seq, (b.generation, b.tag));
-            }
+            let seq = if self.opts.at_most_once {
+                last_tag = Some(b.tag);
+                q.receipts.issue_settled()
+            } else {
+                q.receipts.issue(b.generation, b.tag)
+            };
             out.push(Delivery {
                 topic: name.clone(),
                 partition,
@@ -462,6 +464,14 @@ impl Source for RabbitSource {
                 record: b.record,
                 redeliveries: b.redeliveries,
             });
+        }
+        drop(st);
+        if let Some(tag) = last_tag
+            && !self.ack_handed_over(topic, generation, tag)
+        {
+            // The ack did not go out: the link is gone, and the broker hands these messages
+            // out again. Running them now could run them twice.
+            return Ok(Vec::new());
         }
         Ok(out)
     }
@@ -499,9 +509,8 @@ impl Source for RabbitSource {
             .map(|(t, _, _)| t.to_string());
         let (shared, tx) = (self.shared.clone(), self.opts.exactly_once);
         if self.opts.at_most_once {
-            // Auto-acked when delivered: no receipts; only the outputs go out, and the count.
-            let n = commit.settled.len() as u64;
-            self.rt.run(async move {
+            // Acked when fetched: no receipts; only the outputs go out.
+            return self.rt.run(async move {
                 let link = Self::link(&shared).await?;
                 settle_on(
                     &shared,
@@ -513,35 +522,23 @@ impl Source for RabbitSource {
                     false,
                 )
                 .await
-            })?;
-            if let Some(q) = queue {
-                let mut st = self.shared.state.lock().expect("state");
-                st.queues.entry(q).or_default().settled += n;
-            }
-            return Ok(());
+            });
         }
         // The receipts to ack. One of a lost link (or voided already) voids them all: the
         // broker delivers those messages again, so nothing of this commit may be published.
         let (receipts, generation) = {
             let mut st = self.shared.state.lock().expect("state");
             let generation = st.generation;
-            let mut r = Vec::with_capacity(commit.settled.len());
+            let mut r = Vec::new();
             if let Some(queue) = &queue {
                 let q = st.queues.entry(queue.clone()).or_default();
-                let mut stale = false;
-                for (_, _, seq) in &commit.settled {
-                    match q.receipts.get(seq) {
-                        Some(&(g, tag)) if g == generation => r.push((*seq, tag)),
-                        _ => stale = true,
-                    }
-                }
-                if stale {
-                    void(q, |g| g != generation);
-                    q.restarting = true;
-                    return Err(SourceError::Lost {
+                let seqs: Vec<u64> = commit.settled.iter().map(|(_, _, s)| *s).collect();
+                r = q
+                    .receipts
+                    .get(generation, &seqs)
+                    .map_err(|_| SourceError::Lost {
                         topic: queue.clone(),
-                    });
-                }
+                    })?;
             }
             (r, generation)
         };
@@ -550,8 +547,7 @@ impl Source for RabbitSource {
             let lost = |shared: &Shared| {
                 let mut st = shared.state.lock().expect("state");
                 if let Some(q) = queue.as_ref().and_then(|q| st.queues.get_mut(q)) {
-                    void(q, |g| g == generation);
-                    q.restarting = true;
+                    q.receipts.lost(generation);
                 }
                 SourceError::Lost {
                     topic: queue.clone().unwrap_or_default(),
@@ -578,11 +574,7 @@ impl Source for RabbitSource {
                 Ok(()) => {
                     let mut st = shared.state.lock().expect("state");
                     if let Some(q) = queue.as_ref().and_then(|q| st.queues.get_mut(q)) {
-                        for (seq, _) in &receipts {
-                            if q.receipts.remove(seq).is_some() {
-                                q.settled += 1;
-                            }
-                        }
+                        q.receipts.settle(receipts.iter().map(|(seq, _)| *seq));
                     }
                     Ok(())
                 }
@@ -666,17 +658,10 @@ impl Source for RabbitSource {
             let Some(q) = st.queues.get_mut(topic) else {
                 return;
             };
-            let tags: Vec<u64> = q
-                .receipts
-                .values()
-                .filter(|(g, _)| *g == generation)
-                .map(|(_, t)| *t)
-                .collect();
+            let tags = q.receipts.release(generation);
             for t in &tags {
                 q.outstanding.remove(t);
             }
-            void(q, |_| true);
-            q.restarting = false;
             (tags, generation)
         };
         if tags.is_empty() {

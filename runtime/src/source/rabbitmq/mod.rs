@@ -37,6 +37,10 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     delivery_count: true,
     transactions: true,
     batch_size: None,
+    // Delays need a dead-letter exchange and a TTL per delay; weir's retry queue does it.
+    delayed_retry: false,
+    // A message is held as long as its channel lives, up to the broker's `consumer_timeout`.
+    lease: None,
 };
 
 /// The header that carries a record's key.
