@@ -1,6 +1,7 @@
 //! RabbitMQ commits that must neither lose nor double (issue 34): requeue mode, where each
 //! message's queue and its retry queue are consumed side by side, and an output queue deleted
-//! while weir publishes to it, with publisher confirms and in AMQP transactions.
+//! while weir publishes to it, with publisher confirms and in AMQP transactions; at-most-once
+//! bounded by the prefetch; a classic queue's redeliveries counted.
 
 use super::rabbitmq::{order, publish, runtime, take_all};
 use lapin::options::QueueDeleteOptions;
@@ -419,4 +420,138 @@ fn dedupe_without_exactly_once_runs_each_id_once() {
     );
     assert_eq!(per_id.len() as u64, n);
     assert!(per_id.values().all(|&c| c == 1), "an order confirmed twice");
+}
+
+/// At-most-once takes no more from the broker than its in-flight bound (issue 34): an
+/// auto-ack consumer, which RabbitMQ does not hold to the prefetch, had the whole queue pushed
+/// into weir's memory at once. Stopped (SIGSTOP) mid-run, weir holds at most its prefetch
+/// twice over (the engine's share and the buffer's) besides what it confirmed; the rest is
+/// still ready in the queue.
+#[test]
+fn at_most_once_takes_no_more_than_its_prefetch() {
+    const PREFETCH: u64 = 50;
+    let n = 20_000;
+    let w = Weir::rabbitmq();
+    let url = url(&w);
+    w.create_topic("orders", 1);
+    w.create_topic("confirmations", 1);
+    publish(&url, "orders", n, order);
+    let module = guest("orders");
+    let log = w.path("run.log");
+    let prefetch = PREFETCH.to_string();
+    let mut run = w.spawn_logged(
+        &[
+            "run",
+            "--module",
+            module.to_str().unwrap(),
+            "--topic",
+            "orders",
+            "--group",
+            "g",
+            "--delivery",
+            "at-most-once",
+            "--max-in-flight",
+            &prefetch,
+            "--drain",
+        ],
+        &log,
+    );
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &run.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill {sig}");
+    };
+    wait_until("orders are confirmed", Duration::from_secs(60), || {
+        queue_state(&url, "confirmations").0 >= 100
+    });
+    signal("-STOP");
+    let confirmed = queue_state(&url, "confirmations").0;
+    let ready = queue_state(&url, "orders").0;
+    signal("-CONT");
+    assert!(
+        ready + confirmed + 3 * PREFETCH >= n,
+        "{ready} ready and {confirmed} confirmed of {n}: weir took more than its prefetch"
+    );
+    wait_until("the run drains", Duration::from_secs(120), || {
+        !run.is_running()
+    });
+    let mut per_id: HashMap<String, u64> = HashMap::new();
+    for body in take_all(&url, "confirmations") {
+        let c: serde_json::Value = serde_json::from_slice(&body).expect("a JSON confirmation");
+        *per_id
+            .entry(c["order_id"].as_str().expect("an order_id").to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(per_id.len() as u64, n, "every order confirmed");
+    assert!(per_id.values().all(|&c| c == 1), "an order confirmed twice");
+}
+
+/// A classic queue counts no deliveries, only a `redelivered` flag: a message that kept
+/// coming back (a handler that crashes the process, a lost link, a `consumer_timeout`) was
+/// attempt 2 every time and never reached its DLQ (issue 34). weir counts for it: each lost
+/// link here redelivers the message, and its third attempt is its last.
+#[test]
+fn a_classic_queue_counts_redeliveries_until_the_dlq() {
+    let w = Weir::rabbitmq();
+    let url = url(&w);
+    let Broker::Rabbit(vhost) = w.broker() else {
+        unreachable!()
+    };
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    publish(&url, "in", 1, |_| "flaky forever".to_string());
+    let module = guest("flaky");
+    let log_path = w.path("run.log");
+    // Every attempt fails, and waits 30 s for the next: only a redelivery brings it back.
+    let mut run = w.spawn_logged(
+        &[
+            "run",
+            "--module",
+            module.to_str().unwrap(),
+            "--topic",
+            "in",
+            "--group",
+            "g",
+            "--handler-config",
+            "fail-attempts=100",
+            "--max-attempts",
+            "3",
+            "--backoff-base",
+            "30s",
+            "--backoff-factor",
+            "1",
+        ],
+        &log_path,
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let failures = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .matches("message failed")
+            .count()
+    };
+    for attempt in 1..=2 {
+        wait_until(
+            &format!("attempt {attempt} fails"),
+            Duration::from_secs(20),
+            || {
+                assert!(run.is_running(), "the run ended:\n{}", log());
+                failures() >= attempt
+            },
+        );
+        vhost.close_connections();
+    }
+    wait_until(
+        "the message is dead-lettered",
+        Duration::from_secs(60),
+        || w.queue_state("in.dlq").0 == 1,
+    );
+    let out = run.terminate();
+    assert!(out.status.success());
+    assert_eq!(failures(), 3, "three attempts, no more:\n{}", log());
+    let letter = take_all(&url, "in.dlq");
+    assert_eq!(letter.len(), 1);
+    assert_eq!(letter[0], b"flaky forever");
 }

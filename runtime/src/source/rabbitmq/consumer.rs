@@ -29,7 +29,8 @@
 
 use super::broker::{channel, connect, declare, depth};
 use super::rt::Rt;
-use super::settle::settle_on;
+use super::settle::{recount_on, settle_on};
+use super::uncounted_redelivery;
 use super::{AmqpConfig, broker_error};
 use crate::source::connect::ConsumerOptions;
 use crate::source::receipts::Receipts;
@@ -58,6 +59,10 @@ pub(super) struct Link {
     /// Confirm mode, shared by every queue's commits (each publish is confirmed on its own);
     /// in `tx` mode each queue's channel publishes its outputs instead.
     pub(super) publish: Option<Channel>,
+    /// Per queue: held while its channel's transaction is open (`tx` mode), by a commit, a
+    /// release, or a counted copy ([`recount`]): a transaction is the channel's, and two on
+    /// one channel would commit each other's halves.
+    pub(super) tx_locks: HashMap<String, tokio::sync::Mutex<()>>,
 }
 
 /// A delivery waiting to be fetched.
@@ -249,6 +254,7 @@ async fn open(
     };
     let mut consumers = Vec::new();
     let mut channels = HashMap::new();
+    let mut tx_locks = HashMap::new();
     for (i, t) in opts.topics.iter().chain(&opts.retry_topics).enumerate() {
         // A channel per queue: the prefetch, the tags and the transaction are the queue's.
         let consume = channel(&conn).await?;
@@ -279,12 +285,14 @@ async fn open(
             .map_err(|e| broker_error(&format!("consuming {t}"), e))?;
         consumers.push((t.clone(), c));
         channels.insert(t.clone(), consume);
+        tx_locks.insert(t.clone(), tokio::sync::Mutex::new(()));
     }
     let link = Arc::new(Link {
         generation,
         conn,
         channels,
         publish,
+        tx_locks,
     });
     Ok((link, consumers))
 }
@@ -339,8 +347,28 @@ async fn supervise(
         let why = loop {
             match streams.next().await {
                 Some((topic, Ok(d))) => {
+                    let recount =
+                        !opts.at_most_once && uncounted_redelivery(&d.properties, d.redelivered);
                     let (record, redeliveries) =
                         super::from_amqp(&d.properties, d.data, d.redelivered);
+                    if recount {
+                        match recount_on(
+                            &shared,
+                            &link,
+                            &topic,
+                            &record,
+                            redeliveries,
+                            d.delivery_tag,
+                        )
+                        .await
+                        {
+                            // The counted copy comes back in its turn.
+                            Ok(()) => continue,
+                            Err(e) => {
+                                tracing::warn!(queue = %topic, error = %e, "could not publish a counted copy of a redelivered message; it runs as attempt {}", redeliveries + 1)
+                            }
+                        }
+                    }
                     let mut st = shared.state.lock().expect("state");
                     let q = st.queues.entry(topic).or_default();
                     if !opts.at_most_once {
@@ -681,6 +709,10 @@ impl Source for RabbitSource {
             };
             let Some(ch) = link.channels.get(&queue) else {
                 return Ok(());
+            };
+            let _tx = match link.tx_locks.get(&queue) {
+                Some(l) if tx => Some(l.lock().await),
+                _ => None,
             };
             for tag in tags {
                 // A failure means the link went too: the broker requeues them itself.

@@ -9,8 +9,11 @@
 //!   name that repeats becomes an array), the key travels in the `weir.key` header, and the
 //!   timestamp is AMQP's `timestamp` (seconds). Messages are published persistent to the
 //!   default exchange, routed by queue name.
-//! - The attempt number comes from `x-delivery-count` (quorum queues); on a classic queue a
-//!   `redelivered` message counts as attempt 2.
+//! - The attempt number comes from `x-delivery-count` (quorum queues). A classic queue counts
+//!   nothing but a `redelivered` flag, so weir counts for it: a redelivered message is
+//!   published again to the back of its queue with `weir.deliveries` (its deliveries so far)
+//!   and the redelivered copy acked, so a message that keeps coming back (a handler that
+//!   crashes the process, a `consumer_timeout`) reaches its last attempt and the DLQ.
 //!
 //! The rest of weir does not name lapin: this folder is the only place that does.
 
@@ -47,6 +50,19 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
 pub(crate) const KEY_HEADER: &str = "weir.key";
 /// The broker's delivery counter on quorum queues.
 const DELIVERY_COUNT: &str = "x-delivery-count";
+/// weir's delivery counter on classic queues: how often the message was delivered before this
+/// copy was published (see [`uncounted_redelivery`]).
+pub(crate) const WEIR_DELIVERIES: &str = "weir.deliveries";
+
+/// Whether a delivery is one the broker does not count: redelivered from a queue without
+/// `x-delivery-count` (a classic queue). weir then publishes a counted copy.
+pub(crate) fn uncounted_redelivery(props: &lapin::BasicProperties, redelivered: bool) -> bool {
+    redelivered
+        && !props
+            .headers()
+            .as_ref()
+            .is_some_and(|t| t.inner().contains_key(DELIVERY_COUNT))
+}
 /// AMQP's short strings (queue names, header names) hold at most this many bytes.
 const SHORT_STRING: usize = 255;
 /// How long a publish may wait for the broker's confirm, or a request for its answer.
@@ -205,7 +221,7 @@ pub(crate) fn from_amqp(
         timestamp_ms: props.timestamp().map(|s| s.saturating_mul(1000)),
         ..Record::default()
     };
-    let mut count = None;
+    let (mut count, mut weir_count) = (None, 0u64);
     if let Some(table) = props.headers() {
         for (name, value) in table.inner() {
             let name = name.as_str();
@@ -213,6 +229,10 @@ pub(crate) fn from_amqp(
                 r.key = Some(value_bytes(value));
             } else if name == DELIVERY_COUNT {
                 count = value_number(value);
+            } else if name == WEIR_DELIVERIES {
+                weir_count = String::from_utf8_lossy(&value_bytes(value))
+                    .parse()
+                    .unwrap_or(0);
             } else if let AMQPValue::FieldArray(a) = value {
                 for v in a.as_slice() {
                     r.headers.push((name.to_string(), value_bytes(v)));
@@ -224,7 +244,9 @@ pub(crate) fn from_amqp(
     }
     let redeliveries = match count {
         Some(n) => n.min(u32::MAX as u64) as u32,
-        None => u32::from(redelivered),
+        None => weir_count
+            .saturating_add(u64::from(redelivered))
+            .min(u32::MAX as u64) as u32,
     };
     (r, redeliveries)
 }
@@ -294,22 +316,46 @@ mod tests {
     }
 
     #[test]
-    fn the_delivery_count_comes_from_the_broker() {
-        let cases: &[(Option<AMQPValue>, bool, u32)] = &[
-            (None, false, 0),
-            (None, true, 1),
-            (Some(AMQPValue::LongLongInt(3)), true, 3),
-            (Some(AMQPValue::LongInt(-1)), true, 1),
+    fn the_delivery_count_comes_from_the_broker_or_weirs_header() {
+        // (x-delivery-count, weir.deliveries, redelivered, redeliveries, weir publishes a
+        // counted copy)
+        type Case = (Option<AMQPValue>, Option<&'static str>, bool, u32, bool);
+        let cases: &[Case] = &[
+            (None, None, false, 0, false),
+            (None, None, true, 1, true),
+            (Some(AMQPValue::LongLongInt(3)), None, true, 3, false),
+            (Some(AMQPValue::LongInt(-1)), None, true, 1, false),
+            // A classic queue's counted copy, and that copy delivered again.
+            (None, Some("2"), false, 2, false),
+            (None, Some("2"), true, 3, true),
+            (None, Some("junk"), true, 1, true),
+            // The broker's count wins where there is one.
+            (Some(AMQPValue::LongLongInt(3)), Some("7"), true, 3, false),
         ];
-        for (count, redelivered, want) in cases {
+        for (count, ours, redelivered, want, recount) in cases {
             let mut t = BTreeMap::new();
             if let Some(c) = count {
                 t.insert(ShortString::from(DELIVERY_COUNT), c.clone());
             }
+            if let Some(n) = ours {
+                t.insert(
+                    ShortString::from(WEIR_DELIVERIES),
+                    AMQPValue::LongString(LongString::from(n.as_bytes().to_vec())),
+                );
+            }
             let props = lapin::BasicProperties::default().with_headers(FieldTable::from(t));
             let (r, n) = from_amqp(&props, Vec::new(), *redelivered);
-            assert_eq!(n, *want, "{count:?} {redelivered}");
-            assert!(r.headers.is_empty(), "the counter is not a user header");
+            let case = format!("{count:?} {ours:?} {redelivered}");
+            assert_eq!(n, *want, "{case}");
+            assert_eq!(
+                uncounted_redelivery(&props, *redelivered),
+                *recount,
+                "{case}"
+            );
+            assert!(
+                r.headers.is_empty(),
+                "the counters are not user headers: {case}"
+            );
         }
     }
 

@@ -59,6 +59,10 @@ pub(super) async fn settle_on(
             SourceError::Invalid("a transaction or an ack needs the queue it settles".into())
         })
     };
+    let _tx = match queue.and_then(|q| link.tx_locks.get(q)) {
+        Some(l) if tx => Some(l.lock().await),
+        _ => None,
+    };
     let to_ack = match queue {
         Some(queue) if settle => {
             let st = shared.state.lock().expect("state");
@@ -137,6 +141,76 @@ pub(super) async fn settle_on(
         }
     }
     Ok(())
+}
+
+/// A redelivered message of a queue that does not count deliveries (classic): publishes a
+/// copy to the back of `queue` with `weir.deliveries` = `redeliveries`, then acks the
+/// redelivered one (`tag`), confirmed or in one transaction. While it runs the tag stays
+/// outstanding, so no commit's `multiple` ack covers it before the copy is safe.
+pub(super) async fn recount_on(
+    shared: &Shared,
+    link: &Link,
+    queue: &str,
+    record: &Record,
+    redeliveries: u32,
+    tag: u64,
+) -> Result<(), SourceError> {
+    let ch = link
+        .channels
+        .get(queue)
+        .ok_or_else(|| broker_error("counting a redelivery", format!("no channel for {queue}")))?;
+    let mut copy = record.clone();
+    copy.headers.push((
+        super::WEIR_DELIVERIES.to_string(),
+        redeliveries.to_string().into_bytes(),
+    ));
+    let outstanding = |add: bool| {
+        let mut st = shared.state.lock().expect("state");
+        if st.generation == link.generation {
+            let q = st.queues.entry(queue.to_string()).or_default();
+            if add {
+                q.outstanding.insert(tag);
+            } else {
+                q.outstanding.remove(&tag);
+            }
+        }
+    };
+    outstanding(true);
+    let r = async {
+        let ack = || ch.basic_ack(tag, BasicAckOptions { multiple: false });
+        match &link.publish {
+            Some(publish) => {
+                publish_confirmed(publish, &[(queue, &copy)]).await?;
+                ack().await.map_err(|e| broker_error("acking", e))
+            }
+            None => {
+                let _tx = match link.tx_locks.get(queue) {
+                    Some(l) => Some(l.lock().await),
+                    None => None,
+                };
+                ch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &copy.payload,
+                    super::to_amqp(&copy),
+                )
+                .await
+                .map_err(|e| broker_error(&format!("publishing to {queue}"), e))?;
+                ack().await.map_err(|e| broker_error("acking", e))?;
+                tokio::time::timeout(REQUEST_TIMEOUT, ch.tx_commit())
+                    .await
+                    .map_err(|_| broker_error("committing the transaction", "no answer"))?
+                    .map_err(|e| broker_error("committing the transaction", e))
+            }
+        }
+    }
+    .await;
+    outstanding(false);
+    r
 }
 
 #[cfg(test)]
