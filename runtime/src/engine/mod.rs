@@ -238,6 +238,18 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
     stats: Arc<Stats>,
 ) -> Result<Summary, EngineError> {
+    let caps = source.capabilities();
+    let per_message = caps.settle == crate::source::Settle::PerMessage;
+    // A broker's delay without its delivery count would make every attempt the first (never
+    // dead-lettered), and on a log a message given back would be skipped by the offset.
+    if (caps.delayed_retry && !(per_message && caps.delivery_count))
+        || (caps.lease.is_some() && !per_message)
+    {
+        return Err(EngineError::Source(SourceError::Invalid(format!(
+            "the source declares {caps:?}: a delayed redelivery needs per-message settling \
+             and a delivery count, and a lease per-message settling"
+        ))));
+    }
     let mut partitions = Vec::new();
     let mut consumed = cfg.topics.clone();
     for t in &cfg.topics {
@@ -245,7 +257,7 @@ pub async fn run(
         source.ensure_topic(&cfg.dlq_for(t), n)?;
         // Where the broker delays a redelivery itself, requeue mode gives the message back
         // with its delay ([`crate::source::Commit::delayed`]) and needs no retry topic.
-        if cfg.retry_mode == RetryMode::Requeue && !source.capabilities().delayed_retry {
+        if cfg.retry_mode == RetryMode::Requeue && !caps.delayed_retry {
             let r = cfg.retry_for(t);
             source.ensure_topic(&r, n)?;
             cfg.retry_topics

@@ -5,7 +5,7 @@
 //! yet finished: everything below it is done. This tracker computes it, in O(log n) per call
 //! over the messages in flight, with no I/O and no clock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone)]
 pub struct OffsetTracker {
@@ -19,6 +19,9 @@ pub struct OffsetTracker {
     /// With a per-message source: the offsets that finished since [`OffsetTracker::take_settled`]
     /// last took them, each to be acked by its own receipt.
     settled: Option<Vec<u64>>,
+    /// With a per-message source: offsets handed to a commit (to settle, or to give back with
+    /// a delay) whose write is not done: the broker still holds them leased to this process.
+    settling: BTreeSet<u64>,
 }
 
 impl OffsetTracker {
@@ -29,6 +32,7 @@ impl OffsetTracker {
             bytes: 0,
             next_dispatch: start,
             settled: None,
+            settling: BTreeSet::new(),
         }
     }
 
@@ -44,10 +48,20 @@ impl OffsetTracker {
     /// The offsets that finished since the last call, in the order they finished (empty unless
     /// made with [`OffsetTracker::per_message`]).
     pub fn take_settled(&mut self) -> Vec<u64> {
-        self.settled
+        let taken = self
+            .settled
             .as_mut()
             .map(std::mem::take)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        self.settling.extend(&taken);
+        taken
+    }
+
+    /// The commit that settled (or gave back) `offsets` is written: the broker has them.
+    pub fn settled_done(&mut self, offsets: &[u64]) {
+        for o in offsets {
+            self.settling.remove(o);
+        }
     }
 
     /// Records that `offset` is in flight. Offsets must be dispatched in increasing order;
@@ -87,12 +101,17 @@ impl OffsetTracker {
     pub fn give_back(&mut self, offset: u64) {
         if let Some(bytes) = self.pending.remove(&offset) {
             self.bytes -= bytes;
+            self.settling.insert(offset);
         }
     }
 
-    /// The offsets dispatched and not finished, in order.
-    pub fn held(&self) -> impl Iterator<Item = u64> + '_ {
-        self.pending.keys().copied()
+    /// The offsets the broker still has leased to this process, in order: dispatched and not
+    /// finished, and (per-message) finished and not yet settled by a written commit.
+    pub fn held(&self) -> Vec<u64> {
+        let mut all: BTreeSet<u64> = self.pending.keys().copied().collect();
+        all.extend(self.settled.iter().flatten());
+        all.extend(&self.settling);
+        all.into_iter().collect()
     }
 
     /// The bytes of the messages dispatched and not finished.
@@ -139,6 +158,26 @@ mod tests {
             w.take_settled().is_empty(),
             "a watermark tracker keeps none"
         );
+    }
+
+    #[test]
+    fn the_broker_holds_a_message_until_the_commit_that_settles_it_is_written() {
+        let mut t = OffsetTracker::per_message(0);
+        (0..5).for_each(|o| t.dispatch(o));
+        t.finish(1);
+        t.give_back(3);
+        // Finished or given back, not yet in a written commit: still leased to this process.
+        assert_eq!(t.held(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(t.in_flight(), 3);
+        let taken = t.take_settled();
+        assert_eq!(taken, vec![1]);
+        assert_eq!(
+            t.held(),
+            vec![0, 1, 2, 3, 4],
+            "the commit is not written yet"
+        );
+        t.settled_done(&[1, 3]);
+        assert_eq!(t.held(), vec![0, 2, 4]);
     }
 
     #[test]
@@ -223,7 +262,7 @@ mod tests {
         for order in permutations((0..6).collect()) {
             let mut t = OffsetTracker::new(0);
             (0..6).for_each(|o| t.dispatch(o));
-            let mut done = std::collections::BTreeSet::new();
+            let mut done = BTreeSet::new();
             for o in order {
                 t.finish(o);
                 done.insert(o);

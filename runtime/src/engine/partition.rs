@@ -252,7 +252,15 @@ async fn run(
                 // (after the commit in flight, so offsets only move forward).
                 if let Some(mut f) = writing.take() {
                     let (point, p) = f.wait().await?;
-                    commit::finish(&ctx, &topic, point, p, &mut committed, &mut held);
+                    commit::finish(
+                        &ctx,
+                        &topic,
+                        point,
+                        p,
+                        &mut tracker,
+                        &mut committed,
+                        &mut held,
+                    );
                 }
                 let (src, group, t) = (ctx.source.clone(), cfg.group.clone(), topic.clone());
                 let commit = Commit {
@@ -369,7 +377,7 @@ async fn run(
             written = commit::wait(writing) => {
                 *writing = None;
                 let (point, p) = written?;
-                commit::finish(&ctx, &topic, point, p, &mut committed, &mut held);
+                commit::finish(&ctx, &topic, point, p, &mut tracker, &mut committed, &mut held);
             }
             _ = shutdown.changed(), if !stopping => {
                 // Finish the calls in flight and commit; backing-off messages stay uncommitted
@@ -507,7 +515,7 @@ impl Leases {
         };
         let now = Instant::now();
         if now >= self.at {
-            let held: Vec<u64> = tracker.held().collect();
+            let held = tracker.held();
             let due: Vec<u64> = held
                 .iter()
                 .copied()
@@ -517,10 +525,18 @@ impl Leases {
             self.at = now + every;
             if !due.is_empty() {
                 let (src, t) = (ctx.source.clone(), topic.clone());
-                blocking(move || src.extend(&t, partition, &due)).await?;
+                match blocking(move || src.extend(&t, partition, &due)).await {
+                    Ok(()) => {}
+                    Err(e @ EngineError::Source(SourceError::Lost { .. })) => return Err(e),
+                    // A renewal that fails costs at worst a redelivery (a lease that runs
+                    // out), not the run: the next one tries again.
+                    Err(e) => {
+                        tracing::warn!(topic = %topic, partition, error = %e, "could not extend the lease of held messages")
+                    }
+                }
             }
         }
-        if tracker.in_flight() > 0 {
+        if tracker.in_flight() > 0 || !self.before.is_empty() {
             *wake = Some(wake.map_or(self.at, |w| w.min(self.at)));
         }
         Ok(())

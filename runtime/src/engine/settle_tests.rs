@@ -123,7 +123,7 @@ async fn a_message_held_past_its_lease_is_extended_and_runs_once() {
 async fn held_then<F, Fut>(grouped: bool, let_go: F) -> Arc<MemQueue>
 where
     F: FnOnce(Option<UnboundedSender<GroupEvent>>, watch::Sender<bool>) -> Fut,
-    Fut: Future<Output = watch::Sender<bool>>,
+    Fut: Future<Output = (watch::Sender<bool>, Option<UnboundedSender<GroupEvent>>)>,
 {
     let caps = Capabilities {
         delivery_count: true,
@@ -152,7 +152,8 @@ where
         stats.retries.load(Ordering::Relaxed) == 5
     })
     .await;
-    let stop = let_go(group, stop).await;
+    // (The group's sender is kept: dropped, it ends the group and the run.)
+    let (stop, _group) = let_go(group, stop).await;
     stop.send(true).unwrap();
     until("the run ends", || run.is_finished()).await;
     let s = run.await.unwrap().unwrap();
@@ -173,7 +174,7 @@ fn given_back(q: &MemQueue) {
 
 #[tokio::test(start_paused = true)]
 async fn a_stopped_partition_gives_back_what_it_did_not_run() {
-    let q = held_then(false, |_, stop| async move { stop }).await;
+    let q = held_then(false, |group, stop| async move { (stop, group) }).await;
     given_back(&q);
 }
 
@@ -181,8 +182,8 @@ async fn a_stopped_partition_gives_back_what_it_did_not_run() {
 async fn a_revoked_partition_gives_back_what_it_did_not_run() {
     let q = held_then(true, |group, stop| async move {
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        let group = group.expect("grouped");
         group
-            .expect("grouped")
             .send(GroupEvent::Revoked {
                 partitions: vec![(Arc::from("in"), 0)],
                 done: done_tx,
@@ -192,7 +193,7 @@ async fn a_revoked_partition_gives_back_what_it_did_not_run() {
             .await
             .unwrap()
             .expect("the engine answers the revocation");
-        stop
+        (stop, Some(group))
     })
     .await;
     given_back(&q);

@@ -223,6 +223,8 @@ impl Source for MemQueue {
     fn commit(&self, _group: &str, c: Commit) -> Result<(), SourceError> {
         let now = Instant::now();
         let mut s = self.state.lock().unwrap();
+        // A lease that ran out is the queue's again before any late settle of it.
+        s.due(now);
         for o in &c.outputs {
             if !s.ready.contains_key(&o.topic) {
                 return Err(missing(&o.topic));
@@ -302,6 +304,7 @@ impl Source for MemQueue {
     fn extend(&self, topic: &str, _: u32, offsets: &[u64]) -> Result<(), SourceError> {
         let until = Instant::now() + self.lease;
         let mut s = self.state.lock().unwrap();
+        s.due(Instant::now());
         let Ok(r) = s.receipts.entry(topic.into()).or_default().get(0, offsets) else {
             return Err(SourceError::Invalid(format!(
                 "extending unknown messages of {topic}"

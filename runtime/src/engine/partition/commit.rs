@@ -33,6 +33,9 @@ pub(super) struct Pending {
     pub deduped: u64,
     /// What finished messages leave to write, until the commit point passes them.
     held: Waiting,
+    /// The offsets this commit settles or gives back (per-message sources), for the tracker
+    /// to let go of once it is written.
+    settling: Vec<u64>,
 }
 
 /// What finished messages leave to write (see [`Later`]). Each item belongs to a span of
@@ -206,6 +209,8 @@ pub(super) fn start(
         .map(|o| (topic.clone(), partition, o))
         .collect();
     c.offsets.push((topic.clone(), partition, point));
+    p.settling = c.settled.iter().map(|(_, _, o)| *o).collect();
+    p.settling.extend(c.delayed.iter().map(|(_, _, o, _)| *o));
     let ctx = ctx.clone();
     let task = tokio::spawn(async move {
         if !announce.is_empty() {
@@ -229,7 +234,7 @@ pub(super) async fn now(
 ) -> Result<(), EngineError> {
     if let Some(mut f) = start(ctx, topic, partition, tracker, *committed, pending) {
         let (point, p) = f.wait().await?;
-        finish(ctx, topic, point, p, committed, held);
+        finish(ctx, topic, point, p, tracker, committed, held);
     }
     Ok(())
 }
@@ -301,10 +306,12 @@ pub(super) fn finish(
     topic: &Arc<str>,
     point: u64,
     p: Pending,
+    tracker: &mut OffsetTracker,
     committed: &mut u64,
     held: &mut Held,
 ) {
     *committed = point.max(*committed);
+    tracker.settled_done(&p.settling);
     if !p.release.is_empty() {
         let mut claims = ctx.claims.lock().expect("claims lock");
         for key in &p.release {

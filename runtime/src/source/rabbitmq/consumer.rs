@@ -27,18 +27,15 @@
 //! - At-most-once: each fetch acks what it hands over before the engine runs it (not
 //!   auto-ack, which RabbitMQ does not bound by the prefetch); nothing is settled after.
 
-use super::broker::{channel, connect, declare, depth};
+use super::broker::{declare, depth};
+use super::link::{Buffered, Link, forget, open, supervise};
 use super::rt::Rt;
-use super::settle::{recount_on, settle_on};
-use super::uncounted_redelivery;
+use super::settle::settle_on;
 use super::{AmqpConfig, broker_error};
 use crate::source::connect::ConsumerOptions;
 use crate::source::receipts::Receipts;
 use crate::source::{Capabilities, Commit, Delivery, Record, Source, SourceError};
-use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::options::BasicQosOptions;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,40 +44,18 @@ use tokio::sync::{Notify, watch};
 
 /// How long a commit waits for the broker to come back before the run stops.
 const RECONNECT_FOR: Duration = Duration::from_secs(60);
-/// The longest pause between two attempts to reconnect.
-const RECONNECT_MAX_WAIT: Duration = Duration::from_secs(5);
-
-/// One connection with its channels.
-pub(super) struct Link {
-    pub(super) generation: u64,
-    pub(super) conn: Connection,
-    /// Each consumed queue's channel: its consumer, its acks and (`tx` mode) its transaction.
-    pub(super) channels: HashMap<String, Channel>,
-    /// Confirm mode, shared by every queue's commits (each publish is confirmed on its own);
-    /// in `tx` mode each queue's channel publishes its outputs instead.
-    pub(super) publish: Option<Channel>,
-    /// Per queue: held while its channel's transaction is open (`tx` mode), by a commit, a
-    /// release, or a counted copy ([`recount`]): a transaction is the channel's, and two on
-    /// one channel would commit each other's halves.
-    pub(super) tx_locks: HashMap<String, tokio::sync::Mutex<()>>,
-}
-
-/// A delivery waiting to be fetched.
-struct Buffered {
-    record: Record,
-    redeliveries: u32,
-    generation: u64,
-    tag: u64,
-}
 
 #[derive(Default)]
 pub(super) struct Queue {
-    buffer: VecDeque<Buffered>,
-    buffered_bytes: usize,
+    pub(super) buffer: VecDeque<Buffered>,
+    pub(super) buffered_bytes: usize,
     /// Sequence number to delivery tag, per link generation.
-    receipts: Receipts<u64>,
+    pub(super) receipts: Receipts<u64>,
     /// The tags of the current link's channel for this queue, handed over and not acked.
     pub(super) outstanding: BTreeSet<u64>,
+    /// Redelivered messages whose counted copies are being published ([`recount_on`]):
+    /// neither ready nor buffered meanwhile, so the queue is not at its end.
+    pub(super) recounting: usize,
 }
 
 #[derive(Default)]
@@ -89,15 +64,15 @@ pub(super) struct State {
     /// The current link's generation.
     pub(super) generation: u64,
     /// Set when the consumer cannot go on (its queue was deleted): fetch reports it.
-    failed: Option<String>,
+    pub(super) failed: Option<String>,
 }
 
 pub(super) struct Shared {
     pub(super) state: Mutex<State>,
-    link: watch::Sender<Option<Arc<Link>>>,
-    signal: Arc<Notify>,
+    pub(super) link: watch::Sender<Option<Arc<Link>>>,
+    pub(super) signal: Arc<Notify>,
     pub(super) known: Mutex<HashSet<String>>,
-    stopping: AtomicBool,
+    pub(super) stopping: AtomicBool,
 }
 
 /// RabbitMQ as the engine consumes it.
@@ -197,11 +172,22 @@ impl RabbitSource {
         else {
             return false;
         };
+        let prefetch = self.opts.prefetch.clamp(1, u16::MAX as usize) as u16;
         self.rt
             .run(async move {
                 ch.basic_ack(tag, lapin::options::BasicAckOptions { multiple: true })
                     .await
-                    .map_err(|e| broker_error("acking", e))
+                    .map_err(|e| broker_error("acking", e))?;
+                // An ack has no answer, and one lost with the link would requeue messages
+                // already running. The broker takes a channel's frames in order: the answer to
+                // this (unchanged) prefetch says the ack was taken.
+                tokio::time::timeout(
+                    super::REQUEST_TIMEOUT,
+                    ch.basic_qos(prefetch, BasicQosOptions::default()),
+                )
+                .await
+                .map_err(|_| broker_error("acking", "no answer"))?
+                .map_err(|e| broker_error("acking", e))
             })
             .is_ok()
     }
@@ -225,199 +211,6 @@ impl Drop for RabbitSource {
             });
         }
     }
-}
-
-/// Connects, checks the queues, and starts a consumer on each.
-async fn open(
-    cfg: &AmqpConfig,
-    opts: &ConsumerOptions,
-    generation: u64,
-) -> Result<(Arc<Link>, Vec<(String, Consumer)>), SourceError> {
-    let conn = connect(&cfg.url).await?;
-    for t in &opts.topics {
-        if depth(&conn, t).await?.is_none() {
-            return Err(SourceError::UnknownTopic(t.clone()));
-        }
-    }
-    for t in &opts.retry_topics {
-        declare(&conn, t, &cfg.queue_type).await?;
-    }
-    let prefetch = opts.prefetch.clamp(1, u16::MAX as usize) as u16;
-    let publish = if opts.exactly_once {
-        None
-    } else {
-        let p = channel(&conn).await?;
-        p.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| broker_error("enabling publisher confirms", e))?;
-        Some(p)
-    };
-    let mut consumers = Vec::new();
-    let mut channels = HashMap::new();
-    let mut tx_locks = HashMap::new();
-    for (i, t) in opts.topics.iter().chain(&opts.retry_topics).enumerate() {
-        // A channel per queue: the prefetch, the tags and the transaction are the queue's.
-        let consume = channel(&conn).await?;
-        consume
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| broker_error("setting the prefetch", e))?;
-        if opts.exactly_once {
-            consume
-                .tx_select()
-                .await
-                .map_err(|e| broker_error("starting transactions", e))?;
-        }
-        // Unique per consumer (the broker closes the connection otherwise).
-        let tag = format!(
-            "weir-{}-{}-{generation}-{i}",
-            opts.group,
-            std::process::id()
-        );
-        let c = consume
-            .basic_consume(
-                t.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| broker_error(&format!("consuming {t}"), e))?;
-        consumers.push((t.clone(), c));
-        channels.insert(t.clone(), consume);
-        tx_locks.insert(t.clone(), tokio::sync::Mutex::new(()));
-    }
-    let link = Arc::new(Link {
-        generation,
-        conn,
-        channels,
-        publish,
-        tx_locks,
-    });
-    Ok((link, consumers))
-}
-
-/// Moves deliveries into the buffers, and reconnects when the link breaks.
-async fn supervise(
-    shared: Arc<Shared>,
-    cfg: AmqpConfig,
-    opts: ConsumerOptions,
-    first: (Arc<Link>, Vec<(String, Consumer)>),
-) {
-    let mut next = Some(first);
-    let mut generation = 1;
-    let mut wait = Duration::from_millis(100);
-    while !shared.stopping.load(Ordering::Relaxed) {
-        let (link, consumers) = match next.take() {
-            Some(l) => l,
-            None => match open(&cfg, &opts, generation).await {
-                Ok(l) => {
-                    tracing::info!(generation, "reconnected to RabbitMQ");
-                    l
-                }
-                Err(SourceError::UnknownTopic(q)) => {
-                    shared.state.lock().expect("state").failed = Some(format!(
-                        "queue {q} no longer exists (it was deleted while weir consumed it)"
-                    ));
-                    shared.signal.notify_waiters();
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?wait, "cannot reach RabbitMQ; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(RECONNECT_MAX_WAIT);
-                    continue;
-                }
-            },
-        };
-        wait = Duration::from_millis(100);
-        {
-            let mut st = shared.state.lock().expect("state");
-            st.generation = link.generation;
-            for q in st.queues.values_mut() {
-                q.outstanding.clear();
-            }
-        }
-        shared.link.send_replace(Some(link.clone()));
-        let mut streams = futures_util::stream::select_all(
-            consumers
-                .into_iter()
-                .map(|(t, c)| c.map(move |d| (t.clone(), d))),
-        );
-        let why = loop {
-            match streams.next().await {
-                Some((topic, Ok(d))) => {
-                    let recount =
-                        !opts.at_most_once && uncounted_redelivery(&d.properties, d.redelivered);
-                    let (record, redeliveries) =
-                        super::from_amqp(&d.properties, d.data, d.redelivered);
-                    if recount {
-                        match recount_on(
-                            &shared,
-                            &link,
-                            &topic,
-                            &record,
-                            redeliveries,
-                            d.delivery_tag,
-                        )
-                        .await
-                        {
-                            // The counted copy comes back in its turn.
-                            Ok(()) => continue,
-                            Err(e) => {
-                                tracing::warn!(queue = %topic, error = %e, "could not publish a counted copy of a redelivered message; it runs as attempt {}", redeliveries + 1)
-                            }
-                        }
-                    }
-                    let mut st = shared.state.lock().expect("state");
-                    let q = st.queues.entry(topic).or_default();
-                    if !opts.at_most_once {
-                        q.outstanding.insert(d.delivery_tag);
-                    }
-                    q.buffered_bytes += crate::source::wire_size(&record);
-                    q.buffer.push_back(Buffered {
-                        record,
-                        redeliveries,
-                        generation: link.generation,
-                        tag: d.delivery_tag,
-                    });
-                    drop(st);
-                    shared.signal.notify_waiters();
-                }
-                Some((topic, Err(e))) => break format!("consuming {topic}: {e}"),
-                None => break "the broker cancelled the consumer".to_string(),
-            }
-        };
-        shared.link.send_replace(None);
-        if shared.stopping.load(Ordering::Relaxed) {
-            return;
-        }
-        tracing::warn!(reason = %why, "lost the RabbitMQ link; reconnecting (unacked messages go back to their queues)");
-        {
-            // What the old link delivered and the engine has not fetched is requeued by the
-            // broker: drop it here, or it would run twice.
-            let mut st = shared.state.lock().expect("state");
-            for q in st.queues.values_mut() {
-                q.buffer.clear();
-                q.buffered_bytes = 0;
-                q.outstanding.clear();
-            }
-        }
-        let _ = link.conn.close(200, "reconnecting".into()).await;
-        generation += 1;
-    }
-}
-
-/// Stops handing out `link` once it is known broken (the supervisor puts up the next one).
-fn forget(shared: &Shared, link: &Link) {
-    shared.link.send_if_modified(|l| {
-        if l.as_ref().is_some_and(|l| l.generation == link.generation) {
-            *l = None;
-            true
-        } else {
-            false
-        }
-    });
 }
 
 impl Source for RabbitSource {
@@ -507,7 +300,11 @@ impl Source for RabbitSource {
     fn at_end(&self, topic: &str, _partition: u32, _next: u64) -> Result<bool, SourceError> {
         {
             let st = self.shared.state.lock().expect("state");
-            if st.queues.get(topic).is_some_and(|q| !q.buffer.is_empty()) {
+            if st
+                .queues
+                .get(topic)
+                .is_some_and(|q| !q.buffer.is_empty() || q.recounting > 0)
+            {
                 return Ok(false);
             }
         }
@@ -714,6 +511,14 @@ impl Source for RabbitSource {
                 Some(l) if tx => Some(l.lock().await),
                 _ => None,
             };
+            // The link lives, so the partition stopped: this process takes no more of the
+            // queue (a nack would hand the messages straight back to it, and count another
+            // delivery on a quorum queue), and what it held goes to the other consumers now.
+            if let Some(consumer) = link.consumer_tags.get(&queue) {
+                let _ = ch
+                    .basic_cancel(consumer.as_str().into(), Default::default())
+                    .await;
+            }
             for tag in tags {
                 // A failure means the link went too: the broker requeues them itself.
                 let _ = ch

@@ -20,6 +20,7 @@
 pub mod bench;
 mod broker;
 mod consumer;
+mod link;
 mod rt;
 mod settle;
 

@@ -4,7 +4,8 @@
 use super::REQUEST_TIMEOUT;
 use super::broker::{depth, publish_confirmed};
 use super::broker_error;
-use super::consumer::{Link, Shared};
+use super::consumer::Shared;
+use super::link::Link;
 use crate::source::{Record, SourceError};
 use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use std::collections::BTreeSet;
