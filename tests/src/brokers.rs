@@ -79,6 +79,47 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// A setting of the RabbitMQ server (`application:set_env(rabbit, ...)`) changed for one test
+/// and put back when dropped. It changes the broker under every test that runs meanwhile: only
+/// tests that run alone (the `measured` profile, .config/nextest.toml) may use it.
+pub struct RabbitSetting {
+    name: String,
+    old: String,
+}
+
+impl RabbitSetting {
+    pub fn set(name: &str, value: u64) -> RabbitSetting {
+        let out = Command::new("rabbitmqctl")
+            .args([
+                "eval",
+                &format!("{{ok, V}} = application:get_env(rabbit, {name}), V."),
+            ])
+            .output()
+            .expect("run rabbitmqctl");
+        assert!(out.status.success(), "reading the broker's {name}");
+        let old = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        rabbitmqctl(&[
+            "eval",
+            &format!("application:set_env(rabbit, {name}, {value})."),
+        ]);
+        RabbitSetting {
+            name: name.into(),
+            old,
+        }
+    }
+}
+
+impl Drop for RabbitSetting {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args([
+                "eval",
+                &format!("application:set_env(rabbit, {}, {}).", self.name, self.old),
+            ])
+            .status();
+    }
+}
+
 /// (ready messages, consumers) of `queue` at the AMQP `url`, from the broker itself: a passive
 /// declare, as any client can ask. (Each poll used to start `rabbitmqctl`, an Erlang VM and
 /// about a core-second, beside the runs under test.) Once no consumer is left, the broker has

@@ -522,6 +522,8 @@ fn a_classic_queue_counts_redeliveries_until_the_dlq() {
             "30s",
             "--backoff-factor",
             "1",
+            "--jitter",
+            "none",
         ],
         &log_path,
     );

@@ -17,6 +17,7 @@ mod kafka;
 mod languages;
 mod rabbitmq;
 mod rabbitmq_commits;
+mod rabbitmq_timeout;
 mod reload;
 mod scaling;
 mod shared_dedupe;

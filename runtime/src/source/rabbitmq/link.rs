@@ -225,6 +225,15 @@ pub(super) async fn supervise(
             return;
         }
         tracing::warn!(reason = %why, "lost the RabbitMQ link; reconnecting (unacked messages go back to their queues)");
+        if why.contains("delivery acknowledgement") {
+            tracing::warn!(
+                "the broker's consumer_timeout closed the channel: a message was held unacked \
+                 longer than it allows (a slow handler, or a blocking retry waiting out its \
+                 backoff). It comes back counted as another attempt. Raise consumer_timeout \
+                 on the broker (or per queue with x-consumer-timeout on RabbitMQ 3.12+), or \
+                 use --retry-mode requeue, which holds no message while it waits"
+            );
+        }
         {
             // What the old link delivered and the engine has not fetched is requeued by the
             // broker: drop it here, or it would run twice.
