@@ -285,3 +285,64 @@ fn a_trailing_slash_in_the_url_gets_a_hint() {
     assert!(!out.status.success(), "{stderr}");
     assert!(!stderr.contains("virtual host"), "{stderr}");
 }
+
+/// `[source.rabbitmq]` in `weir.toml` holds RabbitMQ's settings, and only an `amqp://` source
+/// takes them: here `queue-type = "quorum"` makes `topics create` declare a quorum queue,
+/// while the same file's `[source.kafka.properties]` (not RabbitMQ settings: refused if
+/// they were passed to it) are left to Kafka.
+#[test]
+fn source_rabbitmq_in_weir_toml_applies_to_amqp_only() {
+    let w = Weir::rabbitmq();
+    let Broker::Rabbit(v) = w.broker() else {
+        unreachable!()
+    };
+    let file = w.path("weir.toml");
+    std::fs::write(
+        &file,
+        "[source.rabbitmq]\nqueue-type = \"quorum\"\n\n\
+         [source.kafka.properties]\n\"security.protocol\" = \"SSL\"\n",
+    )
+    .unwrap();
+    let out = w.output(&["--config", file.to_str().unwrap(), "topics", "create", "q"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The broker refuses a declare of another type (406) for a queue that exists.
+    runtime().block_on(async {
+        let conn = Connection::connect(&v.url(), ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let ch = conn.create_channel().await.expect("a channel");
+        let mut args = FieldTable::default();
+        for (ty, refused) in [("quorum", false), ("classic", true)] {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from(ty)),
+            );
+            let ch = if refused {
+                ch.clone()
+            } else {
+                conn.create_channel().await.unwrap()
+            };
+            let r = ch
+                .queue_declare(
+                    "q".into(),
+                    lapin::options::QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    args.clone(),
+                )
+                .await;
+            assert_eq!(r.is_err(), refused, "declared as {ty}: {r:?}");
+        }
+    });
+    // A bad value names the setting.
+    std::fs::write(&file, "[source.rabbitmq]\nqueue-type = \"stream-ish\"\n").unwrap();
+    let out = w.output(&["--config", file.to_str().unwrap(), "topics", "create", "r"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("queue-type=stream-ish"), "{stderr}");
+}

@@ -36,7 +36,10 @@ pub struct FileConfig {
 }
 
 /// `[source]` of `weir.toml`: `url = "amqp://..."` (as `--source`) and `[source.properties]`
-/// (as `--source-property`); `[source.kafka]` is the older spelling for Kafka.
+/// (as `--source-property`), and a table per broker whose settings apply only when the URL
+/// names that broker, so one file can hold several (switch with `--source`):
+/// `[source.rabbitmq]` (`queue-type = "quorum"`) and `[source.kafka]` (`brokers`, and
+/// librdkafka's settings under `[source.kafka.properties]`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SourceFile {
@@ -44,6 +47,30 @@ pub struct SourceFile {
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
     pub kafka: Option<KafkaFile>,
+    /// `[source.rabbitmq]`: `--source-property` settings for `amqp://` and `amqps://`.
+    #[serde(default)]
+    pub rabbitmq: BTreeMap<String, String>,
+}
+
+impl SourceFile {
+    /// The settings for the source at `url` (`None`: the embedded log): `[source.properties]`,
+    /// then the table of the broker the URL names.
+    pub fn properties_for(&self, url: Option<&str>) -> BTreeMap<String, String> {
+        let mut out = self.properties.clone();
+        let scheme = url
+            .and_then(|u| u.split_once("://"))
+            .map(|(s, _)| s.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("kafka") => {
+                if let Some(k) = &self.kafka {
+                    out.extend(k.properties.clone());
+                }
+            }
+            Some("amqp" | "amqps") => out.extend(self.rabbitmq.clone()),
+            _ => {}
+        }
+        out
+    }
 }
 
 /// `[source.kafka]`: `brokers = "host:port,..."` and `[source.kafka.properties]`, any
@@ -436,6 +463,32 @@ mod tests {
         assert_eq!(parse_size("x", "64MiB").unwrap(), 64 << 20);
         assert_eq!(parse_size("x", "1024").unwrap(), 1024);
         assert!(parse_size("x", "99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn each_brokers_table_applies_only_to_its_urls() {
+        let f: SourceFile = toml::from_str(
+            r#"
+            url = "amqp://h/v"
+            properties = { shared = "1" }
+            rabbitmq = { queue-type = "quorum" }
+            kafka = { brokers = "k:9092", properties = { "security.protocol" = "SSL" } }
+            "#,
+        )
+        .unwrap();
+        let keys =
+            |url: Option<&str>| -> Vec<String> { f.properties_for(url).into_keys().collect() };
+        // (URL, the settings it gets)
+        let cases: &[(Option<&str>, &[&str])] = &[
+            (Some("amqp://h/v"), &["queue-type", "shared"]),
+            (Some("AMQPS://h/v"), &["queue-type", "shared"]),
+            (Some("kafka://k:9092"), &["security.protocol", "shared"]),
+            (Some("embedded"), &["shared"]),
+            (None, &["shared"]),
+        ];
+        for (url, want) in cases {
+            assert_eq!(keys(*url), *want, "{url:?}");
+        }
     }
 
     #[test]

@@ -214,14 +214,6 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         .clone()
         .or(file.data_dir.clone())
         .unwrap_or_else(crate::config::default_data_dir);
-    let mut properties = file.source.properties.clone();
-    if let Some(k) = &file.source.kafka {
-        properties.extend(k.properties.clone());
-    }
-    for pair in &cli.source_property {
-        let (k, v) = crate::config::parse_pair("--source-property", pair)?;
-        properties.insert(k, v);
-    }
     let kafka_file = file
         .source
         .kafka
@@ -238,6 +230,11 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         (None, Some(b)) => Some(format!("kafka://{b}")),
         (None, None) => file.source.url.clone().or(kafka_file),
     };
+    let mut properties = file.source.properties_for(url.as_deref());
+    for pair in &cli.source_property {
+        let (k, v) = crate::config::parse_pair("--source-property", pair)?;
+        properties.insert(k, v);
+    }
     let source = SourceSpec::parse(url.as_deref(), properties, data_dir.clone())?;
     let globals = Globals {
         data_dir,
