@@ -29,6 +29,12 @@ if [[ "$services_wanted" == all ]]; then
   fi
   rabbitmqctl -q status >/dev/null
   export WEIR_TEST_AMQP="${WEIR_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672}"
+  # The management API (queue depth with every consumer's unacked messages, 127.0.0.1:15672).
+  rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+  for _ in $(seq 1 120); do (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null && break; sleep 0.5; done
+  (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null \
+    || { echo "RabbitMQ's management API does not answer on 127.0.0.1:15672" >&2; exit 1; }
+  export WEIR_TEST_RABBIT_MANAGEMENT="${WEIR_TEST_RABBIT_MANAGEMENT:-http://127.0.0.1:15672}"
 
   echo "--- services: a Kafka-protocol broker with transactions (noida-db, 127.0.0.1:19092; started if it is not answering)"
   # The real-broker Kafka tests (two members, exactly-once across kills) run against it; the

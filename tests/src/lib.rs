@@ -191,6 +191,24 @@ impl Weir {
         queue_state(&v.url(), queue)
     }
 
+    /// Drops every connection weir has to the broker: RabbitMQ closes them
+    /// (`close_all_connections`); the mock Kafka cluster takes its broker down for `outage`
+    /// and up again. (The embedded log and an external broker have none to drop here.)
+    pub fn lose_links(&self, outage: Duration) {
+        match &self.broker {
+            Broker::Rabbit(v) => v.close_connections(),
+            Broker::Mock(c) => {
+                c.broker_down(1).expect("take the mock broker down");
+                // The outage itself, not a wait for something: weir meets a broker that is gone.
+                std::thread::sleep(outage);
+                c.broker_up(1).expect("bring the mock broker up");
+            }
+            Broker::Embedded | Broker::External(_) => {
+                panic!("no broker link to lose on this source")
+            }
+        }
+    }
+
     /// Whether the test's topics are queues (one partition, no offsets).
     pub fn on_queue(&self) -> bool {
         matches!(self.broker, Broker::Rabbit(_))

@@ -346,3 +346,94 @@ fn source_rabbitmq_in_weir_toml_applies_to_amqp_only() {
     assert!(!out.status.success());
     assert!(stderr.contains("queue-type=stream-ish"), "{stderr}");
 }
+
+/// The lag weir reports of a queue (issue 34): with `management-url`, every consumer's unacked
+/// messages, as KEDA counts them; without it, only this process's (AMQP says nothing of
+/// another consumer's), and `/status` says so. Another client holds five messages unacked
+/// while weir holds three (each waiting out a 30 s backoff).
+#[test]
+fn lag_counts_every_consumers_unacked_messages_with_the_management_api() {
+    let Ok(mgmt) = std::env::var("WEIR_TEST_RABBIT_MANAGEMENT") else {
+        return weir_tests::skip(
+            "no WEIR_TEST_RABBIT_MANAGEMENT (scripts/services.sh all enables RabbitMQ's management API)",
+        );
+    };
+    let w = Weir::rabbitmq();
+    let Broker::Rabbit(v) = w.broker() else {
+        unreachable!()
+    };
+    let url = v.url();
+    w.create_topic("in", 1);
+    w.create_topic("out", 1);
+    publish(&url, "in", 5, |i| format!("fine {i}"));
+    // The other consumer: five delivered, none acked (its connection lives until the end).
+    let rt = runtime();
+    let _other = rt.block_on(async {
+        let conn = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let ch = conn.create_channel().await.expect("a channel");
+        // Room for these five only: what weir gives back goes to weir again.
+        ch.basic_qos(5, Default::default()).await.unwrap();
+        let mut c = ch
+            .basic_consume(
+                "in".into(),
+                "other".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            c.next().await.expect("a delivery").expect("a delivery");
+        }
+        (conn, ch, c)
+    });
+    publish(&url, "in", 3, |_| "flaky".to_string());
+    let module = guest("flaky");
+    let lag = |addr: &str| {
+        let (code, body) = weir_tests::http("GET", addr, "/api/status", None);
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let lag = v["partitions"][0]["lag"].as_u64();
+        (lag, v["lag_note"].as_str().map(String::from))
+    };
+    let property = format!("management-url={mgmt}");
+    for with_api in [true, false] {
+        let mut args = vec![];
+        if with_api {
+            args.extend(["--source-property", property.as_str()]);
+        }
+        args.extend([
+            "run",
+            "--module",
+            module.to_str().unwrap(),
+            "--topic",
+            "in",
+            "--group",
+            "g",
+            "--handler-config",
+            "fail-attempts=100",
+            "--backoff-base",
+            "30s",
+            "--jitter",
+            "none",
+        ]);
+        let (run, addr) = w.spawn_with_admin(&args, &w.path("run.log"));
+        // Five the other consumer holds, and three weir holds. (The management API's figures
+        // are refreshed every 5 s.)
+        let want = if with_api { 8 } else { 3 };
+        let mut seen = (None, None);
+        wait_until(
+            &format!("lag {want} (management API: {with_api})"),
+            Duration::from_secs(30),
+            || {
+                seen = lag(&addr);
+                seen.0 == Some(want)
+            },
+        );
+        assert_eq!(seen.1.is_some(), !with_api, "{:?}", seen.1);
+        let out = run.terminate();
+        assert!(out.status.success());
+    }
+}

@@ -363,5 +363,6 @@ pub(super) fn status_json(admin: &Admin, parts: &[Part]) -> Value {
             "committed": p.committed,
             "lag": p.end.saturating_sub(p.committed),
         })).collect::<Vec<_>>(),
+        "lag_note": admin.source.lag_note(),
     })
 }

@@ -146,4 +146,7 @@ fn print_status(v: &Value) {
             n(&p["lag"])
         );
     }
+    if let Some(note) = v["lag_note"].as_str() {
+        println!("note: {note}");
+    }
 }

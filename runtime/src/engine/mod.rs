@@ -198,6 +198,9 @@ pub enum EngineError {
     Dedupe(String),
 }
 
+/// How often `--drain` looks again at partitions behind that another member holds.
+const DRAIN_RECHECK: Duration = Duration::from_millis(500);
+
 /// How often expired dedupe marks are looked for.
 const DEDUPE_EVICT_EVERY: Duration = Duration::from_secs(30);
 
@@ -331,7 +334,7 @@ pub async fn run(
     let result = match events {
         None => every_partition(&ctx, &partitions, shutdown).await,
         Some(events) => {
-            let r = assigned_partitions(&ctx, events, shutdown).await;
+            let r = assigned_partitions(&ctx, &partitions, events, shutdown).await;
             let src = ctx.source.clone();
             let left = tokio::task::spawn_blocking(move || src.leave_group())
                 .await
@@ -546,6 +549,7 @@ struct Revoking {
 /// the source is told it may let go; past `revoke_timeout` the task is abandoned.
 async fn assigned_partitions(
     ctx: &Arc<Ctx>,
+    partitions: &[(Arc<str>, u32)],
     mut events: mpsc::UnboundedReceiver<GroupEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), EngineError> {
@@ -560,6 +564,9 @@ async fn assigned_partitions(
     let mut stopping = *shutdown.borrow();
     let mut assigned = false;
     let mut failed = None;
+    // `--drain` with partitions behind that this process does not own (taken by another
+    // member, or by the group while it rejoins): when to look again.
+    let mut recheck: Option<tokio::time::Instant> = None;
     let stop_all = |running: &HashMap<Key, (watch::Sender<bool>, tokio::task::AbortHandle)>| {
         for (stop, _) in running.values() {
             let _ = stop.send(true);
@@ -575,26 +582,54 @@ async fn assigned_partitions(
         if tasks.is_empty() && stopping {
             break;
         }
-        if tasks.is_empty() && ctx.cfg.drain && assigned && revoking.is_empty() {
+        if tasks.is_empty()
+            && ctx.cfg.drain
+            && assigned
+            && revoking.is_empty()
+            && recheck.is_none_or(|at| at <= tokio::time::Instant::now())
+        {
             // Every partition was drained once; outputs or requeued retries may have landed in
-            // a topic we consume since, so go again where something arrived.
+            // a topic we consume since, so go again where something arrived. Done only when
+            // every partition of the group's topics is committed to its end, not only the ones
+            // this process owns now: a group that took them away (a session that timed out
+            // while the broker was unreachable) gives them back, and another member's may
+            // still be behind.
             let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
-            let keys: Vec<Key> = owned.iter().cloned().collect();
-            let behind = tokio::task::spawn_blocking(move || {
-                let mut behind = Vec::new();
+            let (keys, mine) = (partitions.to_vec(), owned.clone());
+            let checked = tokio::task::spawn_blocking(move || {
+                let (mut behind, mut elsewhere) = (Vec::new(), false);
                 for (t, p) in keys {
                     let next = src.committed(&group, &t, p)?;
-                    if !src.at_end(&t, p, next)? {
-                        behind.push((t, p));
+                    if mine.contains(&(t.clone(), p)) {
+                        if !src.at_end(&t, p, next)? {
+                            behind.push((t, p));
+                        }
+                    // Not this process's: `at_end` speaks of what this consumer fetched, so
+                    // the group's committed offset against the end says it.
+                    } else if next < src.end_offset(&t, p)? {
+                        elsewhere = true;
                     }
                 }
-                Ok::<_, SourceError>(behind)
+                Ok::<_, SourceError>((behind, elsewhere))
             })
             .await
-            .map_err(|e| EngineError::Join(e.to_string()))??;
-            if behind.is_empty() {
+            .map_err(|e| EngineError::Join(e.to_string()))?;
+            let (behind, elsewhere) = match checked {
+                Ok(c) => c,
+                // The broker does not answer (a lost link): ask again soon, as a partition
+                // would; that costs the run nothing.
+                Err(e @ SourceError::Broker { .. }) => {
+                    tracing::warn!(error = %e, "--drain cannot tell yet whether everything is consumed; asking again");
+                    recheck = Some(tokio::time::Instant::now() + DRAIN_RECHECK);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if behind.is_empty() && !elsewhere {
                 break;
             }
+            recheck = (behind.is_empty() && elsewhere)
+                .then(|| tokio::time::Instant::now() + ctx.cfg.idle_poll.max(DRAIN_RECHECK));
             for key in behind {
                 let (stop, stop_rx) = watch::channel(false);
                 let h = tasks.spawn(partition::consume(
@@ -662,6 +697,7 @@ async fn assigned_partitions(
                     tasks.abort_all();
                 }
             }
+            _ = tokio::time::sleep_until(recheck.unwrap_or_else(tokio::time::Instant::now)), if recheck.is_some() && tasks.is_empty() => {}
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                 let now = tokio::time::Instant::now();
                 for r in revoking.iter_mut().filter(|r| r.deadline <= now) {

@@ -206,7 +206,16 @@ async fn run(
             caught_up = empty
                 && (!cfg.drain || {
                     let (src, t) = (ctx.source.clone(), topic.clone());
-                    blocking(move || src.at_end(&t, partition, next)).await?
+                    match blocking(move || src.at_end(&t, partition, next)).await {
+                        Ok(at_end) => at_end,
+                        // The broker does not answer (a lost link): not known to be at the
+                        // end; asked again at the next empty fetch.
+                        Err(EngineError::Source(e @ SourceError::Broker { .. })) => {
+                            tracing::debug!(error = %e, "--drain: the end is not known yet");
+                            false
+                        }
+                        Err(e) => return Err(e),
+                    }
                 });
             if let Some(last) = batch.last() {
                 next = last.offset + 1;

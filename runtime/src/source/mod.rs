@@ -340,6 +340,11 @@ pub trait Source: Send + Sync + 'static {
     /// lease or a link runs out), and let the partition start again with nothing held. Logs
     /// have nothing to do: their offsets say it.
     fn release(&self, _topic: &str, _partition: u32) {}
+    /// What the lag of this source does not count, where it counts less than it seems
+    /// (`weir status` and the admin server's `/status` say it).
+    fn lag_note(&self) -> Option<String> {
+        None
+    }
     /// Keeps the messages (by offset) of the partition from being handed to another consumer
     /// for another [`Capabilities::lease`] (JetStream's in-progress ack, SQS's visibility).
     /// Sources without a lease have nothing to do.

@@ -228,6 +228,19 @@ impl Source for RabbitSource {
     }
 
     fn end_offset(&self, topic: &str, _partition: u32) -> Result<u64, SourceError> {
+        if let Some(m) = self.cfg.management.clone() {
+            let q = topic.to_string();
+            match self.rt.run(async move { m.depth(&q).await }) {
+                // Every consumer's unacked messages, this process's among them.
+                Ok(Some((ready, unacked))) => {
+                    return Ok(self.committed("", topic, 0)? + ready + unacked);
+                }
+                Ok(None) => return Err(SourceError::UnknownTopic(topic.to_string())),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the management API did not answer; depth from AMQP")
+                }
+            }
+        }
         let ready = self.ready(topic)?;
         let st = self.shared.state.lock().expect("state");
         Ok(st
@@ -438,6 +451,15 @@ impl Source for RabbitSource {
 
     fn fits(&self, record: &Record) -> Result<(), String> {
         super::fits(record)
+    }
+
+    fn lag_note(&self) -> Option<String> {
+        self.cfg.management.is_none().then(|| {
+            "lag on RabbitMQ: ready messages + this process's unacked (another consumer's are \
+             not seen over AMQP; --source-property management-url=http://host:15672 counts \
+             every consumer's)"
+                .to_string()
+        })
     }
 
     fn ensure_topic(&self, topic: &str, _partitions: u32) -> Result<(), SourceError> {

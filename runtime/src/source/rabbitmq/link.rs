@@ -191,15 +191,23 @@ pub(super) async fn supervise(
                             .recounting += 1;
                         let (shared, link) = (shared.clone(), link.clone());
                         tokio::spawn(async move {
-                            let r = recount_on(
-                                &shared,
-                                &link,
-                                &topic,
-                                &arrived.record,
-                                arrived.redeliveries,
-                                arrived.tag,
-                            )
-                            .await;
+                            let mut links = shared.link.subscribe();
+                            let generation = link.generation;
+                            let r = tokio::select! {
+                                r = recount_on(
+                                    &shared,
+                                    &link,
+                                    &topic,
+                                    &arrived.record,
+                                    arrived.redeliveries,
+                                    arrived.tag,
+                                ) => r,
+                                // The link went: so did the message (the broker has it again),
+                                // and a confirm it waits for may never come.
+                                _ = links.wait_for(|l| {
+                                    l.as_ref().is_none_or(|l| l.generation != generation)
+                                }) => Err(broker_error("counting a redelivery", "the link was lost")),
+                            };
                             if let Err(e) = &r {
                                 tracing::warn!(queue = %topic, error = %e, "could not publish a counted copy of a redelivered message; it runs as attempt {}", arrived.redeliveries + 1);
                             }

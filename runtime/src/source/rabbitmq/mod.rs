@@ -21,6 +21,7 @@ pub mod bench;
 mod broker;
 mod consumer;
 mod link;
+mod management;
 mod rt;
 mod settle;
 
@@ -77,6 +78,8 @@ pub struct AmqpConfig {
     /// Queue type for `weir topics create` (`x-queue-type`): `classic` (the default) or
     /// `quorum` (replicated, with a delivery count).
     pub queue_type: String,
+    /// `management-url`: where to read the whole queue's depth.
+    pub management: Option<management::Management>,
 }
 
 impl AmqpConfig {
@@ -85,8 +88,9 @@ impl AmqpConfig {
         let mut cfg = AmqpConfig {
             url: spec.url.clone(),
             queue_type: "classic".into(),
+            management: None,
         };
-        spec.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+        let uri = spec.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
             SourceError::Invalid(format!(
                 "--source {}: not an AMQP URL ({e}); pass amqp://user:pass@host:port/vhost",
                 redact(&spec.url)
@@ -100,9 +104,13 @@ impl AmqpConfig {
                         "--source-property queue-type={v}: pass classic or quorum"
                     )));
                 }
+                "management-url" => {
+                    cfg.management = Some(management::Management::parse(v, &uri)?);
+                }
                 _ => {
                     return Err(SourceError::Invalid(format!(
-                        "--source-property {k}: RabbitMQ takes queue-type=classic|quorum"
+                        "--source-property {k}: RabbitMQ takes queue-type=classic|quorum and \
+                         management-url=http://host:15672"
                     )));
                 }
             }
