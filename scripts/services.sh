@@ -35,6 +35,11 @@ if [[ "$services_wanted" == all ]]; then
   (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null \
     || { echo "RabbitMQ's management API does not answer on 127.0.0.1:15672" >&2; exit 1; }
   export WEIR_TEST_RABBIT_MANAGEMENT="${WEIR_TEST_RABBIT_MANAGEMENT:-http://127.0.0.1:15672}"
+  # rabbitmq_timeout's test shortens consumer_timeout to 2 s and puts it back when it ends; one
+  # killed before that leaves it: put back the defaults.
+  if [[ "$(rabbitmqctl -q eval '{ok, V} = application:get_env(rabbit, consumer_timeout), V.' 2>/dev/null)" == 2000 ]]; then
+    rabbitmqctl -q eval 'application:set_env(rabbit, consumer_timeout, 1800000), application:set_env(rabbit, channel_tick_interval, 60000).' >/dev/null
+  fi
 
   echo "--- services: a Kafka-protocol broker with transactions (noida-db, 127.0.0.1:19092; started if it is not answering)"
   # The real-broker Kafka tests (two members, exactly-once across kills) run against it; the

@@ -491,15 +491,16 @@ fn at_most_once_takes_no_more_than_its_prefetch() {
 /// A classic queue counts no deliveries, only a `redelivered` flag: a message that kept
 /// coming back (a handler that crashes the process, a lost link, a `consumer_timeout`) was
 /// attempt 2 every time and never reached its DLQ (issue 34). weir counts for it: each lost
-/// link here redelivers the message, and its third attempt is its last.
-#[test]
-fn a_classic_queue_counts_redeliveries_until_the_dlq() {
+/// link here redelivers the message, and its third attempt is its last. A quorum queue counts
+/// itself (`x-delivery-count`), to the same end.
+fn redeliveries_are_counted_until_the_dlq(queue_type: &str) {
     let w = Weir::rabbitmq();
     let url = url(&w);
     let Broker::Rabbit(vhost) = w.broker() else {
         unreachable!()
     };
-    w.create_topic("in", 1);
+    let ty = format!("queue-type={queue_type}");
+    w.ok(&["--source-property", &ty, "topics", "create", "in"]);
     w.create_topic("out", 1);
     publish(&url, "in", 1, |_| "flaky forever".to_string());
     let module = guest("flaky");
@@ -556,4 +557,14 @@ fn a_classic_queue_counts_redeliveries_until_the_dlq() {
     let letter = take_all(&url, "in.dlq");
     assert_eq!(letter.len(), 1);
     assert_eq!(letter[0], b"flaky forever");
+}
+
+#[test]
+fn a_classic_queue_counts_redeliveries_until_the_dlq() {
+    redeliveries_are_counted_until_the_dlq("classic");
+}
+
+#[test]
+fn a_quorum_queue_counts_redeliveries_until_the_dlq() {
+    redeliveries_are_counted_until_the_dlq("quorum");
 }

@@ -58,7 +58,7 @@ impl SourceFile {
     pub fn properties_for(&self, url: Option<&str>) -> BTreeMap<String, String> {
         let mut out = self.properties.clone();
         let scheme = url
-            .and_then(|u| u.split_once("://"))
+            .and_then(|u| u.trim().split_once("://"))
             .map(|(s, _)| s.to_ascii_lowercase());
         match scheme.as_deref() {
             Some("kafka") => {

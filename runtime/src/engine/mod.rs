@@ -198,8 +198,13 @@ pub enum EngineError {
     Dedupe(String),
 }
 
-/// How often `--drain` looks again at partitions behind that another member holds.
+/// How often `--drain` looks again at partitions behind that were taken from this process.
 const DRAIN_RECHECK: Duration = Duration::from_millis(500);
+/// How long `--drain` waits for partitions taken from this process to come back (or to be
+/// drained by whoever got them) before it counts only its own.
+const DRAIN_REJOIN_WAIT: Duration = Duration::from_secs(60);
+/// How long `--drain` asks a broker that does not answer before the run stops on it.
+pub(crate) const DRAIN_UNANSWERED: Duration = Duration::from_secs(60);
 
 /// How often expired dedupe marks are looked for.
 const DEDUPE_EVICT_EVERY: Duration = Duration::from_secs(30);
@@ -520,9 +525,12 @@ async fn every_partition(
             ctx.cfg.group.clone(),
             partitions.to_vec(),
         );
+        // `at_end`, not the end offset: a queue's depth may count other consumers' unacked
+        // messages (RabbitMQ's management API), which this process cannot drain.
         let behind = tokio::task::spawn_blocking(move || {
             for (t, p) in &parts {
-                if src.committed(&group, t, *p)? < src.end_offset(t, *p)? {
+                let next = src.committed(&group, t, *p)?;
+                if !src.at_end(t, *p, next)? {
                     return Ok(true);
                 }
             }
@@ -564,9 +572,14 @@ async fn assigned_partitions(
     let mut stopping = *shutdown.borrow();
     let mut assigned = false;
     let mut failed = None;
-    // `--drain` with partitions behind that this process does not own (taken by another
-    // member, or by the group while it rejoins): when to look again.
+    // `--drain` with partitions behind that were revoked from this process and not assigned
+    // back (the group took them while a session timed out, and gives them back on rejoining):
+    // when to look again. Each such partition with when it was revoked: waited for up to
+    // DRAIN_REJOIN_WAIT; another member's partitions are that member's to drain.
     let mut recheck: Option<tokio::time::Instant> = None;
+    let mut taken: HashMap<Key, tokio::time::Instant> = HashMap::new();
+    // Since when the drain check has had no answer from the broker.
+    let mut unanswered: Option<tokio::time::Instant> = None;
     let stop_all = |running: &HashMap<Key, (watch::Sender<bool>, tokio::task::AbortHandle)>| {
         for (stop, _) in running.values() {
             let _ = stop.send(true);
@@ -595,7 +608,14 @@ async fn assigned_partitions(
             // while the broker was unreachable) gives them back, and another member's may
             // still be behind.
             let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
-            let (keys, mine) = (partitions.to_vec(), owned.clone());
+            let now = tokio::time::Instant::now();
+            taken.retain(|k, at| !owned.contains(k) && now.duration_since(*at) < DRAIN_REJOIN_WAIT);
+            let keys: Vec<Key> = partitions
+                .iter()
+                .filter(|k| owned.contains(*k) || taken.contains_key(*k))
+                .cloned()
+                .collect();
+            let mine = owned.clone();
             let checked = tokio::task::spawn_blocking(move || {
                 let (mut behind, mut elsewhere) = (Vec::new(), false);
                 for (t, p) in keys {
@@ -604,9 +624,11 @@ async fn assigned_partitions(
                         if !src.at_end(&t, p, next)? {
                             behind.push((t, p));
                         }
-                    // Not this process's: `at_end` speaks of what this consumer fetched, so
-                    // the group's committed offset against the end says it.
-                    } else if next < src.end_offset(&t, p)? {
+                    // Taken from this process: `at_end` speaks of what this consumer fetched,
+                    // so the group's committed offset against the end says it (one short
+                    // counts as done: a transaction's closing marker takes an offset that no
+                    // commit passes).
+                    } else if next + 1 < src.end_offset(&t, p)? {
                         elsewhere = true;
                     }
                 }
@@ -615,12 +637,18 @@ async fn assigned_partitions(
             .await
             .map_err(|e| EngineError::Join(e.to_string()))?;
             let (behind, elsewhere) = match checked {
-                Ok(c) => c,
+                Ok(c) => {
+                    unanswered = None;
+                    c
+                }
                 // The broker does not answer (a lost link): ask again soon, as a partition
-                // would; that costs the run nothing.
-                Err(e @ SourceError::Broker { .. }) => {
+                // would; that costs the run nothing, up to DRAIN_UNANSWERED.
+                Err(e @ SourceError::Broker { .. })
+                    if unanswered.is_none_or(|t| now.duration_since(t) < DRAIN_UNANSWERED) =>
+                {
                     tracing::warn!(error = %e, "--drain cannot tell yet whether everything is consumed; asking again");
-                    recheck = Some(tokio::time::Instant::now() + DRAIN_RECHECK);
+                    unanswered.get_or_insert(now);
+                    recheck = Some(now + DRAIN_RECHECK);
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -662,6 +690,7 @@ async fn assigned_partitions(
                     let mut left = HashSet::new();
                     for key in partitions {
                         owned.remove(&key);
+                        taken.insert(key.clone(), tokio::time::Instant::now());
                         if let Some((stop, _)) = running.get(&key) {
                             let _ = stop.send(true);
                             left.insert(key);

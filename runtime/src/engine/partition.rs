@@ -17,7 +17,7 @@ mod screen;
 use super::claims::Held;
 use super::dlq;
 use super::offsets::OffsetTracker;
-use super::{Ctx, DeliveryMode as Mode, EngineError, now_ms};
+use super::{Ctx, DRAIN_UNANSWERED, DeliveryMode as Mode, EngineError, now_ms};
 use crate::source::{Commit, Delivery, Settle, SourceError};
 use commit::{InFlight, Later, Pending};
 use lanes::{lane_of, take_run};
@@ -190,6 +190,9 @@ async fn run(
     let mut held = Held::new(&ctx);
     let signal = ctx.source.append_signal();
     let mut leases = Leases::new(ctx.source.capabilities().lease);
+    // Since when `--drain`'s question to the broker (is the partition at its end?) has had no
+    // answer: asked again at each empty fetch, for up to DRAIN_UNANSWERED.
+    let mut unanswered: Option<Instant> = None;
     // `writing`: the commit being written while the loop goes on (one at a time).
     loop {
         // 1. Fetch while there is room in flight.
@@ -207,10 +210,16 @@ async fn run(
                 && (!cfg.drain || {
                     let (src, t) = (ctx.source.clone(), topic.clone());
                     match blocking(move || src.at_end(&t, partition, next)).await {
-                        Ok(at_end) => at_end,
+                        Ok(at_end) => {
+                            unanswered = None;
+                            at_end
+                        }
                         // The broker does not answer (a lost link): not known to be at the
                         // end; asked again at the next empty fetch.
-                        Err(EngineError::Source(e @ SourceError::Broker { .. })) => {
+                        Err(EngineError::Source(e @ SourceError::Broker { .. }))
+                            if unanswered.get_or_insert_with(Instant::now).elapsed()
+                                < DRAIN_UNANSWERED =>
+                        {
                             tracing::debug!(error = %e, "--drain: the end is not known yet");
                             false
                         }

@@ -73,6 +73,9 @@ pub(super) struct Shared {
     pub(super) signal: Arc<Notify>,
     pub(super) known: Mutex<HashSet<String>>,
     pub(super) stopping: AtomicBool,
+    /// A queue's consumer was cancelled by [`Source::release`] (a stop): the supervisor does
+    /// not take the end of every consumer for a lost link.
+    pub(super) released: AtomicBool,
 }
 
 /// RabbitMQ as the engine consumes it.
@@ -101,6 +104,7 @@ impl RabbitSource {
                     .collect(),
             ),
             stopping: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         });
         let first = {
             let (cfg, opts) = (cfg.clone(), opts.clone());
@@ -537,9 +541,12 @@ impl Source for RabbitSource {
             // queue (a nack would hand the messages straight back to it, and count another
             // delivery on a quorum queue), and what it held goes to the other consumers now.
             if let Some(consumer) = link.consumer_tags.get(&queue) {
-                let _ = ch
-                    .basic_cancel(consumer.as_str().into(), Default::default())
-                    .await;
+                shared.released.store(true, Ordering::Relaxed);
+                let _ = tokio::time::timeout(
+                    super::REQUEST_TIMEOUT,
+                    ch.basic_cancel(consumer.as_str().into(), Default::default()),
+                )
+                .await;
             }
             for tag in tags {
                 // A failure means the link went too: the broker requeues them itself.
@@ -555,7 +562,7 @@ impl Source for RabbitSource {
             }
             if tx {
                 // On a channel in `tx` mode a nack waits for the commit, like an ack.
-                let _ = ch.tx_commit().await;
+                let _ = tokio::time::timeout(super::REQUEST_TIMEOUT, ch.tx_commit()).await;
             }
             Ok::<(), SourceError>(())
         });

@@ -181,14 +181,14 @@ pub(super) async fn supervise(
                     if recount {
                         // Beside the deliveries that follow (a lost link redelivers a whole
                         // prefetch); `--drain` waits for it (`Queue::recounting`).
-                        shared
-                            .state
-                            .lock()
-                            .expect("state")
-                            .queues
-                            .entry(topic.clone())
-                            .or_default()
-                            .recounting += 1;
+                        {
+                            let mut st = shared.state.lock().expect("state");
+                            let q = st.queues.entry(topic.clone()).or_default();
+                            q.recounting += 1;
+                            // Outstanding from now, before any later commit's `multiple` ack
+                            // could cover it; the recount takes it out once acked.
+                            q.outstanding.insert(arrived.tag);
+                        }
                         let (shared, link) = (shared.clone(), link.clone());
                         tokio::spawn(async move {
                             let mut links = shared.link.subscribe();
@@ -225,6 +225,8 @@ pub(super) async fn supervise(
                     buffer(&shared, topic, arrived, opts.at_most_once);
                 }
                 Some((topic, Err(e))) => break format!("consuming {topic}: {e}"),
+                // Every consumer was cancelled by `release` (a stop): nothing to reconnect for.
+                None if shared.released.load(Ordering::Relaxed) => return,
                 None => break "the broker cancelled the consumer".to_string(),
             }
         };

@@ -52,9 +52,10 @@ impl Management {
     /// From `management-url` (`http://[user:pass@]host:port`); the credentials default to the
     /// AMQP URL's, and the virtual host is the AMQP URL's.
     pub fn parse(url: &str, amqp: &lapin::uri::AMQPUri) -> Result<Management, SourceError> {
+        let shown = super::redact(url);
         let bad = |why: &str| {
             SourceError::Invalid(format!(
-                "--source-property management-url={url}: {why}; pass http://host:15672"
+                "--source-property management-url={shown}: {why}; pass http://host:15672"
             ))
         };
         let rest = match url.split_once("://") {
@@ -112,7 +113,12 @@ impl Management {
                 .await
                 .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let path = format!("/api/queues/{}/{}", self.vhost, segment(queue));
+        // Only the two figures: a queue's whole record is large.
+        let path = format!(
+            "/api/queues/{}/{}?columns=messages_ready,messages_unacknowledged",
+            self.vhost,
+            segment(queue)
+        );
         let req = http::Request::get(path)
             .header(http::header::HOST, &self.authority)
             .header(http::header::AUTHORIZATION, &self.auth)
@@ -120,8 +126,7 @@ impl Management {
             .map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        let body = resp
-            .into_body()
+        let body = http_body_util::Limited::new(resp.into_body(), 64 << 10)
             .collect()
             .await
             .map_err(|e| e.to_string())?

@@ -146,8 +146,9 @@ pub(super) async fn settle_on(
 
 /// A redelivered message of a queue that does not count deliveries (classic): publishes a
 /// copy to the back of `queue` with `weir.deliveries` = `redeliveries`, then acks the
-/// redelivered one (`tag`), confirmed or in one transaction. While it runs the tag stays
-/// outstanding, so no commit's `multiple` ack covers it before the copy is safe.
+/// redelivered one (`tag`), confirmed or in one transaction. The tag is outstanding until then
+/// (the supervisor puts it there as it arrives), so no commit's `multiple` ack covers it before
+/// the copy is safe.
 pub(super) async fn recount_on(
     shared: &Shared,
     link: &Link,
@@ -165,18 +166,17 @@ pub(super) async fn recount_on(
         super::WEIR_DELIVERIES.to_string(),
         redeliveries.to_string().into_bytes(),
     ));
-    let outstanding = |add: bool| {
+    let acked = || {
         let mut st = shared.state.lock().expect("state");
         if st.generation == link.generation {
-            let q = st.queues.entry(queue.to_string()).or_default();
-            if add {
-                q.outstanding.insert(tag);
-            } else {
-                q.outstanding.remove(&tag);
-            }
+            st.queues
+                .entry(queue.to_string())
+                .or_default()
+                .outstanding
+                .remove(&tag);
         }
     };
-    outstanding(true);
+    // (Made outstanding by the supervisor when the delivery arrived.)
     let r = async {
         let ack = || ch.basic_ack(tag, BasicAckOptions { multiple: false });
         match &link.publish {
@@ -210,7 +210,7 @@ pub(super) async fn recount_on(
         }
     }
     .await;
-    outstanding(false);
+    acked();
     r
 }
 
