@@ -609,7 +609,13 @@ async fn assigned_partitions(
             // still be behind.
             let (src, group) = (ctx.source.clone(), ctx.cfg.group.clone());
             let now = tokio::time::Instant::now();
-            taken.retain(|k, at| !owned.contains(k) && now.duration_since(*at) < DRAIN_REJOIN_WAIT);
+            taken.retain(|k, at| {
+                let waiting = !owned.contains(k) && now.duration_since(*at) < DRAIN_REJOIN_WAIT;
+                if !waiting && !owned.contains(k) {
+                    tracing::warn!(topic = %k.0, partition = k.1, "--drain stops waiting for a partition the group took from this process; it is left to the member that has it");
+                }
+                waiting
+            });
             let keys: Vec<Key> = partitions
                 .iter()
                 .filter(|k| owned.contains(*k) || taken.contains_key(*k))
@@ -618,6 +624,8 @@ async fn assigned_partitions(
             let mine = owned.clone();
             let checked = tokio::task::spawn_blocking(move || {
                 let (mut behind, mut elsewhere) = (Vec::new(), false);
+                // A transaction's closing marker takes an offset no commit passes.
+                let marker = u64::from(src.transactional());
                 for (t, p) in keys {
                     let next = src.committed(&group, &t, p)?;
                     if mine.contains(&(t.clone(), p)) {
@@ -625,10 +633,9 @@ async fn assigned_partitions(
                             behind.push((t, p));
                         }
                     // Taken from this process: `at_end` speaks of what this consumer fetched,
-                    // so the group's committed offset against the end says it (one short
-                    // counts as done: a transaction's closing marker takes an offset that no
-                    // commit passes).
-                    } else if next + 1 < src.end_offset(&t, p)? {
+                    // so the group's committed offset against the end says it (with
+                    // transactions, one short counts as done: the closing marker).
+                    } else if next + marker < src.end_offset(&t, p)? {
                         elsewhere = true;
                     }
                 }

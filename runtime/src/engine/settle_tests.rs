@@ -118,6 +118,66 @@ async fn a_message_held_past_its_lease_is_extended_and_runs_once() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_message_in_a_long_call_has_its_lease_extended() {
+    use crate::host::native::gate;
+    // (whether the engine is told of the lease)
+    for told in [true, false] {
+        gate::close();
+        let lease = Duration::from_secs(10);
+        let q = MemQueue::new(
+            lease,
+            Capabilities {
+                lease: told.then_some(lease),
+                delivery_count: true,
+                ..Capabilities::LOG
+            },
+        );
+        q.create("in");
+        q.create("out");
+        q.send("in", [order(0, false)]);
+        let mut cfg = config("in");
+        (cfg.batch_size, cfg.instances, cfg.lanes) = (1, 1, 1);
+        let gated = Handler::Native {
+            twin: Native::Gated,
+            output_topic: Arc::from("out"),
+        };
+        let (_stop, stop_rx) = watch::channel(false);
+        let run = tokio::spawn(run(
+            q.clone(),
+            gated,
+            cfg,
+            stop_rx,
+            Arc::new(Stats::default()),
+        ));
+        until("the call is running", || gate::waiting() == 1).await;
+        // The call runs for 60 s of the loop's clock, six leases, while the test moves the
+        // clock a second at a time and lets the loop take its timers (a renewal goes out on
+        // the blocking pool, in real time) before the next second.
+        for _ in 0..60 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let settle = std::time::Instant::now() + Duration::from_millis(50);
+            while std::time::Instant::now() < settle {
+                tokio::task::yield_now().await;
+            }
+        }
+        gate::open();
+        until("the run ends", || run.is_finished()).await;
+        let s = run.await.unwrap().unwrap();
+        let c = q.counts();
+        if told {
+            // Renewed all along: handed to no one else, acked once.
+            assert_eq!((c.delivered, c.expired, c.stale), (1, 0, 0), "{c:?}");
+            assert!(c.extended >= 10, "{c:?}");
+            assert_eq!(s.processed, 1);
+        } else {
+            // The control: the lease ran out under the call; the queue handed the message out
+            // again, and the first call's ack came too late.
+            assert!(c.expired >= 1 && c.stale >= 1, "{c:?}");
+        }
+    }
+}
+
 /// Runs `busy` on five messages with a 30 s backoff until every one failed once and waits;
 /// then `let_go` stops or revokes; returns the queue once the run ended.
 async fn held_then<F, Fut>(grouped: bool, let_go: F) -> Arc<MemQueue>

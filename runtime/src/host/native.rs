@@ -22,6 +22,43 @@ pub enum Native {
     #[cfg(test)]
     #[value(skip)]
     Busy,
+    /// Acks each message once the test opens [`gate`]: a call as long as the test wants.
+    #[cfg(test)]
+    #[value(skip)]
+    Gated,
+}
+
+/// What holds a [`Native::Gated`] call, for the engine's tests (one test at a time uses it).
+#[cfg(test)]
+pub mod gate {
+    use std::sync::{Condvar, Mutex};
+
+    /// (open, calls waiting)
+    static GATE: Mutex<(bool, usize)> = Mutex::new((false, 0));
+    static CHANGED: Condvar = Condvar::new();
+
+    pub fn close() {
+        GATE.lock().unwrap().0 = false;
+    }
+
+    pub fn open() {
+        GATE.lock().unwrap().0 = true;
+        CHANGED.notify_all();
+    }
+
+    /// Calls waiting at the gate now.
+    pub fn waiting() -> usize {
+        GATE.lock().unwrap().1
+    }
+
+    pub(super) fn pass() {
+        let mut g = GATE.lock().unwrap();
+        g.1 += 1;
+        while !g.0 {
+            g = CHANGED.wait(g).unwrap();
+        }
+        g.1 -= 1;
+    }
 }
 
 /// An order as the `orders` example reads it (shared with the Kafka row's bare loop).
@@ -54,6 +91,8 @@ impl Native {
             Native::Slow => "slow (native)",
             #[cfg(test)]
             Native::Busy => "busy (native)",
+            #[cfg(test)]
+            Native::Gated => "gated (native)",
         }
     }
 
@@ -76,6 +115,8 @@ impl Native {
                 }
                 #[cfg(test)]
                 Native::Busy => {}
+                #[cfg(test)]
+                Native::Gated => gate::pass(),
                 Native::Orders => match confirm(m, attempt, output_topic) {
                     Ok(o) => out.outputs.push(o),
                     Err(stop) => {

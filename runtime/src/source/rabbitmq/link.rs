@@ -159,6 +159,7 @@ pub(super) async fn supervise(
                 q.outstanding.clear();
             }
         }
+        shared.released.store(false, Ordering::Relaxed);
         shared.link.send_replace(Some(link.clone()));
         let mut streams = futures_util::stream::select_all(
             consumers
