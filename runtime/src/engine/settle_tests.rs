@@ -7,7 +7,7 @@ use super::tests::{config, drain, order, orders_twin, until};
 use super::*;
 use crate::host::native::Native;
 use crate::source::memory_queue::MemQueue;
-use crate::source::{Capabilities, Record};
+use crate::source::{Capabilities, GroupEvent, Record};
 use std::future::Future;
 use tokio::sync::mpsc::UnboundedSender;
 

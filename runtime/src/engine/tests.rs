@@ -11,7 +11,7 @@
 use super::*;
 use crate::host::native::Native;
 use crate::source::memory::Memory;
-use crate::source::{Record, Source};
+use crate::source::{GroupEvent, Record, Source};
 use tokio::time::Instant;
 
 pub(super) fn config(topic: &str) -> EngineConfig {
