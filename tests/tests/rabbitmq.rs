@@ -92,6 +92,18 @@ pub(crate) fn publish(url: &str, queue: &str, n: u64, body: impl Fn(u64) -> Stri
 
 /// Takes every message of `queue` (auto-ack): as many as it holds when called (nothing
 /// publishes to it any more), with a deadline in case fewer arrive.
+/// How often each order id was confirmed on `confirmations`, taking them off the queue.
+pub(crate) fn confirmed_per_id(url: &str) -> HashMap<String, u64> {
+    let mut per_id: HashMap<String, u64> = HashMap::new();
+    for body in take_all(url, "confirmations") {
+        let c: serde_json::Value = serde_json::from_slice(&body).expect("a JSON confirmation");
+        *per_id
+            .entry(c["order_id"].as_str().expect("an order_id").to_string())
+            .or_default() += 1;
+    }
+    per_id
+}
+
 pub(crate) fn take_all(url: &str, queue: &str) -> Vec<Vec<u8>> {
     let (ready, consumers) = queue_state(url, queue);
     assert_eq!(consumers, 0, "{queue} is still consumed");
@@ -211,13 +223,7 @@ fn two_processes_and_a_kill(dedupe: bool) {
         settled.is_ok(),
         "(ready, consumers) of the input queue stayed {left:?} after both runs exited"
     );
-    let mut per_id: HashMap<String, u64> = HashMap::new();
-    for body in take_all(&url, "confirmations") {
-        let c: serde_json::Value = serde_json::from_slice(&body).expect("a JSON confirmation");
-        *per_id
-            .entry(c["order_id"].as_str().expect("an order_id").to_string())
-            .or_default() += 1;
-    }
+    let per_id = confirmed_per_id(&url);
     for i in 0..n {
         assert!(
             per_id.contains_key(&format!("m-{i}")),

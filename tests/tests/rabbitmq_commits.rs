@@ -3,7 +3,7 @@
 //! while weir publishes to it, with publisher confirms and in AMQP transactions; at-most-once
 //! bounded by the prefetch; a classic queue's redeliveries counted.
 
-use super::rabbitmq::{order, publish, runtime, take_all};
+use super::rabbitmq::{confirmed_per_id, order, publish, runtime, take_all};
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use std::collections::{HashMap, HashSet};
@@ -74,13 +74,7 @@ fn requeue_mode_writes_each_output_once(exactly_once: bool) {
         !log.contains("lost the RabbitMQ link"),
         "the link broke without a fault:\n{log}"
     );
-    let mut per_id: HashMap<String, u64> = HashMap::new();
-    for body in take_all(&url, "confirmations") {
-        let c: serde_json::Value = serde_json::from_slice(&body).expect("a JSON confirmation");
-        *per_id
-            .entry(c["order_id"].as_str().expect("an order_id").to_string())
-            .or_default() += 1;
-    }
+    let per_id = confirmed_per_id(&url);
     let twice: Vec<_> = per_id.iter().filter(|(_, c)| **c > 1).take(5).collect();
     assert!(twice.is_empty(), "confirmed more than once: {twice:?}");
     for i in (0..n).filter(|i| !rejected(*i)) {
@@ -271,13 +265,7 @@ fn a_lost_link_costs_a_reconnect(extra: &[&str], exactly_once: bool) {
     );
     let reconnects = log.matches("reconnected to RabbitMQ").count();
     assert!(reconnects >= 1, "no reconnect in the log:\n{log}");
-    let mut per_id: HashMap<String, u64> = HashMap::new();
-    for body in take_all(&url, "confirmations") {
-        let c: serde_json::Value = serde_json::from_slice(&body).expect("a JSON confirmation");
-        *per_id
-            .entry(c["order_id"].as_str().expect("an order_id").to_string())
-            .or_default() += 1;
-    }
+    let per_id = confirmed_per_id(&url);
     let lost: Vec<u64> = (0..n)
         // (Rejected orders are dead-lettered, not confirmed.)
         .filter(|i| !(requeue && rejected(*i)))
@@ -374,13 +362,7 @@ fn drain_orders(extra: &[&str], n: u64, copies: u64) -> (serde_json::Value, Hash
     assert!(out.status.success(), "the run failed:\n{text}");
     let summary: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("run --json prints a JSON summary");
-    let mut per_id: HashMap<String, u64> = HashMap::new();
-    for body in take_all(&url, "confirmations") {
-        let c: serde_json::Value = serde_json::from_slice(&body).expect("a JSON confirmation");
-        *per_id
-            .entry(c["order_id"].as_str().expect("an order_id").to_string())
-            .or_default() += 1;
-    }
+    let per_id = confirmed_per_id(&url);
     assert_eq!(queue_state(&url, "orders"), (0, 0), "orders left");
     (summary, per_id)
 }
@@ -477,13 +459,7 @@ fn at_most_once_takes_no_more_than_its_prefetch() {
     wait_until("the run drains", Duration::from_secs(120), || {
         !run.is_running()
     });
-    let mut per_id: HashMap<String, u64> = HashMap::new();
-    for body in take_all(&url, "confirmations") {
-        let c: serde_json::Value = serde_json::from_slice(&body).expect("a JSON confirmation");
-        *per_id
-            .entry(c["order_id"].as_str().expect("an order_id").to_string())
-            .or_default() += 1;
-    }
+    let per_id = confirmed_per_id(&url);
     assert_eq!(per_id.len() as u64, n, "every order confirmed");
     assert!(per_id.values().all(|&c| c == 1), "an order confirmed twice");
 }
