@@ -18,3 +18,65 @@ pub fn problem(name: &str) -> Option<&'static str> {
         None
     }
 }
+
+/// How a broker names topics: which names it takes, and the names weir gives a topic's dead
+/// letters and retry copies when the user does not (`{topic}` stands for the topic). Each source
+/// has its own: a RabbitMQ queue may be named `orders:eu`, a Kafka topic may not; an SQS queue
+/// name may not hold `.`, so `<topic>.dlq` is not a name there.
+#[derive(Debug, Clone, Copy)]
+pub struct Naming {
+    /// The broker, as an error names it.
+    pub broker: &'static str,
+    /// What is wrong with a name on this broker; `None` when it is a good one.
+    pub problem: fn(&str) -> Option<&'static str>,
+    /// The dead-letter topic's name, by default.
+    pub dlq: &'static str,
+    /// Requeue mode's retry topic's name, by default.
+    pub retry: &'static str,
+}
+
+impl Naming {
+    /// Kafka's rules, which the embedded log keeps too (so that names move between them).
+    pub const KAFKA: Naming = Naming {
+        broker: "Kafka and the embedded log",
+        problem,
+        dlq: "{topic}.dlq",
+        retry: "{topic}.retry",
+    };
+
+    /// The suffix a default-named dead-letter topic ends with (`.dlq`), when the template is
+    /// `{topic}` and a suffix.
+    pub fn dlq_suffix(&self) -> Option<&'static str> {
+        self.dlq.strip_prefix("{topic}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_names() {
+        let long = "a".repeat(250);
+        let cases = [
+            ("orders", None),
+            ("orders.dlq", None),
+            ("a_b-c.9", None),
+            ("", Some("it is empty")),
+            (long.as_str(), Some("it is longer than 249 characters")),
+            ("..", Some("`.` and `..` are reserved")),
+            (
+                "orders:eu",
+                Some("use only ASCII letters, digits, `.`, `_` and `-`"),
+            ),
+            (
+                "ordres é",
+                Some("use only ASCII letters, digits, `.`, `_` and `-`"),
+            ),
+        ];
+        for (name, want) in cases {
+            assert_eq!((Naming::KAFKA.problem)(name), want, "{name:?}");
+        }
+        assert_eq!(Naming::KAFKA.dlq_suffix(), Some(".dlq"));
+    }
+}

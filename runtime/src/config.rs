@@ -35,13 +35,14 @@ pub struct RunSettings {
 
 /// Checks `options` (defaults applied) and builds a run's settings from them; `handler_config`
 /// is what the handler's `config` import will see, `data_dir` holds the compiled-module cache
-/// unless `--cache-dir` names another.
+/// unless `--cache-dir` names another; topic names are checked by the source's `naming`.
 pub fn resolve(
     options: RunOptions,
     handler_config: BTreeMap<String, String>,
     data_dir: &Path,
+    naming: &weir_core::topic::Naming,
 ) -> Result<RunSettings, ConfigError> {
-    let c = options.check()?;
+    let c = options.check_for(naming)?;
     let store: Option<std::sync::Arc<dyn crate::engine::dedupe::SharedStore>> =
         match c.dedupe_store.as_deref() {
             None => None,
@@ -105,6 +106,9 @@ pub fn resolve(
 mod tests {
     use super::*;
     use std::time::Duration;
+    use weir_core::topic::Naming;
+
+    const KAFKA: Naming = Naming::KAFKA;
 
     #[test]
     fn flags_win_over_the_file_and_the_file_over_defaults() {
@@ -114,7 +118,13 @@ mod tests {
             batch_size: Some(9),
             ..Default::default()
         };
-        let s = resolve(flags.or(file.run), file.handler_config, Path::new("d")).unwrap();
+        let s = resolve(
+            flags.or(file.run),
+            file.handler_config,
+            Path::new("d"),
+            &KAFKA,
+        )
+        .unwrap();
         assert_eq!(s.engine.batch_size, 9);
         assert_eq!(s.engine.backoff.max_attempts, 2);
         assert_eq!(s.engine.backoff.base, Duration::from_millis(100));
@@ -123,9 +133,14 @@ mod tests {
 
     #[test]
     fn missing_and_invalid_settings_are_named() {
-        let err = resolve(RunOptions::default(), BTreeMap::new(), Path::new("d"))
-            .unwrap_err()
-            .0;
+        let err = resolve(
+            RunOptions::default(),
+            BTreeMap::new(),
+            Path::new("d"),
+            &KAFKA,
+        )
+        .unwrap_err()
+        .0;
         assert!(err.contains("--module"), "{err}");
         let o = RunOptions {
             module: Some("m.wasm".into()),
@@ -135,10 +150,62 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            resolve(o, BTreeMap::new(), Path::new("d"))
+            resolve(o, BTreeMap::new(), Path::new("d"), &KAFKA)
                 .unwrap_err()
                 .0
                 .contains("--batch-size")
         );
+    }
+
+    #[test]
+    fn topic_names_follow_the_brokers_rules() {
+        let rabbit = crate::source::rabbitmq::NAMING;
+        let run = |topic: &str, dlq: Option<&str>| RunOptions {
+            module: Some("m.wasm".into()),
+            topic: Some(vec![topic.into()]),
+            group: Some("g".into()),
+            dlq_topic: dlq.map(Into::into),
+            ..Default::default()
+        };
+        // (topic, --dlq-topic, naming, Ok(the dead-letter topic) or Err(part of the error))
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            &'a Naming,
+            Result<&'a str, &'a str>,
+        );
+        let long = "q".repeat(250);
+        let cases: [Case; 6] = [
+            ("orders", None, &KAFKA, Ok("orders.dlq")),
+            ("orders:eu", None, &rabbit, Ok("orders:eu.dlq")),
+            (
+                "orders:eu",
+                None,
+                &KAFKA,
+                Err("--topic: invalid topic name `orders:eu` on Kafka"),
+            ),
+            (
+                "billing/v2",
+                Some("dead/{topic}"),
+                &rabbit,
+                Ok("dead/billing/v2"),
+            ),
+            (
+                "orders",
+                Some("amq.{topic}"),
+                &rabbit,
+                Err("--dlq-topic: invalid topic name `amq.orders` on RabbitMQ"),
+            ),
+            // The name a template gives each topic is checked, not a stand-in's.
+            (&long, None, &rabbit, Err("longer than 255 bytes")),
+        ];
+        for (topic, dlq, naming, want) in cases {
+            let got = resolve(run(topic, dlq), BTreeMap::new(), Path::new("d"), naming);
+            match (got, want) {
+                (Ok(s), Ok(name)) => assert_eq!(s.engine.dlq_for(topic), name),
+                (Err(e), Err(part)) => assert!(e.0.contains(part), "{topic}: {}", e.0),
+                (got, want) => panic!("{topic}: got {:?}, want {want:?}", got.map(|_| ())),
+            }
+        }
     }
 }

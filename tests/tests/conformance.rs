@@ -326,33 +326,45 @@ fn kill_9(w: Weir, exactly_once: bool) {
 /// dead-lettered, never neither; on the embedded log each exactly once, elsewhere at most what
 /// was in flight at the kill twice (on RabbitMQ, two queues on one channel once acked each
 /// other's messages: issue 34).
+/// Requeue mode on two topics in one process (each with its own retry topic, all four consumed
+/// at once, so commits of different topics interleave), killed with `kill -9` mid-run, then
+/// drained: every order confirmed or dead-lettered, exactly once on the log, on a broker at most
+/// once more for each message the killed run held.
 fn requeue_mode_with_kill_9(w: Weir) {
     let n = if matches!(w.broker(), Broker::Embedded) {
         scaled(20_000, 20_000)
     } else {
         scaled(6_000, 4_000)
     };
-    w.create_topic("orders", 4);
+    const TOPICS: [&str; 2] = ["orders", "refunds"];
+    for t in TOPICS {
+        w.create_topic(t, 4);
+    }
     w.create_topic("confirmations", 4);
-    w.ok(&[
-        "produce",
-        "orders",
-        "--count",
-        &n.to_string(),
-        "--retry-percent",
-        "7",
-        "--reject-percent",
-        "1",
-    ]);
+    // Half the orders on each topic, numbered apart (m-0.. and m-<n/2>..).
+    for (i, t) in TOPICS.iter().enumerate() {
+        w.ok(&[
+            "produce",
+            t,
+            "--count",
+            &(n / 2).to_string(),
+            "--start",
+            &(i as u64 * n / 2).to_string(),
+            "--retry-percent",
+            "7",
+            "--reject-percent",
+            "1",
+        ]);
+    }
+    let n = n / 2 * 2;
     let module = guest("orders");
     const IN_FLIGHT: u64 = 100;
     let in_flight = IN_FLIGHT.to_string();
-    let mut args = vec![
-        "run",
-        "--module",
-        module.to_str().unwrap(),
-        "--topic",
-        "orders",
+    let mut args = vec!["run", "--module", module.to_str().unwrap()];
+    for t in TOPICS {
+        args.extend(["--topic", t]);
+    }
+    args.extend([
         "--group",
         "g",
         "--retry-mode",
@@ -367,7 +379,11 @@ fn requeue_mode_with_kill_9(w: Weir) {
         "1",
         "--max-in-flight",
         &in_flight,
-    ];
+    ]);
+    let consumed: Vec<String> = TOPICS
+        .iter()
+        .flat_map(|t| [t.to_string(), format!("{t}.retry")])
+        .collect();
     let mut run = w.spawn(&args);
     wait_until(
         "some orders are confirmed",
@@ -376,18 +392,22 @@ fn requeue_mode_with_kill_9(w: Weir) {
     );
     run.kill();
     // What may run again: on a queue what the killed run held (its prefetch on each of the
-    // two queues); on Kafka what was written (outputs, dead letters, retry copies) for inputs
+    // four queues); on Kafka what was written (outputs, dead letters, retry copies) for inputs
     // whose offsets were not committed yet (librdkafka commits every few seconds).
     let may_run_again = if w.on_queue() {
         wait_until(
             "the broker took back what the killed run held",
             Duration::from_secs(30),
-            || w.queue_state("orders").1 == 0 && w.queue_state("orders.retry").1 == 0,
+            || consumed.iter().all(|q| w.queue_state(q).1 == 0),
         );
-        IN_FLIGHT * 2
+        IN_FLIGHT * consumed.len() as u64
     } else {
-        let written = w.end("confirmations") + w.end("orders.dlq") + w.end("orders.retry");
-        let done = w.committed("orders", "g") + w.committed("orders.retry", "g");
+        let written = w.end("confirmations")
+            + TOPICS
+                .iter()
+                .map(|t| w.end(&format!("{t}.dlq")) + w.end(&format!("{t}.retry")))
+                .sum::<u64>();
+        let done: u64 = consumed.iter().map(|q| w.committed(q, "g")).sum();
         written.saturating_sub(done)
     };
     assert!(
@@ -396,9 +416,9 @@ fn requeue_mode_with_kill_9(w: Weir) {
     );
     args.push("--drain");
     w.ok(&args);
-    let ids = |topic: &str| {
+    let ids = |topics: &[String]| {
         let mut per: HashMap<String, u64> = HashMap::new();
-        for m in w.messages(topic) {
+        for m in topics.iter().flat_map(|t| w.messages(t)) {
             let v: serde_json::Value =
                 serde_json::from_str(m["payload"].as_str().unwrap()).expect("JSON");
             let id = v["order_id"].as_str().or(v["id"].as_str()).unwrap();
@@ -406,7 +426,8 @@ fn requeue_mode_with_kill_9(w: Weir) {
         }
         per
     };
-    let (confirmed, dead) = (ids("confirmations"), ids("orders.dlq"));
+    let confirmed = ids(&["confirmations".to_string()]);
+    let dead = ids(&TOPICS.map(|t| format!("{t}.dlq")));
     for i in 0..n {
         let id = format!("m-{i}");
         let (c, d) = (confirmed.get(&id), dead.get(&id));
@@ -424,7 +445,9 @@ fn requeue_mode_with_kill_9(w: Weir) {
             "{twice} written twice; {may_run_again} could run again after the kill"
         );
     }
-    assert!(all_committed(&w, "orders", "g") && all_committed(&w, "orders.retry", "g"));
+    for q in &consumed {
+        assert!(all_committed(&w, q, "g"), "{q} is not all committed");
+    }
 }
 
 fn requeue_moves_retries_to_the_retry_topic(w: Weir) {

@@ -443,3 +443,55 @@ fn lag_counts_every_consumers_unacked_messages_with_the_management_api() {
         assert!(out.status.success());
     }
 }
+
+/// Queue names by RabbitMQ's rules, not Kafka's (issue 34): a queue named `orders:eu` (a colon
+/// is no Kafka topic name) is consumed, its rejected orders go to `orders:eu.dlq`, and
+/// `weir dlq list orders:eu` finds them; a name the broker keeps for itself is refused up front.
+#[test]
+fn queue_names_follow_rabbitmqs_rules() {
+    const N: u64 = 200;
+    let w = Weir::rabbitmq();
+    let Broker::Rabbit(v) = w.broker() else {
+        unreachable!()
+    };
+    let url = v.url();
+    w.create_topic("orders:eu", 1);
+    w.create_topic("confirmations", 1);
+    // Every 50th order is not JSON: the handler rejects it.
+    publish(&url, "orders:eu", N, |i| {
+        if i % 50 == 7 {
+            format!("not an order {i}")
+        } else {
+            order(i)
+        }
+    });
+    let s = w.drain(&guest("orders"), "orders:eu", "g", &[]);
+    assert_eq!(s["processed"], N - N / 50, "{s}");
+    assert_eq!(s["dead_lettered"], N / 50, "{s}");
+    assert_eq!(queue_state(&url, "orders:eu"), (0, 0));
+    assert_eq!(queue_state(&url, "orders:eu.dlq").0, N / 50);
+    let listed = w.output(&["dlq", "list", "orders:eu", "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout).lines().count() as u64,
+        N / 50
+    );
+    assert_eq!(confirmed_per_id(&url).len() as u64, N - N / 50);
+    let refused = w.output(&[
+        "run",
+        "--module",
+        guest("orders").to_str().unwrap(),
+        "--topic",
+        "orders:eu",
+        "--group",
+        "g",
+        "--dlq-topic",
+        "amq.{topic}",
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid topic name `amq.orders:eu` on RabbitMQ"),
+        "{stderr}"
+    );
+}

@@ -113,8 +113,15 @@ impl RunOptions {
         }
     }
 
-    /// Applies the defaults and checks every value, naming the setting of any that is wrong.
+    /// Applies the defaults and checks every value, naming the setting of any that is wrong;
+    /// topic names by Kafka's rules (the embedded log's and Kafka's).
     pub fn check(self) -> Result<Checked, ConfigError> {
+        self.check_for(&crate::topic::Naming::KAFKA)
+    }
+
+    /// [`RunOptions::check`] for a broker that names topics its own way: its rules for every
+    /// topic, and its default dead-letter and retry topic names.
+    pub fn check_for(self, naming: &crate::topic::Naming) -> Result<Checked, ConfigError> {
         let module = self
             .module
             .ok_or_else(|| ConfigError("no handler module: pass --module handler.wasm (or `module` under [run] in weir.toml)".into()))?;
@@ -125,7 +132,7 @@ impl RunOptions {
             ));
         }
         for t in &topics {
-            topic_name("--topic", t)?;
+            topic_name(naming, "--topic", t)?;
         }
         let group = self.group.ok_or_else(|| {
             ConfigError("no consumer group: pass --group NAME (or `group` under [run])".into())
@@ -242,10 +249,12 @@ impl RunOptions {
             )));
         }
         let jitter = self.jitter.unwrap_or(Jitter::Full);
-        let dlq_topic = self.dlq_topic.unwrap_or(defaults::DLQ_TOPIC.into());
-        topic_name("--dlq-topic", &dlq_topic.replace("{topic}", "t"))?;
-        let retry_topic = self.retry_topic.unwrap_or(defaults::RETRY_TOPIC.into());
-        topic_name("--retry-topic", &retry_topic.replace("{topic}", "t"))?;
+        let dlq_topic = self.dlq_topic.unwrap_or(naming.dlq.into());
+        let retry_topic = self.retry_topic.unwrap_or(naming.retry.into());
+        for t in &topics {
+            topic_name(naming, "--dlq-topic", &dlq_topic.replace("{topic}", t))?;
+            topic_name(naming, "--retry-topic", &retry_topic.replace("{topic}", t))?;
+        }
         if topics.len() > 1 && !(retry_topic.contains("{topic}") && dlq_topic.contains("{topic}")) {
             return Err(ConfigError(
                 "--retry-topic and --dlq-topic must contain `{topic}` (with several topics, each needs its own)".into(),
@@ -382,11 +391,12 @@ impl RunOptions {
     }
 }
 
-/// A topic name for `flag`, checked by Kafka's rules.
-fn topic_name(flag: &str, name: &str) -> Result<(), ConfigError> {
-    match crate::topic::problem(name) {
+/// A topic name for `flag`, checked by the broker's rules.
+fn topic_name(naming: &crate::topic::Naming, flag: &str, name: &str) -> Result<(), ConfigError> {
+    match (naming.problem)(name) {
         Some(why) => Err(ConfigError(format!(
-            "{flag}: invalid topic name `{name}`: {why}"
+            "{flag}: invalid topic name `{name}` on {}: {why}",
+            naming.broker
         ))),
         None => Ok(()),
     }

@@ -192,10 +192,12 @@ pub struct RunOptions {
     /// [default: blocking]
     #[arg(long, env = "WEIR_RETRY_MODE", value_enum)]
     pub retry_mode: Option<RetryMode>,
-    /// Retry topic for requeue mode; `{topic}` stands for the consumed topic [default: {topic}.retry]
+    /// Retry topic for requeue mode; `{topic}` stands for the consumed topic [default: the
+    /// broker's; {topic}.retry on every broker weir speaks today]
     #[arg(long, env = "WEIR_RETRY_TOPIC")]
     pub retry_topic: Option<String>,
-    /// Dead-letter topic; `{topic}` stands for the consumed topic [default: {topic}.dlq]
+    /// Dead-letter topic; `{topic}` stands for the consumed topic [default: the broker's;
+    /// {topic}.dlq on every broker weir speaks today]
     #[arg(long, env = "WEIR_DLQ_TOPIC")]
     pub dlq_topic: Option<String>,
     /// `at-least-once`: ack after success; `at-most-once`: ack before invoking, never retry
@@ -345,8 +347,6 @@ pub mod defaults {
     pub const BACKOFF_BASE: &str = "100ms";
     pub const BACKOFF_MAX: &str = "30s";
     pub const BACKOFF_FACTOR: f64 = 2.0;
-    pub const DLQ_TOPIC: &str = "{topic}.dlq";
-    pub const RETRY_TOPIC: &str = "{topic}.retry";
     pub const DEDUPE_HEADER: &str = "idempotency-key";
     pub const DEDUPE_WINDOW: &str = "24h";
     pub const REVOKE_TIMEOUT: &str = "15s";

@@ -200,7 +200,12 @@ impl BenchCommand {
         options.group = Some("bench".into());
         options.drain = Some(self.rate.is_none());
         options.admin = Some("off".into());
-        let mut settings = crate::config::resolve(options, handler_config, dir.path())?;
+        let mut settings = crate::config::resolve(
+            options,
+            handler_config,
+            dir.path(),
+            &weir_core::topic::Naming::KAFKA,
+        )?;
         // Room in the instance pool for the probe's instances, kept alive together.
         settings.host.max_instances = settings
             .host

@@ -143,7 +143,8 @@ fn weir(row: &Row<'_>, input: &str, output: &str, mix: FaultMix) -> anyhow::Resu
     options.admin = Some("off".into());
     let mut handler_config = BTreeMap::new();
     handler_config.insert("output-topic".to_string(), output.to_string());
-    let settings = crate::config::resolve(options, handler_config, row.data_dir)?;
+    let settings =
+        crate::config::resolve(options, handler_config, row.data_dir, &rabbitmq::NAMING)?;
     let e = &settings.engine;
     let source: Arc<dyn Source> = row.spec.consumer(&ConsumerOptions {
         group: e.group.clone(),

@@ -150,7 +150,12 @@ fn weir(
     options.admin = Some("off".into());
     let mut handler_config = BTreeMap::new();
     handler_config.insert("output-topic".to_string(), output.to_string());
-    let settings = crate::config::resolve(options, handler_config, row.data_dir)?;
+    let settings = crate::config::resolve(
+        options,
+        handler_config,
+        row.data_dir,
+        &weir_core::topic::Naming::KAFKA,
+    )?;
     let source: Arc<dyn Source> = Arc::new(Kafka::connect(cfg, false)?);
     let module: Handler = match row.native {
         Some(twin) => Handler::Native {

@@ -18,9 +18,10 @@ pub enum DlqCommand {
     List {
         /// The consumed topic (its dead-letter topic is read) or the dead-letter topic itself
         topic: String,
-        /// Dead-letter topic; `{topic}` stands for TOPIC [default: {topic}.dlq]
-        #[arg(long, default_value = "{topic}.dlq")]
-        dlq_topic: String,
+        /// Dead-letter topic; `{topic}` stands for TOPIC [default: the broker's, {topic}.dlq on
+        /// every broker weir speaks today]
+        #[arg(long)]
+        dlq_topic: Option<String>,
         /// One JSON object per dead letter instead of a table
         #[arg(long)]
         json: bool,
@@ -31,17 +32,17 @@ pub enum DlqCommand {
         topic: String,
         /// Which dead letter: PARTITION:OFFSET as `list` shows it (or OFFSET with one partition)
         id: String,
-        /// Dead-letter topic [default: {topic}.dlq]
-        #[arg(long, default_value = "{topic}.dlq")]
-        dlq_topic: String,
+        /// Dead-letter topic [default: the broker's, {topic}.dlq on every broker weir speaks today]
+        #[arg(long)]
+        dlq_topic: Option<String>,
     },
     /// Send dead letters back: to their original topic (or --to), optionally through a new module
     Replay {
         /// The consumed topic or the dead-letter topic
         topic: String,
-        /// Dead-letter topic [default: {topic}.dlq]
-        #[arg(long, default_value = "{topic}.dlq")]
-        dlq_topic: String,
+        /// Dead-letter topic [default: the broker's, {topic}.dlq on every broker weir speaks today]
+        #[arg(long)]
+        dlq_topic: Option<String>,
         /// Publish to this topic instead of each dead letter's original topic [default: original]
         #[arg(long)]
         to: Option<String>,
@@ -96,12 +97,19 @@ fn exists(b: &mut dyn Broker, topic: &str) -> anyhow::Result<bool> {
     }
 }
 
-/// The dead-letter topic for what the user typed: the topic itself if it exists as a DLQ.
-fn resolve(b: &mut dyn Broker, topic: &str, template: &str) -> anyhow::Result<String> {
-    let candidate = template.replace("{topic}", topic);
+/// The dead-letter topic for what the user typed (`template`, else the broker's default name):
+/// the topic itself if it is named as a dead-letter topic and exists.
+fn resolve(
+    b: &mut dyn Broker,
+    topic: &str,
+    template: Option<&str>,
+    naming: &weir_core::topic::Naming,
+) -> anyhow::Result<String> {
+    let candidate = template.unwrap_or(naming.dlq).replace("{topic}", topic);
+    let named_as_dlq = naming.dlq_suffix().is_some_and(|s| topic.ends_with(s));
     if exists(b, &candidate)? {
         Ok(candidate)
-    } else if topic.ends_with(".dlq") && exists(b, topic)? {
+    } else if named_as_dlq && exists(b, topic)? {
         Ok(topic.to_string())
     } else {
         Err(bad_input(format!(
@@ -146,6 +154,7 @@ fn shorten(s: &str, n: usize) -> String {
 
 impl DlqCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
+        let naming = g.source.naming();
         let mut broker = g.source.broker()?;
         let log: &mut dyn Broker = broker.as_mut();
         match self {
@@ -154,7 +163,7 @@ impl DlqCommand {
                 dlq_topic,
                 json,
             } => {
-                let dlq = resolve(log, &topic, &dlq_topic)?;
+                let dlq = resolve(log, &topic, dlq_topic.as_deref(), &naming)?;
                 let letters = log.dead_letters(&dlq)?;
                 if json {
                     for l in &letters {
@@ -206,7 +215,7 @@ impl DlqCommand {
                 id,
                 dlq_topic,
             } => {
-                let dlq = resolve(log, &topic, &dlq_topic)?;
+                let dlq = resolve(log, &topic, dlq_topic.as_deref(), &naming)?;
                 let letters = log.dead_letters(&dlq)?;
                 // PARTITION:OFFSET, or the offset alone where one partition has it.
                 let found: Vec<&DeadLetter> = letters
@@ -256,7 +265,7 @@ impl DlqCommand {
                 dry_run,
                 force,
             } => {
-                let dlq = resolve(log, &topic, &dlq_topic)?;
+                let dlq = resolve(log, &topic, dlq_topic.as_deref(), &naming)?;
                 let letters: Vec<DeadLetter> = log
                     .dead_letters(&dlq)?
                     .into_iter()

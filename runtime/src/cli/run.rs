@@ -45,7 +45,8 @@ impl RunCommand {
             .options
             .or(g.file.run)
             .with_batch_default(caps.batch_size);
-        let settings = crate::config::resolve(options, handler_config, &g.data_dir)?;
+        let settings =
+            crate::config::resolve(options, handler_config, &g.data_dir, &g.source.naming())?;
         // Check the module before touching the data directory: a bad module changes nothing.
         let module_path = settings.module.clone();
         if !module_path.is_file() {

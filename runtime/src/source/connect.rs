@@ -119,6 +119,14 @@ impl SourceSpec {
         }
     }
 
+    /// The broker's topic names: its rules, and its default dead-letter and retry names.
+    pub fn naming(&self) -> weir_core::topic::Naming {
+        match self.kind {
+            Kind::Embedded | Kind::Kafka => weir_core::topic::Naming::KAFKA,
+            Kind::RabbitMq => rabbitmq::NAMING,
+        }
+    }
+
     pub fn is_embedded(&self) -> bool {
         self.kind == Kind::Embedded
     }

@@ -154,21 +154,37 @@ pub(crate) fn is_precondition_failed(e: &lapin::Error) -> bool {
         if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
+/// RabbitMQ's queue names: any UTF-8 of up to 255 bytes (`orders:eu`, `billing/v2`), except
+/// the broker's own `amq.` prefix; dead letters and retries go to `<queue>.dlq`/`.retry`.
+pub const NAMING: weir_core::topic::Naming = weir_core::topic::Naming {
+    broker: "RabbitMQ",
+    problem: queue_name_problem,
+    dlq: "{topic}.dlq",
+    retry: "{topic}.retry",
+};
+
+/// What is wrong with `name` as a RabbitMQ queue name; `None` when it is a good one.
+fn queue_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > SHORT_STRING {
+        Some("it is longer than 255 bytes")
+    } else if name.starts_with("amq.") {
+        Some("names that start with `amq.` are the broker's own")
+    } else {
+        None
+    }
+}
+
 /// Whether a queue name is one RabbitMQ takes (what `topics create` and outputs need).
 pub(crate) fn check_queue_name(name: &str) -> Result<(), SourceError> {
-    let why = if name.is_empty() {
-        "empty"
-    } else if name.len() > SHORT_STRING {
-        "longer than 255 bytes"
-    } else if name.starts_with("amq.") {
-        "names that start with `amq.` are the broker's own"
-    } else {
-        return Ok(());
-    };
-    Err(SourceError::InvalidTopic {
-        name: name.to_string(),
-        why,
-    })
+    match queue_name_problem(name) {
+        None => Ok(()),
+        Some(why) => Err(SourceError::InvalidTopic {
+            name: name.to_string(),
+            why,
+        }),
+    }
 }
 
 /// What RabbitMQ cannot carry of a record beyond weir's limits: header names are short strings.
