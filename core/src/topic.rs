@@ -43,12 +43,6 @@ impl Naming {
         dlq: "{topic}.dlq",
         retry: "{topic}.retry",
     };
-
-    /// The suffix a default-named dead-letter topic ends with (`.dlq`), when the template is
-    /// `{topic}` and a suffix.
-    pub fn dlq_suffix(&self) -> Option<&'static str> {
-        self.dlq.strip_prefix("{topic}")
-    }
 }
 
 #[cfg(test)]
@@ -77,6 +71,5 @@ mod tests {
         for (name, want) in cases {
             assert_eq!((Naming::KAFKA.problem)(name), want, "{name:?}");
         }
-        assert_eq!(Naming::KAFKA.dlq_suffix(), Some(".dlq"));
     }
 }

@@ -165,6 +165,7 @@ mod tests {
             topic: Some(vec![topic.into()]),
             group: Some("g".into()),
             dlq_topic: dlq.map(Into::into),
+            retry_mode: Some(RetryMode::Requeue),
             ..Default::default()
         };
         // (topic, --dlq-topic, naming, Ok(the dead-letter topic) or Err(part of the error))
@@ -207,5 +208,12 @@ mod tests {
                 (got, want) => panic!("{topic}: got {:?}, want {want:?}", got.map(|_| ())),
             }
         }
+        // In blocking mode there is no retry topic, so its name does not limit the topic's:
+        // a 250-byte queue name is fine there (its `.dlq` has 254 bytes; `.retry` would have 256).
+        let blocking = RunOptions {
+            retry_mode: Some(RetryMode::Blocking),
+            ..run(&"q".repeat(250), None)
+        };
+        assert!(resolve(blocking, BTreeMap::new(), Path::new("d"), &rabbit).is_ok());
     }
 }

@@ -251,9 +251,13 @@ impl RunOptions {
         let jitter = self.jitter.unwrap_or(Jitter::Full);
         let dlq_topic = self.dlq_topic.unwrap_or(naming.dlq.into());
         let retry_topic = self.retry_topic.unwrap_or(naming.retry.into());
+        // Every name a template gives is checked; the retry topic's only where there is one.
+        let requeue = self.retry_mode == Some(RetryMode::Requeue);
         for t in &topics {
             topic_name(naming, "--dlq-topic", &dlq_topic.replace("{topic}", t))?;
-            topic_name(naming, "--retry-topic", &retry_topic.replace("{topic}", t))?;
+            if requeue {
+                topic_name(naming, "--retry-topic", &retry_topic.replace("{topic}", t))?;
+            }
         }
         if topics.len() > 1 && !(retry_topic.contains("{topic}") && dlq_topic.contains("{topic}")) {
             return Err(ConfigError(

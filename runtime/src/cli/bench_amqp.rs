@@ -93,7 +93,7 @@ pub fn run(row: Row<'_>) -> anyhow::Result<AmqpReport> {
     probe.module = Some(row.module_path.to_path_buf());
     probe.topic = Some(vec![input.clone()]);
     probe.group = Some("bench".into());
-    let prefetch = probe.check()?.max_in_flight;
+    let prefetch = probe.check_for(&rabbitmq::NAMING)?.max_in_flight;
 
     produce(&mut broker, &input, FaultMix::default())?;
     let bare = rabbitmq::bench::bare(

@@ -105,8 +105,12 @@ fn resolve(
     template: Option<&str>,
     naming: &weir_core::topic::Naming,
 ) -> anyhow::Result<String> {
-    let candidate = template.unwrap_or(naming.dlq).replace("{topic}", topic);
-    let named_as_dlq = naming.dlq_suffix().is_some_and(|s| topic.ends_with(s));
+    let template = template.unwrap_or(naming.dlq);
+    let candidate = template.replace("{topic}", topic);
+    // Named as the template names dead-letter topics (`{topic}.dlq`: `orders.dlq`).
+    let named_as_dlq = template.split_once("{topic}").is_some_and(|(pre, post)| {
+        topic.len() > pre.len() + post.len() && topic.starts_with(pre) && topic.ends_with(post)
+    });
     if exists(b, &candidate)? {
         Ok(candidate)
     } else if named_as_dlq && exists(b, topic)? {

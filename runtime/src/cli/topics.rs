@@ -6,7 +6,8 @@ use std::process::ExitCode;
 pub enum TopicsCommand {
     /// Create a topic
     Create {
-        /// Topic name (letters, digits, `.`, `_`, `-`)
+        /// Topic name, by the broker's rules (embedded and Kafka: letters, digits, `.`, `_`, `-`;
+        /// RabbitMQ: any UTF-8 up to 255 bytes; see docs/sources.md)
         topic: String,
         /// Number of partitions [default: 1]
         #[arg(long, default_value_t = 1)]
