@@ -15,6 +15,100 @@ pub enum Broker {
     /// The machine's RabbitMQ (`WEIR_TEST_AMQP`, default 127.0.0.1:5672 as guest), in a virtual
     /// host of the test's own, so that tests share no queues.
     Rabbit(Vhost),
+    /// The machine's Redis (`WEIR_TEST_REDIS`, default redis://127.0.0.1:6379), under a key
+    /// prefix of the test's own.
+    Redis(RedisNs),
+}
+
+/// A key prefix made for one test (`--source-property prefix=...`); its keys are deleted after.
+pub struct RedisNs {
+    pub prefix: String,
+}
+
+impl Default for RedisNs {
+    fn default() -> RedisNs {
+        RedisNs::new()
+    }
+}
+
+impl RedisNs {
+    pub fn new() -> RedisNs {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        RedisNs {
+            prefix: format!("weir-test-{}-{n}-{}:", std::process::id(), crate::now_ms()),
+        }
+    }
+
+    pub fn url() -> String {
+        std::env::var("WEIR_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    /// A connection to the test's Redis, as any client (not weir) has one.
+    pub fn connection() -> redis::Connection {
+        redis::Client::open(RedisNs::url())
+            .and_then(|c| c.get_connection())
+            .expect("connect to Redis (is it running? scripts/services.sh starts it)")
+    }
+
+    /// The key of `topic`.
+    pub fn key(&self, topic: &str) -> String {
+        format!("{}{topic}", self.prefix)
+    }
+
+    /// Closes every connection weir made for this test (they carry the prefix in their client
+    /// names), as a Redis restart or a network cut would.
+    pub fn close_connections(&self) {
+        let mut c = RedisNs::connection();
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut c).unwrap();
+        for line in list.lines() {
+            let field = |f: &str| {
+                line.split(' ')
+                    .find_map(|kv| kv.strip_prefix(&format!("{f}=")))
+                    .unwrap_or("")
+                    .to_string()
+            };
+            if field("name").contains(&self.prefix) {
+                let _: Result<(), _> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("ID")
+                    .arg(field("id"))
+                    .query(&mut c);
+            }
+        }
+    }
+
+    /// How many entries of `topic` are pending in `group` (delivered, not acked).
+    pub fn pending(&self, topic: &str, group: &str) -> u64 {
+        let mut c = RedisNs::connection();
+        let v: redis::Value = redis::cmd("XPENDING")
+            .arg(self.key(topic))
+            .arg(group)
+            .query(&mut c)
+            .expect("XPENDING");
+        match v {
+            redis::Value::Array(parts) => match parts.first() {
+                Some(redis::Value::Int(n)) => *n as u64,
+                _ => 0,
+            },
+            _ => 0,
+        }
+    }
+}
+
+impl Drop for RedisNs {
+    fn drop(&mut self) {
+        let Ok(mut c) = redis::Client::open(RedisNs::url()).and_then(|c| c.get_connection()) else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query(&mut c)
+            .unwrap_or_default();
+        for k in keys {
+            let _: Result<(), _> = redis::cmd("DEL").arg(k).query(&mut c);
+        }
+    }
 }
 
 /// A RabbitMQ virtual host made for one test and deleted after it (`rabbitmqctl`).

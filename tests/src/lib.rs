@@ -160,6 +160,11 @@ impl Weir {
         Weir::on(Broker::Rabbit(Vhost::new()))
     }
 
+    /// A test on the machine's Redis, under a key prefix of its own.
+    pub fn redis() -> Weir {
+        Weir::on(Broker::Redis(RedisNs::new()))
+    }
+
     pub fn on(broker: Broker) -> Weir {
         Weir {
             dir: tempfile::Builder::new()
@@ -177,7 +182,7 @@ impl Weir {
     /// The brokers' address, when the test is on Kafka.
     pub fn brokers(&self) -> Option<String> {
         match &self.broker {
-            Broker::Embedded | Broker::Rabbit(_) => None,
+            Broker::Embedded | Broker::Rabbit(_) | Broker::Redis(_) => None,
             Broker::Mock(c) => Some(c.bootstrap_servers()),
             Broker::External(b) => Some(b.clone()),
         }
@@ -197,6 +202,7 @@ impl Weir {
     pub fn lose_links(&self, outage: Duration) {
         match &self.broker {
             Broker::Rabbit(v) => v.close_connections(),
+            Broker::Redis(ns) => ns.close_connections(),
             Broker::Mock(c) => {
                 c.broker_down(1).expect("take the mock broker down");
                 // The outage itself, not a wait for something: weir meets a broker that is gone.
@@ -236,6 +242,12 @@ impl Weir {
         }
         if let Broker::Rabbit(v) = &self.broker {
             c.arg("--source").arg(v.url());
+        }
+        if let Broker::Redis(ns) = &self.broker {
+            // A killed process's entries are taken over after claim-idle: 2 s rather than 30.
+            c.args(["--source", &RedisNs::url()])
+                .args(["--source-property", &format!("prefix={}", ns.prefix)])
+                .args(["--source-property", "claim-idle=2s"]);
         }
         c.args(args)
             .env(
@@ -294,8 +306,9 @@ impl Weir {
             }
             return;
         }
-        // A queue has no partitions: the same test runs on one.
-        let partitions = if self.on_queue() { 1 } else { partitions };
+        // A queue or a Redis stream has no partitions: the same test runs on one.
+        let one = matches!(self.broker, Broker::Rabbit(_) | Broker::Redis(_));
+        let partitions = if one { 1 } else { partitions };
         self.ok(&[
             "topics",
             "create",

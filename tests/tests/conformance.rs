@@ -1,5 +1,6 @@
 //! One suite, every source: each behaviour here runs on the embedded log, on Kafka (the mock
-//! cluster) and on RabbitMQ (the machine's server, a virtual host per test), so all are held to
+//! cluster), on RabbitMQ (the machine's server, a virtual host per test) and on Redis Streams
+//! (the machine's server, a key prefix per test), so all are held to
 //! the same delivery semantics: outputs, retries, the dead-letter envelope, at-least-once under
 //! `kill -9`, requeue mode, `--drain` and `weir dlq`. A new source is done when it passes this suite.
 
@@ -9,14 +10,14 @@ use weir_tests::{
     Broker, Weir, guest, header, now_ms, produce_keyed, produce_lines, scaled, wait_until,
 };
 
-/// Generates a test for each behaviour on each source: `embedded`, `kafka` and `rabbitmq`
-/// unless the behaviour names its sources (`behaviour: [embedded, rabbitmq]`).
+/// Generates a test for each behaviour on each source: `embedded`, `kafka`, `rabbitmq` and
+/// `redis` unless the behaviour names its sources (`behaviour: [embedded, rabbitmq]`).
 macro_rules! on_every_source {
     ($($behaviour:ident $(: [$($source:ident),+])?),* $(,)?) => {$(
         on_every_source!(@one $behaviour [$($($source),+)?]);
     )*};
     (@one $behaviour:ident []) => {
-        on_every_source!(@one $behaviour [embedded, kafka, rabbitmq]);
+        on_every_source!(@one $behaviour [embedded, kafka, rabbitmq, redis]);
     };
     (@one $behaviour:ident [$($source:ident),+]) => {
         mod $behaviour {
@@ -31,6 +32,7 @@ macro_rules! on_every_source {
     (@weir embedded) => { weir_tests::Weir::new() };
     (@weir kafka) => { weir_tests::Weir::kafka_mock() };
     (@weir rabbitmq) => { weir_tests::Weir::rabbitmq() };
+    (@weir redis) => { weir_tests::Weir::redis() };
 }
 
 on_every_source!(
@@ -38,12 +40,12 @@ on_every_source!(
     retries_back_off_then_succeed,
     dead_letters_carry_the_envelope,
     kill_9_loses_nothing,
-    kill_9_with_exactly_once_writes_once: [embedded, rabbitmq],
+    kill_9_with_exactly_once_writes_once: [embedded, rabbitmq, redis],
     requeue_mode_with_kill_9,
     requeue_moves_retries_to_the_retry_topic,
     each_key_keeps_its_order,
     // The embedded log runs in the process: it has no link to lose.
-    a_lost_link_costs_a_reconnect: [kafka, rabbitmq],
+    a_lost_link_costs_a_reconnect: [kafka, rabbitmq, redis],
 );
 
 fn all_committed(w: &Weir, topic: &str, group: &str) -> bool {

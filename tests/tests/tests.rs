@@ -18,6 +18,7 @@ mod languages;
 mod rabbitmq;
 mod rabbitmq_commits;
 mod rabbitmq_timeout;
+mod redis;
 mod reload;
 mod scaling;
 mod shared_dedupe;

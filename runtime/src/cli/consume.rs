@@ -77,10 +77,10 @@ impl ConsumeCommand {
         let mut left = self.max.unwrap_or(u64::MAX);
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
-        if let (Some(_), Settle::PerMessage) = (&self.group, log.capabilities().settle) {
+        if let (Some(group), Settle::PerMessage) = (&self.group, log.capabilities().settle) {
             // A queue: consuming takes messages off it, each acked once printed.
             while left > 0 {
-                let batch = log.take(&self.topic, left.min(1000) as usize)?;
+                let batch = log.take(&self.topic, group, left.min(1000) as usize)?;
                 if batch.is_empty() {
                     break;
                 }

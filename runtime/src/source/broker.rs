@@ -75,11 +75,12 @@ pub trait Broker {
         offset: u64,
     ) -> Result<(), SourceError>;
 
-    /// Takes up to `max` messages off a queue (`weir consume --group` on a queue), in the
+    /// Takes up to `max` messages off a queue for `group` (`weir consume --group` on a queue;
+    /// a queue without groups, RabbitMQ's, ignores it), in the
     /// order the broker hands them over; they are the caller's once [`Broker::settle_taken`]
     /// acks them, and go back to the queue if it is never called. Logs are read by offset.
-    fn take(&mut self, topic: &str, max: usize) -> Result<Vec<Delivery>, SourceError> {
-        let _ = (topic, max);
+    fn take(&mut self, topic: &str, group: &str, max: usize) -> Result<Vec<Delivery>, SourceError> {
+        let _ = (topic, group, max);
         Err(SourceError::Invalid(format!(
             "{} is a log: read it by offset",
             self.name()

@@ -7,9 +7,10 @@
 //! | `embedded` (the default) | the embedded log in `--data-dir` |
 //! | `kafka://host:port,host:port` (or `--brokers host:port,...`) | Apache Kafka |
 //! | `amqp://user:pass@host:port/vhost`, `amqps://...` | RabbitMQ (AMQP 0-9-1) |
+//! | `redis://[user:pass@]host:port[/db]` | Redis Streams |
 
 use super::broker::Broker;
-use super::{Source, SourceError, kafka, rabbitmq};
+use super::{Source, SourceError, kafka, rabbitmq, redis};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub enum Kind {
     Embedded,
     Kafka,
     RabbitMq,
+    Redis,
 }
 
 /// Where the topics live, as the flags and `weir.toml` said.
@@ -62,16 +64,17 @@ impl SourceSpec {
             "embedded" => Kind::Embedded,
             "kafka" => Kind::Kafka,
             "amqp" | "amqps" => Kind::RabbitMq,
-            "redis" | "rediss" | "nats" | "sqs" => {
+            "redis" | "rediss" => Kind::Redis,
+            "nats" | "sqs" => {
                 return Err(SourceError::Invalid(format!(
                     "--source {url}: {scheme}:// is not supported yet; weir speaks embedded, \
-                     kafka:// and amqp:// (RabbitMQ)"
+                     kafka://, amqp:// (RabbitMQ) and redis:// (Redis Streams)"
                 )));
             }
             _ => {
                 return Err(SourceError::Invalid(format!(
-                    "--source {url}: unknown broker; pass embedded, kafka://host:port[,host:port] \
-                     or amqp://user:pass@host:port[/vhost]"
+                    "--source {url}: unknown broker; pass embedded, kafka://host:port[,host:port], \
+                     amqp://user:pass@host:port[/vhost] or redis://host:port[/db]"
                 )));
             }
         };
@@ -97,6 +100,9 @@ impl SourceSpec {
             Kind::RabbitMq => {
                 rabbitmq::AmqpConfig::from_spec(&spec)?;
             }
+            Kind::Redis => {
+                redis::RedisConfig::from_spec(&spec)?;
+            }
         }
         Ok(spec)
     }
@@ -107,6 +113,7 @@ impl SourceSpec {
             Kind::Embedded => "the embedded log",
             Kind::Kafka => "Kafka",
             Kind::RabbitMq => "RabbitMQ",
+            Kind::Redis => "Redis",
         }
     }
 
@@ -116,6 +123,7 @@ impl SourceSpec {
             Kind::Embedded => super::embedded::CAPABILITIES,
             Kind::Kafka => kafka::CAPABILITIES,
             Kind::RabbitMq => rabbitmq::CAPABILITIES,
+            Kind::Redis => redis::CAPABILITIES,
         }
     }
 
@@ -124,6 +132,7 @@ impl SourceSpec {
         match self.kind {
             Kind::Embedded | Kind::Kafka => weir_core::topic::Naming::KAFKA,
             Kind::RabbitMq => rabbitmq::NAMING,
+            Kind::Redis => redis::NAMING,
         }
     }
 
@@ -142,6 +151,9 @@ impl SourceSpec {
             Kind::RabbitMq => Box::new(rabbitmq::Rabbit::connect(
                 rabbitmq::AmqpConfig::from_spec(self)?,
             )?),
+            Kind::Redis => Box::new(redis::RedisBroker::connect(redis::RedisConfig::from_spec(
+                self,
+            )?)?),
         })
     }
 
@@ -160,6 +172,10 @@ impl SourceSpec {
             )?),
             Kind::RabbitMq => Arc::new(rabbitmq::RabbitSource::start(
                 rabbitmq::AmqpConfig::from_spec(self)?,
+                opts,
+            )?),
+            Kind::Redis => Arc::new(redis::RedisSource::start(
+                redis::RedisConfig::from_spec(self)?,
                 opts,
             )?),
         })
@@ -182,7 +198,9 @@ mod tests {
                 Ok(Kind::RabbitMq),
             ),
             (Some("AMQPS://host"), Ok(Kind::RabbitMq)),
-            (Some("redis://127.0.0.1:6379"), Err("not supported yet")),
+            (Some("redis://127.0.0.1:6379"), Ok(Kind::Redis)),
+            (Some("rediss://127.0.0.1:6379"), Err("TLS to Redis")),
+            (Some("nats://127.0.0.1:4222"), Err("not supported yet")),
             (Some("mqtt://x"), Err("unknown broker")),
             (Some("kafka://"), Err("no brokers")),
         ];

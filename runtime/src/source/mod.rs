@@ -26,6 +26,7 @@ pub mod memory;
 pub mod memory_queue;
 pub mod rabbitmq;
 pub mod receipts;
+pub mod redis;
 
 use std::sync::Arc;
 

@@ -110,6 +110,17 @@ impl<R: Clone> Receipts<R> {
         Ok(out)
     }
 
+    /// The receipts of those of `seqs` that are held on link `generation`, changing nothing
+    /// (a renewal may name a message that was settled meanwhile).
+    pub fn peek(&self, generation: u64, seqs: &[u64]) -> Vec<(u64, R)> {
+        seqs.iter()
+            .filter_map(|seq| match self.held.get(seq) {
+                Some((g, r)) if *g == generation => Some((*seq, r.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Marks `seqs` settled (their acks went out); numbers already voided are not counted.
     pub fn settle(&mut self, seqs: impl IntoIterator<Item = u64>) {
         for seq in seqs {
@@ -120,10 +131,19 @@ impl<R: Clone> Receipts<R> {
     }
 
     /// Voids every receipt of link `generation` under a running partition (its link broke
-    /// during a commit): the partition must start over.
-    pub fn lost(&mut self, generation: u64) {
+    /// during a commit, or the broker gave one of its messages to another consumer): the
+    /// partition must start over. Returns the voided receipts, for a broker whose receipts
+    /// outlive the link to give back.
+    pub fn lost(&mut self, generation: u64) -> Vec<R> {
+        let gone = self
+            .held
+            .values()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, r)| r.clone())
+            .collect();
         self.void(|g| g == generation);
         self.restarting = true;
+        gone
     }
 
     /// The partition ended without settling what it holds: voids every receipt and returns

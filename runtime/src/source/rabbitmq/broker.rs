@@ -399,7 +399,12 @@ impl Broker for Rabbit {
         ))
     }
 
-    fn take(&mut self, topic: &str, max: usize) -> Result<Vec<Delivery>, SourceError> {
+    fn take(
+        &mut self,
+        topic: &str,
+        _group: &str,
+        max: usize,
+    ) -> Result<Vec<Delivery>, SourceError> {
         self.settle_taken()?;
         let (ch, got) = self.get(topic, max)?;
         if let Some(last) = got.last() {
