@@ -233,3 +233,81 @@ fn a_long_call_is_not_handed_to_a_second_consumer() {
     assert_eq!(processed, N, "handled across both processes");
     assert_eq!(len(ns, "out"), N);
 }
+
+/// At-most-once reads with `NOACK`: nothing is pending, and every output is still written.
+#[test]
+fn at_most_once_writes_every_output_and_leaves_nothing_pending() {
+    let w = Weir::redis();
+    let ns = ns(&w);
+    w.create_topic("orders", 1);
+    w.create_topic("confirmations", 1);
+    let n = 2_000;
+    xadd_orders(ns, "orders", n);
+    let s = w.drain(
+        &guest("orders"),
+        "orders",
+        "g",
+        &["--delivery", "at-most-once"],
+    );
+    assert_eq!(s["processed"], n, "{s}");
+    let per_id = confirmed(ns);
+    assert_eq!(per_id.len() as u64, n);
+    assert!(per_id.values().all(|c| *c == 1), "written twice");
+    assert_eq!(ns.pending("orders", "g"), 0);
+}
+
+/// A process with a fixed consumer name (`consumer=...`), killed while it holds many more
+/// entries than one read takes, reads them back at its restart, page after page, at once
+/// (not after claim-idle): every order once, none dead-lettered.
+#[test]
+fn a_fixed_consumer_name_reads_back_what_it_held() {
+    let w = Weir::redis();
+    let ns = ns(&w);
+    w.create_topic("orders", 1);
+    w.create_topic("confirmations", 1);
+    let n = scaled(10_000, 5_000);
+    xadd_orders(ns, "orders", n);
+    let module = guest("orders");
+    // Before `run`, beside the harness's own properties (after it, clap would take it alone).
+    let mut args = vec![
+        "--source-property",
+        "consumer=fixed",
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "orders",
+        "--group",
+        "g",
+        // Small reads, many held: the restart reads its history in many pages.
+        "--batch-size",
+        "8",
+        "--max-in-flight",
+        "400",
+        "--admin",
+        "off",
+    ];
+    let mut run = w.spawn(&args);
+    wait_until(
+        "a quarter of the orders are confirmed",
+        Duration::from_secs(120),
+        || len(ns, "confirmations") >= n / 4,
+    );
+    run.kill();
+    let held = ns.pending("orders", "g");
+    assert!(
+        len(ns, "confirmations") < n,
+        "the run finished before the kill"
+    );
+    args.extend(["--drain", "--json"]);
+    let out = w.ok(&args);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let per_id = confirmed(ns);
+    let lost = (0..n)
+        .filter(|i| !per_id.contains_key(&format!("m-{i}")))
+        .count();
+    assert_eq!(lost, 0, "orders lost ({held} were pending at the kill)");
+    assert!(per_id.values().all(|c| *c == 1), "written twice");
+    assert_eq!(s["dead_lettered"], 0, "{s}");
+    assert_eq!(ns.pending("orders", "g"), 0);
+}

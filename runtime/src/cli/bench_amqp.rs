@@ -150,6 +150,7 @@ fn weir(row: &Row<'_>, input: &str, output: &str, mix: FaultMix) -> anyhow::Resu
         group: e.group.clone(),
         topics: e.topics.clone(),
         retry_topics: Vec::new(),
+        dlq_topics: e.topics.iter().map(|t| e.dlq_for(t)).collect(),
         exactly_once: settings.exactly_once,
         at_most_once: e.delivery == engine::DeliveryMode::AtMostOnce,
         prefetch: e.max_in_flight,

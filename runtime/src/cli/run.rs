@@ -94,6 +94,7 @@ impl RunCommand {
                     engine::RetryMode::Requeue => e.topics.iter().map(|t| e.retry_for(t)).collect(),
                     engine::RetryMode::Blocking => Vec::new(),
                 },
+                dlq_topics: e.topics.iter().map(|t| e.dlq_for(t)).collect(),
                 exactly_once: settings.exactly_once,
                 at_most_once: e.delivery == engine::DeliveryMode::AtMostOnce,
                 prefetch: e.max_in_flight,

@@ -347,10 +347,11 @@ async fn run(
                     &mut held,
                 )
                 .await?;
-                if per_message && tracker.in_flight() > 0 {
+                if per_message {
                     // Stopped or revoked with messages it did not run (waiting out a
-                    // backoff, or behind one): the broker gets them back now, for this
-                    // process or another, rather than when a lease or the link runs out.
+                    // backoff, or behind one, or read by the source and not handed over yet):
+                    // the broker gets them back now, for this process or another, rather than
+                    // when a lease or the link runs out.
                     let (src, t) = (ctx.source.clone(), topic.clone());
                     blocking(move || {
                         src.release(&t, partition);

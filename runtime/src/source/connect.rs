@@ -43,6 +43,8 @@ pub struct ConsumerOptions {
     pub topics: Vec<String>,
     /// Topics weir owns and consumes too (requeue mode's retry topics): created when missing.
     pub retry_topics: Vec<String>,
+    /// The consumed topics' dead-letter topics.
+    pub dlq_topics: Vec<String>,
     /// Outputs and the settlement of their input in one broker transaction.
     pub exactly_once: bool,
     /// The broker forgets a message when it hands it over (auto-ack).

@@ -121,6 +121,11 @@ impl<R: Clone> Receipts<R> {
             .collect()
     }
 
+    /// Every receipt held, of any link.
+    pub fn receipts(&self) -> impl Iterator<Item = &R> {
+        self.held.values().map(|(_, r)| r)
+    }
+
     /// Marks `seqs` settled (their acks went out); numbers already voided are not counted.
     pub fn settle(&mut self, seqs: impl IntoIterator<Item = u64>) {
         for seq in seqs {

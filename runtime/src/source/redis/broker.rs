@@ -331,7 +331,21 @@ impl Broker for RedisBroker {
         self.settle_taken()?;
         self.len(topic)?;
         let key = self.cfg.key(topic);
-        let consumer = format!("weir-consume-{}", std::process::id());
+        // One name for every `weir consume --group`: what a killed one took and did not ack
+        // is read again first (its history), then new entries.
+        let consumer = "weir-consume";
+        let read = |c: &mut redis::Connection, id: &str| {
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(group)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(max)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(id)
+                .query::<redis::Value>(c)
+        };
         let v: redis::Value = self.conns.with("taking entries", |c| {
             match redis::cmd("XGROUP")
                 .arg("CREATE")
@@ -343,16 +357,15 @@ impl Broker for RedisBroker {
                 Err(e) if e.code() != Some("BUSYGROUP") => return Err(e),
                 _ => {}
             }
-            redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(group)
-                .arg(&consumer)
-                .arg("COUNT")
-                .arg(max)
-                .arg("STREAMS")
-                .arg(&key)
-                .arg(">")
-                .query(c)
+            match read(c, "0")? {
+                redis::Value::Array(s)
+                    if matches!(s.first(), Some(redis::Value::Array(kv))
+                        if matches!(kv.get(1), Some(redis::Value::Array(e)) if !e.is_empty())) =>
+                {
+                    Ok(redis::Value::Array(s))
+                }
+                _ => read(c, ">"),
+            }
         })?;
         let name: Arc<str> = Arc::from(topic);
         let mut ids = Vec::new();

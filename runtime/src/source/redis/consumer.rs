@@ -24,15 +24,31 @@ use std::time::Instant;
 /// generation.
 pub(super) const GEN: u64 = 0;
 
-#[derive(Default)]
+/// Where Redis cannot say a group's lag, weir counts undelivered entries up to this many.
+const LAG_COUNT_BOUND: usize = 10_000;
+
 pub(super) struct Stream {
     pub(super) receipts: Receipts<String>,
     /// Read, pending to this consumer, not handed to the engine yet: (id, deliveries, record).
     pub(super) buffer: VecDeque<(String, u32, Record)>,
-    /// When `XAUTOCLAIM` last ran.
+    /// When `XAUTOCLAIM` last ran, and where the next one starts.
     pub(super) claimed_at: Option<Instant>,
-    /// Whether the entries this consumer name held before were read.
-    pub(super) history_read: bool,
+    pub(super) claim_cursor: String,
+    /// The entries this consumer name holds already are to be read, after this id (`0`: all);
+    /// `None` once they were.
+    pub(super) history_after: Option<String>,
+}
+
+impl Default for Stream {
+    fn default() -> Stream {
+        Stream {
+            receipts: Receipts::default(),
+            buffer: VecDeque::new(),
+            claimed_at: None,
+            claim_cursor: "0-0".into(),
+            history_after: Some("0".into()),
+        }
+    }
 }
 
 pub struct RedisSource {
@@ -45,6 +61,8 @@ pub struct RedisSource {
     pub(super) streams: Mutex<HashMap<String, Stream>>,
     /// Streams known to exist.
     known: Mutex<HashSet<String>>,
+    /// Topics `maxlen` does not cap: dead-letter and retry topics.
+    uncapped: HashSet<String>,
     /// Set once `XINFO GROUPS` had no `lag` (entries deleted, or Redis before 7).
     lag_unknown: std::sync::atomic::AtomicBool,
     commit: redis::Script,
@@ -67,6 +85,12 @@ impl RedisSource {
             streams: Mutex::new(HashMap::new()),
             known: Mutex::new(HashSet::new()),
             lag_unknown: Default::default(),
+            uncapped: opts
+                .retry_topics
+                .iter()
+                .chain(&opts.dlq_topics)
+                .cloned()
+                .collect(),
             commit: redis::Script::new(scripts::COMMIT),
             touch: redis::Script::new(scripts::TOUCH),
             cfg,
@@ -101,7 +125,47 @@ impl RedisSource {
             return Err(SourceError::UnknownTopic(topic.to_string()));
         }
         self.known.lock().expect("known").insert(topic.to_string());
+        self.forget_dead_consumers(&key);
         Ok(())
+    }
+
+    /// Removes consumers of the group that weir named after a process (`weir-<host>-<pid>`)
+    /// which hold nothing and were idle for ten minutes: processes gone, whose names would
+    /// otherwise pile up in `XINFO CONSUMERS`. A consumer with pending entries stays (they are
+    /// taken over after claim-idle, and it can go next time).
+    fn forget_dead_consumers(&self, key: &str) {
+        const IDLE_MS: i64 = 10 * 60 * 1000;
+        let consumers: Result<Vec<HashMap<String, redis::Value>>, _> =
+            self.conns.with("listing consumers", |c| {
+                redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(key)
+                    .arg(&self.group)
+                    .query(c)
+            });
+        for c in consumers.unwrap_or_default() {
+            let int = |f: &str| match c.get(f) {
+                Some(redis::Value::Int(n)) => *n,
+                _ => -1,
+            };
+            let Some(name) = c.get("name").cloned().and_then(|n| super::text(n).ok()) else {
+                continue;
+            };
+            if name != self.cfg.consumer
+                && name.starts_with("weir-")
+                && int("pending") == 0
+                && int("idle") > IDLE_MS
+            {
+                let _ = self.conns.with("removing a consumer that is gone", |x| {
+                    redis::cmd("XGROUP")
+                        .arg("DELCONSUMER")
+                        .arg(key)
+                        .arg(&self.group)
+                        .arg(&name)
+                        .query::<i64>(x)
+                });
+            }
+        }
     }
 
     pub(super) fn held(&self, key: &str) -> usize {
@@ -135,12 +199,26 @@ impl RedisSource {
         let lag = match num(g, "lag") {
             Some(lag) => lag,
             None => {
-                // Redis cannot say after deletions (or before 7.0): every entry of the stream.
+                // Redis cannot say after deletions (or before 7.0): count the entries after
+                // the group's last delivered one, up to a bound.
                 self.lag_unknown
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                self.conns.with("counting the stream", |c| {
-                    redis::cmd("XLEN").arg(&key).query(c)
-                })?
+                let last = g
+                    .get("last-delivered-id")
+                    .cloned()
+                    .and_then(|v| super::text(v).ok())
+                    .unwrap_or_else(|| "0-0".into());
+                let ids: Vec<redis::Value> =
+                    self.conns.with("counting undelivered entries", |c| {
+                        redis::cmd("XRANGE")
+                            .arg(&key)
+                            .arg(format!("({last}"))
+                            .arg("+")
+                            .arg("COUNT")
+                            .arg(LAG_COUNT_BOUND)
+                            .query(c)
+                    })?;
+                ids.len() as u64
             }
         };
         Ok((lag, pending))
@@ -262,8 +340,9 @@ impl Source for RedisSource {
             return Ok(());
         }
         // The entries to ack, per stream; one this process no longer holds fails the commit.
+        // At-most-once read them with NOACK: nothing to ack, only outputs to write.
         let mut settled: BTreeMap<String, (Vec<u64>, Vec<String>)> = BTreeMap::new();
-        {
+        if !self.opts.at_most_once {
             let mut by: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
             for (t, _, seq) in &commit.settled {
                 by.entry(t).or_default().push(*seq);
@@ -302,19 +381,29 @@ impl Source for RedisSource {
         inv.arg(commit.outputs.len());
         for o in &commit.outputs {
             let f = super::fields(&o.record);
-            inv.arg(out_index[o.topic.as_str()]).arg(f.len());
+            // maxlen caps outputs, not the dead letters and retries weir must keep.
+            let capped = !self.uncapped.contains(o.topic.as_str());
+            inv.arg(out_index[o.topic.as_str()])
+                .arg(if capped { "1" } else { "0" })
+                .arg(f.len());
             for (n, v) in f {
                 inv.arg(n).arg(v);
             }
         }
-        // Safe to run again after a lost answer: the script checks ownership before it writes,
-        // and entries it acked are no longer pending.
-        let (done, which): (i64, i64) = self
-            .conns
-            .with("committing (outputs and acks)", |c| inv.invoke(c))?;
+        // Safe to run again after a lost answer when it settles entries: the script checks
+        // ownership before it writes, and one that went through acked them all (code 2). Outputs
+        // alone (at-most-once) are sent once: a retry could write them twice.
+        let (done, which): (i64, i64) = if settled.is_empty() {
+            self.conns
+                .once(&mut |c| inv.invoke(c))
+                .map_err(|e| error("committing outputs", e))?
+        } else {
+            self.conns
+                .with("committing (outputs and acks)", |c| inv.invoke(c))?
+        };
         let mut st = self.streams.lock().expect("streams");
         match done {
-            1 => {
+            1 | 2 => {
                 for (t, (seqs, _)) in settled {
                     st.entry(t).or_default().receipts.settle(seqs);
                 }
@@ -397,6 +486,7 @@ impl Source for RedisSource {
             let mut ids = s.receipts.release(GEN);
             ids.extend(s.buffer.drain(..).map(|(id, ..)| id));
             s.claimed_at = None;
+            s.claim_cursor = "0-0".into();
             ids
         };
         if self.opts.at_most_once {
@@ -410,6 +500,7 @@ impl Source for RedisSource {
         }
     }
 
+    /// Renews the entries the engine holds, and those read but not handed to it yet.
     fn extend(&self, topic: &str, _partition: u32, offsets: &[u64]) -> Result<(), SourceError> {
         let ids: Vec<String> = {
             let st = self.streams.lock().expect("streams");
@@ -418,6 +509,7 @@ impl Source for RedisSource {
                     .peek(GEN, offsets)
                     .into_iter()
                     .map(|(_, id)| id)
+                    .chain(s.buffer.iter().map(|(id, ..)| id.clone()))
                     .collect()
             })
         };
@@ -427,7 +519,7 @@ impl Source for RedisSource {
     fn lag_note(&self) -> Option<String> {
         let mut note = "lag counts the group's undelivered entries and every consumer's pending ones (XINFO GROUPS)".to_string();
         if self.lag_unknown.load(std::sync::atomic::Ordering::Relaxed) {
-            note.push_str("; Redis could not say the lag (entries were deleted): the stream's length stands in for it");
+            note.push_str("; Redis could not say the lag (entries were deleted): weir counts the entries after the group's last delivered one, up to 10,000");
         }
         Some(note)
     }

@@ -111,10 +111,12 @@ impl RedisConfig {
                 redact(&url)
             ))
         })?;
-        let host = std::fs::read_to_string("/etc/hostname")
-            .ok()
+        let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(f).ok())
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| "host".into());
         let mut cfg = RedisConfig {
             url,

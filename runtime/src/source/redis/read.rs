@@ -1,5 +1,6 @@
-//! Reading a consumed stream: the entries this consumer name held before, those taken over
-//! from others (`XAUTOCLAIM`), and new ones (`XREADGROUP ... >`), into the stream's buffer.
+//! Reading a consumed stream: the entries this consumer name holds already (its history: after
+//! a restart under a fixed name, or after a read whose answer was lost), those taken over from
+//! others (`XAUTOCLAIM`), and new ones (`XREADGROUP ... >`), into the stream's buffer.
 
 use super::conns::REQUEST;
 use super::consumer::RedisSource;
@@ -8,6 +9,9 @@ use crate::source::{Record, SourceError};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+/// A page of entries as read: id, and the record (`None`: deleted while pending).
+type Page = Vec<(String, Option<Record>)>;
 
 impl RedisSource {
     fn reader(&self, topic: &str) -> Arc<Mutex<Option<redis::Connection>>> {
@@ -19,23 +23,33 @@ impl RedisSource {
             .clone()
     }
 
-    /// Reads more entries of `topic` into its buffer: held before, claimed, or new.
+    /// Reads more entries of `topic` into its buffer: its history first, then claimed, then new.
     pub(super) fn fill(&self, topic: &str, max: usize) -> Result<(), SourceError> {
         let key = self.cfg.key(topic);
-        let (history, claim) = {
+        let noack = self.opts.at_most_once;
+        // What to read: (history from this id, claim from this cursor), and what is in hand.
+        let (history, claim, in_hand) = {
             let mut st = self.streams.lock().expect("streams");
             let s = st.entry(topic.to_string()).or_default();
-            let claim = !self.opts.at_most_once
+            let claim = (!noack
                 && s.claimed_at
-                    .is_none_or(|t| t.elapsed() >= self.cfg.claim_idle / 4);
-            if claim {
+                    .is_none_or(|t| t.elapsed() >= self.cfg.claim_idle / 4))
+            .then(|| s.claim_cursor.clone());
+            if claim.is_some() {
                 s.claimed_at = Some(Instant::now());
             }
-            (!s.history_read, claim)
+            let in_hand: HashSet<String> = s
+                .receipts
+                .receipts()
+                .chain(s.buffer.iter().map(|(id, ..)| id))
+                .cloned()
+                .collect();
+            (s.history_after.clone().filter(|_| !noack), claim, in_hand)
         };
         let reader = self.reader(topic);
         let mut guard = reader.lock().expect("reader");
         let block = self.cfg.block;
+        let mut link_lost = false;
         let mut read = |args: &dyn Fn(&mut redis::Cmd)| -> Result<redis::Value, SourceError> {
             let mut cmd = redis::Cmd::new();
             args(&mut cmd);
@@ -57,6 +71,9 @@ impl RedisSource {
                         if !super::conns::is_link(&e) {
                             return Err(error("reading the stream", e));
                         }
+                        // The read may have run: what it delivered is this consumer's now,
+                        // unseen. The history read finds it.
+                        link_lost = true;
                         last = Some(e);
                     }
                 }
@@ -76,27 +93,26 @@ impl RedisSource {
             if wait {
                 cmd.arg("BLOCK").arg(block.as_millis() as u64);
             }
-            if self.opts.at_most_once {
+            if noack {
                 cmd.arg("NOACK");
             }
             cmd.arg("STREAMS").arg(&key).arg(id);
         };
-        // Entries that may have been delivered before: their counts come from XPENDING.
-        let mut again: Vec<(String, Option<Record>)> = Vec::new();
-        if history && !self.opts.at_most_once {
-            let v = read(&|c| group_read(c, "0", max, false))?;
-            again.extend(stream_entries(v)?);
-            if again.len() < max {
-                // All of this name's history is in hand (a short page is the last one).
-                self.streams
-                    .lock()
-                    .expect("streams")
-                    .entry(topic.to_string())
-                    .or_default()
-                    .history_read = true;
-            }
+        // Entries delivered before: their counts come from XPENDING.
+        let mut again: Page = Vec::new();
+        let mut history_next = None;
+        let mut cursor_next = None;
+        if let Some(after) = &history {
+            let page = stream_entries(read(&|c| group_read(c, after, max, false))?)?;
+            // A short page is the last; else read on after its last id next time.
+            history_next = Some(
+                page.last()
+                    .filter(|_| page.len() >= max)
+                    .map(|(id, _)| id.clone()),
+            );
+            again.extend(page.into_iter().filter(|(id, _)| !in_hand.contains(id)));
         }
-        if claim && again.is_empty() {
+        if let (Some(cursor), true) = (&claim, again.is_empty()) {
             let min_idle = self.cfg.claim_idle.as_millis() as u64;
             let v = read(&|c| {
                 c.arg("XAUTOCLAIM")
@@ -104,7 +120,7 @@ impl RedisSource {
                     .arg(&self.group)
                     .arg(&self.cfg.consumer)
                     .arg(min_idle)
-                    .arg("0-0")
+                    .arg(cursor)
                     .arg("COUNT")
                     .arg(max);
             })?;
@@ -113,7 +129,9 @@ impl RedisSource {
             if let redis::Value::Array(mut parts) = v
                 && parts.len() >= 2
             {
-                again.extend(entries(parts.swap_remove(1))?);
+                let claimed = entries(parts.swap_remove(1))?;
+                cursor_next = Some(super::text(parts.swap_remove(0))?);
+                again.extend(claimed.into_iter().filter(|(id, _)| !in_hand.contains(id)));
             }
         }
         let mut got: Vec<(String, u32, Record)> = Vec::new();
@@ -121,12 +139,11 @@ impl RedisSource {
             let counts = self.counts(&key, &again)?;
             let mut gone = Vec::new();
             for (id, r) in again {
-                match r {
-                    Some(r) => {
-                        let n = counts.get(&id).copied().unwrap_or(1);
-                        got.push((id, n, r));
-                    }
-                    None => gone.push(id),
+                match (r, counts.get(&id)) {
+                    (Some(r), Some(n)) => got.push((id, *n, r)),
+                    // Acked or taken by another meanwhile: not this consumer's to run.
+                    (Some(_), None) => {}
+                    (None, _) => gone.push(id),
                 }
             }
             if !gone.is_empty() {
@@ -139,7 +156,7 @@ impl RedisSource {
                         .query::<()>(c)
                 })?;
             }
-        } else {
+        } else if history_next.is_none() {
             let v = read(&|c| group_read(c, ">", max, true))?;
             for (id, r) in stream_entries(v)? {
                 // A new entry cannot have been deleted between XADD and this read's answer.
@@ -149,34 +166,50 @@ impl RedisSource {
             }
         }
         drop(guard);
-        if !got.is_empty() {
-            let mut st = self.streams.lock().expect("streams");
-            st.entry(topic.to_string()).or_default().buffer.extend(got);
+        let mut st = self.streams.lock().expect("streams");
+        let s = st.entry(topic.to_string()).or_default();
+        if let Some(next) = history_next {
+            s.history_after = next;
         }
+        if let Some(c) = cursor_next {
+            s.claim_cursor = c;
+        }
+        if link_lost && !noack {
+            s.history_after = Some("0".into());
+        }
+        s.buffer.extend(got);
         Ok(())
     }
 
-    /// The delivery count of each of `entries`, from `XPENDING` for this consumer.
-    fn counts(
-        &self,
-        key: &str,
-        entries: &[(String, Option<Record>)],
-    ) -> Result<HashMap<String, u32>, SourceError> {
+    /// The delivery count of each of `entries` still pending to this consumer, from
+    /// `XPENDING`; one that is not (acked or taken over meanwhile) is left out.
+    fn counts(&self, key: &str, entries: &Page) -> Result<HashMap<String, u32>, SourceError> {
         let ids: HashSet<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        // Ids compare as (milliseconds, sequence), not as text (`5-10` comes after `5-9`).
+        let order = |id: &String| {
+            let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+            (
+                ms.parse::<u64>().unwrap_or(0),
+                seq.parse::<u64>().unwrap_or(0),
+            )
+        };
+        let (Some(first), Some(last)) = (
+            entries.iter().map(|e| &e.0).min_by_key(|id| order(id)),
+            entries.iter().map(|e| &e.0).max_by_key(|id| order(id)),
+        ) else {
             return Ok(HashMap::new());
         };
-        // In id order (XAUTOCLAIM and XREADGROUP answer in order), within [first, last]; this
-        // consumer's other pending entries in that range come too, and are skipped.
-        let held = self.held(key);
+        // Within [first, last] this consumer may own other entries too (in flight): room for
+        // them all, and they are skipped.
+        let room = entries.len() + self.held(key) + 10_000;
         let rows: Vec<(String, String, u64, u32)> =
             self.conns.with("counting deliveries", |c| {
                 redis::cmd("XPENDING")
                     .arg(key)
                     .arg(&self.group)
-                    .arg(&first.0)
-                    .arg(&last.0)
-                    .arg(entries.len() + held)
+                    .arg(first)
+                    .arg(last)
+                    .arg(room)
                     .arg(&self.cfg.consumer)
                     .query(c)
             })?;
@@ -189,7 +222,7 @@ impl RedisSource {
 }
 
 /// The entries of an `XREADGROUP` reply (`[[key, entries]]`, or nil when none came).
-fn stream_entries(v: redis::Value) -> Result<Vec<(String, Option<Record>)>, SourceError> {
+fn stream_entries(v: redis::Value) -> Result<Page, SourceError> {
     match v {
         redis::Value::Nil => Ok(Vec::new()),
         redis::Value::Array(mut streams) => match streams.pop() {
