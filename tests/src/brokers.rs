@@ -18,6 +18,89 @@ pub enum Broker {
     /// The machine's Redis (`WEIR_TEST_REDIS`, default redis://127.0.0.1:6379), under a key
     /// prefix of the test's own.
     Redis(RedisNs),
+    /// The machine's NATS with JetStream (`WEIR_TEST_NATS`, default nats://127.0.0.1:4222),
+    /// under a subject prefix of the test's own.
+    Nats(NatsNs),
+}
+
+/// A subject prefix made for one test (`--source-property prefix=...`); its streams are
+/// deleted after.
+pub struct NatsNs {
+    pub prefix: String,
+}
+
+impl Default for NatsNs {
+    fn default() -> NatsNs {
+        NatsNs::new()
+    }
+}
+
+impl NatsNs {
+    pub fn new() -> NatsNs {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        NatsNs {
+            prefix: format!("wt{}-{n}-{}.", std::process::id(), crate::now_ms()),
+        }
+    }
+
+    pub fn url() -> String {
+        std::env::var("WEIR_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    }
+
+    /// Runs `f` with a JetStream context of a client of its own (not weir's).
+    pub fn with<T>(f: impl AsyncFnOnce(async_nats::jetstream::Context) -> T) -> T {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        rt.block_on(async {
+            let client = async_nats::connect(NatsNs::url())
+                .await
+                .expect("connect to NATS (is it running? scripts/services.sh starts it)");
+            f(async_nats::jetstream::new(client)).await
+        })
+    }
+
+    /// The subject of `topic`, and the name of its stream.
+    pub fn subject(&self, topic: &str) -> String {
+        format!("{}{topic}", self.prefix)
+    }
+
+    pub fn stream(&self, topic: &str) -> String {
+        self.subject(topic).replace('.', "_")
+    }
+
+    /// (not delivered yet, delivered and not acked) of `group`'s consumer on `topic`.
+    pub fn pending(&self, topic: &str, group: &str) -> (u64, u64) {
+        let (stream, group) = (self.stream(topic), group.to_string());
+        NatsNs::with(async move |js| {
+            let s = js.get_stream(&stream).await.expect("the stream");
+            let i = s.consumer_info(&group).await.expect("the group's consumer");
+            (i.num_pending, i.num_ack_pending as u64)
+        })
+    }
+}
+
+impl Drop for NatsNs {
+    fn drop(&mut self) {
+        use futures_util::StreamExt;
+        let prefix = self.prefix.replace('.', "_");
+        let _ = std::panic::catch_unwind(|| {
+            NatsNs::with(async move |js| {
+                let mut names = js.stream_names();
+                let mut mine = Vec::new();
+                while let Some(Ok(n)) = names.next().await {
+                    if n.starts_with(&prefix) {
+                        mine.push(n);
+                    }
+                }
+                for n in mine {
+                    let _ = js.delete_stream(&n).await;
+                }
+            })
+        });
+    }
 }
 
 /// A key prefix made for one test (`--source-property prefix=...`); its keys are deleted after.

@@ -160,6 +160,11 @@ impl Weir {
         Weir::on(Broker::Rabbit(Vhost::new()))
     }
 
+    /// A test on the machine's NATS JetStream, under a subject prefix of its own.
+    pub fn nats() -> Weir {
+        Weir::on(Broker::Nats(NatsNs::new()))
+    }
+
     /// A test on the machine's Redis, under a key prefix of its own.
     pub fn redis() -> Weir {
         Weir::on(Broker::Redis(RedisNs::new()))
@@ -182,7 +187,7 @@ impl Weir {
     /// The brokers' address, when the test is on Kafka.
     pub fn brokers(&self) -> Option<String> {
         match &self.broker {
-            Broker::Embedded | Broker::Rabbit(_) | Broker::Redis(_) => None,
+            Broker::Embedded | Broker::Rabbit(_) | Broker::Redis(_) | Broker::Nats(_) => None,
             Broker::Mock(c) => Some(c.bootstrap_servers()),
             Broker::External(b) => Some(b.clone()),
         }
@@ -209,7 +214,7 @@ impl Weir {
                 std::thread::sleep(outage);
                 c.broker_up(1).expect("bring the mock broker up");
             }
-            Broker::Embedded | Broker::External(_) => {
+            Broker::Embedded | Broker::External(_) | Broker::Nats(_) => {
                 panic!("no broker link to lose on this source")
             }
         }
@@ -248,6 +253,12 @@ impl Weir {
             c.args(["--source", &RedisNs::url()])
                 .args(["--source-property", &format!("prefix={}", ns.prefix)])
                 .args(["--source-property", "claim-idle=2s"]);
+        }
+        if let Broker::Nats(ns) = &self.broker {
+            // A killed process's messages come back after ack-wait: 2 s rather than 30.
+            c.args(["--source", &NatsNs::url()])
+                .args(["--source-property", &format!("prefix={}", ns.prefix)])
+                .args(["--source-property", "ack-wait=2s"]);
         }
         c.args(args)
             .env(
@@ -307,7 +318,10 @@ impl Weir {
             return;
         }
         // A queue or a Redis stream has no partitions: the same test runs on one.
-        let one = matches!(self.broker, Broker::Rabbit(_) | Broker::Redis(_));
+        let one = matches!(
+            self.broker,
+            Broker::Rabbit(_) | Broker::Redis(_) | Broker::Nats(_)
+        );
         let partitions = if one { 1 } else { partitions };
         self.ok(&[
             "topics",

@@ -15,6 +15,7 @@ mod hardening;
 mod http;
 mod kafka;
 mod languages;
+mod nats;
 mod rabbitmq;
 mod rabbitmq_commits;
 mod rabbitmq_timeout;

@@ -202,7 +202,10 @@ async fn serve(
     attempts: &[u32],
     stats: &Stats,
 ) -> RunResult {
-    let mut out = RunResult::default();
+    let mut out = RunResult {
+        ends: Some(Vec::new()),
+        ..RunResult::default()
+    };
     let mut one_by_one = false;
     let mut from = 0;
     while from < msgs.len() {
@@ -228,6 +231,15 @@ async fn serve(
             .handler
             .observe_n(started.elapsed().as_secs_f64() / ran as f64, ran as u64);
         out.done += r.done;
+        // Each message's outputs stay told apart only if every part of the job told them.
+        out.ends = match (out.ends.take(), r.ends) {
+            (Some(mut ends), Some(more)) => {
+                let base = out.outputs.len();
+                ends.extend(more.into_iter().map(|e| base + e));
+                Some(ends)
+            }
+            _ => None,
+        };
         out.outputs.extend(r.outputs);
         from += r.done;
         match r.stop {

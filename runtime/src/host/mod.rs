@@ -155,6 +155,10 @@ pub struct RunResult {
     pub done: usize,
     pub outputs: Vec<Output>,
     pub stop: Option<Outcome>,
+    /// Where each done message's outputs end in `outputs` (message i's are
+    /// `ends[i-1]..ends[i]`), where the call tells them apart (one message per guest call);
+    /// `None` where it does not (a batch call).
+    pub ends: Option<Vec<usize>>,
 }
 
 /// Which entry point the component exports (the batch one is preferred).
@@ -785,7 +789,10 @@ impl Instance {
             unreachable!("run_singly on a batch entry")
         };
         let guest = guest.clone();
-        let mut result = RunResult::default();
+        let mut result = RunResult {
+            ends: Some(Vec::with_capacity(msgs.len())),
+            ..RunResult::default()
+        };
         for (d, &attempt) in msgs.iter_mut().zip(attempts) {
             let deadline = self.arm(1, Context::of(d, false));
             let m = lend(d, attempt);
@@ -808,6 +815,9 @@ impl Instance {
             }
             result.outputs.append(&mut self.store.data_mut().outputs);
             result.done += 1;
+            if let Some(ends) = &mut result.ends {
+                ends.push(result.outputs.len());
+            }
         }
         result
     }

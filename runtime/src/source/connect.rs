@@ -8,9 +8,10 @@
 //! | `kafka://host:port,host:port` (or `--brokers host:port,...`) | Apache Kafka |
 //! | `amqp://user:pass@host:port/vhost`, `amqps://...` | RabbitMQ (AMQP 0-9-1) |
 //! | `redis://[user:pass@]host:port[/db]` | Redis Streams |
+//! | `nats://[user:pass@]host:port` | NATS JetStream |
 
 use super::broker::Broker;
-use super::{Source, SourceError, kafka, rabbitmq, redis};
+use super::{Source, SourceError, kafka, nats, rabbitmq, redis};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub enum Kind {
     Kafka,
     RabbitMq,
     Redis,
+    Nats,
 }
 
 /// Where the topics live, as the flags and `weir.toml` said.
@@ -67,16 +69,17 @@ impl SourceSpec {
             "kafka" => Kind::Kafka,
             "amqp" | "amqps" => Kind::RabbitMq,
             "redis" | "rediss" => Kind::Redis,
-            "nats" | "sqs" => {
+            "nats" => Kind::Nats,
+            "sqs" => {
                 return Err(SourceError::Invalid(format!(
                     "--source {url}: {scheme}:// is not supported yet; weir speaks embedded, \
-                     kafka://, amqp:// (RabbitMQ) and redis:// (Redis Streams)"
+                     kafka://, amqp:// (RabbitMQ), redis:// (Redis Streams) and nats:// (JetStream)"
                 )));
             }
             _ => {
                 return Err(SourceError::Invalid(format!(
                     "--source {url}: unknown broker; pass embedded, kafka://host:port[,host:port], \
-                     amqp://user:pass@host:port[/vhost] or redis://host:port[/db]"
+                     amqp://user:pass@host:port[/vhost], redis://host:port[/db] or nats://host:port"
                 )));
             }
         };
@@ -105,6 +108,9 @@ impl SourceSpec {
             Kind::Redis => {
                 redis::RedisConfig::from_spec(&spec)?;
             }
+            Kind::Nats => {
+                nats::NatsConfig::from_spec(&spec)?;
+            }
         }
         Ok(spec)
     }
@@ -116,6 +122,7 @@ impl SourceSpec {
             Kind::Kafka => "Kafka",
             Kind::RabbitMq => "RabbitMQ",
             Kind::Redis => "Redis",
+            Kind::Nats => "NATS",
         }
     }
 
@@ -126,6 +133,7 @@ impl SourceSpec {
             Kind::Kafka => kafka::CAPABILITIES,
             Kind::RabbitMq => rabbitmq::CAPABILITIES,
             Kind::Redis => redis::CAPABILITIES,
+            Kind::Nats => nats::CAPABILITIES,
         }
     }
 
@@ -135,6 +143,7 @@ impl SourceSpec {
             Kind::Embedded | Kind::Kafka => weir_core::topic::Naming::KAFKA,
             Kind::RabbitMq => rabbitmq::NAMING,
             Kind::Redis => redis::NAMING,
+            Kind::Nats => nats::NAMING,
         }
     }
 
@@ -154,6 +163,9 @@ impl SourceSpec {
                 rabbitmq::AmqpConfig::from_spec(self)?,
             )?),
             Kind::Redis => Box::new(redis::RedisBroker::connect(redis::RedisConfig::from_spec(
+                self,
+            )?)?),
+            Kind::Nats => Box::new(nats::NatsBroker::connect(nats::NatsConfig::from_spec(
                 self,
             )?)?),
         })
@@ -180,6 +192,10 @@ impl SourceSpec {
                 redis::RedisConfig::from_spec(self)?,
                 opts,
             )?),
+            Kind::Nats => Arc::new(nats::NatsSource::start(
+                nats::NatsConfig::from_spec(self)?,
+                opts,
+            )?),
         })
     }
 }
@@ -202,7 +218,8 @@ mod tests {
             (Some("AMQPS://host"), Ok(Kind::RabbitMq)),
             (Some("redis://127.0.0.1:6379"), Ok(Kind::Redis)),
             (Some("rediss://127.0.0.1:6379"), Err("TLS to Redis")),
-            (Some("nats://127.0.0.1:4222"), Err("not supported yet")),
+            (Some("nats://127.0.0.1:4222"), Ok(Kind::Nats)),
+            (Some("sqs://us-east-1"), Err("not supported yet")),
             (Some("mqtt://x"), Err("unknown broker")),
             (Some("kafka://"), Err("no brokers")),
         ];

@@ -24,9 +24,11 @@ pub mod kafka;
 pub mod memory;
 #[cfg(test)]
 pub mod memory_queue;
+pub mod nats;
 pub mod rabbitmq;
 pub mod receipts;
 pub mod redis;
+pub(crate) mod rt;
 
 use std::sync::Arc;
 
@@ -52,6 +54,11 @@ pub struct Commit {
     /// messages (topic, partition, offset) to give back to the broker, to be delivered again
     /// (with their delivery count one higher) no sooner than the delay; they are settled by it.
     pub delayed: Vec<(Arc<str>, u32, u64, std::time::Duration)>,
+    /// Where each of `outputs` came from, in the same order: the (topic, offset) of the message
+    /// whose handling emitted it; `None` where the engine cannot tell (a batch call's outputs
+    /// belong to all its messages). A broker that drops a message published twice under one id
+    /// (JetStream's `Nats-Msg-Id`) names each output by it. Empty where the engine does not say.
+    pub origins: Vec<Option<(Arc<str>, u64)>>,
 }
 
 /// How a broker learns that messages are done.

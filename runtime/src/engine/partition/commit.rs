@@ -36,6 +36,8 @@ pub(super) struct Pending {
     /// The offsets this commit settles or gives back (per-message sources), for the tracker
     /// to let go of once it is written.
     settling: Vec<u64>,
+    /// For each of `commit.outputs`, the offset of the message it came from (if one message).
+    origins: Vec<Option<u64>>,
 }
 
 /// What finished messages leave to write (see [`Later`]). Each item belongs to a span of
@@ -123,18 +125,26 @@ impl Pending {
         }
         let above = self.held.by_offset.split_off(&cap);
         let below = std::mem::replace(&mut self.held.by_offset, above);
-        for (_, item) in below.into_values().flatten() {
-            match item {
-                Later::Output(o) => {
-                    self.emitted += 1;
-                    self.commit.outputs.push(o);
+        for (last, items) in below {
+            for (first, item) in items {
+                // The message an output came from, where its span is one message.
+                let origin = (first == last).then_some(first);
+                match item {
+                    Later::Output(o) => {
+                        self.emitted += 1;
+                        self.commit.outputs.push(o);
+                        self.origins.push(origin);
+                    }
+                    Later::Letter(o) => {
+                        self.commit.outputs.push(o);
+                        self.origins.push(origin);
+                    }
+                    Later::Mark(key, expires) => {
+                        self.held.done_keys.remove(&key);
+                        self.commit.dedupe_done.push((key, expires));
+                    }
+                    Later::Release(key) => self.release.push(key),
                 }
-                Later::Letter(o) => self.commit.outputs.push(o),
-                Later::Mark(key, expires) => {
-                    self.held.done_keys.remove(&key);
-                    self.commit.dedupe_done.push((key, expires));
-                }
-                Later::Release(key) => self.release.push(key),
             }
         }
         self.held.last = Some((point, cap));
@@ -209,6 +219,11 @@ pub(super) fn start(
         .map(|o| (topic.clone(), partition, o))
         .collect();
     c.offsets.push((topic.clone(), partition, point));
+    c.origins = p
+        .origins
+        .drain(..)
+        .map(|o| o.map(|o| (topic.clone(), o)))
+        .collect();
     p.settling = c.settled.iter().map(|(_, _, o)| *o).collect();
     p.settling.extend(c.delayed.iter().map(|(_, _, o, _)| *o));
     let ctx = ctx.clone();

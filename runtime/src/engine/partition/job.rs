@@ -73,7 +73,21 @@ where
             fates[i] = Fate::Done;
         }
         if done > 0 {
-            outputs.push((todo[..done].to_vec(), r.outputs));
+            match r
+                .ends
+                .filter(|e| e.len() == done && e.last() == Some(&r.outputs.len()))
+            {
+                // Each message's own outputs, where the call told them apart.
+                Some(ends) => {
+                    let mut rest = r.outputs.into_iter();
+                    let mut from = 0;
+                    for (&i, end) in todo[..done].iter().zip(ends) {
+                        outputs.push((vec![i], rest.by_ref().take(end - from).collect()));
+                        from = end;
+                    }
+                }
+                None => outputs.push((todo[..done].to_vec(), r.outputs)),
+            }
         }
         let (Some(stop), Some(&f)) = (r.stop, todo.get(r.done)) else {
             break;

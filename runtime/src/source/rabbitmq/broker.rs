@@ -1,11 +1,11 @@
 //! RabbitMQ as `weir topics`, `produce` and `consume` use it.
 
-use super::rt::Rt;
 use super::{
     AmqpConfig, REQUEST_TIMEOUT, broker_error, check_queue_name, is_not_found,
     is_precondition_failed, redact,
 };
 use crate::source::broker::{Broker, DeadLetter};
+use crate::source::rt::Rt;
 use crate::source::{
     Capabilities, Delivery, GroupOffset, Output, PartitionStats, Record, SourceError, TopicStats,
 };
@@ -178,7 +178,7 @@ pub struct Rabbit {
 
 impl Rabbit {
     pub fn connect(cfg: AmqpConfig) -> Result<Rabbit, SourceError> {
-        let rt = Rt::new().map_err(|e| broker_error("starting the AMQP runtime", e))?;
+        let rt = Rt::new("weir-amqp").map_err(|e| broker_error("starting the AMQP runtime", e))?;
         let url = cfg.url.clone();
         let conn = Arc::new(rt.run(async move { connect(&url).await })?);
         Ok(Rabbit {

@@ -29,11 +29,11 @@
 
 use super::broker::{declare, depth};
 use super::link::{Buffered, Link, forget, open, supervise};
-use super::rt::Rt;
 use super::settle::settle_on;
 use super::{AmqpConfig, broker_error};
 use crate::source::connect::ConsumerOptions;
 use crate::source::receipts::Receipts;
+use crate::source::rt::Rt;
 use crate::source::{Capabilities, Commit, Delivery, Record, Source, SourceError};
 use lapin::options::BasicQosOptions;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -90,7 +90,7 @@ pub struct RabbitSource {
 impl RabbitSource {
     /// Connects and starts consuming `opts.topics`; a queue that does not exist is an error.
     pub fn start(cfg: AmqpConfig, opts: &ConsumerOptions) -> Result<RabbitSource, SourceError> {
-        let rt = Rt::new().map_err(|e| broker_error("starting the AMQP runtime", e))?;
+        let rt = Rt::new("weir-amqp").map_err(|e| broker_error("starting the AMQP runtime", e))?;
         let (link_tx, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),

@@ -22,7 +22,6 @@ mod broker;
 mod consumer;
 mod link;
 mod management;
-mod rt;
 mod settle;
 
 use super::{Capabilities, Record, Settle, SourceError};

@@ -1,4 +1,5 @@
-//! The tokio runtime lapin runs on, owned by each RabbitMQ client.
+//! The tokio runtime an async broker client runs on (lapin for RabbitMQ, async-nats for
+//! JetStream), owned by each client.
 //!
 //! weir's [`Source`](crate::source::Source) and [`Broker`](crate::source::broker::Broker) are
 //! blocking, and are called from threads that may belong to another runtime (the engine's
@@ -10,10 +11,11 @@ use std::future::Future;
 pub(crate) struct Rt(Option<tokio::runtime::Runtime>);
 
 impl Rt {
-    pub(crate) fn new() -> std::io::Result<Rt> {
+    /// A runtime of one worker thread named `thread` (`weir-amqp`, `weir-nats`).
+    pub(crate) fn new(thread: &str) -> std::io::Result<Rt> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .thread_name("weir-amqp")
+            .thread_name(thread)
             .enable_all()
             .build()?;
         Ok(Rt(Some(rt)))
@@ -36,7 +38,7 @@ impl Rt {
             let _ = tx.send(fut.await);
         });
         rx.recv()
-            .expect("the AMQP runtime runs until its client is dropped")
+            .expect("the runtime runs until its client is dropped")
     }
 }
 

@@ -1,0 +1,465 @@
+//! What `weir run` consumes through on JetStream: the group's durable pull consumer on each
+//! topic's stream, per-message settling by ack subject.
+
+use super::{NatsConfig, durable, error};
+use crate::source::connect::ConsumerOptions;
+use crate::source::receipts::Receipts;
+use crate::source::rt::Rt;
+use crate::source::{Capabilities, Commit, Delivery, Record, Source, SourceError};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use futures_util::StreamExt;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// JetStream acks are by subject and outlive a connection: one generation.
+const GEN: u64 = 0;
+/// How long a request (a publish's ack, a consumer's info) may take.
+const REQUEST: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Queue {
+    receipts: Receipts<jetstream::Message>,
+    /// Pulled, not handed to the engine yet.
+    buffer: VecDeque<jetstream::Message>,
+}
+
+pub struct NatsSource {
+    cfg: NatsConfig,
+    opts: ConsumerOptions,
+    rt: Rt,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    consumers: Mutex<HashMap<String, PullConsumer>>,
+    queues: Mutex<HashMap<String, Queue>>,
+    known: Mutex<HashSet<String>>,
+}
+
+/// Connects to `url` on `rt`.
+pub(super) fn connect(rt: &Rt, url: &str) -> Result<async_nats::Client, SourceError> {
+    let url = url.to_string();
+    rt.run(async move {
+        tokio::time::timeout(REQUEST, async_nats::connect(url.as_str()))
+            .await
+            .map_err(|_| error("connecting", "no answer in 10 s"))?
+            .map_err(|e| error("connecting", e))
+    })
+}
+
+/// The JetStream context of `client` (made on `rt`: it starts a task).
+pub(super) fn context(rt: &Rt, client: &async_nats::Client) -> jetstream::Context {
+    let client = client.clone();
+    rt.run(async move { jetstream::new(client) })
+}
+
+impl NatsSource {
+    /// Connects, and makes the group's durable consumer on every consumed topic's stream where
+    /// it is missing. (Requeue mode needs no retry stream: a retry is a delayed `NAK`.)
+    pub fn start(cfg: NatsConfig, opts: &ConsumerOptions) -> Result<NatsSource, SourceError> {
+        let rt = Rt::new("weir-nats").map_err(|e| error("starting the NATS runtime", e))?;
+        let client = connect(&rt, &cfg.url)?;
+        let js = context(&rt, &client);
+        let s = NatsSource {
+            cfg,
+            opts: opts.clone(),
+            rt,
+            js,
+            client,
+            consumers: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashSet::new()),
+        };
+        for t in &opts.topics {
+            s.consumer(t)?;
+        }
+        Ok(s)
+    }
+
+    /// The group's durable consumer on `topic`'s stream, made if missing.
+    fn consumer(&self, topic: &str) -> Result<PullConsumer, SourceError> {
+        if let Some(c) = self.consumers.lock().expect("consumers").get(topic) {
+            return Ok(c.clone());
+        }
+        let (js, stream, name, ack_wait) = (
+            self.js.clone(),
+            self.cfg.stream(topic),
+            durable(&self.opts.group),
+            self.cfg.ack_wait,
+        );
+        let t = topic.to_string();
+        let c = self.rt.run(async move {
+            let s = js
+                .get_stream(&stream)
+                .await
+                .map_err(|_| SourceError::UnknownTopic(t.clone()))?;
+            s.get_or_create_consumer(
+                &name,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait,
+                    // weir dead-letters after --max-attempts; the broker never gives up first.
+                    max_deliver: -1,
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| error("making the group's consumer", e))
+        })?;
+        self.known.lock().expect("known").insert(topic.to_string());
+        self.consumers
+            .lock()
+            .expect("consumers")
+            .insert(topic.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn pull(&self, topic: &str, max: usize) -> Result<Vec<jetstream::Message>, SourceError> {
+        let c = self.consumer(topic)?;
+        let block = self.cfg.block;
+        self.rt.run(async move {
+            let mut batch = c
+                .batch()
+                .max_messages(max)
+                .expires(block)
+                .messages()
+                .await
+                .map_err(|e| error("pulling messages", e))?;
+            let mut out = Vec::new();
+            while let Ok(Some(m)) = tokio::time::timeout(block + REQUEST, batch.next()).await {
+                match m {
+                    Ok(m) => out.push(m),
+                    Err(e) => {
+                        if out.is_empty() {
+                            return Err(error("pulling messages", e));
+                        }
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Sends `kind` for each message, then flushes, so they are on their way when this returns.
+    fn reply(&self, msgs: Vec<jetstream::Message>, kind: AckKind) -> Result<(), SourceError> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        let client = self.client.clone();
+        self.rt.run(async move {
+            for m in &msgs {
+                m.ack_with(kind).await.map_err(|e| error("acking", e))?;
+            }
+            client.flush().await.map_err(|e| error("acking", e))
+        })
+    }
+}
+
+impl Source for NatsSource {
+    fn capabilities(&self) -> Capabilities {
+        self.cfg.capabilities()
+    }
+
+    fn partitions(&self, topic: &str) -> Result<u32, SourceError> {
+        self.consumer(topic).map(|_| 1)
+    }
+
+    fn committed(&self, _group: &str, topic: &str, _partition: u32) -> Result<u64, SourceError> {
+        let q = self.queues.lock().expect("queues");
+        Ok(q.get(topic).map_or(0, |q| q.receipts.committed()))
+    }
+
+    /// This process's deliveries and buffer, plus what waits: not delivered yet, and held by
+    /// other processes of the group.
+    fn end_offset(&self, topic: &str, _partition: u32) -> Result<u64, SourceError> {
+        let mut c = self.consumer(topic)?;
+        let (pending, ack_pending) = self.rt.run(async move {
+            let i = c
+                .info()
+                .await
+                .map_err(|e| error("reading the consumer", e))?;
+            Ok::<_, SourceError>((i.num_pending, i.num_ack_pending as u64))
+        })?;
+        let q = self.queues.lock().expect("queues");
+        let (handed, mine) = q.get(topic).map_or((0, 0), |q| {
+            let b = q.buffer.len() as u64;
+            (q.receipts.next_seq() + b, q.receipts.held() as u64 + b)
+        });
+        Ok(handed + pending + ack_pending.saturating_sub(mine))
+    }
+
+    fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        _from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Delivery>, SourceError> {
+        {
+            let mut q = self.queues.lock().expect("queues");
+            let q = q.entry(topic.to_string()).or_default();
+            if q.receipts.check(GEN).is_err() {
+                return Err(SourceError::Lost {
+                    topic: topic.to_string(),
+                });
+            }
+            if !q.buffer.is_empty() {
+                return Ok(self.hand_out(q, topic, partition, max, max_bytes));
+            }
+        }
+        let got = self.pull(topic, max.max(1))?;
+        if self.opts.at_most_once {
+            // Forgotten by the broker before they run.
+            self.reply(got.clone(), AckKind::Ack)?;
+        }
+        let mut q = self.queues.lock().expect("queues");
+        let q = q.entry(topic.to_string()).or_default();
+        q.buffer.extend(got);
+        Ok(self.hand_out(q, topic, partition, max, max_bytes))
+    }
+
+    fn commit(&self, _group: &str, commit: Commit) -> Result<(), SourceError> {
+        if !commit.replayed.is_empty() || !commit.dedupe_done.is_empty() {
+            return Err(SourceError::Invalid(
+                "replay marks and dedupe marks are not kept on NATS".into(),
+            ));
+        }
+        // The messages to ack and to NAK with a delay, per topic.
+        let mut acks: BTreeMap<String, (Vec<u64>, Vec<jetstream::Message>)> = BTreeMap::new();
+        let mut naks: Vec<(jetstream::Message, Duration)> = Vec::new();
+        let mut delayed_seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        if !self.opts.at_most_once {
+            let mut by: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+            for (t, _, seq) in &commit.settled {
+                by.entry(t).or_default().push(*seq);
+            }
+            let mut q = self.queues.lock().expect("queues");
+            for (t, seqs) in by {
+                let r = q
+                    .entry(t.to_string())
+                    .or_default()
+                    .receipts
+                    .get(GEN, &seqs)
+                    .map_err(|_| SourceError::Lost {
+                        topic: t.to_string(),
+                    })?;
+                acks.insert(
+                    t.to_string(),
+                    (seqs, r.into_iter().map(|(_, m)| m).collect()),
+                );
+            }
+            for (t, _, seq, delay) in &commit.delayed {
+                let r = q
+                    .entry(t.to_string())
+                    .or_default()
+                    .receipts
+                    .get(GEN, &[*seq])
+                    .map_err(|_| SourceError::Lost {
+                        topic: t.to_string(),
+                    })?;
+                naks.extend(r.into_iter().map(|(_, m)| (m, *delay)));
+                delayed_seqs.entry(t.to_string()).or_default().push(*seq);
+            }
+        }
+        let ids = self.output_ids(&commit.outputs, &commit.origins);
+        // Outputs first, each stored (the publish ack) before any input is acked.
+        let js = self.js.clone();
+        let prefix = self.cfg.prefix.clone();
+        let outputs = commit.outputs;
+        self.rt.run(async move {
+            let mut futures = Vec::with_capacity(outputs.len());
+            for (i, o) in outputs.iter().enumerate() {
+                let extra: Vec<(&str, String)> = ids
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .map(|id| ("Nats-Msg-Id", id))
+                    .into_iter()
+                    .collect();
+                let f = js
+                    .publish_with_headers(
+                        format!("{prefix}{}", o.topic),
+                        super::headers(&o.record, &extra),
+                        o.record.payload.clone().into(),
+                    )
+                    .await
+                    .map_err(|e| error("publishing outputs", e))?;
+                futures.push(f);
+            }
+            for f in futures {
+                tokio::time::timeout(REQUEST, f)
+                    .await
+                    .map_err(|_| error("publishing outputs", "no ack in 10 s"))?
+                    .map_err(|e| error("publishing outputs", e))?;
+            }
+            Ok::<_, SourceError>(())
+        })?;
+        let all: Vec<jetstream::Message> = acks.values().flat_map(|(_, m)| m.clone()).collect();
+        self.reply(all, AckKind::Ack)?;
+        let client = self.client.clone();
+        self.rt.run(async move {
+            for (m, delay) in &naks {
+                m.ack_with(AckKind::Nak(Some(*delay)))
+                    .await
+                    .map_err(|e| error("handing a retry back", e))?;
+            }
+            client
+                .flush()
+                .await
+                .map_err(|e| error("handing a retry back", e))
+        })?;
+        let mut q = self.queues.lock().expect("queues");
+        for (t, (seqs, _)) in acks {
+            q.entry(t).or_default().receipts.settle(seqs);
+        }
+        for (t, seqs) in delayed_seqs {
+            q.entry(t).or_default().receipts.settle(seqs);
+        }
+        Ok(())
+    }
+
+    fn topic_exists(&self, topic: &str) -> bool {
+        if self.known.lock().expect("known").contains(topic) {
+            return true;
+        }
+        let (js, stream) = (self.js.clone(), self.cfg.stream(topic));
+        let ok = self
+            .rt
+            .run(async move { js.get_stream(&stream).await.is_ok() });
+        if ok {
+            self.known.lock().expect("known").insert(topic.to_string());
+        }
+        ok
+    }
+
+    fn fits(&self, record: &Record) -> Result<(), String> {
+        super::fits(record)
+    }
+
+    fn ensure_topic(&self, topic: &str, _partitions: u32) -> Result<(), SourceError> {
+        if self.topic_exists(topic) {
+            return Ok(());
+        }
+        let (js, cfg) = (self.js.clone(), self.cfg.clone());
+        let t = topic.to_string();
+        self.rt
+            .run(async move { super::broker::create_stream(&js, &cfg, &t, true).await })?;
+        self.known.lock().expect("known").insert(topic.to_string());
+        Ok(())
+    }
+
+    fn dedupe_done(&self, _group: &str, _key: &[u8], _now_ms: u64) -> Result<bool, SourceError> {
+        Err(SourceError::Invalid(
+            "--dedupe on NATS needs a shared store: add --dedupe-store redis://host:port".into(),
+        ))
+    }
+
+    fn evict_dedupe(&self, _now_ms: u64, _max: usize) -> Result<usize, SourceError> {
+        Ok(0)
+    }
+
+    /// `NAK`s (no delay) what the ended partition held or pulled and did not run: the broker
+    /// delivers them again at once, to this process or another.
+    fn release(&self, topic: &str, _partition: u32) {
+        let back: Vec<jetstream::Message> = {
+            let mut q = self.queues.lock().expect("queues");
+            let q = q.entry(topic.to_string()).or_default();
+            let mut back = q.receipts.release(GEN);
+            back.extend(q.buffer.drain(..));
+            back
+        };
+        if self.opts.at_most_once {
+            return;
+        }
+        if let Err(e) = self.reply(back, AckKind::Nak(None)) {
+            tracing::warn!(topic, error = %e, "handing back held messages failed; they return after ack-wait");
+        }
+    }
+
+    /// `+WPI` (in progress) for the held messages and those pulled but not handed over yet.
+    fn extend(&self, topic: &str, _partition: u32, offsets: &[u64]) -> Result<(), SourceError> {
+        let msgs: Vec<jetstream::Message> = {
+            let q = self.queues.lock().expect("queues");
+            q.get(topic).map_or(Vec::new(), |q| {
+                q.receipts
+                    .peek(GEN, offsets)
+                    .into_iter()
+                    .map(|(_, m)| m)
+                    .chain(q.buffer.iter().cloned())
+                    .collect()
+            })
+        };
+        self.reply(msgs, AckKind::Progress)
+    }
+}
+
+impl NatsSource {
+    /// Each output's `Nats-Msg-Id`: the stream and sequence of the message it came from and
+    /// its place among that message's outputs, so an output published again (the message ran
+    /// again after a crash or a lost ack) is dropped by JetStream's duplicate window. `None`
+    /// where the origin is not known (or not held any more).
+    fn output_ids(
+        &self,
+        outputs: &[crate::source::Output],
+        origins: &[Option<(Arc<str>, u64)>],
+    ) -> Vec<Option<String>> {
+        if origins.len() != outputs.len() {
+            return vec![None; outputs.len()];
+        }
+        let q = self.queues.lock().expect("queues");
+        let mut nth: HashMap<(&str, u64), usize> = HashMap::new();
+        origins
+            .iter()
+            .map(|origin| {
+                let (t, off) = origin.as_ref()?;
+                let n = nth.entry((t, *off)).or_default();
+                let place = *n;
+                *n += 1;
+                let m = q.get(&**t)?.receipts.peek(GEN, &[*off]).pop()?.1;
+                let info = m.info().ok()?;
+                Some(format!("{}:{}:{place}", info.stream, info.stream_sequence))
+            })
+            .collect()
+    }
+
+    fn hand_out(
+        &self,
+        q: &mut Queue,
+        topic: &str,
+        partition: u32,
+        max: usize,
+        max_bytes: usize,
+    ) -> Vec<Delivery> {
+        let name: Arc<str> = Arc::from(topic);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while out.len() < max && (out.is_empty() || bytes < max_bytes) {
+            let Some(m) = q.buffer.pop_front() else { break };
+            let (delivered, published) = m
+                .info()
+                .map(|i| {
+                    let ms = (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                    (i.delivered.max(1) as u32, Some(ms))
+                })
+                .unwrap_or((1, None));
+            let record = super::record(&m.payload, m.headers.as_ref(), published);
+            bytes += crate::source::wire_size(&record);
+            let seq = if self.opts.at_most_once {
+                q.receipts.issue_settled()
+            } else {
+                q.receipts.issue(GEN, m)
+            };
+            out.push(Delivery {
+                topic: name.clone(),
+                partition,
+                offset: seq,
+                record,
+                redeliveries: delivered - 1,
+            });
+        }
+        out
+    }
+}
