@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts the servers the tests talk to when they do not answer: Redis (127.0.0.1:6379, shared
-# dedupe), RabbitMQ (127.0.0.1:5672, guest/guest, the amqp:// source; the tests make a vhost
+# dedupe and the redis:// source), NATS with JetStream (127.0.0.1:4222, the nats:// source), RabbitMQ (127.0.0.1:5672, guest/guest, the amqp:// source; the tests make a vhost
 # of their own per test with rabbitmqctl), each from Debian's package (installed when missing),
 # and noida-db (PyPI), a Kafka-protocol broker with transactions, on 127.0.0.1:19092.
 # Sourced by test.sh (and so by CI); quick when all answer.
@@ -18,6 +18,17 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 fi
 
 if [[ "$services_wanted" == all ]]; then
+  echo "--- services: NATS with JetStream for the nats:// source (127.0.0.1:4222; started if it is not answering)"
+  if ! (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+    command -v nats-server >/dev/null || (apt-get update -qq && apt-get install -y -qq nats-server >/dev/null)
+    mkdir -p /var/lib/nats-server-ci
+    (nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server-ci -l /var/log/nats-server-ci.log &)
+    for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null && break; sleep 0.1; done
+    (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null \
+      || { echo "nats-server did not start: see /var/log/nats-server-ci.log" >&2; exit 1; }
+  fi
+  export WEIR_TEST_NATS="${WEIR_TEST_NATS:-nats://127.0.0.1:4222}"
+
   echo "--- services: RabbitMQ for the amqp:// source (127.0.0.1:5672, guest/guest; started if it is not answering)"
   # The tests make a vhost of their own per test with rabbitmqctl, so the CLI must be there too.
   if ! command -v rabbitmqctl >/dev/null; then
