@@ -239,3 +239,48 @@ fn requeue_mode_naks_with_the_backoff() {
     );
     assert_eq!(ns.pending("orders", "g"), (0, 0));
 }
+
+/// Two groups read one topic and write to one output topic: each group's outputs are its own,
+/// none dropped as the other's duplicate (an output's id names its group).
+#[test]
+fn two_groups_writing_to_one_topic_keep_every_output() {
+    let w = Weir::nats();
+    let ns = ns(&w);
+    w.create_topic("orders", 1);
+    w.create_topic("confirmations", 1);
+    let n = 500;
+    publish(ns, "orders", n, order);
+    for g in ["billing", "audit"] {
+        let s = w.drain(&guest("orders"), "orders", g, &[]);
+        assert_eq!(s["processed"], n, "{g}: {s}");
+    }
+    let per_id = w.confirmations_per_id();
+    assert_eq!(per_id.len() as u64, n);
+    assert!(
+        per_id.values().all(|c| *c == 2),
+        "each order once per group"
+    );
+}
+
+/// At-most-once: each message is acked (the ack confirmed) as it is handed over; every output
+/// is written and nothing is left unacked.
+#[test]
+fn at_most_once_writes_every_output_and_leaves_nothing_unacked() {
+    let w = Weir::nats();
+    let ns = ns(&w);
+    w.create_topic("orders", 1);
+    w.create_topic("confirmations", 1);
+    let n = 1_000;
+    publish(ns, "orders", n, order);
+    let s = w.drain(
+        &guest("orders"),
+        "orders",
+        "g",
+        &["--delivery", "at-most-once"],
+    );
+    assert_eq!(s["processed"], n, "{s}");
+    let per_id = w.confirmations_per_id();
+    assert_eq!(per_id.len() as u64, n);
+    assert!(per_id.values().all(|c| *c == 1));
+    assert_eq!(ns.pending("orders", "g"), (0, 0));
+}

@@ -33,6 +33,8 @@ pub(super) async fn create_stream(
         name,
         subjects: vec![cfg.subject(topic)],
         storage: jetstream::stream::StorageType::File,
+        // Outputs published again (their message ran again after ack-wait) must fall in it.
+        duplicate_window: (cfg.ack_wait * 4).max(Duration::from_secs(120)),
         ..Default::default()
     })
     .await
@@ -331,6 +333,7 @@ impl Broker for NatsBroker {
         self.settle_taken()?;
         self.state(topic)?;
         let (js, name, d) = (self.js.clone(), self.cfg.stream(topic), durable(group));
+        let cfg = self.cfg.clone();
         let got = self.rt.run(async move {
             let s = js
                 .get_stream(&name)
@@ -342,7 +345,9 @@ impl Broker for NatsBroker {
                     consumer::pull::Config {
                         durable_name: Some(d.clone()),
                         ack_policy: consumer::AckPolicy::Explicit,
+                        ack_wait: cfg.ack_wait,
                         max_deliver: -1,
+                        max_ack_pending: 100_000,
                         ..Default::default()
                     },
                 )
@@ -389,7 +394,10 @@ impl Broker for NatsBroker {
                     .await
                     .map_err(|e| error("acking what was printed", e))?;
             }
-            client.flush().await.map_err(|e| error("acking", e))
+            tokio::time::timeout(Duration::from_secs(10), client.flush())
+                .await
+                .map_err(|_| error("acking", "no answer for 10 s"))?
+                .map_err(|e| error("acking", e))
         })
     }
 }

@@ -22,6 +22,8 @@ struct Queue {
     receipts: Receipts<jetstream::Message>,
     /// Pulled, not handed to the engine yet.
     buffer: VecDeque<jetstream::Message>,
+    /// At-most-once: handed over, to ack before they run.
+    acking: Vec<jetstream::Message>,
 }
 
 pub struct NatsSource {
@@ -33,6 +35,12 @@ pub struct NatsSource {
     consumers: Mutex<HashMap<String, PullConsumer>>,
     queues: Mutex<HashMap<String, Queue>>,
     known: Mutex<HashSet<String>>,
+    /// Per topic: when its stream was created (ns since the epoch), for output ids that do
+    /// not outlive the stream, and the most messages its consumer lets one pull take.
+    streams: Mutex<HashMap<String, (i128, usize)>>,
+    /// The lease: the shortest `ack_wait` of the group's consumers (one made by another tool
+    /// keeps its own).
+    lease_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Connects to `url` on `rt`.
@@ -59,6 +67,7 @@ impl NatsSource {
         let rt = Rt::new("weir-nats").map_err(|e| error("starting the NATS runtime", e))?;
         let client = connect(&rt, &cfg.url)?;
         let js = context(&rt, &client);
+        let cfg_ack_wait_ms = cfg.ack_wait.as_millis() as u64;
         let s = NatsSource {
             cfg,
             opts: opts.clone(),
@@ -68,6 +77,8 @@ impl NatsSource {
             consumers: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
             known: Mutex::new(HashSet::new()),
+            streams: Mutex::new(HashMap::new()),
+            lease_ms: std::sync::atomic::AtomicU64::new(cfg_ack_wait_ms),
         };
         for t in &opts.topics {
             s.consumer(t)?;
@@ -87,26 +98,50 @@ impl NatsSource {
             self.cfg.ack_wait,
         );
         let t = topic.to_string();
-        let c = self.rt.run(async move {
+        let (c, created) = self.rt.run(async move {
             let s = js
                 .get_stream(&stream)
                 .await
                 .map_err(|_| SourceError::UnknownTopic(t.clone()))?;
-            s.get_or_create_consumer(
-                &name,
-                jetstream::consumer::pull::Config {
-                    durable_name: Some(name.clone()),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait,
-                    // weir dead-letters after --max-attempts; the broker never gives up first.
-                    max_deliver: -1,
-                    max_ack_pending: 100_000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| error("making the group's consumer", e))
+            let created = s.cached_info().created.unix_timestamp_nanos();
+            let c = s
+                .get_or_create_consumer(
+                    &name,
+                    jetstream::consumer::pull::Config {
+                        durable_name: Some(name.clone()),
+                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                        ack_wait,
+                        // weir dead-letters after --max-attempts; the broker never gives up first.
+                        max_deliver: -1,
+                        max_ack_pending: 100_000,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| error("making the group's consumer", e))?;
+            Ok::<_, SourceError>((c, created))
         })?;
+        // A consumer that existed keeps its own settings: renew within its ack_wait, pull no
+        // more than it lets be unacked, and say where it would drop messages before weir's DLQ.
+        let info = c.cached_info().config.clone();
+        if !info.ack_wait.is_zero() {
+            self.lease_ms.fetch_min(
+                info.ack_wait.as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        if info.max_deliver > 0 {
+            tracing::warn!(topic, consumer = %durable(&self.opts.group), max_deliver = info.max_deliver, "the group's consumer gives up on a message after max_deliver deliveries: set --max-attempts below it, or messages past it are dropped before weir dead-letters them");
+        }
+        let pull_max = if info.max_ack_pending > 0 {
+            info.max_ack_pending as usize
+        } else {
+            usize::MAX
+        };
+        self.streams
+            .lock()
+            .expect("streams")
+            .insert(topic.to_string(), (created, pull_max));
         self.known.lock().expect("known").insert(topic.to_string());
         self.consumers
             .lock()
@@ -117,6 +152,19 @@ impl NatsSource {
 
     fn pull(&self, topic: &str, max: usize) -> Result<Vec<jetstream::Message>, SourceError> {
         let c = self.consumer(topic)?;
+        let cap = self
+            .streams
+            .lock()
+            .expect("streams")
+            .get(topic)
+            .map_or(usize::MAX, |s| s.1);
+        let held = self
+            .queues
+            .lock()
+            .expect("queues")
+            .get(topic)
+            .map_or(0, |q| q.receipts.held());
+        let max = max.min(cap.saturating_sub(held)).max(1);
         let block = self.cfg.block;
         self.rt.run(async move {
             let mut batch = c
@@ -152,14 +200,22 @@ impl NatsSource {
             for m in &msgs {
                 m.ack_with(kind).await.map_err(|e| error("acking", e))?;
             }
-            client.flush().await.map_err(|e| error("acking", e))
+            tokio::time::timeout(REQUEST, client.flush())
+                .await
+                .map_err(|_| error("acking", "the server took no acks for 10 s"))?
+                .map_err(|e| error("acking", e))
         })
     }
 }
 
 impl Source for NatsSource {
     fn capabilities(&self) -> Capabilities {
-        self.cfg.capabilities()
+        Capabilities {
+            lease: Some(Duration::from_millis(
+                self.lease_ms.load(std::sync::atomic::Ordering::Relaxed),
+            )),
+            ..self.cfg.capabilities()
+        }
     }
 
     fn partitions(&self, topic: &str) -> Result<u32, SourceError> {
@@ -198,7 +254,7 @@ impl Source for NatsSource {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Delivery>, SourceError> {
-        {
+        let buffered = {
             let mut q = self.queues.lock().expect("queues");
             let q = q.entry(topic.to_string()).or_default();
             if q.receipts.check(GEN).is_err() {
@@ -206,19 +262,21 @@ impl Source for NatsSource {
                     topic: topic.to_string(),
                 });
             }
-            if !q.buffer.is_empty() {
-                return Ok(self.hand_out(q, topic, partition, max, max_bytes));
-            }
+            (!q.buffer.is_empty()).then(|| self.hand_out(q, topic, partition, max, max_bytes))
+        };
+        if let Some(out) = buffered {
+            self.forget(&out)?;
+            return Ok(out);
         }
         let got = self.pull(topic, max.max(1))?;
-        if self.opts.at_most_once {
-            // Forgotten by the broker before they run.
-            self.reply(got.clone(), AckKind::Ack)?;
-        }
-        let mut q = self.queues.lock().expect("queues");
-        let q = q.entry(topic.to_string()).or_default();
-        q.buffer.extend(got);
-        Ok(self.hand_out(q, topic, partition, max, max_bytes))
+        let out = {
+            let mut q = self.queues.lock().expect("queues");
+            let q = q.entry(topic.to_string()).or_default();
+            q.buffer.extend(got);
+            self.hand_out(q, topic, partition, max, max_bytes)
+        };
+        self.forget(&out)?;
+        Ok(out)
     }
 
     fn commit(&self, _group: &str, commit: Commit) -> Result<(), SourceError> {
@@ -270,30 +328,35 @@ impl Source for NatsSource {
         let prefix = self.cfg.prefix.clone();
         let outputs = commit.outputs;
         self.rt.run(async move {
-            let mut futures = Vec::with_capacity(outputs.len());
-            for (i, o) in outputs.iter().enumerate() {
-                let extra: Vec<(&str, String)> = ids
-                    .get(i)
-                    .cloned()
-                    .flatten()
-                    .map(|id| ("Nats-Msg-Id", id))
-                    .into_iter()
-                    .collect();
-                let f = js
-                    .publish_with_headers(
-                        format!("{prefix}{}", o.topic),
-                        super::headers(&o.record, &extra),
-                        o.record.payload.clone().into(),
-                    )
-                    .await
-                    .map_err(|e| error("publishing outputs", e))?;
-                futures.push(f);
-            }
-            for f in futures {
-                tokio::time::timeout(REQUEST, f)
-                    .await
-                    .map_err(|_| error("publishing outputs", "no ack in 10 s"))?
-                    .map_err(|e| error("publishing outputs", e))?;
+            // A window of publishes, then their acks: async-nats lets 5,000 wait unacked.
+            let mut i = 0;
+            for chunk in outputs.chunks(1000) {
+                let mut futures = Vec::with_capacity(chunk.len());
+                for o in chunk {
+                    let extra: Vec<(&str, String)> = ids
+                        .get(i)
+                        .cloned()
+                        .flatten()
+                        .map(|id| ("Nats-Msg-Id", id))
+                        .into_iter()
+                        .collect();
+                    i += 1;
+                    let f = js
+                        .publish_with_headers(
+                            format!("{prefix}{}", o.topic),
+                            super::headers(&o.record, &extra),
+                            o.record.payload.clone().into(),
+                        )
+                        .await
+                        .map_err(|e| error("publishing outputs", e))?;
+                    futures.push(f);
+                }
+                for f in futures {
+                    tokio::time::timeout(REQUEST, f)
+                        .await
+                        .map_err(|_| error("publishing outputs", "no ack in 10 s"))?
+                        .map_err(|e| error("publishing outputs", e))?;
+                }
             }
             Ok::<_, SourceError>(())
         })?;
@@ -306,9 +369,9 @@ impl Source for NatsSource {
                     .await
                     .map_err(|e| error("handing a retry back", e))?;
             }
-            client
-                .flush()
+            tokio::time::timeout(REQUEST, client.flush())
                 .await
+                .map_err(|_| error("handing a retry back", "no answer for 10 s"))?
                 .map_err(|e| error("handing a retry back", e))
         })?;
         let mut q = self.queues.lock().expect("queues");
@@ -397,6 +460,28 @@ impl Source for NatsSource {
 }
 
 impl NatsSource {
+    /// At-most-once: the messages handed over are acked (and the ack confirmed by the server)
+    /// before they run, so the broker never delivers them again.
+    fn forget(&self, out: &[Delivery]) -> Result<(), SourceError> {
+        if !self.opts.at_most_once || out.is_empty() {
+            return Ok(());
+        }
+        let msgs: Vec<jetstream::Message> = {
+            let mut q = self.queues.lock().expect("queues");
+            let q = q.entry(out[0].topic.to_string()).or_default();
+            std::mem::take(&mut q.acking)
+        };
+        self.rt.run(async move {
+            for m in &msgs {
+                tokio::time::timeout(REQUEST, m.double_ack())
+                    .await
+                    .map_err(|_| error("acking (at-most-once)", "no answer in 10 s"))?
+                    .map_err(|e| error("acking (at-most-once)", e))?;
+            }
+            Ok(())
+        })
+    }
+
     /// Each output's `Nats-Msg-Id`: the stream and sequence of the message it came from and
     /// its place among that message's outputs, so an output published again (the message ran
     /// again after a crash or a lost ack) is dropped by JetStream's duplicate window. `None`
@@ -409,6 +494,8 @@ impl NatsSource {
         if origins.len() != outputs.len() {
             return vec![None; outputs.len()];
         }
+        let group = durable(&self.opts.group);
+        let streams = self.streams.lock().expect("streams").clone();
         let q = self.queues.lock().expect("queues");
         let mut nth: HashMap<(&str, u64), usize> = HashMap::new();
         origins
@@ -420,7 +507,13 @@ impl NatsSource {
                 *n += 1;
                 let m = q.get(&**t)?.receipts.peek(GEN, &[*off]).pop()?.1;
                 let info = m.info().ok()?;
-                Some(format!("{}:{}:{place}", info.stream, info.stream_sequence))
+                let created = streams.get(&**t)?.0;
+                // The group too: two groups' outputs of one message are not duplicates; and
+                // the stream's creation, whose sequence numbers start again if it is made anew.
+                Some(format!(
+                    "{group}:{}@{created}:{}:{place}",
+                    info.stream, info.stream_sequence
+                ))
             })
             .collect()
     }
@@ -448,6 +541,7 @@ impl NatsSource {
             let record = super::record(&m.payload, m.headers.as_ref(), published);
             bytes += crate::source::wire_size(&record);
             let seq = if self.opts.at_most_once {
+                q.acking.push(m);
                 q.receipts.issue_settled()
             } else {
                 q.receipts.issue(GEN, m)

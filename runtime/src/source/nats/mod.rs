@@ -143,18 +143,19 @@ impl NatsConfig {
     }
 }
 
-/// The durable consumer's name for `group` (names may not hold `.`, spaces or wildcards).
+/// The durable consumer's name for `group`: names may hold only letters, digits, `-` and `_`,
+/// so anything else (and `_` itself) is written `_XX` (its bytes in hex): `a.b` and `a_b` stay
+/// apart. A group of letters, digits and `-` keeps its name.
 pub(crate) fn durable(group: &str) -> String {
-    group
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    let mut out = String::with_capacity(group.len());
+    for b in group.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02X}"));
+        }
+    }
+    out
 }
 
 pub(crate) fn error(what: &str, e: impl std::fmt::Display) -> SourceError {
@@ -188,17 +189,35 @@ pub(crate) fn fits(r: &Record) -> Result<(), String> {
     Ok(())
 }
 
-/// The headers of a message for `r` (the key in `weir.key`), plus `extra`.
+/// The headers of a message for `r` (the key in `weir.key`), plus `extra`. Never panics on
+/// what it is given (async-nats asserts on names and values it would refuse): a name NATS
+/// cannot carry is left out, a line break in a value becomes a space. `fits` refuses such
+/// records before they get here; dead letters keep the failure's own text, which can hold any.
 pub(crate) fn headers(r: &Record, extra: &[(&str, String)]) -> async_nats::HeaderMap {
+    use std::str::FromStr;
     let mut h = async_nats::HeaderMap::new();
+    let mut put = |n: &str, v: &str, replace: bool| {
+        let Ok(name) = async_nats::HeaderName::from_str(n) else {
+            return;
+        };
+        let clean = v.replace(['\r', '\n'], " ");
+        let Ok(value) = async_nats::HeaderValue::from_str(&clean) else {
+            return;
+        };
+        if replace {
+            h.insert(name, value);
+        } else {
+            h.append(name, value);
+        }
+    };
     for (n, v) in &r.headers {
-        h.append(n.as_str(), String::from_utf8_lossy(v).as_ref());
+        put(n, &String::from_utf8_lossy(v), false);
     }
     if let Some(k) = &r.key {
-        h.insert(KEY_HEADER, String::from_utf8_lossy(k).as_ref());
+        put(KEY_HEADER, &String::from_utf8_lossy(k), true);
     }
     for (n, v) in extra {
-        h.insert(*n, v.as_str());
+        put(n, v, true);
     }
     h
 }
@@ -258,9 +277,19 @@ mod tests {
         let h = headers(&r, &[("Nats-Msg-Id", "x".into())]);
         assert_eq!(record(b"p", Some(&h), Some(5)), r);
         let bad = Record {
-            headers: vec![("a".into(), b"1\r\n2".to_vec())],
+            headers: vec![
+                ("a".into(), b"1\r\n2".to_vec()),
+                ("b:c".into(), b"x".to_vec()),
+            ],
             ..Record::default()
         };
         assert!(fits(&bad).is_err());
+        // A dead letter may still carry such text: it is cleaned, never a panic.
+        let h = headers(&bad, &[]);
+        assert_eq!(h.get("a").map(|v| v.as_str()), Some("1  2"));
+        assert_eq!(h.iter().count(), 1);
+        // Group names never share a consumer.
+        assert_eq!(durable("shipping-eu"), "shipping-eu");
+        assert_ne!(durable("a.b"), durable("a_b"));
     }
 }
