@@ -279,3 +279,29 @@ fn bad_flags_and_values() {
     let out = w.output(&["run", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A reader that goes away (`weir consume t --from-beginning | head -1`) ends the command
+/// quietly, exit 0, rather than with a panic on the closed pipe.
+#[test]
+fn a_closed_output_pipe_is_no_panic() {
+    use std::io::{BufRead, BufReader};
+    let w = Weir::new();
+    w.create_topic("t", 1);
+    w.ok(&["produce", "t", "--count", "20000"]);
+    let mut child = w
+        .cmd(&["consume", "t", "--from-beginning"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start weir");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // The reader is gone (dropped above); weir's next writes meet a closed pipe.
+    let out = child.wait_with_output().expect("weir ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(first.starts_with("t/0@0"), "{first}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}

@@ -193,15 +193,45 @@ fn init_tracing(format: LogFormat) {
 }
 
 pub fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     init_tracing(cli.log_format.unwrap_or(LogFormat::Pretty));
     match execute(cli) {
         Ok(code) => code,
+        // The reader of standard output went away (`| head`): done, not failed.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// A reader that goes away (`weir dlq list | head`) is no error of weir's: `println!` panics on
+/// the closed pipe, and this stops the process quietly instead, exit 0, as other tools do.
+/// (Rust ignores SIGPIPE, so writes fail rather than kill the process; restoring the signal
+/// would take `unsafe`, and would also kill `weir run` on a closed socket.)
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }
 
 fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
