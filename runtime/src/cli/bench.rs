@@ -156,8 +156,13 @@ impl BenchCommand {
         if g.source.kind == crate::source::connect::Kind::Kafka || self.kafka_mock {
             return self.kafka(g);
         }
-        if g.source.kind == crate::source::connect::Kind::RabbitMq {
-            return self.amqp(g);
+        if matches!(
+            g.source.kind,
+            crate::source::connect::Kind::RabbitMq
+                | crate::source::connect::Kind::Redis
+                | crate::source::connect::Kind::Nats
+        ) {
+            return self.queue(g);
         }
         if self.count == 0 {
             return Err(bad_input("--count must be at least 1"));
@@ -467,15 +472,16 @@ impl BenchCommand {
 
 impl BenchCommand {
     /// The RabbitMQ row: weir next to a bare lapin loop on the same server.
-    fn amqp(self, g: Globals) -> anyhow::Result<ExitCode> {
+    fn queue(self, g: Globals) -> anyhow::Result<ExitCode> {
+        let name = g.source.name();
         if self.rate.is_some() {
-            return Err(bad_input(
-                "--rate is for the embedded log; the RabbitMQ row measures throughput",
-            ));
+            return Err(bad_input(format!(
+                "--rate is for the embedded log; the {name} row measures throughput"
+            )));
         }
-        let module = self.row_module("RabbitMQ")?;
+        let module = self.row_module(name)?;
         let dir = TempDir::new()?;
-        let r = super::bench_amqp::run(super::bench_amqp::Row {
+        let r = super::bench_queue::run(super::bench_queue::Row {
             spec: &g.source,
             module_path: &module,
             native: self.native,
@@ -490,11 +496,24 @@ impl BenchCommand {
             return Ok(ExitCode::SUCCESS);
         }
         println!(
-            "rabbitmq    {}, {} orders of {} bytes, prefetch {}",
-            r.url, r.messages, r.message_bytes, r.prefetch
+            "{:<11} {}, {} orders of {} bytes, prefetch {}",
+            r.broker.to_lowercase(),
+            r.url,
+            r.messages,
+            r.message_bytes,
+            r.prefetch
         );
+        let how = match g.source.kind {
+            crate::source::connect::Kind::Redis => {
+                "redis crate: XREADGROUP a batch, then one MULTI of its XADDs and XACK"
+            }
+            crate::source::connect::Kind::Nats => {
+                "async-nats: pull a batch, publish and await the acks, ack the batch"
+            }
+            _ => "lapin consumer, confirmed publishes, one multiple-ack per 100",
+        };
         println!(
-            "bare loop   {:.0} msg/s (lapin consumer, confirmed publishes, one multiple-ack per 100)",
+            "bare loop   {:.0} msg/s ({how})",
             r.bare_messages_per_second
         );
         println!(

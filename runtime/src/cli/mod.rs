@@ -2,8 +2,8 @@
 //! chosen in one place, [`exit_code`].
 
 mod bench;
-mod bench_amqp;
 mod bench_kafka;
+mod bench_queue;
 mod check;
 mod consume;
 mod dlq;

@@ -20,6 +20,7 @@
 //!
 //! [`Settle::PerMessage`]: super::Settle::PerMessage
 
+pub mod bench;
 mod broker;
 mod consumer;
 

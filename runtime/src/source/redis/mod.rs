@@ -28,6 +28,7 @@
 //! (redis-rs's async client breaks blocking reads with its 500 ms response timeout, issue 1924).
 //! The rest of weir does not name the redis crate for streams: this folder is the only place.
 
+pub mod bench;
 mod broker;
 mod conns;
 mod consumer;

@@ -1,15 +1,15 @@
-//! `weir bench --source amqp://...`: the same orders through weir's RabbitMQ path and through a
-//! bare lapin loop doing the same native work (`source::rabbitmq::bench`), on the same server in
-//! the same run, so the ratio holds on a noisy machine. Each side drains a queue of `--count`
-//! orders published beforehand; its rate is the orders over its wall time.
+//! `weir bench --source amqp://...|redis://...|nats://...`: the same orders through weir and
+//! through the bare loop a user would write with the broker's usual client doing the same
+//! native work (`source::<broker>::bench`), on the same server in the same run, so the ratio
+//! holds on a noisy machine. Each side drains a topic of its own holding `--count` orders
+//! published beforehand; its rate is the orders over its wall time.
 
 use super::produce::{FaultMix, synthetic_order_mixed};
 use crate::config::RunOptions;
 use crate::engine::{self, Stats};
 use crate::host::{Handler, Module};
-use crate::source::connect::{ConsumerOptions, SourceSpec};
-use crate::source::rabbitmq::{self, AmqpConfig};
-use crate::source::{Record, Source};
+use crate::source::connect::{ConsumerOptions, Kind, SourceSpec};
+use crate::source::{Record, Source, nats, rabbitmq, redis};
 use anyhow::{Context, ensure};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -18,11 +18,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Serialize)]
-pub struct AmqpReport {
+pub struct QueueReport {
+    pub broker: &'static str,
     pub url: String,
     pub messages: u64,
     pub message_bytes: usize,
-    /// `basic.qos` of both (weir's is --max-in-flight).
+    /// What each may hold unacked: weir's --max-in-flight; the bare loop's prefetch (RabbitMQ)
+    /// or batch (Redis, NATS: at most 1,000).
     pub prefetch: usize,
     pub module: String,
     pub bare_messages_per_second: f64,
@@ -37,7 +39,7 @@ pub struct AmqpReport {
     pub mixed_over_clean: Option<f64>,
 }
 
-/// One RabbitMQ row: what to run, on which server.
+/// One queue row: what to run, on which server.
 pub struct Row<'a> {
     pub spec: &'a SourceSpec,
     pub module_path: &'a Path,
@@ -49,18 +51,59 @@ pub struct Row<'a> {
     pub data_dir: &'a Path,
 }
 
-pub fn run(row: Row<'_>) -> anyhow::Result<AmqpReport> {
-    let cfg = AmqpConfig::from_spec(row.spec)?;
+/// The bare loop of `spec`'s broker: drains `count` orders of `input` into `output`.
+fn bare(
+    spec: &SourceSpec,
+    input: &str,
+    output: &str,
+    count: u64,
+    prefetch: usize,
+) -> anyhow::Result<Duration> {
+    Ok(match spec.kind {
+        Kind::RabbitMq => rabbitmq::bench::bare(
+            &rabbitmq::AmqpConfig::from_spec(spec)?,
+            input,
+            output,
+            count,
+            prefetch.clamp(1, u16::MAX as usize) as u16,
+        )?,
+        Kind::Redis => redis::bench::bare(
+            &redis::RedisConfig::from_spec(spec)?,
+            input,
+            output,
+            count,
+            prefetch.clamp(1, 1000),
+        )?,
+        Kind::Nats => nats::bench::bare(
+            &nats::NatsConfig::from_spec(spec)?,
+            input,
+            output,
+            count,
+            prefetch.clamp(1, 1000),
+        )?,
+        Kind::Embedded | Kind::Kafka => anyhow::bail!("{} has rows of its own", spec.name()),
+    })
+}
+
+pub fn run(row: Row<'_>) -> anyhow::Result<QueueReport> {
     let mut broker = row.spec.broker()?;
-    // Fresh queue names, so old messages do not mix in.
-    let input = format!("weir-bench-{:08x}", rand::random::<u32>());
-    let (out_bare, out_weir, mixed) = (
-        format!("{input}-bare"),
-        format!("{input}-weir"),
-        format!("{input}-mixed"),
+    // Fresh names, so old messages do not mix in; each side drains an input of its own (on a
+    // stream, what one side consumed stays for the other's group to read).
+    let base = format!("weir-bench-{:08x}", rand::random::<u32>());
+    let (in_bare, in_weir, out_bare, out_weir, mixed) = (
+        format!("{base}-in-bare"),
+        format!("{base}-in-weir"),
+        format!("{base}-bare"),
+        format!("{base}-weir"),
+        format!("{base}-mixed"),
     );
     let with_mix = row.mix != FaultMix::default();
-    let mut queues = vec![input.clone(), out_bare.clone(), out_weir.clone()];
+    let mut queues = vec![
+        in_bare.clone(),
+        in_weir.clone(),
+        out_bare.clone(),
+        out_weir.clone(),
+    ];
     if with_mix {
         queues.extend([mixed.clone(), format!("{mixed}-weir")]);
     }
@@ -91,20 +134,14 @@ pub fn run(row: Row<'_>) -> anyhow::Result<AmqpReport> {
     };
     let mut probe = row.options.clone();
     probe.module = Some(row.module_path.to_path_buf());
-    probe.topic = Some(vec![input.clone()]);
+    probe.topic = Some(vec![in_weir.clone()]);
     probe.group = Some("bench".into());
-    let prefetch = probe.check_for(&rabbitmq::NAMING)?.max_in_flight;
+    let prefetch = probe.check_for(&row.spec.naming())?.max_in_flight;
 
-    produce(&mut broker, &input, FaultMix::default())?;
-    let bare = rabbitmq::bench::bare(
-        &cfg,
-        &input,
-        &out_bare,
-        row.count,
-        prefetch.clamp(1, u16::MAX as usize) as u16,
-    )?;
-    produce(&mut broker, &input, FaultMix::default())?;
-    let clean = weir(&row, &input, &out_weir, FaultMix::default())?;
+    produce(&mut broker, &in_bare, FaultMix::default())?;
+    produce(&mut broker, &in_weir, FaultMix::default())?;
+    let bare = bare(row.spec, &in_bare, &out_bare, row.count, prefetch)?;
+    let clean = weir(&row, &in_weir, &out_weir, FaultMix::default())?;
     let rate = |d: Duration| row.count as f64 / d.as_secs_f64().max(1e-3);
     let mixed_rate = if with_mix {
         produce(&mut broker, &mixed, row.mix)?;
@@ -113,12 +150,13 @@ pub fn run(row: Row<'_>) -> anyhow::Result<AmqpReport> {
         None
     };
     for q in &queues {
-        // Best effort: the bench's queues are its own.
+        // Best effort: the bench's topics are its own.
         let _ = broker.delete_topic(q);
         let _ = broker.delete_topic(&format!("{q}.dlq"));
     }
-    Ok(AmqpReport {
-        url: rabbitmq::redact(&cfg.url),
+    Ok(QueueReport {
+        broker: row.spec.name(),
+        url: rabbitmq::redact(&row.spec.url),
         messages: row.count,
         message_bytes: row.size,
         prefetch,
@@ -144,7 +182,7 @@ fn weir(row: &Row<'_>, input: &str, output: &str, mix: FaultMix) -> anyhow::Resu
     let mut handler_config = BTreeMap::new();
     handler_config.insert("output-topic".to_string(), output.to_string());
     let settings =
-        crate::config::resolve(options, handler_config, row.data_dir, &rabbitmq::NAMING)?;
+        crate::config::resolve(options, handler_config, row.data_dir, &row.spec.naming())?;
     let e = &settings.engine;
     let source: Arc<dyn Source> = row.spec.consumer(&ConsumerOptions {
         group: e.group.clone(),
