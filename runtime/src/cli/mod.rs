@@ -198,14 +198,15 @@ pub fn main() -> ExitCode {
     init_tracing(cli.log_format.unwrap_or(LogFormat::Pretty));
     match execute(cli) {
         Ok(code) => code,
-        // The reader of standard output went away (`| head`): done, not failed.
+        // The reader of standard output went away (`| head`): no message, and the status of
+        // a process that SIGPIPE ends (128 + 13), so a pipeline with `pipefail` still sees it.
         Err(e)
             if e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>()
                     .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             }) =>
         {
-            ExitCode::SUCCESS
+            ExitCode::from(BROKEN_PIPE)
         }
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
@@ -214,10 +215,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// A reader that goes away (`weir dlq list | head`) is no error of weir's: `println!` panics on
-/// the closed pipe, and this stops the process quietly instead, exit 0, as other tools do.
-/// (Rust ignores SIGPIPE, so writes fail rather than kill the process; restoring the signal
-/// would take `unsafe`, and would also kill `weir run` on a closed socket.)
+/// The exit status of a process that SIGPIPE ends.
+const BROKEN_PIPE: u8 = 128 + 13;
+
+/// A reader that goes away (`weir dlq list | head`) ends weir as it ends other tools: without a
+/// message, with status 141 (SIGPIPE's). `println!` panics on the closed pipe; this hook stops
+/// the process quietly instead. (Rust ignores SIGPIPE, so writes fail rather than kill the
+/// process; restoring the signal would take `unsafe`, and would also kill `weir run` on a
+/// closed socket.)
 fn quiet_on_broken_pipe() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -228,7 +233,7 @@ fn quiet_on_broken_pipe() {
             .or_else(|| payload.downcast_ref::<&str>().copied())
             .unwrap_or("");
         if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
-            std::process::exit(0);
+            std::process::exit(BROKEN_PIPE.into());
         }
         default(info);
     }));
