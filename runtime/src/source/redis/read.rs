@@ -38,13 +38,20 @@ impl RedisSource {
             if claim.is_some() {
                 s.claimed_at = Some(Instant::now());
             }
-            let in_hand: HashSet<String> = s
-                .receipts
-                .receipts()
-                .chain(s.buffer.iter().map(|(id, ..)| id))
-                .cloned()
-                .collect();
-            (s.history_after.clone().filter(|_| !noack), claim, in_hand)
+            let history = s.history_after.clone().filter(|_| !noack);
+            // What this process holds, to skip if a history read or a claim returns it: built
+            // only when one runs (a set of every held id on each read made reading slower the
+            // more was held: 8,192 in flight, 6,000 msg/s).
+            let in_hand: HashSet<String> = if history.is_some() || claim.is_some() {
+                s.receipts
+                    .receipts()
+                    .chain(s.buffer.iter().map(|(id, ..)| id))
+                    .cloned()
+                    .collect()
+            } else {
+                HashSet::new()
+            };
+            (history, claim, in_hand)
         };
         let reader = self.reader(topic);
         let mut guard = reader.lock().expect("reader");
