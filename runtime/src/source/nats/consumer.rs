@@ -167,10 +167,12 @@ impl NatsSource {
         let max = max.min(cap.saturating_sub(held)).max(1);
         let block = self.cfg.block;
         self.rt.run(async move {
+            // No wait for messages to come (`fetch` is a no-wait pull): the engine's loop waits
+            // in this call, so a pull that waits out its expiry holds up finished jobs and
+            // commits; an empty answer makes the engine poll again soon.
             let mut batch = c
-                .batch()
+                .fetch()
                 .max_messages(max)
-                .expires(block)
                 .messages()
                 .await
                 .map_err(|e| error("pulling messages", e))?;
