@@ -24,8 +24,10 @@
 //!   fields. The timestamp is the entry id's millisecond part.
 //!
 //! The blocking client fits the seam, which the engine calls from blocking threads; each
-//! consumed stream reads on a connection of its own with a read timeout past its `BLOCK`
-//! (redis-rs's async client breaks blocking reads with its 500 ms response timeout, issue 1924).
+//! consumed stream reads on a connection of its own. Reads do not `BLOCK`: the engine waits in
+//! `fetch`, so a read that waits for new entries would hold up its finished jobs and commits; an
+//! empty answer makes it poll again (its idle interval, 20 ms). (The issue's `BLOCK` with a
+//! response timeout past it, redis-rs issue 1924, is for a loop that has nothing else to do.)
 //! The rest of weir does not name the redis crate for streams: this folder is the only place.
 
 pub mod bench;
@@ -92,7 +94,7 @@ pub struct RedisConfig {
     pub claim_idle: Duration,
     /// `MAXLEN ~` on every `XADD` weir makes, when set.
     pub maxlen: Option<u64>,
-    /// How long one read waits for new entries.
+    /// A read's time allowance beyond the request timeout (reads do not wait for entries).
     pub block: Duration,
 }
 
