@@ -70,7 +70,7 @@ fn two_processes_and_a_kill(dedupe: bool) {
     let module = guest("orders");
     let group = format!("g-{}-{}", std::process::id(), rand::random::<u32>());
     // A lease the survivors keep renewed under load (2 s, the harness's, is for tests that
-    // wait it out); it goes before `run`, beside the harness's properties.
+    // wait it out), beside the harness's properties.
     let mut args = vec![
         "--source-property",
         "ack-wait=10s",

@@ -268,7 +268,7 @@ fn a_fixed_consumer_name_reads_back_what_it_held() {
     let n = scaled(10_000, 5_000);
     xadd_orders(ns, "orders", n);
     let module = guest("orders");
-    // Before `run`, beside the harness's own properties (after it, clap would take it alone).
+    // Beside the harness's own properties (weir takes them from both sides of `run`).
     let mut args = vec![
         "--source-property",
         "consumer=fixed",

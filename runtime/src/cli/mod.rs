@@ -215,6 +215,35 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Every `--source-property` on the command line, before and after the subcommand, in order.
+/// clap keeps only the ones after the subcommand when both places have some (a global option
+/// given again below the subcommand replaces its values), so
+/// `weir --source-property prefix=a: run --source-property claim-idle=2s` lost the prefix. The
+/// command line is read again for them; `parsed` (clap's) stands when the scan finds fewer.
+fn all_source_properties(args: impl Iterator<Item = String>, parsed: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut args = args.peekable();
+    while let Some(a) = args.next() {
+        if a == "--" {
+            break;
+        }
+        for flag in ["--source-property", "--kafka-property"] {
+            if a == flag {
+                if let Some(v) = args.next() {
+                    found.push(v);
+                }
+            } else if let Some(v) = a.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+                found.push(v.to_string());
+            }
+        }
+    }
+    if found.len() >= parsed.len() {
+        found
+    } else {
+        parsed.to_vec()
+    }
+}
+
 /// The exit status of a process that SIGPIPE ends.
 const BROKEN_PIPE: u8 = 128 + 13;
 
@@ -266,7 +295,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         (None, None) => file.source.url.clone().or(kafka_file),
     };
     let mut properties = file.source.properties_for(url.as_deref());
-    for pair in &cli.source_property {
+    for pair in &all_source_properties(std::env::args().skip(1), &cli.source_property) {
         let (k, v) = crate::config::parse_pair("--source-property", pair)?;
         properties.insert(k, v);
     }
@@ -292,6 +321,35 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn source_properties_count_on_both_sides_of_the_subcommand() {
+        let args = |s: &str| {
+            s.split(' ')
+                .map(String::from)
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            // clap kept the subcommand's only: the scan finds both, in order.
+            (
+                "--source-property prefix=a: run --source-property claim-idle=2s",
+                &["claim-idle=2s"],
+                &["prefix=a:", "claim-idle=2s"],
+            ),
+            ("--kafka-property=a=1 topics list", &["a=1"], &["a=1"]),
+            // After `--` nothing is an option.
+            ("run -- --source-property x=1", &[], &[]),
+        ];
+        for (line, parsed, want) in cases {
+            let parsed: Vec<String> = parsed.iter().map(|s| s.to_string()).collect();
+            assert_eq!(
+                super::all_source_properties(args(line), &parsed),
+                *want,
+                "{line}"
+            );
+        }
+    }
+
     #[test]
     fn control_characters_are_shown_escaped() {
         let cases: &[(&[u8], &str)] = &[
