@@ -111,6 +111,29 @@ pub trait Broker {
     }
 }
 
+/// The checks of `topics create` on a broker whose topics have one partition (a stream shared by
+/// a group's processes): one partition asked for, and a name the broker takes (`naming`).
+pub fn check_single_partition_topic(
+    naming: &weir_core::topic::Naming,
+    topic: &str,
+    partitions: u32,
+) -> Result<(), SourceError> {
+    if partitions != 1 {
+        return Err(SourceError::Invalid(format!(
+            "a {} topic has no partitions; create `{topic}` with --partitions 1 (the \
+             processes of a group share its messages)",
+            naming.broker
+        )));
+    }
+    match (naming.problem)(topic) {
+        Some(why) => Err(SourceError::InvalidTopic {
+            name: topic.to_string(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Keeps only `group`'s offsets in `stats`, when a group is given.
 pub fn filter_group(stats: &mut [TopicStats], group: Option<&str>) {
     if let Some(g) = group {

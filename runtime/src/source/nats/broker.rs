@@ -113,18 +113,7 @@ impl Broker for NatsBroker {
         partitions: u32,
         _replication: Option<i32>,
     ) -> Result<(), SourceError> {
-        if partitions != 1 {
-            return Err(SourceError::Invalid(format!(
-                "a JetStream stream has no partitions here; create `{topic}` with --partitions 1 \
-                 (processes of a group share its consumer)"
-            )));
-        }
-        if let Some(why) = (super::NAMING.problem)(topic) {
-            return Err(SourceError::InvalidTopic {
-                name: topic.to_string(),
-                why,
-            });
-        }
+        crate::source::broker::check_single_partition_topic(&super::NAMING, topic, partitions)?;
         let (js, cfg, t) = (self.js.clone(), self.cfg.clone(), topic.to_string());
         self.rt
             .run(async move { create_stream(&js, &cfg, &t, false).await })

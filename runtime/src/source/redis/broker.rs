@@ -133,18 +133,7 @@ impl Broker for RedisBroker {
         partitions: u32,
         _replication: Option<i32>,
     ) -> Result<(), SourceError> {
-        if partitions != 1 {
-            return Err(SourceError::Invalid(format!(
-                "a Redis stream has no partitions; create `{topic}` with --partitions 1 \
-                 (processes of a group share its entries)"
-            )));
-        }
-        if let Some(why) = (super::NAMING.problem)(topic) {
-            return Err(SourceError::InvalidTopic {
-                name: topic.to_string(),
-                why,
-            });
-        }
+        crate::source::broker::check_single_partition_topic(&super::NAMING, topic, partitions)?;
         create_stream(&self.conns, &self.cfg.key(topic), false)
             .map_err(|e| match e {
                 SourceError::TopicExists(_) => SourceError::TopicExists(topic.to_string()),
