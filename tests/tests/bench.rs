@@ -58,3 +58,16 @@ fn bench_kafka_row_runs_weir_next_to_a_bare_loop() {
     assert!(r["bare_messages_per_second"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["weir_messages_per_second"].as_f64().unwrap() > 0.0, "{r}");
 }
+
+/// The queue row on Redis and NATS: weir and the bare client loop each drain 300 orders of their
+/// own topic (under the test's prefix), and the report says so.
+#[test]
+fn bench_queue_row_runs_weir_next_to_a_bare_loop_on_redis_and_nats() {
+    for w in [Weir::redis(), Weir::nats()] {
+        let out = w.ok(&["bench", "--json", "--native", "orders", "--count", "300"]);
+        let r: Value = serde_json::from_slice(&out.stdout).expect("bench --json prints JSON");
+        assert_eq!(r["messages"], 300, "{r}");
+        assert!(r["bare_messages_per_second"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["weir_messages_per_second"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}

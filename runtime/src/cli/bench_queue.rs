@@ -228,3 +228,35 @@ fn weir(row: &Row<'_>, input: &str, output: &str, mix: FaultMix) -> anyhow::Resu
     );
     Ok(took)
 }
+
+/// The queue row as `weir bench` prints it (without `--json`).
+pub fn print(r: &QueueReport, kind: Kind) {
+    println!(
+        "{:<11} {}, {} orders of {} bytes, prefetch {}",
+        r.broker.to_lowercase(),
+        r.url,
+        r.messages,
+        r.message_bytes,
+        r.prefetch
+    );
+    let how = match kind {
+        Kind::Redis => "redis crate: XREADGROUP a batch, then one MULTI of its XADDs and XACK",
+        Kind::Nats => "async-nats: pull a batch, publish and await the acks, ack the batch",
+        _ => "lapin consumer, confirmed publishes, one multiple-ack per 100",
+    };
+    println!(
+        "bare loop   {:.0} msg/s ({how})",
+        r.bare_messages_per_second
+    );
+    println!(
+        "weir        {:.0} msg/s ({})",
+        r.weir_messages_per_second, r.module
+    );
+    println!("ratio       {:.2} of the bare loop", r.ratio);
+    if let (Some(m), Some(q)) = (r.weir_mixed_messages_per_second, r.mixed_over_clean) {
+        println!(
+            "with faults {m:.0} msg/s with {}% asking for one retry and {}% rejected: {q:.2} of the clean run",
+            r.retry_percent, r.reject_percent
+        );
+    }
+}
