@@ -27,6 +27,8 @@ pub enum Broker {
 /// deleted after.
 pub struct NatsNs {
     pub prefix: String,
+    /// weir reaches the server through this relay, so a test can cut its links.
+    pub relay: crate::Relay,
 }
 
 impl Default for NatsNs {
@@ -39,9 +41,17 @@ impl NatsNs {
     pub fn new() -> NatsNs {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let server = NatsNs::url();
+        let server = server.split("://").last().unwrap_or(&server).to_string();
         NatsNs {
             prefix: format!("wt{}-{n}-{}.", std::process::id(), crate::now_ms()),
+            relay: crate::Relay::new(&server),
         }
+    }
+
+    /// The URL weir is given: the relay's.
+    pub fn weir_url(&self) -> String {
+        format!("nats://{}", self.relay.addr())
     }
 
     pub fn url() -> String {

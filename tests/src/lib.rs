@@ -7,12 +7,14 @@ mod guests;
 mod logs;
 mod measure;
 mod net;
+mod proxy;
 
 pub use brokers::*;
 pub use guests::*;
 pub use logs::*;
 pub use measure::*;
 pub use net::*;
+pub use proxy::*;
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -208,13 +210,14 @@ impl Weir {
         match &self.broker {
             Broker::Rabbit(v) => v.close_connections(),
             Broker::Redis(ns) => ns.close_connections(),
+            Broker::Nats(ns) => ns.relay.cut(outage),
             Broker::Mock(c) => {
                 c.broker_down(1).expect("take the mock broker down");
                 // The outage itself, not a wait for something: weir meets a broker that is gone.
                 std::thread::sleep(outage);
                 c.broker_up(1).expect("bring the mock broker up");
             }
-            Broker::Embedded | Broker::External(_) | Broker::Nats(_) => {
+            Broker::Embedded | Broker::External(_) => {
                 panic!("no broker link to lose on this source")
             }
         }
@@ -256,7 +259,7 @@ impl Weir {
         }
         if let Broker::Nats(ns) = &self.broker {
             // A killed process's messages come back after ack-wait: 2 s rather than 30.
-            c.args(["--source", &NatsNs::url()])
+            c.args(["--source", &ns.weir_url()])
                 .args(["--source-property", &format!("prefix={}", ns.prefix)])
                 .args(["--source-property", "ack-wait=2s"]);
         }

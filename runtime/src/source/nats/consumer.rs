@@ -1,6 +1,7 @@
 //! What `weir run` consumes through on JetStream: the group's durable pull consumer on each
 //! topic's stream, per-message settling by ack subject.
 
+use super::link::{self, REQUEST, RETRY_FOR};
 use super::{NatsConfig, durable, error};
 use crate::source::connect::ConsumerOptions;
 use crate::source::receipts::Receipts;
@@ -10,12 +11,10 @@ use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// JetStream acks are by subject and outlive a connection: one generation.
 const GEN: u64 = 0;
-/// How long a request (a publish's ack, a consumer's info) may take.
-const REQUEST: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Queue {
@@ -41,6 +40,8 @@ pub struct NatsSource {
     /// The lease: the shortest `ack_wait` of the group's consumers (one made by another tool
     /// keeps its own).
     lease_ms: std::sync::atomic::AtomicU64,
+    /// Since when pulls have failed (a lost link), if they do.
+    pull_failing: Mutex<Option<Instant>>,
 }
 
 /// Connects to `url` on `rt`.
@@ -79,6 +80,7 @@ impl NatsSource {
             known: Mutex::new(HashSet::new()),
             streams: Mutex::new(HashMap::new()),
             lease_ms: std::sync::atomic::AtomicU64::new(cfg_ack_wait_ms),
+            pull_failing: Mutex::new(None),
         };
         for t in &opts.topics {
             s.consumer(t)?;
@@ -166,7 +168,7 @@ impl NatsSource {
             .map_or(0, |q| q.receipts.held());
         let max = max.min(cap.saturating_sub(held)).max(1);
         let block = self.cfg.block;
-        self.rt.run(async move {
+        let got = self.rt.run(async move {
             // No wait for messages to come (`fetch` is a no-wait pull): the engine's loop waits
             // in this call, so a pull that waits out its expiry holds up finished jobs and
             // commits; an empty answer makes the engine poll again soon.
@@ -189,24 +191,40 @@ impl NatsSource {
                 }
             }
             Ok(out)
-        })
+        });
+        // A pull that fails on a lost link comes up empty while async-nats reconnects: the
+        // engine asks again soon, and what it holds is settled once the link is back. Past
+        // RETRY_FOR the error is the run's.
+        let mut failing = self.pull_failing.lock().expect("pull_failing");
+        match got {
+            Ok(out) => {
+                if failing.take().is_some() {
+                    tracing::info!(topic, "NATS: pulling again after a lost link");
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                let first = failing.is_none();
+                if failing.get_or_insert_with(Instant::now).elapsed() >= RETRY_FOR {
+                    return Err(e);
+                }
+                if first {
+                    tracing::warn!(topic, error = %e, "NATS: a pull failed; pulling again once the link is back");
+                }
+                Ok(Vec::new())
+            }
+        }
     }
 
-    /// Sends `kind` for each message, then flushes, so they are on their way when this returns.
+    /// Sends `kind` for each message, then flushes, so they are on their way when this returns;
+    /// once more if the link broke meanwhile.
     fn reply(&self, msgs: Vec<jetstream::Message>, kind: AckKind) -> Result<(), SourceError> {
         if msgs.is_empty() {
             return Ok(());
         }
         let client = self.client.clone();
-        self.rt.run(async move {
-            for m in &msgs {
-                m.ack_with(kind).await.map_err(|e| error("acking", e))?;
-            }
-            tokio::time::timeout(REQUEST, client.flush())
-                .await
-                .map_err(|_| error("acking", "the server took no acks for 10 s"))?
-                .map_err(|e| error("acking", e))
-        })
+        self.rt
+            .run(async move { link::reply(&client, &msgs, kind, "acking", REQUEST * 2).await })
     }
 }
 
@@ -325,56 +343,21 @@ impl Source for NatsSource {
             }
         }
         let ids = self.output_ids(&commit.outputs, &commit.origins);
-        // Outputs first, each stored (the publish ack) before any input is acked.
-        let js = self.js.clone();
+        // Outputs first, each stored (the publish ack) before any input is acked; both sent
+        // again across a lost link (link.rs).
+        let (js, client) = (self.js.clone(), self.client.clone());
         let prefix = self.cfg.prefix.clone();
         let outputs = commit.outputs;
+        let resend = !self.opts.at_most_once;
+        let all: Vec<jetstream::Message> = acks.values().flat_map(|(_, m)| m.clone()).collect();
         self.rt.run(async move {
-            // A window of publishes, then their acks: async-nats lets 5,000 wait unacked.
-            let mut i = 0;
-            for chunk in outputs.chunks(1000) {
-                let mut futures = Vec::with_capacity(chunk.len());
-                for o in chunk {
-                    let extra: Vec<(&str, String)> = ids
-                        .get(i)
-                        .cloned()
-                        .flatten()
-                        .map(|id| ("Nats-Msg-Id", id))
-                        .into_iter()
-                        .collect();
-                    i += 1;
-                    let f = js
-                        .publish_with_headers(
-                            format!("{prefix}{}", o.topic),
-                            super::headers(&o.record, &extra),
-                            o.record.payload.clone().into(),
-                        )
-                        .await
-                        .map_err(|e| error("publishing outputs", e))?;
-                    futures.push(f);
-                }
-                for f in futures {
-                    tokio::time::timeout(REQUEST, f)
-                        .await
-                        .map_err(|_| error("publishing outputs", "no ack in 10 s"))?
-                        .map_err(|e| error("publishing outputs", e))?;
-                }
+            link::publish(&js, &prefix, &outputs, &ids, resend).await?;
+            link::reply(&client, &all, AckKind::Ack, "acking", RETRY_FOR).await?;
+            for (m, delay) in naks {
+                let kind = AckKind::Nak(Some(delay));
+                link::reply(&client, &[m], kind, "handing a retry back", RETRY_FOR).await?;
             }
             Ok::<_, SourceError>(())
-        })?;
-        let all: Vec<jetstream::Message> = acks.values().flat_map(|(_, m)| m.clone()).collect();
-        self.reply(all, AckKind::Ack)?;
-        let client = self.client.clone();
-        self.rt.run(async move {
-            for (m, delay) in &naks {
-                m.ack_with(AckKind::Nak(Some(*delay)))
-                    .await
-                    .map_err(|e| error("handing a retry back", e))?;
-            }
-            tokio::time::timeout(REQUEST, client.flush())
-                .await
-                .map_err(|_| error("handing a retry back", "no answer for 10 s"))?
-                .map_err(|e| error("handing a retry back", e))
         })?;
         let mut q = self.queues.lock().expect("queues");
         for (t, (seqs, _)) in acks {

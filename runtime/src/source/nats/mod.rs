@@ -23,6 +23,7 @@
 pub mod bench;
 mod broker;
 mod consumer;
+mod link;
 
 use super::{Capabilities, Record, Settle, SourceError};
 use std::time::Duration;

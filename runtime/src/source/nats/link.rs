@@ -1,0 +1,154 @@
+//! Writes to JetStream that outlast a lost link: async-nats reconnects by itself, and what a
+//! commit sent while the link was down is sent again on the new one, for up to a minute.
+//!
+//! Both are safe to send twice: an output carries its `Nats-Msg-Id`, which the stream's
+//! duplicate window drops when it comes again, and an ack (or `NAK`) of a message already
+//! settled changes nothing. Outputs without an id (a batch handler's) may be stored twice, as
+//! at-least-once allows; at-most-once sends none again (it may lose, never double).
+
+use super::error;
+use crate::source::{Output, SourceError};
+use async_nats::jetstream::{self, AckKind, context::PublishErrorKind};
+use std::time::{Duration, Instant};
+
+/// How long a request (a publish's ack, a flush, a consumer's info) may take.
+pub(super) const REQUEST: Duration = Duration::from_secs(10);
+/// How long a write whose link broke is tried again before the error is the run's.
+pub(super) const RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// Whether a failed publish may succeed on the next try: the link or the server's answer was
+/// lost, or the client has too many publishes waiting. A missing stream or an oversized message
+/// stays so.
+fn transient(kind: PublishErrorKind) -> bool {
+    matches!(
+        kind,
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::MaxAckPending
+            | PublishErrorKind::Other
+    )
+}
+
+/// Waits before the next try: 50 ms, doubling up to 2 s; `Err` once `RETRY_FOR` has passed.
+async fn pause(
+    what: &str,
+    start: Instant,
+    pause: &mut Duration,
+    e: &str,
+) -> Result<(), SourceError> {
+    if start.elapsed() >= RETRY_FOR {
+        return Err(error(what, format!("{e} (tried again for {RETRY_FOR:?})")));
+    }
+    tracing::warn!(error = %e, "NATS: {what} failed; trying again once the link is back");
+    tokio::time::sleep(*pause).await;
+    *pause = (*pause * 2).min(Duration::from_secs(2));
+    Ok(())
+}
+
+/// Publishes `outputs` (the `i`th with `ids[i]` as its `Nats-Msg-Id`, where it has one),
+/// windows of 1,000 at a time, and waits for each to be stored. Those whose publish or ack
+/// failed on the link are published again. `resend` false (at-most-once): they are dropped
+/// with a warning instead. Returns how many were dropped.
+pub(super) async fn publish(
+    js: &jetstream::Context,
+    prefix: &str,
+    outputs: &[Output],
+    ids: &[Option<String>],
+    resend: bool,
+) -> Result<usize, SourceError> {
+    const WHAT: &str = "publishing outputs";
+    let (start, mut wait) = (Instant::now(), Duration::from_millis(50));
+    let mut todo: Vec<usize> = (0..outputs.len()).collect();
+    loop {
+        let mut failed: Vec<usize> = Vec::new();
+        let mut last = String::new();
+        for chunk in todo.chunks(1000) {
+            // A window of publishes, then their acks: async-nats lets 5,000 wait unacked.
+            let mut acks = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                let o = &outputs[i];
+                let extra: Vec<(&str, String)> = ids
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .map(|id| ("Nats-Msg-Id", id))
+                    .into_iter()
+                    .collect();
+                let sent = tokio::time::timeout(
+                    REQUEST,
+                    js.publish_with_headers(
+                        format!("{prefix}{}", o.topic),
+                        super::headers(&o.record, &extra),
+                        o.record.payload.clone().into(),
+                    ),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(ack)) => acks.push((i, ack)),
+                    Ok(Err(e)) if !transient(e.kind()) => return Err(error(WHAT, e)),
+                    Ok(Err(e)) => {
+                        last = e.to_string();
+                        failed.push(i);
+                    }
+                    Err(_) => {
+                        last = "the client took no publish for 10 s".into();
+                        failed.push(i);
+                    }
+                }
+            }
+            for (i, ack) in acks {
+                match tokio::time::timeout(REQUEST, ack).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) if !transient(e.kind()) => return Err(error(WHAT, e)),
+                    Ok(Err(e)) => {
+                        last = e.to_string();
+                        failed.push(i);
+                    }
+                    Err(_) => {
+                        last = "no ack in 10 s".into();
+                        failed.push(i);
+                    }
+                }
+            }
+        }
+        if failed.is_empty() {
+            return Ok(0);
+        }
+        if !resend {
+            tracing::warn!(outputs = failed.len(), error = %last, "NATS: outputs whose publish was not confirmed are not sent again (at-most-once); they may be lost");
+            return Ok(failed.len());
+        }
+        failed.sort_unstable();
+        pause(WHAT, start, &mut wait, &last).await?;
+        todo = failed;
+    }
+}
+
+/// Sends `kind` for each message and flushes; while the flush fails (the link is down), sends
+/// them all again, for up to `patience`.
+pub(super) async fn reply(
+    client: &async_nats::Client,
+    msgs: &[jetstream::Message],
+    kind: AckKind,
+    what: &str,
+    patience: Duration,
+) -> Result<(), SourceError> {
+    let (start, mut wait) = (Instant::now(), Duration::from_millis(50));
+    loop {
+        let sent = tokio::time::timeout(REQUEST, async {
+            for m in msgs {
+                m.ack_with(kind).await.map_err(|e| e.to_string())?;
+            }
+            client.flush().await.map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|_| Err("the server took nothing for 10 s".into()));
+        match sent {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() + wait < patience => {
+                pause(what, start, &mut wait, &e).await?
+            }
+            Err(e) => return Err(error(what, e)),
+        }
+    }
+}
