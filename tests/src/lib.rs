@@ -8,6 +8,7 @@ mod logs;
 mod measure;
 mod net;
 mod proxy;
+mod tls;
 
 pub use brokers::*;
 pub use guests::*;
@@ -15,6 +16,7 @@ pub use logs::*;
 pub use measure::*;
 pub use net::*;
 pub use proxy::*;
+pub use tls::*;
 
 use serde_json::Value;
 use std::collections::HashMap;

@@ -23,3 +23,4 @@ mod redis;
 mod reload;
 mod scaling;
 mod shared_dedupe;
+mod tls;

@@ -217,7 +217,7 @@ mod tests {
             ),
             (Some("AMQPS://host"), Ok(Kind::RabbitMq)),
             (Some("redis://127.0.0.1:6379"), Ok(Kind::Redis)),
-            (Some("rediss://127.0.0.1:6379"), Err("TLS to Redis")),
+            (Some("rediss://127.0.0.1:6379"), Ok(Kind::Redis)),
             (Some("nats://127.0.0.1:4222"), Ok(Kind::Nats)),
             (Some("sqs://us-east-1"), Err("not supported yet")),
             (Some("mqtt://x"), Err("unknown broker")),

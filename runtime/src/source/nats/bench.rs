@@ -26,9 +26,10 @@ pub fn bare(
         .build()
         .map_err(|e| error("starting a runtime", e))?;
     let (stream, subject) = (cfg.stream(input), cfg.subject(output));
-    let url = cfg.url.clone();
+    let (url, options) = (cfg.url.clone(), cfg.options());
     rt.block_on(async move {
-        let client = async_nats::connect(url.as_str())
+        let client = options
+            .connect(url.as_str())
             .await
             .map_err(|e| error("connecting", e))?;
         let js = jetstream::new(client.clone());

@@ -54,7 +54,7 @@ pub struct NatsBroker {
 impl NatsBroker {
     pub fn connect(cfg: NatsConfig) -> Result<NatsBroker, SourceError> {
         let rt = Rt::new("weir-nats").map_err(|e| error("starting the NATS runtime", e))?;
-        let client = connect(&rt, &cfg.url)?;
+        let client = connect(&rt, &cfg)?;
         Ok(NatsBroker {
             js: context(&rt, &client),
             client,

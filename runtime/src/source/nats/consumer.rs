@@ -44,11 +44,11 @@ pub struct NatsSource {
     pull_failing: Mutex<Option<Instant>>,
 }
 
-/// Connects to `url` on `rt`.
-pub(super) fn connect(rt: &Rt, url: &str) -> Result<async_nats::Client, SourceError> {
-    let url = url.to_string();
+/// Connects on `rt` as `cfg` says (TLS, if asked for or if the server requires it).
+pub(super) fn connect(rt: &Rt, cfg: &NatsConfig) -> Result<async_nats::Client, SourceError> {
+    let cfg = cfg.clone();
     rt.run(async move {
-        tokio::time::timeout(REQUEST, async_nats::connect(url.as_str()))
+        tokio::time::timeout(REQUEST, cfg.options().connect(cfg.url.as_str()))
             .await
             .map_err(|_| error("connecting", "no answer in 10 s"))?
             .map_err(|e| error("connecting", e))
@@ -66,7 +66,7 @@ impl NatsSource {
     /// it is missing. (Requeue mode needs no retry stream: a retry is a delayed `NAK`.)
     pub fn start(cfg: NatsConfig, opts: &ConsumerOptions) -> Result<NatsSource, SourceError> {
         let rt = Rt::new("weir-nats").map_err(|e| error("starting the NATS runtime", e))?;
-        let client = connect(&rt, &cfg.url)?;
+        let client = connect(&rt, &cfg)?;
         let js = context(&rt, &client);
         let cfg_ack_wait_ms = cfg.ack_wait.as_millis() as u64;
         let s = NatsSource {

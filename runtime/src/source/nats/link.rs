@@ -60,6 +60,7 @@ pub(super) async fn publish(
     let (start, mut wait) = (Instant::now(), Duration::from_millis(50));
     let mut todo: Vec<usize> = (0..outputs.len()).collect();
     loop {
+        tracing::debug!(outputs = todo.len(), "NATS: publishing");
         let mut failed: Vec<usize> = Vec::new();
         let mut last = String::new();
         for chunk in todo.chunks(1000) {
@@ -87,20 +88,30 @@ pub(super) async fn publish(
                     Ok(Ok(ack)) => acks.push((i, ack)),
                     Ok(Err(e)) if !transient(e.kind()) => return Err(error(WHAT, e)),
                     Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "NATS: a publish failed");
                         last = e.to_string();
                         failed.push(i);
                     }
                     Err(_) => {
+                        tracing::debug!("NATS: a publish was not taken in 10 s");
                         last = "the client took no publish for 10 s".into();
                         failed.push(i);
                     }
                 }
             }
-            for (i, ack) in acks {
-                match tokio::time::timeout(REQUEST, ack).await {
+            // Awaited together: after a lost link each lost ack takes its whole timeout, and
+            // one after another they held a commit for minutes.
+            let answers = futures_util::future::join_all(
+                acks.into_iter()
+                    .map(|(i, ack)| async move { (i, tokio::time::timeout(REQUEST, ack).await) }),
+            )
+            .await;
+            for (i, answer) in answers {
+                match answer {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) if !transient(e.kind()) => return Err(error(WHAT, e)),
                     Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "NATS: a publish's ack failed");
                         last = e.to_string();
                         failed.push(i);
                     }
@@ -135,6 +146,7 @@ pub(super) async fn reply(
 ) -> Result<(), SourceError> {
     let (start, mut wait) = (Instant::now(), Duration::from_millis(50));
     loop {
+        tracing::debug!(messages = msgs.len(), ?kind, "NATS: settling");
         let sent = tokio::time::timeout(REQUEST, async {
             for m in msgs {
                 m.ack_with(kind).await.map_err(|e| e.to_string())?;

@@ -81,6 +81,10 @@ pub struct NatsConfig {
     pub ack_wait: Duration,
     /// How long one pull waits for messages.
     pub block: Duration,
+    /// TLS: required (`tls=true`, or any TLS file given), and a CA, a client certificate and
+    /// key.
+    pub require_tls: bool,
+    pub tls: super::tls::TlsFiles,
 }
 
 impl NatsConfig {
@@ -90,6 +94,8 @@ impl NatsConfig {
             prefix: String::new(),
             ack_wait: Duration::from_secs(30),
             block: Duration::from_millis(100),
+            require_tls: false,
+            tls: Default::default(),
         };
         spec.url.parse::<async_nats::ServerAddr>().map_err(|e| {
             SourceError::Invalid(format!(
@@ -98,7 +104,21 @@ impl NatsConfig {
             ))
         })?;
         for (k, v) in &spec.properties {
+            if cfg.tls.take(k, v)? {
+                continue;
+            }
             match k.as_str() {
+                "tls" => {
+                    cfg.require_tls = match v.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(SourceError::Invalid(format!(
+                                "--source-property tls={v}: pass true or false"
+                            )));
+                        }
+                    }
+                }
                 "prefix" => {
                     if !v.is_empty() && subject_problem(v.trim_end_matches('.')).is_some() {
                         return Err(SourceError::Invalid(format!(
@@ -119,12 +139,28 @@ impl NatsConfig {
                 }
                 _ => {
                     return Err(SourceError::Invalid(format!(
-                        "--source-property {k}: NATS takes prefix=NAME and ack-wait=DURATION (30s)"
+                        "--source-property {k}: NATS takes prefix=NAME, ack-wait=DURATION (30s), \
+                         tls=true, and ca=, cert= and key= (PEM files)"
                     )));
                 }
             }
         }
+        cfg.tls.check()?;
+        cfg.require_tls |= cfg.tls.any();
         Ok(cfg)
+    }
+
+    /// How a client connects: TLS if asked for (or if the server requires it), with the files
+    /// given.
+    pub(crate) fn options(&self) -> async_nats::ConnectOptions {
+        let mut o = async_nats::ConnectOptions::new().require_tls(self.require_tls);
+        if let Some(ca) = &self.tls.ca {
+            o = o.add_root_certificates(ca.clone());
+        }
+        if let (Some(c), Some(k)) = (&self.tls.cert, &self.tls.key) {
+            o = o.add_client_certificate(c.clone(), k.clone());
+        }
+        o
     }
 
     /// The subject of `topic`.

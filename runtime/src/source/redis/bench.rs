@@ -21,7 +21,7 @@ pub fn bare(
     batch: usize,
 ) -> Result<Duration, SourceError> {
     let err = |what: &'static str| move |e: redis::RedisError| error(what, e);
-    let client = redis::Client::open(cfg.url.as_str()).map_err(err("connecting"))?;
+    let client = cfg.client()?;
     let mut c = client.get_connection().map_err(err("connecting"))?;
     let (input, output) = (cfg.key(input), cfg.key(output));
     match redis::cmd("XGROUP")

@@ -63,10 +63,7 @@ pub struct RedisBroker {
 
 impl RedisBroker {
     pub fn connect(cfg: RedisConfig) -> Result<RedisBroker, SourceError> {
-        let conns = Conns::new(
-            &cfg.url,
-            format!("weir-cli:{}", cfg.prefix).replace(' ', "_"),
-        )?;
+        let conns = Conns::new(&cfg, format!("weir-cli:{}", cfg.prefix).replace(' ', "_"))?;
         // Connect now, so a wrong address is the command's first error.
         conns.with("connecting", |c| redis::cmd("PING").query::<()>(c))?;
         Ok(RedisBroker {

@@ -22,6 +22,9 @@ pub(super) struct Conns {
     /// A stack of idle connections: a call takes one (or connects) and puts it back unless it
     /// failed. (A pool crate such as r2d2 adds a reaper thread and settings this does not need.)
     idle: Mutex<Vec<redis::Connection>>,
+    /// Whether a connection was ever made: until one is, a failure is the caller's at once (a
+    /// wrong address, certificate or password), not a link to wait for.
+    connected: std::sync::atomic::AtomicBool,
 }
 
 /// Whether `e` says the link broke (the request may or may not have run) rather than the
@@ -31,12 +34,13 @@ pub(super) fn is_link(e: &redis::RedisError) -> bool {
 }
 
 impl Conns {
-    pub(super) fn new(url: &str, name: String) -> Result<Conns, SourceError> {
-        let client = redis::Client::open(url).map_err(|e| error("reading the URL", e))?;
+    pub(super) fn new(cfg: &super::RedisConfig, name: String) -> Result<Conns, SourceError> {
+        let client = cfg.client()?;
         Ok(Conns {
             client,
             name,
             idle: Mutex::new(Vec::new()),
+            connected: Default::default(),
         })
     }
 
@@ -49,6 +53,8 @@ impl Conns {
             .arg("SETNAME")
             .arg(&self.name)
             .query::<()>(&mut c)?;
+        self.connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(c)
     }
 
@@ -73,7 +79,7 @@ impl Conns {
     }
 
     /// Runs `f`, again on a new connection while the link is what fails (a restart, a network
-    /// cut), for up to a minute; `what` names the request in the error. Only for requests that
+    /// cut), for up to a minute, once a first connection was made; `what` names the request in the error. Only for requests that
     /// may run twice: reads, and writes that check before they change anything.
     pub(super) fn with<T>(
         &self,
@@ -85,7 +91,11 @@ impl Conns {
         loop {
             match self.once(&mut f) {
                 Ok(v) => return Ok(v),
-                Err(e) if is_link(&e) && start.elapsed() < RETRY_FOR => {
+                Err(e)
+                    if is_link(&e)
+                        && self.connected.load(std::sync::atomic::Ordering::Relaxed)
+                        && start.elapsed() < RETRY_FOR =>
+                {
                     tracing::warn!(error = %e, "Redis: {what} failed; trying again on a new connection");
                     self.idle.lock().expect("redis connections").clear();
                     std::thread::sleep(pause);

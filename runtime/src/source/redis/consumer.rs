@@ -74,7 +74,7 @@ impl RedisSource {
     /// from the stream's first entry). A consumed topic must exist; retry topics are created.
     pub fn start(cfg: RedisConfig, opts: &ConsumerOptions) -> Result<RedisSource, SourceError> {
         let conns = Conns::new(
-            &cfg.url,
+            &cfg,
             format!("weir:{}{}", cfg.prefix, cfg.consumer).replace(' ', "_"),
         )?;
         let s = RedisSource {

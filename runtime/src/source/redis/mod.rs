@@ -37,6 +37,7 @@ mod consumer;
 mod read;
 mod scripts;
 
+use super::tls::TlsFiles;
 use super::{Capabilities, Record, Settle, SourceError};
 use std::time::Duration;
 
@@ -96,21 +97,17 @@ pub struct RedisConfig {
     pub maxlen: Option<u64>,
     /// A read's time allowance beyond the request timeout (reads do not wait for entries).
     pub block: Duration,
+    /// With rediss://: a CA to trust, a client certificate and key.
+    pub tls: TlsFiles,
 }
 
 impl RedisConfig {
     pub fn from_spec(spec: &super::connect::SourceSpec) -> Result<RedisConfig, SourceError> {
         let url = spec.url.clone();
-        if url.to_ascii_lowercase().starts_with("rediss://") {
-            return Err(SourceError::Invalid(format!(
-                "--source {}: TLS to Redis (rediss://) is not built into weir yet; \
-                 reach Redis over redis:// (a TLS tunnel such as stunnel works meanwhile)",
-                redact(&url)
-            )));
-        }
         redis::Client::open(url.as_str()).map_err(|e| {
             SourceError::Invalid(format!(
-                "--source {}: not a Redis URL ({e}); pass redis://[user:pass@]host:port[/db]",
+                "--source {}: not a Redis URL ({e}); pass redis://[user:pass@]host:port[/db] \
+                 (rediss:// for TLS)",
                 redact(&url)
             ))
         })?;
@@ -128,11 +125,15 @@ impl RedisConfig {
             claim_idle: Duration::from_secs(30),
             maxlen: None,
             block: Duration::from_millis(100),
+            tls: TlsFiles::default(),
         };
         let bad = |k: &str, v: &str, what: &str| {
             SourceError::Invalid(format!("--source-property {k}={v}: {what}"))
         };
         for (k, v) in &spec.properties {
+            if cfg.tls.take(k, v)? {
+                continue;
+            }
             match k.as_str() {
                 "prefix" => cfg.prefix = v.clone(),
                 "consumer" if !v.is_empty() => cfg.consumer = v.clone(),
@@ -154,12 +155,46 @@ impl RedisConfig {
                 _ => {
                     return Err(SourceError::Invalid(format!(
                         "--source-property {k}: Redis takes prefix=NAME, consumer=NAME, \
-                         claim-idle=DURATION (30s) and maxlen=N"
+                         claim-idle=DURATION (30s), maxlen=N, and with rediss:// ca=, cert= \
+                         and key= (PEM files)"
                     )));
                 }
             }
         }
+        cfg.tls.check()?;
+        if cfg.tls.any() && !cfg.url.to_ascii_lowercase().starts_with("rediss://") {
+            return Err(SourceError::Invalid(format!(
+                "--source {}: ca=, cert= and key= are for TLS: use rediss://",
+                redact(&cfg.url)
+            )));
+        }
         Ok(cfg)
+    }
+
+    /// A client for the URL, with the TLS files if any were given (else the system's roots).
+    pub(crate) fn client(&self) -> Result<redis::Client, SourceError> {
+        if !self.tls.any() {
+            return redis::Client::open(self.url.as_str()).map_err(|e| error("reading the URL", e));
+        }
+        let root_cert = match &self.tls.ca {
+            Some(p) => Some(super::tls::read("ca", p)?),
+            None => None,
+        };
+        let client_tls = match (&self.tls.cert, &self.tls.key) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: super::tls::read("cert", c)?,
+                client_key: super::tls::read("key", k)?,
+            }),
+            _ => None,
+        };
+        redis::Client::build_with_tls(
+            self.url.as_str(),
+            redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            },
+        )
+        .map_err(|e| error("reading the TLS files", e))
     }
 
     /// The stream key of `topic`.
