@@ -42,7 +42,12 @@ impl NatsNs {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let server = NatsNs::url();
-        let server = server.split("://").last().unwrap_or(&server).to_string();
+        // host:port, without the scheme or credentials.
+        let server = server
+            .rsplit(['/', '@'])
+            .next()
+            .unwrap_or(&server)
+            .to_string();
         NatsNs {
             prefix: format!("wt{}-{n}-{}.", std::process::id(), crate::now_ms()),
             relay: crate::Relay::new(&server),

@@ -212,7 +212,10 @@ impl Weir {
         match &self.broker {
             Broker::Rabbit(v) => v.close_connections(),
             Broker::Redis(ns) => ns.close_connections(),
-            Broker::Nats(ns) => ns.relay.cut(outage),
+            Broker::Nats(ns) => {
+                let closed = ns.relay.cut(outage);
+                assert!(closed > 0, "the relay had no link of weir's to cut");
+            }
             Broker::Mock(c) => {
                 c.broker_down(1).expect("take the mock broker down");
                 // The outage itself, not a wait for something: weir meets a broker that is gone.

@@ -2,18 +2,28 @@
 //! tests cannot ask to drop a client (nats-server 2.9 has no "kick"). Weir is given the relay's
 //! address; the test's own clients go to the broker directly.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Listens on 127.0.0.1 (a free port) and relays each connection to `upstream`; lives as long as
-/// the test (its threads end with the process).
+#[derive(Default)]
+struct Links {
+    /// Refusing connections (the broker is "gone").
+    down: bool,
+    next: u64,
+    /// The relayed connections open now: both ends of each.
+    open: HashMap<u64, [TcpStream; 2]>,
+}
+
+/// Listens on 127.0.0.1 (a free port) and relays each connection to `upstream`; stops
+/// listening when dropped.
 pub struct Relay {
-    addr: String,
-    down: Arc<AtomicBool>,
-    live: Arc<Mutex<Vec<TcpStream>>>,
+    addr: SocketAddr,
+    links: Arc<Mutex<Links>>,
+    gone: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -24,18 +34,19 @@ impl Relay {
             .next()
             .unwrap_or_else(|| panic!("{upstream} has no address"));
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind a relay port");
-        let addr = listener
-            .local_addr()
-            .expect("the relay's address")
-            .to_string();
-        let down = Arc::new(AtomicBool::new(false));
-        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (d, l) = (down.clone(), live.clone());
+        let addr = listener.local_addr().expect("the relay's address");
+        let links: Arc<Mutex<Links>> = Arc::default();
+        let gone = Arc::new(AtomicBool::new(false));
+        let (l, g) = (links.clone(), gone.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
+                if g.load(Ordering::SeqCst) {
+                    break;
+                }
                 let Ok(client) = client else { continue };
-                if d.load(Ordering::SeqCst) {
-                    // The broker is "gone": the connection is refused by closing it.
+                // Decided and registered under one lock, so a cut closes every link it lets in.
+                let mut links = l.lock().expect("links");
+                if links.down {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 }
@@ -46,41 +57,60 @@ impl Relay {
                 };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                {
-                    let mut l = l.lock().expect("live");
-                    for s in [&client, &server] {
-                        if let Ok(c) = s.try_clone() {
-                            l.push(c);
-                        }
-                    }
-                }
-                pipe(&client, &server);
-                pipe(&server, &client);
+                let (Ok(c), Ok(s)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                let id = links.next;
+                links.next += 1;
+                links.open.insert(id, [c, s]);
+                drop(links);
+                pipe(&client, &server, None);
+                pipe(&server, &client, Some((l.clone(), id)));
             }
         });
-        Relay { addr, down, live }
+        Relay { addr, links, gone }
     }
 
     /// host:port of the relay.
-    pub fn addr(&self) -> &str {
-        &self.addr
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
     }
 
     /// Closes every relayed connection, refuses new ones for `outage`, then lets them through
-    /// again.
-    pub fn cut(&self, outage: Duration) {
-        self.down.store(true, Ordering::SeqCst);
-        for s in self.live.lock().expect("live").drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+    /// again; returns how many connections it closed.
+    pub fn cut(&self, outage: Duration) -> usize {
+        let closed = {
+            let mut links = self.links.lock().expect("links");
+            links.down = true;
+            let open = std::mem::take(&mut links.open);
+            for [c, s] in open.values() {
+                let _ = c.shutdown(Shutdown::Both);
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            open.len()
+        };
         // The outage itself, not a wait for something: weir meets a broker that is gone.
         std::thread::sleep(outage);
-        self.down.store(false, Ordering::SeqCst);
+        self.links.lock().expect("links").down = false;
+        closed
     }
 }
 
-/// Copies `from` to `to` on a thread of its own until either side closes.
-fn pipe(from: &TcpStream, to: &TcpStream) {
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.gone.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so it sees `gone` and ends (closing the listener).
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        for [c, s] in self.links.lock().expect("links").open.values() {
+            let _ = c.shutdown(Shutdown::Both);
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own until either side closes; `done`, if given,
+/// forgets the link when it ends.
+fn pipe(from: &TcpStream, to: &TcpStream, done: Option<(Arc<Mutex<Links>>, u64)>) {
     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
         return;
     };
@@ -98,5 +128,8 @@ fn pipe(from: &TcpStream, to: &TcpStream) {
         }
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
+        if let Some((links, id)) = done {
+            links.lock().expect("links").open.remove(&id);
+        }
     });
 }

@@ -4,6 +4,7 @@
 //! the same delivery semantics: outputs, retries, the dead-letter envelope, at-least-once under
 //! `kill -9`, requeue mode, `--drain` and `weir dlq`. A new source is done when it passes this suite.
 
+use super::conformance_links::a_lost_link_costs_a_reconnect;
 use std::collections::HashMap;
 use std::time::Duration;
 use weir_tests::{
@@ -535,86 +536,4 @@ fn each_key_keeps_its_order(w: Weir) {
         let expected: Vec<usize> = (0..N).filter(|i| i % KEYS == k).collect();
         assert_eq!(seqs, &expected, "key {key} out of order");
     }
-}
-
-/// A lost link to the broker costs a reconnect, never the run: twice while a run drains the
-/// orders, the broker drops weir's connections (RabbitMQ and Redis close them; NATS's are cut
-/// at a relay that refuses new ones for 8 s; the mock Kafka cluster's
-/// broker goes down for 8 s, past the tests' 6 s session timeout: the group takes the
-/// partition away and gives it back, and `--drain` must not take "none of mine left" for
-/// "done", as it did, exiting 0 with most of the orders uncommitted). The run exits 0 with every order confirmed (at least
-/// once; with how many twice per source in tests/tests/rabbitmq_commits.rs).
-fn a_lost_link_costs_a_reconnect(w: Weir) {
-    const OUTAGE: Duration = Duration::from_secs(8);
-    // Enough that both losses land mid-run; on a queue, reading the confirmations back (each
-    // taken and put back) costs 5 ms apiece, so fewer.
-    let n = if w.on_queue() {
-        scaled(5_000, 5_000)
-    } else {
-        scaled(20_000, 20_000)
-    };
-    w.create_topic("orders", 1);
-    w.create_topic("confirmations", 1);
-    w.ok(&["produce", "orders", "--count", &n.to_string()]);
-    let log = w.path("run.log");
-    let mut run = w.spawn_logged(
-        &[
-            "run",
-            "--module",
-            guest("orders").to_str().unwrap(),
-            "--topic",
-            "orders",
-            "--group",
-            "g",
-            "--max-in-flight",
-            "200",
-            "--drain",
-            "--json",
-        ],
-        &log,
-    );
-    let text = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_until("a tenth is confirmed", Duration::from_secs(120), || {
-        assert!(run.is_running(), "the run ended early:\n{}", text());
-        w.end("confirmations") >= n / 10
-    });
-    let at_loss = w.end("confirmations");
-    assert!(
-        at_loss < n,
-        "the run finished before the link was lost; the test proves nothing"
-    );
-    w.lose_links(OUTAGE);
-    // Going on after it (the link is back), and then lost again.
-    wait_until(
-        "orders are confirmed after the loss",
-        Duration::from_secs(120),
-        || {
-            assert!(
-                run.is_running() || w.end("confirmations") >= n,
-                "the run ended early:\n{}",
-                text()
-            );
-            w.end("confirmations") >= (at_loss + n / 20).min(n)
-        },
-    );
-    if run.is_running() {
-        w.lose_links(OUTAGE);
-    }
-    wait_until("the run drains", Duration::from_secs(180), || {
-        !run.is_running()
-    });
-    let out = run.wait();
-    assert!(out.status.success(), "the run failed:\n{}", text());
-    let per_id = w.confirmations_per_id();
-    let missing: Vec<u64> = (0..n)
-        .filter(|i| !per_id.contains_key(&format!("m-{i}")))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} orders never confirmed, e.g. {:?}; (end, committed) of orders: {:?}; the run's log:\n{}",
-        missing.len(),
-        &missing[..missing.len().min(5)],
-        (!w.on_queue()).then(|| w.offsets("orders", "g")),
-        text()
-    );
 }

@@ -6,6 +6,7 @@ mod admin_plane;
 mod bad_input;
 mod bench;
 mod conformance;
+mod conformance_links;
 mod crash;
 mod dedupe;
 mod embedded;

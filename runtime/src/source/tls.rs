@@ -1,6 +1,7 @@
 //! The TLS files a source takes as `--source-property` (`ca=`, `cert=`, `key=`), the same on
-//! every broker that has them: a CA to trust besides the system's (a private CA, a self-signed
-//! server), and a client certificate with its key for servers that ask for one (mutual TLS).
+//! every broker that has them: a CA to trust instead of the system's roots (a private CA, a
+//! self-signed server), and a client certificate with its key for servers that ask for one
+//! (mutual TLS).
 
 use super::SourceError;
 use std::path::PathBuf;

@@ -40,8 +40,8 @@ pub struct NatsSource {
     /// The lease: the shortest `ack_wait` of the group's consumers (one made by another tool
     /// keeps its own).
     lease_ms: std::sync::atomic::AtomicU64,
-    /// Since when pulls have failed (a lost link), if they do.
-    pull_failing: Mutex<Option<Instant>>,
+    /// Per topic, since when its pulls have failed, if they do.
+    pull_failing: Mutex<HashMap<String, Instant>>,
 }
 
 /// Connects on `rt` as `cfg` says (TLS, if asked for or if the server requires it).
@@ -80,7 +80,7 @@ impl NatsSource {
             known: Mutex::new(HashSet::new()),
             streams: Mutex::new(HashMap::new()),
             lease_ms: std::sync::atomic::AtomicU64::new(cfg_ack_wait_ms),
-            pull_failing: Mutex::new(None),
+            pull_failing: Mutex::new(HashMap::new()),
         };
         for t in &opts.topics {
             s.consumer(t)?;
@@ -194,22 +194,27 @@ impl NatsSource {
         });
         // A pull that fails on a lost link comes up empty while async-nats reconnects: the
         // engine asks again soon, and what it holds is settled once the link is back. Past
-        // RETRY_FOR the error is the run's.
+        // RETRY_FOR the error is the run's; with the link up, past REQUEST (a consumer deleted,
+        // a stream gone: not the link).
         let mut failing = self.pull_failing.lock().expect("pull_failing");
         match got {
             Ok(out) => {
-                if failing.take().is_some() {
-                    tracing::info!(topic, "NATS: pulling again after a lost link");
+                if failing.remove(topic).is_some() {
+                    tracing::info!(topic, "NATS: pulling again");
                 }
                 Ok(out)
             }
             Err(e) => {
-                let first = failing.is_none();
-                if failing.get_or_insert_with(Instant::now).elapsed() >= RETRY_FOR {
+                let first = !failing.contains_key(topic);
+                let since = *failing
+                    .entry(topic.to_string())
+                    .or_insert_with(Instant::now);
+                let up = self.client.connection_state() == async_nats::connection::State::Connected;
+                if since.elapsed() >= if up { REQUEST } else { RETRY_FOR } {
                     return Err(e);
                 }
                 if first {
-                    tracing::warn!(topic, error = %e, "NATS: a pull failed; pulling again once the link is back");
+                    tracing::warn!(topic, error = %e, "NATS: a pull failed; pulling again");
                 }
                 Ok(Vec::new())
             }
@@ -223,8 +228,9 @@ impl NatsSource {
             return Ok(());
         }
         let client = self.client.clone();
+        let msgs: Vec<_> = msgs.into_iter().map(|m| (m, kind)).collect();
         self.rt
-            .run(async move { link::reply(&client, &msgs, kind, "acking", REQUEST * 2).await })
+            .run(async move { link::reply(&client, &msgs, "acking", REQUEST).await })
     }
 }
 
@@ -351,13 +357,11 @@ impl Source for NatsSource {
         let resend = !self.opts.at_most_once;
         let all: Vec<jetstream::Message> = acks.values().flat_map(|(_, m)| m.clone()).collect();
         self.rt.run(async move {
-            link::publish(&js, &prefix, &outputs, &ids, resend).await?;
-            link::reply(&client, &all, AckKind::Ack, "acking", RETRY_FOR).await?;
-            for (m, delay) in naks {
-                let kind = AckKind::Nak(Some(delay));
-                link::reply(&client, &[m], kind, "handing a retry back", RETRY_FOR).await?;
-            }
-            Ok::<_, SourceError>(())
+            link::publish(&client, &js, &prefix, &outputs, &ids, resend).await?;
+            // The acks, then the retries handed back (a NAK with the backoff as its delay).
+            let mut settle: Vec<_> = all.into_iter().map(|m| (m, AckKind::Ack)).collect();
+            settle.extend(naks.into_iter().map(|(m, d)| (m, AckKind::Nak(Some(d)))));
+            link::reply(&client, &settle, "acking", RETRY_FOR).await
         })?;
         let mut q = self.queues.lock().expect("queues");
         for (t, (seqs, _)) in acks {

@@ -17,16 +17,29 @@ pub(super) const REQUEST: Duration = Duration::from_secs(10);
 pub(super) const RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// Whether a failed publish may succeed on the next try: the link or the server's answer was
-/// lost, or the client has too many publishes waiting. A missing stream or an oversized message
-/// stays so.
+/// lost, the client has too many publishes waiting, or no stream answered (async-nats's
+/// "stream not found" is a 503 "no responders", which JetStream answers for a moment after a
+/// restart; weir checked the output streams at start). An oversized message or a wrong
+/// expected sequence stays so.
 fn transient(kind: PublishErrorKind) -> bool {
     matches!(
         kind,
         PublishErrorKind::TimedOut
             | PublishErrorKind::BrokenPipe
             | PublishErrorKind::MaxAckPending
+            | PublishErrorKind::StreamNotFound
             | PublishErrorKind::Other
     )
+}
+
+/// Waits until the client is connected again (async-nats reconnects by itself), up to
+/// `deadline`: sending into a client that is reconnecting only fills its queue.
+async fn connected(client: &async_nats::Client, deadline: Instant) {
+    while client.connection_state() != async_nats::connection::State::Connected
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits before the next try: 50 ms, doubling up to 2 s; `Err` once `RETRY_FOR` has passed.
@@ -50,6 +63,7 @@ async fn pause(
 /// failed on the link are published again. `resend` false (at-most-once): they are dropped
 /// with a warning instead. Returns how many were dropped.
 pub(super) async fn publish(
+    client: &async_nats::Client,
     js: &jetstream::Context,
     prefix: &str,
     outputs: &[Output],
@@ -57,13 +71,46 @@ pub(super) async fn publish(
     resend: bool,
 ) -> Result<usize, SourceError> {
     const WHAT: &str = "publishing outputs";
+    // One deadline for the whole: each send and each ack waits up to its own timeout, and a
+    // window of them one after another must not outlast RETRY_FOR.
+    let deadline = Instant::now() + RETRY_FOR + REQUEST;
+    tokio::time::timeout_at(
+        deadline.into(),
+        publish_until(client, js, prefix, outputs, ids, resend, deadline),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(error(
+            WHAT,
+            format!("not all stored after trying for {RETRY_FOR:?}"),
+        ))
+    })
+}
+
+async fn publish_until(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    prefix: &str,
+    outputs: &[Output],
+    ids: &[Option<String>],
+    resend: bool,
+    deadline: Instant,
+) -> Result<usize, SourceError> {
+    const WHAT: &str = "publishing outputs";
     let (start, mut wait) = (Instant::now(), Duration::from_millis(50));
     let mut todo: Vec<usize> = (0..outputs.len()).collect();
     loop {
+        connected(client, deadline).await;
         tracing::debug!(outputs = todo.len(), "NATS: publishing");
         let mut failed: Vec<usize> = Vec::new();
         let mut last = String::new();
         for chunk in todo.chunks(1000) {
+            if !failed.is_empty()
+                && client.connection_state() != async_nats::connection::State::Connected
+            {
+                failed.extend_from_slice(chunk);
+                continue;
+            }
             // A window of publishes, then their acks: async-nats lets 5,000 wait unacked.
             let mut acks = Vec::with_capacity(chunk.len());
             for &i in chunk {
@@ -97,6 +144,19 @@ pub(super) async fn publish(
                         last = "the client took no publish for 10 s".into();
                         failed.push(i);
                     }
+                }
+                // The link is down: the rest of the window waits for the next round rather
+                // than each waiting out its own timeout.
+                if !failed.is_empty()
+                    && client.connection_state() != async_nats::connection::State::Connected
+                {
+                    let sent: std::collections::HashSet<usize> = acks
+                        .iter()
+                        .map(|(i, _)| *i)
+                        .chain(failed.iter().copied())
+                        .collect();
+                    failed.extend(chunk.iter().filter(|i| !sent.contains(i)));
+                    break;
                 }
             }
             // Awaited together: after a lost link each lost ack takes its whole timeout, and
@@ -135,21 +195,23 @@ pub(super) async fn publish(
     }
 }
 
-/// Sends `kind` for each message and flushes; while the flush fails (the link is down), sends
-/// them all again, for up to `patience`.
+/// Sends each message's ack (`+ACK`, `-NAK` with a delay, `+WPI`...) and flushes; while the
+/// flush fails (the link is down), waits for the link and sends them all again, for up to
+/// `patience`.
 pub(super) async fn reply(
     client: &async_nats::Client,
-    msgs: &[jetstream::Message],
-    kind: AckKind,
+    msgs: &[(jetstream::Message, AckKind)],
     what: &str,
     patience: Duration,
 ) -> Result<(), SourceError> {
-    let (start, mut wait) = (Instant::now(), Duration::from_millis(50));
+    let start = Instant::now();
+    let deadline = start + patience;
+    let mut wait = Duration::from_millis(50);
     loop {
-        tracing::debug!(messages = msgs.len(), ?kind, "NATS: settling");
+        tracing::debug!(messages = msgs.len(), "NATS: settling");
         let sent = tokio::time::timeout(REQUEST, async {
-            for m in msgs {
-                m.ack_with(kind).await.map_err(|e| e.to_string())?;
+            for (m, kind) in msgs {
+                m.ack_with(*kind).await.map_err(|e| e.to_string())?;
             }
             client.flush().await.map_err(|e| e.to_string())
         })
@@ -157,8 +219,9 @@ pub(super) async fn reply(
         .unwrap_or_else(|_| Err("the server took nothing for 10 s".into()));
         match sent {
             Ok(()) => return Ok(()),
-            Err(e) if start.elapsed() + wait < patience => {
-                pause(what, start, &mut wait, &e).await?
+            Err(e) if Instant::now() + wait < deadline => {
+                pause(what, start, &mut wait, &e).await?;
+                connected(client, deadline).await;
             }
             Err(e) => return Err(error(what, e)),
         }

@@ -146,7 +146,16 @@ impl NatsConfig {
             }
         }
         cfg.tls.check()?;
-        cfg.require_tls |= cfg.tls.any();
+        if cfg.tls.any() {
+            if spec.properties.get("tls").is_some_and(|v| v == "false") {
+                return Err(SourceError::Invalid(
+                    "--source-property tls=false with ca=, cert= or key=: those are for TLS; \
+                     drop tls=false or the files"
+                        .into(),
+                ));
+            }
+            cfg.require_tls = true;
+        }
         Ok(cfg)
     }
 
