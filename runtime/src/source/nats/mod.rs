@@ -305,6 +305,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tls_properties() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, "").unwrap();
+        let pem = pem.to_str().unwrap();
+        // (properties, Ok(TLS required) or the start of the error)
+        type Case<'a> = (&'a [(&'a str, &'a str)], Result<bool, &'a str>);
+        let cases: &[Case] = &[
+            (&[], Ok(false)),
+            (&[("tls", "true")], Ok(true)),
+            (&[("ca", pem)], Ok(true)),
+            (
+                &[("tls", "false"), ("ca", pem)],
+                Err("--source-property tls=false with"),
+            ),
+            (&[("tls", "yes")], Err("--source-property tls=yes")),
+            (
+                &[("cert", pem)],
+                Err("--source-property cert=... needs key="),
+            ),
+        ];
+        for (props, want) in cases {
+            let properties = props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let spec = super::super::connect::SourceSpec {
+                url: "nats://127.0.0.1:4222".into(),
+                properties,
+                ..super::super::connect::SourceSpec::parse(
+                    Some("nats://127.0.0.1:4222"),
+                    Default::default(),
+                    "d".into(),
+                )
+                .unwrap()
+            };
+            match (NatsConfig::from_spec(&spec), want) {
+                (Ok(c), Ok(tls)) => assert_eq!(c.require_tls, *tls, "{props:?}"),
+                (Err(e), Err(start)) => assert!(e.to_string().contains(start), "{props:?}: {e}"),
+                (got, want) => panic!(
+                    "{props:?}: got {:?}, want {want:?}",
+                    got.map(|c| c.require_tls)
+                ),
+            }
+        }
+    }
+
+    #[test]
     fn subjects_and_records() {
         for (name, ok) in [
             ("orders", true),
