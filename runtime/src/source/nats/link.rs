@@ -113,7 +113,7 @@ async fn publish_until(
             }
             // A window of publishes, then their acks: async-nats lets 5,000 wait unacked.
             let mut acks = Vec::with_capacity(chunk.len());
-            for &i in chunk {
+            for (at, &i) in chunk.iter().enumerate() {
                 let o = &outputs[i];
                 let extra: Vec<(&str, String)> = ids
                     .get(i)
@@ -147,15 +147,10 @@ async fn publish_until(
                 }
                 // The link is down: the rest of the window waits for the next round rather
                 // than each waiting out its own timeout.
-                if !failed.is_empty()
+                if failed.last() == Some(&i)
                     && client.connection_state() != async_nats::connection::State::Connected
                 {
-                    let sent: std::collections::HashSet<usize> = acks
-                        .iter()
-                        .map(|(i, _)| *i)
-                        .chain(failed.iter().copied())
-                        .collect();
-                    failed.extend(chunk.iter().filter(|i| !sent.contains(i)));
+                    failed.extend_from_slice(&chunk[at + 1..]);
                     break;
                 }
             }
