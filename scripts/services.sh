@@ -2,7 +2,7 @@
 # Starts the servers the tests talk to when they do not answer: Redis (127.0.0.1:6379, shared
 # dedupe and the redis:// source), NATS with JetStream (127.0.0.1:4222, the nats:// source), RabbitMQ (127.0.0.1:5672, guest/guest, the amqp:// source; the tests make a vhost
 # of their own per test with rabbitmqctl), each from Debian's package (installed when missing),
-# and noida-db (PyPI), a Kafka-protocol broker with transactions, on 127.0.0.1:19092.
+# moto's SQS server (PyPI, 127.0.0.1:4566, the sqs:// source), and noida-db (PyPI), a Kafka-protocol broker with transactions, on 127.0.0.1:19092.
 # Sourced by test.sh (and so by CI); quick when all answer.
 #   scripts/services.sh [all|redis]   (`redis` alone for `scripts/test.sh --quick`)
 set -euo pipefail
@@ -51,6 +51,21 @@ if [[ "$services_wanted" == all ]]; then
   if [[ "$(rabbitmqctl -q eval '{ok, V} = application:get_env(rabbit, consumer_timeout), V.' 2>/dev/null)" == 2000 ]]; then
     rabbitmqctl -q eval 'application:set_env(rabbit, consumer_timeout, 1800000), application:set_env(rabbit, channel_tick_interval, 60000).' >/dev/null
   fi
+
+  echo "--- services: moto's SQS server for the sqs:// source (127.0.0.1:4566; started if it is not answering)"
+  if ! (exec 3<>/dev/tcp/127.0.0.1/4566) 2>/dev/null; then
+    if ! command -v moto_server >/dev/null; then
+      # A Debian system Python refuses pip installs (PEP 668) unless told otherwise.
+      python3 -m pip install --quiet 'moto[server]==5.2.1' 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages 'moto[server]==5.2.1'
+      if command -v pyenv >/dev/null; then pyenv rehash; fi
+    fi
+    nohup moto_server -H 127.0.0.1 -p 4566 >/tmp/weir-moto.log 2>&1 &
+    for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/4566) 2>/dev/null && break; sleep 0.1; done
+    (exec 3<>/dev/tcp/127.0.0.1/4566) 2>/dev/null \
+      || { echo "moto_server did not start: see /tmp/weir-moto.log" >&2; exit 1; }
+  fi
+  export WEIR_TEST_SQS="${WEIR_TEST_SQS:-http://127.0.0.1:4566}"
 
   echo "--- services: a Kafka-protocol broker with transactions (noida-db, 127.0.0.1:19092; started if it is not answering)"
   # The real-broker Kafka tests (two members, exactly-once across kills) run against it; the

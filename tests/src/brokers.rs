@@ -21,6 +21,8 @@ pub enum Broker {
     /// The machine's NATS with JetStream (`WEIR_TEST_NATS`, default nats://127.0.0.1:4222),
     /// under a subject prefix of the test's own.
     Nats(NatsNs),
+    /// moto's SQS server (`WEIR_TEST_SQS`), under a queue-name prefix of the test's own.
+    Sqs(crate::sqs::SqsNs),
 }
 
 /// A subject prefix made for one test (`--source-property prefix=...`); its streams are

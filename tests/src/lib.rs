@@ -8,6 +8,7 @@ mod logs;
 mod measure;
 mod net;
 mod proxy;
+pub mod sqs;
 mod tls;
 
 pub use brokers::*;
@@ -16,6 +17,7 @@ pub use logs::*;
 pub use measure::*;
 pub use net::*;
 pub use proxy::*;
+pub use sqs::SqsNs;
 pub use tls::*;
 
 use serde_json::Value;
@@ -169,6 +171,16 @@ impl Weir {
         Weir::on(Broker::Nats(NatsNs::new()))
     }
 
+    /// A test on SQS (moto's server), under a queue-name prefix of its own.
+    pub fn sqs() -> Weir {
+        Weir::on(Broker::Sqs(SqsNs::new(false)))
+    }
+
+    /// A test on SQS FIFO queues (`fifo=true`: a topic `t` is the queue `t.fifo`).
+    pub fn sqs_fifo() -> Weir {
+        Weir::on(Broker::Sqs(SqsNs::new(true)))
+    }
+
     /// A test on the machine's Redis, under a key prefix of its own.
     pub fn redis() -> Weir {
         Weir::on(Broker::Redis(RedisNs::new()))
@@ -191,18 +203,25 @@ impl Weir {
     /// The brokers' address, when the test is on Kafka.
     pub fn brokers(&self) -> Option<String> {
         match &self.broker {
-            Broker::Embedded | Broker::Rabbit(_) | Broker::Redis(_) | Broker::Nats(_) => None,
+            Broker::Embedded
+            | Broker::Rabbit(_)
+            | Broker::Redis(_)
+            | Broker::Nats(_)
+            | Broker::Sqs(_) => None,
             Broker::Mock(c) => Some(c.bootstrap_servers()),
             Broker::External(b) => Some(b.clone()),
         }
     }
 
-    /// (ready messages, consumers) of a queue of the test's RabbitMQ virtual host.
+    /// (ready messages, consumers) of a queue of the test's RabbitMQ virtual host; on SQS
+    /// (visible, in flight): either way, once the second is 0 what a killed consumer held is
+    /// back in the first.
     pub fn queue_state(&self, queue: &str) -> (u64, u64) {
-        let Broker::Rabbit(v) = &self.broker else {
-            panic!("queue_state on a test that is not on RabbitMQ")
-        };
-        queue_state(&v.url(), queue)
+        match &self.broker {
+            Broker::Rabbit(v) => queue_state(&v.url(), queue),
+            Broker::Sqs(ns) => ns.counts(queue),
+            _ => panic!("queue_state on a test that is not on a queue"),
+        }
     }
 
     /// Drops every connection weir has to the broker: RabbitMQ closes them
@@ -213,6 +232,10 @@ impl Weir {
             Broker::Rabbit(v) => v.close_connections(),
             Broker::Redis(ns) => ns.close_connections(),
             Broker::Nats(ns) => {
+                let closed = ns.relay.cut(outage);
+                assert!(closed > 0, "the relay had no link of weir's to cut");
+            }
+            Broker::Sqs(ns) => {
                 let closed = ns.relay.cut(outage);
                 assert!(closed > 0, "the relay had no link of weir's to cut");
             }
@@ -228,9 +251,28 @@ impl Weir {
         }
     }
 
+    /// The default dead-letter topic of `topic` (`in.dlq`; SQS names take no dots: `in-dlq`).
+    pub fn dlq_of(&self, topic: &str) -> String {
+        match self.broker {
+            Broker::Sqs(_) => format!("{topic}-dlq"),
+            _ => format!("{topic}.dlq"),
+        }
+    }
+
+    /// How many messages a test sends to show a property that `n` shows elsewhere: on SQS an
+    /// eighth (at least 100). moto's server, the tests' SQS, answers a call in 50 ms with a
+    /// queue nearly empty and in hundreds with thousands of messages in it (it walks every
+    /// message of a queue on each receive), so volume buys time, not proof.
+    pub fn volume(&self, n: u64) -> u64 {
+        match self.broker {
+            Broker::Sqs(_) => (n / 8).max(100),
+            _ => n,
+        }
+    }
+
     /// Whether the test's topics are queues (one partition, no offsets).
     pub fn on_queue(&self) -> bool {
-        matches!(self.broker, Broker::Rabbit(_))
+        matches!(self.broker, Broker::Rabbit(_) | Broker::Sqs(_))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -267,6 +309,20 @@ impl Weir {
             c.args(["--source", &ns.weir_url()])
                 .args(["--source-property", &format!("prefix={}", ns.prefix)])
                 .args(["--source-property", "ack-wait=2s"]);
+        }
+        if let Broker::Sqs(ns) = &self.broker {
+            // Queues weir creates hide a received message for 20 s rather than 30, so a killed
+            // process's messages come back sooner (moto answers in tens of milliseconds, at
+            // times hundreds: much less has held messages expire between renewals). Two
+            // receivers: moto serves one request at a time.
+            c.args(["--source", &format!("sqs://{}", sqs::REGION)])
+                .args(["--source-property", &format!("prefix={}", ns.prefix)])
+                .args(["--source-property", "visibility=20s"])
+                .args(["--source-property", "receivers=2"]);
+            if ns.fifo {
+                c.args(["--source-property", "fifo=true"]);
+            }
+            c.envs(ns.env());
         }
         c.args(args)
             .env(
@@ -328,7 +384,7 @@ impl Weir {
         // A queue or a Redis stream has no partitions: the same test runs on one.
         let one = matches!(
             self.broker,
-            Broker::Rabbit(_) | Broker::Redis(_) | Broker::Nats(_)
+            Broker::Rabbit(_) | Broker::Redis(_) | Broker::Nats(_) | Broker::Sqs(_)
         );
         let partitions = if one { 1 } else { partitions };
         self.ok(&[
@@ -341,8 +397,13 @@ impl Weir {
     }
 
     /// Every message of `topic`, as `weir consume --json` prints them.
+    /// On SQS FIFO queues, which cannot be read without taking, they are taken (deleted).
     pub fn messages(&self, topic: &str) -> Vec<Value> {
-        let out = self.ok(&["consume", topic, "--from-beginning", "--json"]);
+        let out = if matches!(&self.broker, Broker::Sqs(ns) if ns.fifo) {
+            self.ok(&["consume", topic, "--group", "harness", "--json"])
+        } else {
+            self.ok(&["consume", topic, "--from-beginning", "--json"])
+        };
         String::from_utf8(out.stdout)
             .expect("consume prints UTF-8")
             .lines()

@@ -35,22 +35,26 @@ macro_rules! on_every_source {
     (@weir rabbitmq) => { weir_tests::Weir::rabbitmq() };
     (@weir redis) => { weir_tests::Weir::redis() };
     (@weir nats) => { weir_tests::Weir::nats() };
+    (@weir sqs) => { weir_tests::Weir::sqs() };
+    (@weir sqs_fifo) => { weir_tests::Weir::sqs_fifo() };
 }
 
-// NATS JetStream runs every behaviour but these: requeue mode there is a NAK with the delay,
-// no retry topic (tests/tests/nats.rs), and it has no transactions for `--exactly-once`
-// (exactly-once outputs there come from `--dedupe` and `Nats-Msg-Id`: tests/tests/nats.rs).
+// NATS JetStream and SQS run every behaviour but these: requeue mode there is a delayed
+// redelivery (a NAK with the delay, a visibility change), no retry topic (tests/tests/nats.rs,
+// tests/tests/sqs.rs), and they have no transactions for `--exactly-once` (exactly-once
+// outputs there come from `--dedupe` with `Nats-Msg-Id` or SQS FIFO deduplication ids). Order
+// per key on SQS needs FIFO queues (`sqs_fifo`): a standard queue keeps no order.
 on_every_source!(
-    every_input_has_its_output_once: [embedded, kafka, rabbitmq, redis, nats],
-    retries_back_off_then_succeed: [embedded, kafka, rabbitmq, redis, nats],
-    dead_letters_carry_the_envelope: [embedded, kafka, rabbitmq, redis, nats],
-    kill_9_loses_nothing: [embedded, kafka, rabbitmq, redis, nats],
+    every_input_has_its_output_once: [embedded, kafka, rabbitmq, redis, nats, sqs],
+    retries_back_off_then_succeed: [embedded, kafka, rabbitmq, redis, nats, sqs],
+    dead_letters_carry_the_envelope: [embedded, kafka, rabbitmq, redis, nats, sqs],
+    kill_9_loses_nothing: [embedded, kafka, rabbitmq, redis, nats, sqs],
     kill_9_with_exactly_once_writes_once: [embedded, rabbitmq, redis],
     requeue_mode_with_kill_9,
     requeue_moves_retries_to_the_retry_topic,
-    each_key_keeps_its_order: [embedded, kafka, rabbitmq, redis, nats],
+    each_key_keeps_its_order: [embedded, kafka, rabbitmq, redis, nats, sqs_fifo],
     // The embedded log runs in the process: it has no link to lose.
-    a_lost_link_costs_a_reconnect: [kafka, rabbitmq, redis, nats],
+    a_lost_link_costs_a_reconnect: [kafka, rabbitmq, redis, nats, sqs],
 );
 
 fn all_committed(w: &Weir, topic: &str, group: &str) -> bool {
@@ -58,15 +62,15 @@ fn all_committed(w: &Weir, topic: &str, group: &str) -> bool {
 }
 
 fn every_input_has_its_output_once(w: Weir) {
-    const N: u64 = 2_000;
+    let n = w.volume(2_000);
     w.create_topic("orders", 4);
     w.create_topic("confirmations", 2);
-    w.ok(&["produce", "orders", "--count", &N.to_string()]);
+    w.ok(&["produce", "orders", "--count", &n.to_string()]);
     let s = w.drain(&guest("orders"), "orders", "g", &[]);
-    assert_eq!(s["processed"], N, "{s}");
-    assert_eq!(s["emitted"], N, "{s}");
+    assert_eq!(s["processed"], n, "{s}");
+    assert_eq!(s["emitted"], n, "{s}");
     let per_id = w.confirmations_per_id();
-    assert_eq!(per_id.len() as u64, N);
+    assert_eq!(per_id.len() as u64, n);
     assert!(per_id.values().all(|&c| c == 1), "an order confirmed twice");
     assert!(all_committed(&w, "orders", "g"));
     // Outputs keep the input's key and carry its offset.
@@ -140,7 +144,7 @@ fn dead_letters_carry_the_envelope(w: Weir) {
     let s = w.drain(&guest("poison"), "in", "g", &[]);
     assert_eq!(s["dead_lettered"], 1, "{s}");
     assert_eq!(s["processed"], 2, "{s}");
-    let dlq = w.messages("in.dlq");
+    let dlq = w.messages(&w.dlq_of("in"));
     assert_eq!(dlq.len(), 1);
     let m = &dlq[0];
     assert_eq!(m["payload"], "poison pill");
@@ -227,7 +231,7 @@ fn kill_9(w: Weir, exactly_once: bool) {
     let n = if matches!(w.broker(), Broker::Embedded) {
         scaled(20_000, 20_000)
     } else {
-        scaled(6_000, 4_000)
+        w.volume(scaled(6_000, 4_000))
     };
     w.create_topic("orders", 4);
     w.create_topic("confirmations", 4);

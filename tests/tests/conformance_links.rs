@@ -18,7 +18,7 @@ pub fn a_lost_link_costs_a_reconnect(w: Weir) {
     // Enough that both losses land mid-run; on a queue, reading the confirmations back (each
     // taken and put back) costs 5 ms apiece, so fewer.
     let n = if w.on_queue() {
-        scaled(5_000, 5_000)
+        w.volume(scaled(5_000, 5_000))
     } else {
         scaled(20_000, 20_000)
     };

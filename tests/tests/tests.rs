@@ -24,4 +24,5 @@ mod redis;
 mod reload;
 mod scaling;
 mod shared_dedupe;
+mod sqs;
 mod tls;

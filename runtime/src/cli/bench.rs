@@ -161,6 +161,7 @@ impl BenchCommand {
             crate::source::connect::Kind::RabbitMq
                 | crate::source::connect::Kind::Redis
                 | crate::source::connect::Kind::Nats
+                | crate::source::connect::Kind::Sqs
         ) {
             return self.queue(g);
         }

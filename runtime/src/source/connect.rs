@@ -9,9 +9,10 @@
 //! | `amqp://user:pass@host:port/vhost`, `amqps://...` | RabbitMQ (AMQP 0-9-1) |
 //! | `redis://[user:pass@]host:port[/db]` | Redis Streams |
 //! | `nats://[user:pass@]host:port` | NATS JetStream |
+//! | `sqs://REGION`, `sqs://` | Amazon SQS (endpoint and credentials from the AWS environment) |
 
 use super::broker::Broker;
-use super::{Source, SourceError, kafka, nats, rabbitmq, redis};
+use super::{Source, SourceError, kafka, nats, rabbitmq, redis, sqs};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub enum Kind {
     RabbitMq,
     Redis,
     Nats,
+    Sqs,
 }
 
 /// Where the topics live, as the flags and `weir.toml` said.
@@ -70,16 +72,12 @@ impl SourceSpec {
             "amqp" | "amqps" => Kind::RabbitMq,
             "redis" | "rediss" => Kind::Redis,
             "nats" => Kind::Nats,
-            "sqs" => {
-                return Err(SourceError::Invalid(format!(
-                    "--source {url}: {scheme}:// is not supported yet; weir speaks embedded, \
-                     kafka://, amqp:// (RabbitMQ), redis:// (Redis Streams) and nats:// (JetStream)"
-                )));
-            }
+            "sqs" => Kind::Sqs,
             _ => {
                 return Err(SourceError::Invalid(format!(
                     "--source {url}: unknown broker; pass embedded, kafka://host:port[,host:port], \
-                     amqp://user:pass@host:port[/vhost], redis://host:port[/db] or nats://host:port"
+                     amqp://user:pass@host:port[/vhost], redis://host:port[/db], nats://host:port or \
+                     sqs://REGION"
                 )));
             }
         };
@@ -111,6 +109,9 @@ impl SourceSpec {
             Kind::Nats => {
                 nats::NatsConfig::from_spec(&spec)?;
             }
+            Kind::Sqs => {
+                sqs::SqsConfig::from_spec(&spec)?;
+            }
         }
         Ok(spec)
     }
@@ -123,6 +124,7 @@ impl SourceSpec {
             Kind::RabbitMq => "RabbitMQ",
             Kind::Redis => "Redis",
             Kind::Nats => "NATS",
+            Kind::Sqs => "SQS",
         }
     }
 
@@ -134,6 +136,7 @@ impl SourceSpec {
             Kind::RabbitMq => rabbitmq::CAPABILITIES,
             Kind::Redis => redis::CAPABILITIES,
             Kind::Nats => nats::CAPABILITIES,
+            Kind::Sqs => sqs::CAPABILITIES,
         }
     }
 
@@ -144,6 +147,7 @@ impl SourceSpec {
             Kind::RabbitMq => rabbitmq::NAMING,
             Kind::Redis => redis::NAMING,
             Kind::Nats => nats::NAMING,
+            Kind::Sqs => sqs::NAMING,
         }
     }
 
@@ -168,6 +172,7 @@ impl SourceSpec {
             Kind::Nats => Box::new(nats::NatsBroker::connect(nats::NatsConfig::from_spec(
                 self,
             )?)?),
+            Kind::Sqs => Box::new(sqs::SqsBroker::connect(sqs::SqsConfig::from_spec(self)?)?),
         })
     }
 
@@ -196,6 +201,10 @@ impl SourceSpec {
                 nats::NatsConfig::from_spec(self)?,
                 opts,
             )?),
+            Kind::Sqs => Arc::new(sqs::SqsSource::start(
+                sqs::SqsConfig::from_spec(self)?,
+                opts,
+            )?),
         })
     }
 }
@@ -219,7 +228,8 @@ mod tests {
             (Some("redis://127.0.0.1:6379"), Ok(Kind::Redis)),
             (Some("rediss://127.0.0.1:6379"), Ok(Kind::Redis)),
             (Some("nats://127.0.0.1:4222"), Ok(Kind::Nats)),
-            (Some("sqs://us-east-1"), Err("not supported yet")),
+            (Some("sqs://us-east-1"), Ok(Kind::Sqs)),
+            (Some("sqs://"), Ok(Kind::Sqs)),
             (Some("mqtt://x"), Err("unknown broker")),
             (Some("kafka://"), Err("no brokers")),
         ];

@@ -29,6 +29,7 @@ pub mod rabbitmq;
 pub mod receipts;
 pub mod redis;
 pub(crate) mod rt;
+pub mod sqs;
 pub mod tls;
 
 use std::sync::Arc;

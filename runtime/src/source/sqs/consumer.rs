@@ -1,0 +1,674 @@
+//! What `weir run` consumes through on SQS: background receivers that long poll each consumed
+//! queue into a buffer (never more held and buffered than `--max-in-flight`), per-message
+//! settling by receipt handle.
+
+use super::client::{self, Outgoing, RETRY_FOR, Received};
+use super::{SqsConfig, error};
+use crate::source::connect::ConsumerOptions;
+use crate::source::receipts::Receipts;
+use crate::source::rt::Rt;
+use crate::source::{Capabilities, Commit, Delivery, Output, Record, Source, SourceError};
+use aws_sdk_sqs::Client;
+use sha2::Digest;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Receipt handles outlive a connection: one generation.
+const GEN: u64 = 0;
+
+/// How long `fetch` waits for a receiver when nothing is buffered: the engine's loop waits in
+/// it, so a long wait would hold up its finished jobs and commits.
+const FETCH_WAIT: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone)]
+struct Receipt {
+    handle: String,
+    /// The message's id, the same at every receive (FIFO outputs' deduplication ids).
+    id: String,
+}
+
+struct Buffered {
+    msg: Received,
+    /// When its visibility runs out (received, or last extended, plus the lease).
+    visible_until: Instant,
+}
+
+#[derive(Default)]
+struct Queue {
+    receipts: Receipts<Receipt>,
+    buffer: VecDeque<Buffered>,
+    /// When the visibility of each held message (by sequence number) runs out, as far as
+    /// this process made it: an extension skips those with most of a lease left.
+    until: HashMap<u64, Instant>,
+}
+
+/// A consumed queue: its state, shared with its receivers.
+struct Topic {
+    url: String,
+    state: Mutex<Queue>,
+    /// Messages a receiver is asking for now (so that receivers together stay in the bound).
+    reserved: AtomicUsize,
+    arrived: tokio::sync::Notify,
+    room: tokio::sync::Notify,
+    /// Since when receiving has failed, why, and whether trying again can help.
+    failing: Mutex<Option<(Instant, String, bool)>>,
+}
+
+pub struct SqsSource {
+    cfg: SqsConfig,
+    opts: ConsumerOptions,
+    rt: Rt,
+    client: Client,
+    topics: HashMap<String, Arc<Topic>>,
+    /// Queue URLs of topics (outputs, dead letters) by topic.
+    urls: Mutex<HashMap<String, String>>,
+    lease: Duration,
+    stop: Arc<AtomicBool>,
+    /// Each queue's depth, as last read, and when: read at most once a second (a drain asks
+    /// after every empty fetch; SQS's counts are approximate anyway, and each call costs).
+    depths: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+/// How long a queue's depth is reused.
+const DEPTH_FOR: Duration = Duration::from_secs(1);
+
+impl SqsSource {
+    /// Connects, finds every consumed queue (its URL and visibility timeout: the lease) and
+    /// starts its receivers. (Requeue mode needs no retry queue: a retry is a visibility change.)
+    pub fn start(cfg: SqsConfig, opts: &ConsumerOptions) -> Result<SqsSource, SourceError> {
+        let rt = Rt::new("weir-sqs").map_err(|e| error("starting the SQS runtime", e))?;
+        let c = cfg.clone();
+        let client = rt.run(async move { client::connect(&c).await })?;
+        let mut topics = HashMap::new();
+        let mut urls = HashMap::new();
+        let mut lease = Duration::from_secs(12 * 3600);
+        for t in &opts.topics {
+            let (cl, name, topic) = (client.clone(), cfg.queue(t), t.clone());
+            let (url, attrs) = rt.run(async move {
+                let url = client::queue_url(&cl, &name)
+                    .await?
+                    .ok_or(SourceError::UnknownTopic(topic))?;
+                let attrs = client::attributes(&cl, &url).await?;
+                Ok::<_, SourceError>((url, attrs))
+            })?;
+            let visibility = attrs
+                .get("VisibilityTimeout")
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(Duration::from_secs(30), Duration::from_secs);
+            lease = lease.min(visibility.max(Duration::from_secs(1)));
+            if let Some(p) = attrs.get("RedrivePolicy") {
+                tracing::info!(queue = %cfg.queue(t), policy = %p, "the queue has a redrive policy: SQS moves a message to its dead-letter queue after maxReceiveCount receives, whatever weir's --max-attempts says; keep it above --max-attempts, as a safety net");
+            }
+            urls.insert(t.clone(), url.clone());
+            topics.insert(
+                t.clone(),
+                Arc::new(Topic {
+                    url,
+                    state: Mutex::new(Queue::default()),
+                    reserved: AtomicUsize::new(0),
+                    arrived: tokio::sync::Notify::new(),
+                    room: tokio::sync::Notify::new(),
+                    failing: Mutex::new(None),
+                }),
+            );
+        }
+        let s = SqsSource {
+            cfg,
+            opts: opts.clone(),
+            rt,
+            client,
+            topics,
+            urls: Mutex::new(urls),
+            lease,
+            stop: Arc::new(AtomicBool::new(false)),
+            depths: Mutex::new(HashMap::new()),
+        };
+        for t in s.topics.values() {
+            for _ in 0..s.cfg.receivers {
+                s.rt.handle().spawn(receiver(
+                    s.client.clone(),
+                    t.clone(),
+                    s.opts.prefetch.max(10),
+                    s.cfg.wait,
+                    lease,
+                    s.stop.clone(),
+                ));
+            }
+        }
+        Ok(s)
+    }
+
+    fn topic(&self, topic: &str) -> Result<&Arc<Topic>, SourceError> {
+        self.topics
+            .get(topic)
+            .ok_or_else(|| SourceError::Invalid(format!("`{topic}` is not a consumed queue")))
+    }
+
+    /// The URL of `topic`'s queue, looked up once.
+    fn url(&self, topic: &str) -> Result<String, SourceError> {
+        if let Some(u) = self.urls.lock().expect("urls").get(topic) {
+            return Ok(u.clone());
+        }
+        let (cl, name) = (self.client.clone(), self.cfg.queue(topic));
+        let url = self
+            .rt
+            .run(async move { client::queue_url(&cl, &name).await })?
+            .ok_or_else(|| SourceError::UnknownTopic(topic.to_string()))?;
+        self.urls
+            .lock()
+            .expect("urls")
+            .insert(topic.to_string(), url.clone());
+        Ok(url)
+    }
+
+    /// A FIFO output's group (its key, where SQS takes it as one) and deduplication id (from
+    /// the input message it came from and its place among that message's outputs, so a
+    /// republished output is dropped by SQS within its 5-minute window).
+    fn fifo_ids(&self, outputs: &[Output], origins: &[Option<(Arc<str>, u64)>]) -> Vec<Outgoing> {
+        let mut nth: HashMap<(&str, u64), usize> = HashMap::new();
+        outputs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let message = super::encode(&o.record);
+                if !self.cfg.fifo {
+                    return Outgoing {
+                        message,
+                        group: None,
+                        dedupe_id: None,
+                    };
+                }
+                let origin = origins
+                    .get(i)
+                    .and_then(|o| o.as_ref())
+                    .and_then(|(t, off)| {
+                        let n = nth.entry((t, *off)).or_default();
+                        let place = *n;
+                        *n += 1;
+                        let q = self.topics.get(&**t)?.state.lock().expect("state");
+                        let id = q.receipts.peek(GEN, &[*off]).pop()?.1.id;
+                        Some(format!("{}:{t}:{id}:{place}", self.opts.group))
+                    });
+                let dedupe = match origin {
+                    Some(o) => hex::encode(sha2::Sha256::digest(o.as_bytes())),
+                    None => hex::encode(rand::random::<[u8; 16]>()),
+                };
+                Outgoing {
+                    group: Some(group_id(o.record.key.as_deref()).unwrap_or(dedupe.clone())),
+                    dedupe_id: Some(dedupe),
+                    message,
+                }
+            })
+            .collect()
+    }
+
+    fn hand_out(&self, topic: &str, t: &Topic, max: usize, max_bytes: usize) -> Vec<Delivery> {
+        let name: Arc<str> = Arc::from(topic);
+        let mut q = t.state.lock().expect("state");
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let margin = self.lease / 3;
+        while out.len() < max && (out.is_empty() || bytes < max_bytes) {
+            let Some(b) = q.buffer.pop_front() else { break };
+            // Its visibility is about to run out: SQS may hand it to another consumer. Let it
+            // go; it comes back.
+            if b.visible_until.saturating_duration_since(Instant::now()) < margin {
+                continue;
+            }
+            let m = b.msg;
+            bytes += crate::source::wire_size(&m.record);
+            let until = b.visible_until;
+            let seq = q.receipts.issue(
+                GEN,
+                Receipt {
+                    handle: m.handle,
+                    id: m.id,
+                },
+            );
+            q.until.insert(seq, until);
+            out.push(Delivery {
+                topic: name.clone(),
+                partition: 0,
+                offset: seq,
+                record: m.record,
+                redeliveries: m.receive_count - 1,
+            });
+        }
+        out
+    }
+
+    /// At-most-once: the messages handed over are deleted before they run (those SQS does not
+    /// delete are not run here: they come back).
+    fn forget(&self, t: &Topic, out: Vec<Delivery>) -> Result<Vec<Delivery>, SourceError> {
+        if !self.opts.at_most_once || out.is_empty() {
+            return Ok(out);
+        }
+        let seqs: Vec<u64> = out.iter().map(|d| d.offset).collect();
+        let receipts = t.state.lock().expect("state").receipts.peek(GEN, &seqs);
+        let handles: Vec<String> = receipts.iter().map(|(_, r)| r.handle.clone()).collect();
+        let (cl, url) = (self.client.clone(), t.url.clone());
+        let refused = self
+            .rt
+            .run(async move { client::delete(&cl, &url, &handles).await })?;
+        if !refused.is_empty() {
+            tracing::warn!(refused = ?refused, "at-most-once: SQS did not delete some messages; they are not run here");
+        }
+        {
+            let mut q = t.state.lock().expect("state");
+            for s in &seqs {
+                q.until.remove(s);
+            }
+            q.receipts.settle(seqs);
+        }
+        t.room.notify_waiters();
+        Ok(if refused.is_empty() { out } else { Vec::new() })
+    }
+}
+
+/// A FIFO group id of a key: the key itself where SQS takes it (printable ASCII, 128 at most),
+/// else a digest of it. `None` without a key.
+pub(super) fn group_id(key: Option<&[u8]>) -> Option<String> {
+    let k = key?;
+    let printable = !k.is_empty() && k.len() <= 128 && k.iter().all(|b| b.is_ascii_graphic());
+    Some(if printable {
+        String::from_utf8_lossy(k).into_owned()
+    } else {
+        format!("k-{}", hex::encode(sha2::Sha256::digest(k)))
+    })
+}
+
+/// One receiver of `t`: long polls while the queue's buffered, held and asked-for messages
+/// stay under `bound`.
+async fn receiver(
+    client: Client,
+    t: Arc<Topic>,
+    bound: usize,
+    wait: Duration,
+    lease: Duration,
+    stop: Arc<AtomicBool>,
+) {
+    let mut pause = Duration::from_millis(200);
+    while !stop.load(Ordering::Relaxed) {
+        let n = {
+            let q = t.state.lock().expect("state");
+            let used = q.buffer.len() + q.receipts.held() + t.reserved.load(Ordering::Relaxed);
+            bound.saturating_sub(used).min(10)
+        };
+        if n == 0 {
+            let _ = tokio::time::timeout(Duration::from_secs(1), t.room.notified()).await;
+            continue;
+        }
+        t.reserved.fetch_add(n, Ordering::Relaxed);
+        let got = tokio::time::timeout(
+            wait + Duration::from_secs(15),
+            client::receive(&client, &t.url, n, wait, None),
+        )
+        .await;
+        let received_at = Instant::now();
+        t.reserved.fetch_sub(n, Ordering::Relaxed);
+        match got {
+            Ok(Ok(msgs)) => {
+                if let Some((since, _, _)) = t.failing.lock().expect("failing").take() {
+                    tracing::info!(after = ?since.elapsed(), "SQS: receiving again");
+                }
+                pause = Duration::from_millis(200);
+                if msgs.is_empty() {
+                    continue;
+                }
+                t.state
+                    .lock()
+                    .expect("state")
+                    .buffer
+                    .extend(msgs.into_iter().map(|msg| Buffered {
+                        msg,
+                        visible_until: received_at + lease,
+                    }));
+                t.arrived.notify_one();
+            }
+            failed => {
+                let (e, transient) = match failed {
+                    Ok(Err(f)) => f,
+                    _ => (error("receiving", "no answer past the wait"), true),
+                };
+                {
+                    let mut f = t.failing.lock().expect("failing");
+                    if f.is_none() {
+                        tracing::warn!(error = %e, "SQS: a receive failed; trying again");
+                        *f = Some((Instant::now(), e.to_string(), transient));
+                    } else if let Some(x) = f.as_mut() {
+                        x.1 = e.to_string();
+                        x.2 = transient;
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl Source for SqsSource {
+    fn capabilities(&self) -> Capabilities {
+        self.cfg.capabilities(self.lease)
+    }
+
+    fn partitions(&self, topic: &str) -> Result<u32, SourceError> {
+        self.url(topic).map(|_| 1)
+    }
+
+    fn committed(&self, _group: &str, topic: &str, _partition: u32) -> Result<u64, SourceError> {
+        Ok(self
+            .topics
+            .get(topic)
+            .map_or(0, |t| t.state.lock().expect("state").receipts.committed()))
+    }
+
+    /// This process's deliveries and buffer, plus what waits in the queue (visible, in flight
+    /// elsewhere, delayed; SQS's approximate counts).
+    fn end_offset(&self, topic: &str, _partition: u32) -> Result<u64, SourceError> {
+        let cached = self
+            .depths
+            .lock()
+            .expect("depths")
+            .get(topic)
+            .filter(|(at, _)| at.elapsed() < DEPTH_FOR)
+            .map(|(_, d)| *d);
+        let depth = match cached {
+            Some(d) => d,
+            None => {
+                let url = self.url(topic)?;
+                let cl = self.client.clone();
+                let attrs = self
+                    .rt
+                    .run(async move { client::attributes(&cl, &url).await })?;
+                let d = client::depth(&attrs);
+                self.depths
+                    .lock()
+                    .expect("depths")
+                    .insert(topic.to_string(), (Instant::now(), d));
+                d
+            }
+        };
+        let (handed, mine) = self.topics.get(topic).map_or((0, 0), |t| {
+            let q = t.state.lock().expect("state");
+            // (A receive in flight is not counted as this process's: what it takes is in
+            // flight in the queue's count until it is buffered, so a drain waits for it.)
+            let b = q.buffer.len() as u64;
+            (q.receipts.next_seq() + b, q.receipts.held() as u64 + b)
+        });
+        Ok(handed + depth.saturating_sub(mine))
+    }
+
+    fn fetch(
+        &self,
+        topic: &str,
+        _partition: u32,
+        _from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Delivery>, SourceError> {
+        let t = self.topic(topic)?.clone();
+        {
+            let mut q = t.state.lock().expect("state");
+            if q.receipts.check(GEN).is_err() {
+                return Err(SourceError::Lost {
+                    topic: topic.to_string(),
+                });
+            }
+            if q.buffer.is_empty() {
+                drop(q);
+                let w = t.clone();
+                self.rt.run(async move {
+                    let _ = tokio::time::timeout(FETCH_WAIT, w.arrived.notified()).await;
+                });
+            }
+        }
+        let out = self.hand_out(topic, &t, max.max(1), max_bytes);
+        tracing::debug!(handed = out.len(), max, "SQS fetch");
+        if out.is_empty()
+            && let Some((since, e, transient)) = t.failing.lock().expect("failing").clone()
+            && (!transient || since.elapsed() >= RETRY_FOR)
+        {
+            return Err(error(
+                &format!("receiving from {}", self.cfg.queue(topic)),
+                e,
+            ));
+        }
+        self.forget(&t, out)
+    }
+
+    fn commit(&self, _group: &str, commit: Commit) -> Result<(), SourceError> {
+        if !commit.replayed.is_empty() || !commit.dedupe_done.is_empty() {
+            return Err(SourceError::Invalid(
+                "replay marks and dedupe marks are not kept on SQS".into(),
+            ));
+        }
+        // Per consumed topic: the sequence numbers settled, their handles, and the delayed ones.
+        type Settling = (Vec<u64>, Vec<String>, Vec<(String, Duration)>);
+        let mut settle: BTreeMap<String, Settling> = BTreeMap::new();
+        if !self.opts.at_most_once {
+            let mut by: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+            for (t, _, seq) in &commit.settled {
+                by.entry(t).or_default().push(*seq);
+            }
+            for (t, seqs) in by {
+                let r = self
+                    .topic(t)?
+                    .state
+                    .lock()
+                    .expect("state")
+                    .receipts
+                    .get(GEN, &seqs)
+                    .map_err(|_| SourceError::Lost {
+                        topic: t.to_string(),
+                    })?;
+                let e = settle.entry(t.to_string()).or_default();
+                e.1.extend(r.into_iter().map(|(_, r)| r.handle));
+                e.0.extend(seqs);
+            }
+            for (t, _, seq, delay) in &commit.delayed {
+                let r = self
+                    .topic(t)?
+                    .state
+                    .lock()
+                    .expect("state")
+                    .receipts
+                    .get(GEN, &[*seq])
+                    .map_err(|_| SourceError::Lost {
+                        topic: t.to_string(),
+                    })?;
+                let e = settle.entry(t.to_string()).or_default();
+                e.2.extend(r.into_iter().map(|(_, r)| (r.handle, *delay)));
+                e.0.push(*seq);
+            }
+        }
+        // The outputs by destination queue, in order.
+        let outgoing = self.fifo_ids(&commit.outputs, &commit.origins);
+        let mut by_queue: Vec<(String, Vec<Outgoing>)> = Vec::new();
+        for (o, m) in commit.outputs.iter().zip(outgoing) {
+            let url = self.url(&o.topic)?;
+            match by_queue.iter_mut().find(|(u, _)| *u == url) {
+                Some((_, v)) => v.push(m),
+                None => by_queue.push((url, vec![m])),
+            }
+        }
+        // Per queue URL: the handles to delete and those to delay.
+        type Deleting = (String, Vec<String>, Vec<(String, Duration)>);
+        let settling: Vec<Deleting> = settle
+            .iter()
+            .map(|(t, (_, h, d))| Ok((self.topic(t)?.url.clone(), h.clone(), d.clone())))
+            .collect::<Result<_, SourceError>>()?;
+        let cl = self.client.clone();
+        let begun = Instant::now();
+        let (n_out, n_settle) = (commit.outputs.len(), commit.settled.len());
+        // Outputs first, each batch accepted before any input is deleted.
+        self.rt.run(async move {
+            for (url, msgs) in &by_queue {
+                client::send(&cl, url, msgs).await?;
+            }
+            for (url, handles, delayed) in &settling {
+                let refused = client::delete(&cl, url, handles).await?;
+                if !refused.is_empty() {
+                    tracing::warn!(refused = ?refused, "SQS did not delete some handled messages (their visibility ran out and they were received again): they run again");
+                }
+                let refused = client::change_visibility(&cl, url, delayed).await?;
+                if !refused.is_empty() {
+                    tracing::warn!(refused = ?refused, "SQS did not delay some retries; they come back after the queue's visibility timeout");
+                }
+            }
+            Ok::<_, SourceError>(())
+        })?;
+        tracing::debug!(outputs = n_out, settled = n_settle, took = ?begun.elapsed(), "SQS commit");
+        for (t, (seqs, _, _)) in settle {
+            let t = self.topic(&t)?;
+            let mut q = t.state.lock().expect("state");
+            for s in &seqs {
+                q.until.remove(s);
+            }
+            q.receipts.settle(seqs);
+            drop(q);
+            t.room.notify_waiters();
+        }
+        Ok(())
+    }
+
+    fn topic_exists(&self, topic: &str) -> bool {
+        self.url(topic).is_ok()
+    }
+
+    fn fits(&self, record: &Record) -> Result<(), String> {
+        super::check(record)
+    }
+
+    fn ensure_topic(&self, topic: &str, _partitions: u32) -> Result<(), SourceError> {
+        if self.topic_exists(topic) {
+            return Ok(());
+        }
+        let (cl, name, vis) = (
+            self.client.clone(),
+            self.cfg.queue(topic),
+            self.cfg.visibility,
+        );
+        self.rt
+            .run(async move { client::create_queue(&cl, &name, vis).await })?;
+        Ok(())
+    }
+
+    fn dedupe_done(&self, _group: &str, _key: &[u8], _now_ms: u64) -> Result<bool, SourceError> {
+        Err(SourceError::Invalid(
+            "--dedupe on SQS needs a shared store: add --dedupe-store redis://host:port".into(),
+        ))
+    }
+
+    fn evict_dedupe(&self, _now_ms: u64, _max: usize) -> Result<usize, SourceError> {
+        Ok(0)
+    }
+
+    fn lag_note(&self) -> Option<String> {
+        Some("SQS's message counts are approximate (on AWS they can trail by a minute)".into())
+    }
+
+    /// Makes what the ended partition held or buffered visible again at once, for this
+    /// process or another.
+    fn release(&self, topic: &str, _partition: u32) {
+        let Some(t) = self.topics.get(topic) else {
+            return;
+        };
+        let back: Vec<(String, Duration)> = {
+            let mut q = t.state.lock().expect("state");
+            q.until.clear();
+            let mut back: Vec<String> = q
+                .receipts
+                .release(GEN)
+                .into_iter()
+                .map(|r| r.handle)
+                .collect();
+            back.extend(q.buffer.drain(..).map(|b| b.msg.handle));
+            back.into_iter().map(|h| (h, Duration::ZERO)).collect()
+        };
+        t.room.notify_waiters();
+        // (At-most-once holds nothing: what it handed over was deleted.)
+        if back.is_empty() {
+            return;
+        }
+        let (cl, url) = (self.client.clone(), t.url.clone());
+        if let Err(e) = self
+            .rt
+            .run(async move { client::change_visibility(&cl, &url, &back).await })
+        {
+            tracing::warn!(topic, error = %e, "handing back held messages failed; they return after the visibility timeout");
+        }
+    }
+
+    /// Extends the visibility of the held messages, and of those buffered, by the lease; those
+    /// with more than two thirds of one left are skipped (the engine asks every third of it:
+    /// each message is extended about once a lease rather than three times, and each call
+    /// costs).
+    fn extend(&self, topic: &str, _partition: u32, offsets: &[u64]) -> Result<(), SourceError> {
+        let Some(t) = self.topics.get(topic) else {
+            return Ok(());
+        };
+        let lease = self.lease;
+        let now = Instant::now();
+        let due = |until: Instant| until.saturating_duration_since(now) <= lease * 2 / 3;
+        let handles: Vec<(String, Duration)> = {
+            let mut q = t.state.lock().expect("state");
+            let held = q.receipts.peek(GEN, offsets);
+            let mut h: Vec<(String, Duration)> = Vec::new();
+            for (seq, r) in held {
+                let until = q.until.get(&seq).copied().unwrap_or(now);
+                if due(until) {
+                    h.push((r.handle, lease));
+                    q.until.insert(seq, now + lease);
+                }
+            }
+            for b in q.buffer.iter_mut() {
+                if due(b.visible_until) {
+                    h.push((b.msg.handle.clone(), lease));
+                    b.visible_until = now + lease;
+                }
+            }
+            h
+        };
+        if handles.is_empty() {
+            return Ok(());
+        }
+        let (cl, url) = (self.client.clone(), t.url.clone());
+        let refused = self
+            .rt
+            .run(async move { client::change_visibility(&cl, &url, &handles).await })?;
+        if !refused.is_empty() {
+            // A message settled meanwhile (its handle gone with it), or one whose visibility
+            // ran out (it comes back, and runs again).
+            tracing::debug!(topic, refused = refused.len(), first = ?refused.first(), "SQS did not extend the visibility of some held messages");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SqsSource {
+    /// Stops the receivers and makes what they buffered visible again.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for topic in self.topics.keys().cloned().collect::<Vec<_>>() {
+            self.release(&topic, 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifo_group_ids() {
+        assert_eq!(group_id(None), None);
+        assert_eq!(group_id(Some(b"customer-7")).as_deref(), Some("customer-7"));
+        let odd = group_id(Some("ä b".as_bytes())).unwrap();
+        assert!(odd.starts_with("k-") && odd.len() == 66, "{odd}");
+        assert_ne!(odd, group_id(Some(b"a b")).unwrap());
+        assert!(group_id(Some(&[b'a'; 129])).unwrap().starts_with("k-"));
+    }
+}
