@@ -263,8 +263,11 @@ impl Weir {
     /// eighth (at least 100). moto's server, the tests' SQS, answers a call in 50 ms with a
     /// queue nearly empty and in hundreds with thousands of messages in it (it walks every
     /// message of a queue on each receive), so volume buys time, not proof.
+    /// On FIFO queues a fortieth: moto checks each message sent against every message of the
+    /// queue (deduplication), so sending slows with the square of the queue's length.
     pub fn volume(&self, n: u64) -> u64 {
-        match self.broker {
+        match &self.broker {
+            Broker::Sqs(ns) if ns.fifo => (n / 40).max(100),
             Broker::Sqs(_) => (n / 8).max(100),
             _ => n,
         }
@@ -313,15 +316,19 @@ impl Weir {
         if let Broker::Sqs(ns) = &self.broker {
             // Queues weir creates hide a received message for 20 s rather than 30, so a killed
             // process's messages come back sooner (moto answers in tens of milliseconds, at
-            // times hundreds: much less has held messages expire between renewals). Two
-            // receivers: moto serves one request at a time.
+            // times hundreds: much less has held messages expire between renewals). One
+            // receiver per process: moto's receive is not atomic, so two at once can both take
+            // one message (or, on FIFO, messages of one group), which SQS never does.
             c.args(["--source", &format!("sqs://{}", sqs::REGION)])
                 .args(["--source-property", &format!("prefix={}", ns.prefix)])
-                .args(["--source-property", "visibility=20s"])
-                .args(["--source-property", "receivers=2"]);
+                .args(["--source-property", "visibility=20s"]);
             if ns.fifo {
-                c.args(["--source-property", "fifo=true"]);
+                // Short polling: moto's long poll spins while every group of a FIFO queue is
+                // held, and starves the rest.
+                c.args(["--source-property", "fifo=true"])
+                    .args(["--source-property", "wait=0s"]);
             }
+            c.args(["--source-property", "receivers=1"]);
             c.envs(ns.env());
         }
         c.args(args)

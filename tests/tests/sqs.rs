@@ -92,7 +92,7 @@ fn idempotency_key(i: u64) -> Vec<(String, String)> {
     vec![("idempotency-key".into(), format!("m-{i}"))]
 }
 
-/// Two processes on one queue, one killed with `kill -9` at a quarter: nothing lost, and the
+/// Two processes on one queue, one killed with `kill -9` halfway: nothing lost, and the
 /// queue empty at the end. On a standard queue, outputs at least once; on FIFO queues with
 /// `--dedupe`, each exactly once (a message that runs again is screened by the shared store,
 /// and an output sent again by its deduplication id).
@@ -101,7 +101,9 @@ fn two_processes_and_a_kill(w: Weir, dedupe: bool) {
     // Long enough that the survivors keep what they hold renewed under load.
     create(ns, "orders", Duration::from_secs(10));
     create(ns, "confirmations", Duration::from_secs(10));
-    let n = scaled(20_000, 4_000);
+    // 2,000 (400 on FIFO queues): moto walks every message of a queue on each call, so the
+    // issue's 20,000 would take it hours (docs/sources.md).
+    let n = w.volume(scaled(16_000, 16_000));
     send(ns, "orders", n, order, idempotency_key);
     let module = guest("orders");
     let mut args = vec![
@@ -134,9 +136,9 @@ fn two_processes_and_a_kill(w: Weir, dedupe: bool) {
         n - (visible + held).min(n)
     };
     wait_until(
-        "a quarter of the orders are handled",
+        "half the orders are handled",
         Duration::from_secs(300),
-        || done() >= n / 4,
+        || done() >= n / 2,
     );
     a.kill();
     assert!(done() < n, "the runs finished before the kill");
@@ -173,8 +175,8 @@ fn two_processes_one_killed_fifo_with_dedupe_every_order_once() {
 }
 
 /// A call three times the visibility timeout (2 s): the engine extends the visibility of what
-/// it holds while the call runs, so SQS hands it to no one else. Each message was received once
-/// (its receive count is 1 in the output) and handled once across both processes.
+/// it holds while the call runs, so SQS hands it to no one else: across both processes each
+/// message was handled once (one received again by the other process would count twice).
 #[test]
 fn a_call_three_times_the_visibility_timeout_is_handled_once() {
     const N: u64 = 4;

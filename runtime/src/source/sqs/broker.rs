@@ -77,7 +77,9 @@ impl SqsBroker {
                         &cl,
                         &url,
                         (max - out.len()).min(10),
-                        Duration::ZERO,
+                        // A short poll samples only some of SQS's servers: a second's wait
+                        // makes an empty answer mean an empty queue.
+                        Duration::from_secs(1),
                         Some(hold),
                     )
                 })
@@ -119,7 +121,7 @@ impl SqsBroker {
                 Outgoing {
                     message: super::encode(r),
                     group: fifo.then(|| {
-                        super::consumer::group_id(r.key.as_deref()).unwrap_or(dedupe.clone())
+                        super::receive::group_id(r.key.as_deref()).unwrap_or(dedupe.clone())
                     }),
                     dedupe_id: fifo.then_some(dedupe),
                 }
@@ -337,7 +339,8 @@ impl Broker for SqsBroker {
             .rt
             .run(async move { client::delete(&cl, &url, &handles).await })?;
         if !refused.is_empty() {
-            return Err(error("deleting what was printed", refused.join("; ")));
+            let why: Vec<String> = refused.into_iter().map(|(_, w)| w).collect();
+            return Err(error("deleting what was printed", why.join("; ")));
         }
         Ok(())
     }
@@ -349,9 +352,9 @@ impl Broker for SqsBroker {
         if let Some((url, handles)) = self.letters.take() {
             self.put_back(url, handles);
         }
-        let depth = self.depth(dlq)?;
+        // Until a receive comes back empty (the depth SQS reports is approximate).
         let url = self.url(dlq)?;
-        let got = self.receive_all(&url, depth as usize, HOLD)?;
+        let got = self.receive_all(&url, 100_000, HOLD)?;
         let name: Arc<str> = Arc::from(dlq);
         let out = got
             .iter()
@@ -398,7 +401,8 @@ impl Broker for SqsBroker {
             .rt
             .run(async move { client::delete(&cl, &url, &[handle]).await })?;
         if !refused.is_empty() {
-            return Err(error("deleting a replayed dead letter", refused.join("; ")));
+            let why: Vec<String> = refused.into_iter().map(|(_, w)| w).collect();
+            return Err(error("deleting a replayed dead letter", why.join("; ")));
         }
         // Deleted: no longer to put back.
         if let Some((_, handles)) = self.letters.as_mut()

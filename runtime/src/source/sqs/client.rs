@@ -67,21 +67,30 @@ pub(super) async fn connect(cfg: &SqsConfig) -> Result<Client, SourceError> {
 
 /// An SDK error, with its whole chain (the service's code and message, or why the link broke),
 /// and whether trying again can help (the link, a timeout, the service's 5xx or throttling).
-pub(super) fn fault<E, R>(what: &str, e: SdkError<E, R>) -> (SourceError, bool)
+pub(super) fn fault<E>(
+    what: &str,
+    e: SdkError<E, aws_sdk_sqs::config::http::HttpResponse>,
+) -> (SourceError, bool)
 where
     E: std::error::Error + aws_sdk_sqs::error::ProvideErrorMetadata + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
 {
     let transient = match &e {
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
             true
         }
         SdkError::ServiceError(s) => {
+            // The service's own failures (5xx, `InternalFailure`), throttling (429 and its
+            // codes) and too many messages in flight (`OverLimit`) pass; the rest (no such
+            // queue, no permission, a bad request) do not.
+            let status = s.raw().status().as_u16();
             let code = s.err().code().unwrap_or("");
-            code.contains("Throttl")
+            status >= 500
+                || status == 429
+                || code.contains("Throttl")
+                || code.contains("InternalFailure")
                 || code.contains("InternalError")
                 || code.contains("ServiceUnavailable")
-                || code.contains("RequestThrottled")
+                || code.contains("OverLimit")
         }
         _ => false,
     };
@@ -170,6 +179,8 @@ pub(super) fn depth(attrs: &HashMap<String, String>) -> u64 {
 pub(super) struct Received {
     pub handle: String,
     pub id: String,
+    /// A FIFO queue's message group.
+    pub group: Option<String>,
     pub receive_count: u32,
     pub record: Record,
 }
@@ -211,11 +222,19 @@ pub(super) async fn receive(
                 };
                 (n.clone(), a)
             });
+            let group = get(MessageSystemAttributeName::MessageGroupId).cloned();
+            let mut record = super::decode(m.body().unwrap_or(""), attrs, sent);
+            // A FIFO message from another producer carries its group, not `weir.key`: the group
+            // is its key, so the engine keeps the group's order.
+            if record.key.is_none() {
+                record.key = group.as_ref().map(|g| g.as_bytes().to_vec());
+            }
             Some(Received {
                 handle: m.receipt_handle()?.to_string(),
                 id: m.message_id().unwrap_or("").to_string(),
+                group,
                 receive_count: count.max(1),
-                record: super::decode(m.body().unwrap_or(""), attrs, sent),
+                record,
             })
         })
         .collect())
@@ -317,28 +336,72 @@ pub(super) async fn send(
     Ok(())
 }
 
+/// What a batch call answers of each entry: those SQS failed, by entry id, with whether it
+/// was the sender's fault and why.
+type Failures = Vec<(usize, bool, String)>;
+
+/// Runs a batch call over `n` entries in chunks of 10 (`call` gets the indices of a chunk,
+/// each entry's id its index); entries SQS failed on its side are tried again for up to
+/// `RETRY_FOR`. Returns the entries refused for good, by index, with the reason.
+async fn batched<F, Fut>(n: usize, mut call: F) -> Result<Vec<(usize, String)>, SourceError>
+where
+    F: FnMut(Vec<usize>) -> Fut,
+    Fut: Future<Output = Result<Failures, SourceError>>,
+{
+    let mut refused = Vec::new();
+    let all: Vec<usize> = (0..n).collect();
+    for chunk in all.chunks(10) {
+        let mut left = chunk.to_vec();
+        let begun = Instant::now();
+        while !left.is_empty() {
+            let failed = call(left.clone()).await?;
+            let mut again = Vec::new();
+            for (i, sender, why) in failed {
+                if sender || begun.elapsed() > RETRY_FOR {
+                    refused.push((i, why));
+                } else {
+                    again.push(i);
+                }
+            }
+            if !again.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            left = again;
+        }
+    }
+    Ok(refused)
+}
+
+fn failures(failed: &[aws_sdk_sqs::types::BatchResultErrorEntry]) -> Failures {
+    failed
+        .iter()
+        .filter_map(|f| {
+            let i = f.id().parse::<usize>().ok()?;
+            let why = format!("{}: {}", f.code(), f.message().unwrap_or(""));
+            Some((i, f.sender_fault(), why))
+        })
+        .collect()
+}
+
 /// Deletes the messages of `handles` from `url`, in batches of 10. Returns the entries SQS
 /// refused for good (a handle that is no longer valid: the message was received again
-/// elsewhere after its visibility ran out), with the reason.
+/// elsewhere after its visibility ran out), by index into `handles`, with the reason.
 pub(super) async fn delete(
     client: &Client,
     url: &str,
     handles: &[String],
-) -> Result<Vec<String>, SourceError> {
-    let mut refused = Vec::new();
-    for chunk in handles.chunks(10) {
-        let entries: Vec<DeleteMessageBatchRequestEntry> = chunk
+) -> Result<Vec<(usize, String)>, SourceError> {
+    batched(handles.len(), |idx| async move {
+        let entries: Vec<DeleteMessageBatchRequestEntry> = idx
             .iter()
-            .enumerate()
-            .map(|(i, h)| {
+            .map(|&i| {
                 DeleteMessageBatchRequestEntry::builder()
                     .id(i.to_string())
-                    .receipt_handle(h)
+                    .receipt_handle(&handles[i])
                     .build()
                     .expect("id and handle are set")
             })
             .collect();
-        let sent = Instant::now();
         let o = retrying("deleting messages", || {
             let entries = entries.clone();
             async move {
@@ -352,29 +415,23 @@ pub(super) async fn delete(
             }
         })
         .await?;
-        tracing::debug!(entries = chunk.len(), took = ?sent.elapsed(), "SQS delete");
-        refused.extend(
-            o.failed()
-                .iter()
-                .map(|f| format!("{}: {}", f.code(), f.message().unwrap_or(""))),
-        );
-    }
-    Ok(refused)
+        Ok(failures(o.failed()))
+    })
+    .await
 }
 
 /// Sets the visibility timeout of each message (by handle) to its duration (12 h at most),
-/// in batches of 10. Returns the entries SQS refused, with the reason.
+/// in batches of 10. Returns the entries SQS refused, by index into `handles`, with the reason.
 pub(super) async fn change_visibility(
     client: &Client,
     url: &str,
     handles: &[(String, Duration)],
-) -> Result<Vec<String>, SourceError> {
-    let mut refused = Vec::new();
-    for chunk in handles.chunks(10) {
-        let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
+) -> Result<Vec<(usize, String)>, SourceError> {
+    batched(handles.len(), |idx| async move {
+        let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = idx
             .iter()
-            .enumerate()
-            .map(|(i, (h, d))| {
+            .map(|&i| {
+                let (h, d) = &handles[i];
                 let secs = d.as_secs_f64().ceil().min(43_200.0) as i32;
                 ChangeMessageVisibilityBatchRequestEntry::builder()
                     .id(i.to_string())
@@ -397,13 +454,9 @@ pub(super) async fn change_visibility(
             }
         })
         .await?;
-        refused.extend(
-            o.failed()
-                .iter()
-                .map(|f| format!("{}: {}", f.code(), f.message().unwrap_or(""))),
-        );
-    }
-    Ok(refused)
+        Ok(failures(o.failed()))
+    })
+    .await
 }
 
 /// Makes queue `name` (FIFO when it ends in `.fifo`) with `visibility`; `Ok(false)`: it

@@ -2,15 +2,15 @@
 //! queue into a buffer (never more held and buffered than `--max-in-flight`), per-message
 //! settling by receipt handle.
 
-use super::client::{self, Outgoing, RETRY_FOR, Received};
+use super::client::{self, Outgoing, RETRY_FOR};
+use super::receive::{Buffered, Queue, Receipt, Topic, group_id, receiver};
 use super::{SqsConfig, error};
 use crate::source::connect::ConsumerOptions;
-use crate::source::receipts::Receipts;
 use crate::source::rt::Rt;
 use crate::source::{Capabilities, Commit, Delivery, Output, Record, Source, SourceError};
 use aws_sdk_sqs::Client;
 use sha2::Digest;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,40 +21,6 @@ const GEN: u64 = 0;
 /// How long `fetch` waits for a receiver when nothing is buffered: the engine's loop waits in
 /// it, so a long wait would hold up its finished jobs and commits.
 const FETCH_WAIT: Duration = Duration::from_millis(100);
-
-#[derive(Debug, Clone)]
-struct Receipt {
-    handle: String,
-    /// The message's id, the same at every receive (FIFO outputs' deduplication ids).
-    id: String,
-}
-
-struct Buffered {
-    msg: Received,
-    /// When its visibility runs out (received, or last extended, plus the lease).
-    visible_until: Instant,
-}
-
-#[derive(Default)]
-struct Queue {
-    receipts: Receipts<Receipt>,
-    buffer: VecDeque<Buffered>,
-    /// When the visibility of each held message (by sequence number) runs out, as far as
-    /// this process made it: an extension skips those with most of a lease left.
-    until: HashMap<u64, Instant>,
-}
-
-/// A consumed queue: its state, shared with its receivers.
-struct Topic {
-    url: String,
-    state: Mutex<Queue>,
-    /// Messages a receiver is asking for now (so that receivers together stay in the bound).
-    reserved: AtomicUsize,
-    arrived: tokio::sync::Notify,
-    room: tokio::sync::Notify,
-    /// Since when receiving has failed, why, and whether trying again can help.
-    failing: Mutex<Option<(Instant, String, bool)>>,
-}
 
 pub struct SqsSource {
     cfg: SqsConfig,
@@ -204,148 +170,120 @@ impl SqsSource {
             .collect()
     }
 
-    fn hand_out(&self, topic: &str, t: &Topic, max: usize, max_bytes: usize) -> Vec<Delivery> {
-        let name: Arc<str> = Arc::from(topic);
+    /// Takes up to `max` messages (and `max_bytes`, at least one) off the buffer, in order. One
+    /// whose visibility is about to run out is let go (SQS may hand it to another consumer; it
+    /// comes back), and on a FIFO queue so is the rest of its group that is buffered, so the
+    /// group keeps its order.
+    fn take(&self, t: &Topic, max: usize, max_bytes: usize) -> Vec<Buffered> {
         let mut q = t.state.lock().expect("state");
+        let now = Instant::now();
         let mut out = Vec::new();
         let mut bytes = 0;
-        let margin = self.lease / 3;
+        let mut let_go: HashSet<String> = HashSet::new();
         while out.len() < max && (out.is_empty() || bytes < max_bytes) {
             let Some(b) = q.buffer.pop_front() else { break };
-            // Its visibility is about to run out: SQS may hand it to another consumer. Let it
-            // go; it comes back.
-            if b.visible_until.saturating_duration_since(Instant::now()) < margin {
+            let late = b.visible_until.saturating_duration_since(now) < self.lease / 3;
+            let behind = b.msg.group.as_ref().is_some_and(|g| let_go.contains(g));
+            if late || behind {
+                if let Some(g) = &b.msg.group {
+                    let_go.insert(g.clone());
+                }
                 continue;
             }
-            let m = b.msg;
-            bytes += crate::source::wire_size(&m.record);
-            let until = b.visible_until;
-            let seq = q.receipts.issue(
-                GEN,
-                Receipt {
-                    handle: m.handle,
-                    id: m.id,
-                },
-            );
-            q.until.insert(seq, until);
-            out.push(Delivery {
-                topic: name.clone(),
-                partition: 0,
-                offset: seq,
-                record: m.record,
-                redeliveries: m.receive_count - 1,
-            });
+            bytes += crate::source::wire_size(&b.msg.record);
+            out.push(b);
+        }
+        if !let_go.is_empty() {
+            q.buffer
+                .retain(|b| b.msg.group.as_ref().is_none_or(|g| !let_go.contains(g)));
         }
         out
     }
 
-    /// At-most-once: the messages handed over are deleted before they run (those SQS does not
-    /// delete are not run here: they come back).
-    fn forget(&self, t: &Topic, out: Vec<Delivery>) -> Result<Vec<Delivery>, SourceError> {
-        if !self.opts.at_most_once || out.is_empty() {
-            return Ok(out);
+    /// Makes `taken` ready to run. At-least-once: those with less than two thirds of the lease
+    /// left get a whole one now (the engine's first renewal can come two thirds of a lease
+    /// after the hand-out). At-most-once: they are deleted first, and those SQS did not delete
+    /// are not run here (they come back).
+    fn prepare(&self, t: &Topic, mut taken: Vec<Buffered>) -> Result<Vec<Buffered>, SourceError> {
+        if taken.is_empty() {
+            return Ok(taken);
         }
-        let seqs: Vec<u64> = out.iter().map(|d| d.offset).collect();
-        let receipts = t.state.lock().expect("state").receipts.peek(GEN, &seqs);
-        let handles: Vec<String> = receipts.iter().map(|(_, r)| r.handle.clone()).collect();
+        let now = Instant::now();
+        let lease = self.lease;
         let (cl, url) = (self.client.clone(), t.url.clone());
+        if self.opts.at_most_once {
+            let handles: Vec<String> = taken.iter().map(|b| b.msg.handle.clone()).collect();
+            let refused = self
+                .rt
+                .run(async move { client::delete(&cl, &url, &handles).await })?;
+            if !refused.is_empty() {
+                tracing::warn!(refused = ?refused, "at-most-once: SQS did not delete some messages; they are not run here");
+            }
+            let gone: HashSet<usize> = refused.into_iter().map(|(i, _)| i).collect();
+            return Ok(taken
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !gone.contains(i))
+                .map(|(_, b)| b)
+                .collect());
+        }
+        let due: Vec<usize> = (0..taken.len())
+            .filter(|&i| taken[i].visible_until.saturating_duration_since(now) < lease * 2 / 3)
+            .collect();
+        if due.is_empty() {
+            return Ok(taken);
+        }
+        let handles: Vec<(String, Duration)> = due
+            .iter()
+            .map(|&i| (taken[i].msg.handle.clone(), lease))
+            .collect();
         let refused = self
             .rt
-            .run(async move { client::delete(&cl, &url, &handles).await })?;
-        if !refused.is_empty() {
-            tracing::warn!(refused = ?refused, "at-most-once: SQS did not delete some messages; they are not run here");
-        }
-        {
-            let mut q = t.state.lock().expect("state");
-            for s in &seqs {
-                q.until.remove(s);
+            .run(async move { client::change_visibility(&cl, &url, &handles).await })?;
+        let failed: HashSet<usize> = refused.into_iter().map(|(i, _)| due[i]).collect();
+        for &i in &due {
+            if !failed.contains(&i) {
+                taken[i].visible_until = now + lease;
             }
-            q.receipts.settle(seqs);
         }
-        t.room.notify_waiters();
-        Ok(if refused.is_empty() { out } else { Vec::new() })
+        Ok(taken)
     }
-}
 
-/// A FIFO group id of a key: the key itself where SQS takes it (printable ASCII, 128 at most),
-/// else a digest of it. `None` without a key.
-pub(super) fn group_id(key: Option<&[u8]>) -> Option<String> {
-    let k = key?;
-    let printable = !k.is_empty() && k.len() <= 128 && k.iter().all(|b| b.is_ascii_graphic());
-    Some(if printable {
-        String::from_utf8_lossy(k).into_owned()
-    } else {
-        format!("k-{}", hex::encode(sha2::Sha256::digest(k)))
-    })
-}
-
-/// One receiver of `t`: long polls while the queue's buffered, held and asked-for messages
-/// stay under `bound`.
-async fn receiver(
-    client: Client,
-    t: Arc<Topic>,
-    bound: usize,
-    wait: Duration,
-    lease: Duration,
-    stop: Arc<AtomicBool>,
-) {
-    let mut pause = Duration::from_millis(200);
-    while !stop.load(Ordering::Relaxed) {
-        let n = {
-            let q = t.state.lock().expect("state");
-            let used = q.buffer.len() + q.receipts.held() + t.reserved.load(Ordering::Relaxed);
-            bound.saturating_sub(used).min(10)
-        };
-        if n == 0 {
-            let _ = tokio::time::timeout(Duration::from_secs(1), t.room.notified()).await;
-            continue;
-        }
-        t.reserved.fetch_add(n, Ordering::Relaxed);
-        let got = tokio::time::timeout(
-            wait + Duration::from_secs(15),
-            client::receive(&client, &t.url, n, wait, None),
-        )
-        .await;
-        let received_at = Instant::now();
-        t.reserved.fetch_sub(n, Ordering::Relaxed);
-        match got {
-            Ok(Ok(msgs)) => {
-                if let Some((since, _, _)) = t.failing.lock().expect("failing").take() {
-                    tracing::info!(after = ?since.elapsed(), "SQS: receiving again");
-                }
-                pause = Duration::from_millis(200);
-                if msgs.is_empty() {
-                    continue;
-                }
-                t.state
-                    .lock()
-                    .expect("state")
-                    .buffer
-                    .extend(msgs.into_iter().map(|msg| Buffered {
-                        msg,
-                        visible_until: received_at + lease,
-                    }));
-                t.arrived.notify_one();
-            }
-            failed => {
-                let (e, transient) = match failed {
-                    Ok(Err(f)) => f,
-                    _ => (error("receiving", "no answer past the wait"), true),
+    /// Numbers the messages and keeps their receipts (at-most-once: settled already).
+    fn issue(&self, topic: &str, t: &Topic, taken: Vec<Buffered>) -> Vec<Delivery> {
+        let name: Arc<str> = Arc::from(topic);
+        let mut q = t.state.lock().expect("state");
+        let out = taken
+            .into_iter()
+            .map(|b| {
+                let m = b.msg;
+                let seq = if self.opts.at_most_once {
+                    q.receipts.issue_settled()
+                } else {
+                    let seq = q.receipts.issue(
+                        GEN,
+                        Receipt {
+                            handle: m.handle,
+                            id: m.id,
+                        },
+                    );
+                    q.until.insert(seq, b.visible_until);
+                    seq
                 };
-                {
-                    let mut f = t.failing.lock().expect("failing");
-                    if f.is_none() {
-                        tracing::warn!(error = %e, "SQS: a receive failed; trying again");
-                        *f = Some((Instant::now(), e.to_string(), transient));
-                    } else if let Some(x) = f.as_mut() {
-                        x.1 = e.to_string();
-                        x.2 = transient;
-                    }
+                Delivery {
+                    topic: name.clone(),
+                    partition: 0,
+                    offset: seq,
+                    record: m.record,
+                    redeliveries: m.receive_count - 1,
                 }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
+            })
+            .collect();
+        drop(q);
+        if self.opts.at_most_once {
+            t.room.notify_waiters();
         }
+        out
     }
 }
 
@@ -425,8 +363,8 @@ impl Source for SqsSource {
                 });
             }
         }
-        let out = self.hand_out(topic, &t, max.max(1), max_bytes);
-        tracing::debug!(handed = out.len(), max, "SQS fetch");
+        let taken = self.take(&t, max.max(1), max_bytes);
+        let out = self.issue(topic, &t, self.prepare(&t, taken)?);
         if out.is_empty()
             && let Some((since, e, transient)) = t.failing.lock().expect("failing").clone()
             && (!transient || since.elapsed() >= RETRY_FOR)
@@ -436,7 +374,7 @@ impl Source for SqsSource {
                 e,
             ));
         }
-        self.forget(&t, out)
+        Ok(out)
     }
 
     fn commit(&self, _group: &str, commit: Commit) -> Result<(), SourceError> {
@@ -500,11 +438,17 @@ impl Source for SqsSource {
             .iter()
             .map(|(t, (_, h, d))| Ok((self.topic(t)?.url.clone(), h.clone(), d.clone())))
             .collect::<Result<_, SourceError>>()?;
+        // Marked as settling before any call: a renewal meanwhile must not reset a delayed
+        // message's visibility to a whole lease after the commit set it to the backoff.
+        for (t, (seqs, _, _)) in &settle {
+            let mut q = self.topic(t)?.state.lock().expect("state");
+            q.settling.extend(seqs.iter().copied());
+        }
         let cl = self.client.clone();
         let begun = Instant::now();
         let (n_out, n_settle) = (commit.outputs.len(), commit.settled.len());
         // Outputs first, each batch accepted before any input is deleted.
-        self.rt.run(async move {
+        let sent = self.rt.run(async move {
             for (url, msgs) in &by_queue {
                 client::send(&cl, url, msgs).await?;
             }
@@ -519,19 +463,22 @@ impl Source for SqsSource {
                 }
             }
             Ok::<_, SourceError>(())
-        })?;
+        });
         tracing::debug!(outputs = n_out, settled = n_settle, took = ?begun.elapsed(), "SQS commit");
         for (t, (seqs, _, _)) in settle {
             let t = self.topic(&t)?;
             let mut q = t.state.lock().expect("state");
             for s in &seqs {
                 q.until.remove(s);
+                q.settling.remove(s);
             }
-            q.receipts.settle(seqs);
+            if sent.is_ok() {
+                q.receipts.settle(seqs);
+            }
             drop(q);
             t.room.notify_waiters();
         }
-        Ok(())
+        sent
     }
 
     fn topic_exists(&self, topic: &str) -> bool {
@@ -605,7 +552,7 @@ impl Source for SqsSource {
     /// Extends the visibility of the held messages, and of those buffered, by the lease; those
     /// with more than two thirds of one left are skipped (the engine asks every third of it:
     /// each message is extended about once a lease rather than three times, and each call
-    /// costs).
+    /// costs), and so are those a commit is settling.
     fn extend(&self, topic: &str, _partition: u32, offsets: &[u64]) -> Result<(), SourceError> {
         let Some(t) = self.topics.get(topic) else {
             return Ok(());
@@ -613,36 +560,61 @@ impl Source for SqsSource {
         let lease = self.lease;
         let now = Instant::now();
         let due = |until: Instant| until.saturating_duration_since(now) <= lease * 2 / 3;
-        let handles: Vec<(String, Duration)> = {
-            let mut q = t.state.lock().expect("state");
-            let held = q.receipts.peek(GEN, offsets);
-            let mut h: Vec<(String, Duration)> = Vec::new();
-            for (seq, r) in held {
+        // (sequence number or None for a buffered one, handle)
+        let (which, handles): (Vec<Option<u64>>, Vec<(String, Duration)>) = {
+            let q = t.state.lock().expect("state");
+            let mut which = Vec::new();
+            let mut h = Vec::new();
+            for (seq, r) in q.receipts.peek(GEN, offsets) {
                 let until = q.until.get(&seq).copied().unwrap_or(now);
-                if due(until) {
+                if due(until) && !q.settling.contains(&seq) {
+                    which.push(Some(seq));
                     h.push((r.handle, lease));
-                    q.until.insert(seq, now + lease);
                 }
             }
-            for b in q.buffer.iter_mut() {
+            for b in q.buffer.iter() {
                 if due(b.visible_until) {
+                    which.push(None);
                     h.push((b.msg.handle.clone(), lease));
-                    b.visible_until = now + lease;
                 }
             }
-            h
+            (which, h)
         };
         if handles.is_empty() {
             return Ok(());
         }
         let (cl, url) = (self.client.clone(), t.url.clone());
+        let sent: Vec<String> = handles.iter().map(|(h, _)| h.clone()).collect();
         let refused = self
             .rt
             .run(async move { client::change_visibility(&cl, &url, &handles).await })?;
+        let failed: HashSet<usize> = refused.iter().map(|(i, _)| *i).collect();
         if !refused.is_empty() {
             // A message settled meanwhile (its handle gone with it), or one whose visibility
             // ran out (it comes back, and runs again).
             tracing::debug!(topic, refused = refused.len(), first = ?refused.first(), "SQS did not extend the visibility of some held messages");
+        }
+        // Only what was extended counts as extended.
+        let mut q = t.state.lock().expect("state");
+        let until = now + lease;
+        let done: HashSet<&str> = sent
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !failed.contains(i))
+            .map(|(_, h)| h.as_str())
+            .collect();
+        for (i, w) in which.iter().enumerate() {
+            if let Some(seq) = w
+                && !failed.contains(&i)
+                && let Some(u) = q.until.get_mut(seq)
+            {
+                *u = until;
+            }
+        }
+        for b in q.buffer.iter_mut() {
+            if done.contains(b.msg.handle.as_str()) {
+                b.visible_until = until;
+            }
         }
         Ok(())
     }

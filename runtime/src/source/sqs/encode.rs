@@ -53,7 +53,11 @@ impl Attr {
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Packed {
+    /// The key, base64, where it cannot be `weir.key` (empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    k: Option<String>,
     /// Headers that are not attributes of their own: (name, base64 of the value).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     h: Vec<(String, String)>,
@@ -111,11 +115,14 @@ fn attribute_name(name: &str) -> bool {
 
 pub(crate) fn encode(r: &Record) -> Encoded {
     let mut attributes: Vec<(String, Attr)> = Vec::new();
-    if let Some(k) = &r.key {
-        attributes.push((KEY.to_string(), Attr::of(k)));
+    let mut packed = Packed::default();
+    match &r.key {
+        // SQS takes no empty attribute value.
+        Some(k) if k.is_empty() => packed.k = Some(String::new()),
+        Some(k) => attributes.push((KEY.to_string(), Attr::of(k))),
+        None => {}
     }
     let text = std::str::from_utf8(&r.payload).ok().filter(|s| sqs_text(s));
-    let mut packed = Packed::default();
     let body = match text {
         Some(s) => s.to_string(),
         None => {
@@ -138,7 +145,7 @@ pub(crate) fn encode(r: &Record) -> Encoded {
     let all_own = eligible == r.headers.len();
     let room = MAX_ATTRIBUTES - attributes.len();
     // One slot for `weir` when anything must be packed.
-    let needs_packed = packed.b.is_some() || !all_own || eligible > room;
+    let needs_packed = packed.b.is_some() || packed.k.is_some() || !all_own || eligible > room;
     let mut slots = if needs_packed { room - 1 } else { room };
     for (n, v) in &r.headers {
         if slots > 0 && own(n, v) {
@@ -170,17 +177,20 @@ pub(crate) fn decode(
     for (n, v) in attributes {
         if n == KEY {
             r.key = Some(v.bytes().to_vec());
-        } else if n == PACKED {
-            // Not weir's packing (another producer's attribute of that name): a header.
-            match serde_json::from_slice::<Packed>(v.bytes()) {
-                Ok(p) => packed = p,
-                Err(_) => headers.push((n, v.bytes().to_vec())),
-            }
+        } else if n == PACKED
+            && let Attr::Bytes(b) = &v
+            && let Ok(p) = serde_json::from_slice::<Packed>(b)
+        {
+            packed = p;
         } else {
+            // (Another producer's attribute named `weir` that is not weir's packing, too.)
             headers.push((n, v.bytes().to_vec()));
         }
     }
     headers.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(k) = &packed.k {
+        r.key = Some(B64.decode(k.as_bytes()).unwrap_or_default());
+    }
     for (n, v) in packed.h {
         headers.push((
             n,
@@ -247,6 +257,7 @@ mod tests {
         // (record, attributes expected, packed)
         let cases: Vec<(Record, usize, bool)> = vec![
             (rec(None, b"plain", &[]), 0, false),
+            (rec(Some(""), b"plain", &[]), 1, true),
             (rec(Some("k"), b"{\"a\":1}", &[("a", b"1")]), 2, false),
             // Binary payload, empty payload, a control character: base64 body.
             (rec(None, &[0, 159, 255], &[]), 1, true),
@@ -327,6 +338,13 @@ mod tests {
         // Another producer's `weir` attribute that is not weir's packing stays a header.
         let r = decode("b", [(PACKED.to_string(), Attr::Text("hi".into()))], None);
         assert_eq!(r.headers, vec![("weir".to_string(), b"hi".to_vec())]);
+        // Another producer's binary JSON under that name is not weir's packing either.
+        let other = Attr::Bytes(br#"{"x":1}"#.to_vec());
+        let r = decode("b", [(PACKED.to_string(), other)], None);
+        assert_eq!(
+            r.headers,
+            vec![("weir".to_string(), br#"{"x":1}"#.to_vec())]
+        );
         assert_eq!(r.payload, b"b");
     }
 }

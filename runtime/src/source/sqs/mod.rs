@@ -13,7 +13,8 @@
 //!   published again (its input ran again after a crash before its delete) is dropped by SQS.
 //! - Every weir process on a queue competes for its messages. A few receivers per queue long
 //!   poll in the background (at most 10 messages a call, `receivers=` of them, never more held
-//!   than `--max-in-flight`); a message is deleted (in batches) once its outputs are sent.
+//!   and buffered than `--max-in-flight`, or 10); a message is deleted (in batches) once its
+//!   outputs are sent.
 //! - A retry is the queue's own: `ChangeMessageVisibility` to the backoff (requeue mode), and the
 //!   attempt number is `ApproximateReceiveCount`. The lease is the queue's visibility timeout:
 //!   the engine extends the visibility of every message it holds every third of it, so a long
@@ -30,6 +31,7 @@ mod broker;
 mod client;
 mod consumer;
 mod encode;
+mod receive;
 
 use super::{Capabilities, Record, Settle, SourceError};
 use std::time::Duration;
