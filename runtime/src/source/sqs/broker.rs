@@ -69,6 +69,7 @@ impl SqsBroker {
         hold: Duration,
     ) -> Result<Vec<Received>, SourceError> {
         let (cl, url) = (self.client.clone(), url.to_string());
+        let wait = self.cfg.wait.min(Duration::from_secs(1));
         self.rt.run(async move {
             let mut out = Vec::new();
             while out.len() < max {
@@ -78,8 +79,8 @@ impl SqsBroker {
                         &url,
                         (max - out.len()).min(10),
                         // A short poll samples only some of SQS's servers: a second's wait
-                        // makes an empty answer mean an empty queue.
-                        Duration::from_secs(1),
+                        // (unless `wait=` says less) makes an empty answer mean an empty queue.
+                        wait,
                         Some(hold),
                     )
                 })
