@@ -406,6 +406,15 @@ impl Weir {
     /// Every message of `topic`, as `weir consume --json` prints them.
     /// On SQS FIFO queues, which cannot be read without taking, they are taken (deleted).
     pub fn messages(&self, topic: &str) -> Vec<Value> {
+        if let Broker::Sqs(ns) = &self.broker {
+            // A queue is read by receiving it: wait until nothing is in flight (a run that
+            // ended, a read before this one put back), or the read misses what is held.
+            wait_until(
+                "nothing in flight in the queue read",
+                Duration::from_secs(150),
+                || ns.counts(topic).1 == 0,
+            );
+        }
         let out = if matches!(&self.broker, Broker::Sqs(ns) if ns.fifo) {
             self.ok(&["consume", topic, "--group", "harness", "--json"])
         } else {

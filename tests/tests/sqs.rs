@@ -106,6 +106,8 @@ fn two_processes_and_a_kill(w: Weir, dedupe: bool) {
     let n = scaled(400, 400);
     send(ns, "orders", n, order, idempotency_key);
     let module = guest("orders");
+    // A group of its own: the shared dedupe store keeps a group's marks across runs.
+    let group = format!("g-{}-{}", std::process::id(), rand::random::<u32>());
     let mut args = vec![
         "run",
         "--module",
@@ -113,7 +115,7 @@ fn two_processes_and_a_kill(w: Weir, dedupe: bool) {
         "--topic",
         "orders",
         "--group",
-        "g",
+        &group,
         "--max-in-flight",
         "200",
         "--admin",

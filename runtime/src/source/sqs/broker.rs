@@ -16,7 +16,7 @@ use std::time::Duration;
 
 /// How long what a command reads stays invisible to consumers, at most (it is made visible
 /// again when the command ends).
-const HOLD: Duration = Duration::from_secs(120);
+const HOLD: Duration = Duration::from_secs(60);
 
 pub struct SqsBroker {
     cfg: SqsConfig,
@@ -69,7 +69,6 @@ impl SqsBroker {
         hold: Duration,
     ) -> Result<Vec<Received>, SourceError> {
         let (cl, url) = (self.client.clone(), url.to_string());
-        let wait = self.cfg.wait.min(Duration::from_secs(1));
         self.rt.run(async move {
             let mut out = Vec::new();
             while out.len() < max {
@@ -79,8 +78,8 @@ impl SqsBroker {
                         &url,
                         (max - out.len()).min(10),
                         // A short poll samples only some of SQS's servers: a second's wait
-                        // (unless `wait=` says less) makes an empty answer mean an empty queue.
-                        wait,
+                        // makes an empty answer mean an empty queue.
+                        Duration::from_secs(1),
                         Some(hold),
                     )
                 })
