@@ -348,3 +348,42 @@ fn at_most_once_deletes_first_and_writes_every_output() {
     assert!(per_id.values().all(|c| *c == 1));
     assert_eq!(ns.counts("orders"), (0, 0));
 }
+
+/// A read that outlasts what it hides (`read-hold=1s`, 300 messages: moto takes seconds to
+/// hand them out ten at a time) still shows every message once: what it read is hidden again
+/// before its hold runs out, and a message read twice counts once. (Before, the first messages
+/// came back mid-read, were read again, and the read stopped at the queue's count with some
+/// never read: a full test run once missed an order that way.)
+#[test]
+fn a_read_longer_than_its_hold_shows_every_message_once() {
+    let w = Weir::sqs();
+    let ns = ns(&w);
+    create(ns, "long", Duration::from_secs(20));
+    let n = 300;
+    send(ns, "long", n, order, |_| Vec::new());
+    let out = w.ok(&[
+        "consume",
+        "long",
+        "--from-beginning",
+        "--json",
+        "--source-property",
+        "read-hold=1s",
+    ]);
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let m: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        let o: serde_json::Value = serde_json::from_str(m["payload"].as_str().unwrap()).unwrap();
+        *seen
+            .entry(o["id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "shown twice: {twice:?}");
+    assert_eq!(seen.len() as u64, n, "every message shown");
+    // The read put everything back: the queue still holds all of it.
+    wait_until(
+        "the read put back what it held",
+        Duration::from_secs(30),
+        || ns.counts("long") == (n, 0),
+    );
+}

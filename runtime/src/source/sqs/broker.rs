@@ -11,12 +11,9 @@ use crate::source::{
     Capabilities, Delivery, GroupOffset, Output, PartitionStats, Record, SourceError, TopicStats,
 };
 use aws_sdk_sqs::Client;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// How long what a command reads stays invisible to consumers, at most (it is made visible
-/// again when the command ends).
-const HOLD: Duration = Duration::from_secs(60);
+use std::time::{Duration, Instant};
 
 pub struct SqsBroker {
     cfg: SqsConfig,
@@ -61,7 +58,10 @@ impl SqsBroker {
         Ok(client::depth(&attrs))
     }
 
-    /// Receives until a receive comes back empty or `max` are held, each held for `hold`.
+    /// Receives until a receive comes back empty or `max` messages are held, each held for
+    /// `hold` and held again before that runs out while the read goes on (a long read of a big
+    /// queue outlasts one hold: what it read first would come back, be read twice, and crowd
+    /// out what it never reached). A message read twice counts once, under its newest handle.
     fn receive_all(
         &self,
         url: &str,
@@ -70,8 +70,21 @@ impl SqsBroker {
     ) -> Result<Vec<Received>, SourceError> {
         let (cl, url) = (self.client.clone(), url.to_string());
         self.rt.run(async move {
-            let mut out = Vec::new();
+            let mut out: Vec<Received> = Vec::new();
+            let mut at: HashMap<String, usize> = HashMap::new();
+            let mut held_since = Instant::now();
             while out.len() < max {
+                if held_since.elapsed() >= hold / 2 && !out.is_empty() {
+                    let again: Vec<(String, Duration)> =
+                        out.iter().map(|m| (m.handle.clone(), hold)).collect();
+                    held_since = Instant::now();
+                    // Refused: its hold ran out already; if it comes back it is read again
+                    // and counted once.
+                    let refused = client::change_visibility(&cl, &url, &again).await?;
+                    if !refused.is_empty() {
+                        tracing::debug!(refused = refused.len(), "SQS: some read messages were visible again before their hold was renewed");
+                    }
+                }
                 let got = client::retrying("receiving", || {
                     client::receive(
                         &cl,
@@ -87,7 +100,15 @@ impl SqsBroker {
                 if got.is_empty() {
                     break;
                 }
-                out.extend(got);
+                for m in got {
+                    match at.get(&m.id) {
+                        Some(&i) => out[i].handle = m.handle,
+                        None => {
+                            at.insert(m.id.clone(), out.len());
+                            out.push(m);
+                        }
+                    }
+                }
             }
             Ok(out)
         })
@@ -107,7 +128,8 @@ impl SqsBroker {
             .rt
             .run(async move { client::change_visibility(&cl, &url, &back).await })
         {
-            tracing::warn!(error = %e, "SQS: could not make read messages visible again; they return after {HOLD:?}");
+            let hold = self.cfg.read_hold;
+            tracing::warn!(error = %e, "SQS: could not make read messages visible again; they return after {hold:?}");
         }
     }
 
@@ -285,7 +307,7 @@ impl Broker for SqsBroker {
                 self.put_back(url, msgs.into_iter().map(|m| m.handle).collect());
             }
             let url = self.url(topic)?;
-            let msgs = self.receive_all(&url, end as usize, HOLD)?;
+            let msgs = self.receive_all(&url, end as usize, self.cfg.read_hold)?;
             self.snapshot = Some((topic.to_string(), url, msgs));
         }
         let name: Arc<str> = Arc::from(topic);
@@ -319,7 +341,7 @@ impl Broker for SqsBroker {
     ) -> Result<Vec<Delivery>, SourceError> {
         self.settle_taken()?;
         let url = self.url(topic)?;
-        let got = self.receive_all(&url, max, HOLD)?;
+        let got = self.receive_all(&url, max, self.cfg.read_hold)?;
         let name: Arc<str> = Arc::from(topic);
         let out = got
             .iter()
@@ -354,7 +376,7 @@ impl Broker for SqsBroker {
         }
         // Until a receive comes back empty (the depth SQS reports is approximate).
         let url = self.url(dlq)?;
-        let got = self.receive_all(&url, 100_000, HOLD)?;
+        let got = self.receive_all(&url, 100_000, self.cfg.read_hold)?;
         let name: Arc<str> = Arc::from(dlq);
         let out = got
             .iter()

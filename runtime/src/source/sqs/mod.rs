@@ -95,6 +95,9 @@ pub struct SqsConfig {
     pub wait: Duration,
     /// The visibility timeout of queues weir creates.
     pub visibility: Duration,
+    /// How long what `weir consume` and `weir dlq` read stays hidden from consumers between
+    /// renewals (it is made visible again when the command ends).
+    pub read_hold: Duration,
     /// The URL as given, for messages.
     pub url: String,
 }
@@ -128,6 +131,7 @@ impl SqsConfig {
             receivers: 4,
             wait: Duration::from_secs(20),
             visibility: Duration::from_secs(30),
+            read_hold: Duration::from_secs(60),
             url: spec.url.clone(),
         };
         let bad = |k: &str, v: &str, what: &str| {
@@ -174,10 +178,20 @@ impl SqsConfig {
                         return Err(bad(k, v, "from 1s to 12h (SQS's bounds)"));
                     }
                 }
+                "read-hold" => {
+                    cfg.read_hold = duration(k, v)?;
+                    if cfg.read_hold < Duration::from_secs(1)
+                        || cfg.read_hold > Duration::from_secs(12 * 3600)
+                    {
+                        return Err(bad(k, v, "from 1s to 12h (SQS's bounds)"));
+                    }
+                }
                 _ => {
                     return Err(SourceError::Invalid(format!(
                         "--source-property {k}: SQS takes prefix=NAME, fifo=true, receivers=N (4), \
-                         wait=DURATION (20s), visibility=DURATION (30s, for queues weir creates)"
+                         wait=DURATION (20s), visibility=DURATION (30s, for queues weir creates), \
+                         read-hold=DURATION (60s, what weir consume and weir dlq hide while they \
+                         read)"
                     )));
                 }
             }
@@ -280,6 +294,11 @@ mod tests {
                 "sqs://",
                 &[("visibility", "0s")],
                 Err("--source-property visibility=0s"),
+            ),
+            (
+                "sqs://",
+                &[("read-hold", "500ms")],
+                Err("--source-property read-hold=500ms: from 1s"),
             ),
             (
                 "sqs://",
