@@ -17,6 +17,7 @@ mod http;
 mod kafka;
 mod languages;
 mod nats;
+mod patterns;
 mod rabbitmq;
 mod rabbitmq_commits;
 mod rabbitmq_timeout;

@@ -15,6 +15,15 @@ pub enum TopicsCommand {
         /// Kafka: replicas per partition [default: the brokers' default]
         #[arg(long)]
         replication_factor: Option<i32>,
+        /// Every consumer group gets every message (pub/sub). Logs, Redis Streams and
+        /// JetStream do that for every topic; on RabbitMQ the topic is a fanout exchange with a
+        /// queue per group; SQS needs SNS for it (not supported)
+        #[arg(long)]
+        fanout: bool,
+        /// With --fanout: declare these groups' queues now, so they keep what is published
+        /// before they first run (RabbitMQ binds a group's queue when it first runs otherwise)
+        #[arg(long = "group", requires = "fanout")]
+        groups: Vec<String>,
     },
     /// List topics with each partition's depth and each consumer group's committed offset and lag
     List {
@@ -37,9 +46,18 @@ impl TopicsCommand {
                 topic,
                 partitions,
                 replication_factor,
+                fanout,
+                groups,
             } => {
-                log.create_topic(&topic, partitions, replication_factor)?;
-                eprintln!("created topic {topic} with {partitions} partition(s)");
+                if fanout {
+                    log.create_fanout(&topic, partitions, replication_factor, &groups)?;
+                    eprintln!(
+                        "created fan-out topic {topic} with {partitions} partition(s): every group gets every message"
+                    );
+                } else {
+                    log.create_topic(&topic, partitions, replication_factor)?;
+                    eprintln!("created topic {topic} with {partitions} partition(s)");
+                }
             }
             TopicsCommand::List { topic, group, json } => {
                 let stats = log.stats(topic.as_deref(), group.as_deref())?;

@@ -31,6 +31,19 @@ pub trait Broker {
         replication: Option<i32>,
     ) -> Result<(), SourceError>;
 
+    /// Creates `topic` for fan-out: every consumer group gets every message. On a log (and
+    /// on Redis Streams and JetStream) every topic does that already, so this creates a topic;
+    /// RabbitMQ declares a fanout exchange and binds a queue for each of `groups`.
+    fn create_fanout(
+        &mut self,
+        topic: &str,
+        partitions: u32,
+        replication: Option<i32>,
+        _groups: &[String],
+    ) -> Result<(), SourceError> {
+        self.create_topic(topic, partitions, replication)
+    }
+
     /// Deletes `topic` and what it holds (where the broker allows it).
     fn delete_topic(&mut self, topic: &str) -> Result<(), SourceError> {
         Err(SourceError::Invalid(format!(

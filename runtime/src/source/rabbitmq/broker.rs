@@ -1,5 +1,6 @@
 //! RabbitMQ as `weir topics`, `produce` and `consume` use it.
 
+use super::fanout::{self, Kind};
 use super::{
     AmqpConfig, REQUEST_TIMEOUT, broker_error, check_queue_name, is_not_found,
     is_precondition_failed, redact,
@@ -15,6 +16,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// Connects to the broker, within [`REQUEST_TIMEOUT`].
@@ -110,18 +112,21 @@ pub(crate) async fn declare(
     }
 }
 
-/// Publishes `records` to `queue` on `ch` (in confirm mode) and waits for every confirm.
+/// Publishes `records` to their queues (or, for the names in `fanouts`, their fanout
+/// exchanges) on `ch` (in confirm mode) and waits for every confirm.
 pub(crate) async fn publish_confirmed(
     ch: &Channel,
     records: &[(&str, &Record)],
+    fanouts: &HashSet<String>,
 ) -> Result<(), SourceError> {
     let mut confirms = Vec::new();
     for &(queue, r) in records {
         super::fits(r).map_err(SourceError::Invalid)?;
+        let (exchange, key) = fanout::route(queue, fanouts);
         let c = ch
             .basic_publish(
-                "".into(),
-                queue.into(),
+                exchange.into(),
+                key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -140,6 +145,18 @@ pub(crate) async fn publish_confirmed(
             .map_err(|e| broker_error(&format!("publishing to {queue}"), e))?;
         match confirmed {
             Confirmation::Ack(None) => {}
+            Confirmation::Ack(Some(returned)) if fanouts.contains(&queue) => {
+                // Mandatory and unroutable: no group's queue is bound to the exchange.
+                return Err(broker_error(
+                    &format!("publishing to fanout topic {queue}"),
+                    format!(
+                        "returned by the broker ({}): no group's queue is bound to it yet, so \
+                         nothing would receive it; start a group on it, or name the groups \
+                         with weir topics create {queue} --fanout --group NAME",
+                        returned.reply_text
+                    ),
+                ));
+            }
             Confirmation::Ack(Some(returned)) => {
                 // Mandatory and unroutable: the queue is gone.
                 return Err(broker_error(
@@ -165,9 +182,9 @@ pub(crate) async fn publish_confirmed(
 /// A connection for one command, with a confirm-mode channel for appends and the messages
 /// `take` took and has not acked.
 pub struct Rabbit {
-    rt: Rt,
-    cfg: AmqpConfig,
-    conn: Arc<Connection>,
+    pub(super) rt: Rt,
+    pub(super) cfg: AmqpConfig,
+    pub(super) conn: Arc<Connection>,
     publisher: Option<Arc<Channel>>,
     /// The channel of the last `take`, with the highest tag it took.
     taken: Option<(Arc<Channel>, u64)>,
@@ -287,6 +304,37 @@ impl Broker for Rabbit {
         self.rt.run(async move { declare(&conn, &q, &ty).await })
     }
 
+    fn create_fanout(
+        &mut self,
+        topic: &str,
+        partitions: u32,
+        _replication: Option<i32>,
+        groups: &[String],
+    ) -> Result<(), SourceError> {
+        if partitions != 1 {
+            return Err(SourceError::Invalid(format!(
+                "a RabbitMQ fanout topic has no partitions: create {topic} with --partitions 1 \
+                 (the default)"
+            )));
+        }
+        let (conn, t, ty) = (
+            self.conn.clone(),
+            topic.to_string(),
+            self.cfg.queue_type.clone(),
+        );
+        let groups = groups.to_vec();
+        self.rt.run(async move {
+            if fanout::kind(&conn, &t).await?.is_some() {
+                return Err(SourceError::TopicExists(t));
+            }
+            fanout::declare_exchange(&conn, &t).await?;
+            for g in &groups {
+                fanout::bind_group(&conn, &t, g, &ty).await?;
+            }
+            Ok(())
+        })
+    }
+
     fn delete_topic(&mut self, topic: &str) -> Result<(), SourceError> {
         let (conn, q) = (self.conn.clone(), topic.to_string());
         self.rt.run(async move {
@@ -314,6 +362,9 @@ impl Broker for Rabbit {
                     .into(),
             ));
         };
+        if self.kind_of(topic)? == Kind::Fanout {
+            return self.fanout_stats(topic, group);
+        }
         let ready = u64::from(self.depth(topic)?);
         // A queue has no committed offsets: what waits in it is every group's lag.
         let groups = group
@@ -335,20 +386,20 @@ impl Broker for Rabbit {
     }
 
     fn append(&mut self, topic: &str, batch: Vec<Record>) -> Result<(), SourceError> {
-        if self.publisher.is_none() {
-            // Refuse a missing queue, as the logs refuse a missing topic.
-            self.depth(topic)?;
-        }
+        // Refuses a missing queue (or exchange), as the logs refuse a missing topic.
+        let fanouts = self.fanouts([topic])?;
         let ch = self.publisher()?;
         let q = topic.to_string();
         self.rt.run(async move {
             let records: Vec<(&str, &Record)> = batch.iter().map(|r| (q.as_str(), r)).collect();
-            publish_confirmed(&ch, &records).await
+            publish_confirmed(&ch, &records, &fanouts).await
         })
     }
 
     fn ends(&mut self, topic: &str) -> Result<Vec<(u32, u64)>, SourceError> {
-        Ok(vec![(0, u64::from(self.depth(topic)?))])
+        // A fanout topic keeps nothing of its own: the error says to name a group.
+        let queue = self.queue_of(topic, None)?;
+        Ok(vec![(0, u64::from(self.depth(&queue)?))])
     }
 
     fn committed(
@@ -357,7 +408,7 @@ impl Broker for Rabbit {
         topic: &str,
         _partition: u32,
     ) -> Result<u64, SourceError> {
-        self.depth(topic)?;
+        self.kind_of(topic)?;
         Ok(0)
     }
 
@@ -371,7 +422,8 @@ impl Broker for Rabbit {
         _end: u64,
         max: usize,
     ) -> Result<Vec<Delivery>, SourceError> {
-        let (ch, mut got) = self.get(topic, from as usize + max)?;
+        let queue = self.queue_of(topic, None)?;
+        let (ch, mut got) = self.get(&queue, from as usize + max)?;
         let _ = self
             .rt
             .run(async move { ch.close(200, "peeked".into()).await });
@@ -399,14 +451,10 @@ impl Broker for Rabbit {
         ))
     }
 
-    fn take(
-        &mut self,
-        topic: &str,
-        _group: &str,
-        max: usize,
-    ) -> Result<Vec<Delivery>, SourceError> {
+    fn take(&mut self, topic: &str, group: &str, max: usize) -> Result<Vec<Delivery>, SourceError> {
         self.settle_taken()?;
-        let (ch, got) = self.get(topic, max)?;
+        let queue = self.queue_of(topic, Some(group))?;
+        let (ch, got) = self.get(&queue, max)?;
         if let Some(last) = got.last() {
             self.taken = Some((ch, last.offset));
         }
@@ -477,13 +525,14 @@ impl Broker for Rabbit {
                 letter.id
             )));
         };
+        let fanouts = self.fanouts(outputs.iter().map(|o| o.topic.as_str()))?;
         let ch = self.publisher()?;
         self.rt.run(async move {
             let records: Vec<(&str, &Record)> = outputs
                 .iter()
                 .map(|o| (o.topic.as_str(), &o.record))
                 .collect();
-            publish_confirmed(&ch, &records).await?;
+            publish_confirmed(&ch, &records, &fanouts).await?;
             letters
                 .basic_ack(tag, BasicAckOptions { multiple: false })
                 .await

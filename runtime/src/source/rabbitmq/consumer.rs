@@ -28,6 +28,7 @@
 //!   auto-ack, which RabbitMQ does not bound by the prefetch); nothing is settled after.
 
 use super::broker::{declare, depth};
+use super::fanout;
 use super::link::{Buffered, Link, forget, open, supervise};
 use super::settle::settle_on;
 use super::{AmqpConfig, broker_error};
@@ -35,7 +36,6 @@ use crate::source::connect::ConsumerOptions;
 use crate::source::receipts::Receipts;
 use crate::source::rt::Rt;
 use crate::source::{Capabilities, Commit, Delivery, Record, Source, SourceError};
-use lapin::options::BasicQosOptions;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,25 +72,41 @@ pub(super) struct Shared {
     pub(super) link: watch::Sender<Option<Arc<Link>>>,
     pub(super) signal: Arc<Notify>,
     pub(super) known: Mutex<HashSet<String>>,
+    /// The topics known to be fanout exchanges (outputs go to the exchange).
+    pub(super) fanouts: Mutex<HashSet<String>>,
+    /// The queue each consumed topic is read from where it is not the topic's own: a
+    /// fanout topic's group queue.
+    pub(super) group_queues: HashMap<String, String>,
     pub(super) stopping: AtomicBool,
     /// A queue's consumer was cancelled by [`Source::release`] (a stop): the supervisor does
     /// not take the end of every consumer for a lost link.
     pub(super) released: AtomicBool,
 }
 
+impl Shared {
+    /// The queue consumed topic `topic` is read from.
+    pub(super) fn queue<'a>(&'a self, topic: &'a str) -> &'a str {
+        self.group_queues.get(topic).map_or(topic, String::as_str)
+    }
+}
+
 /// RabbitMQ as the engine consumes it.
 pub struct RabbitSource {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     cfg: AmqpConfig,
-    opts: ConsumerOptions,
+    pub(super) opts: ConsumerOptions,
     // Last: the runtime goes when everything that runs on it has.
-    rt: Rt,
+    pub(super) rt: Rt,
 }
 
 impl RabbitSource {
     /// Connects and starts consuming `opts.topics`; a queue that does not exist is an error.
     pub fn start(cfg: AmqpConfig, opts: &ConsumerOptions) -> Result<RabbitSource, SourceError> {
         let rt = Rt::new("weir-amqp").map_err(|e| broker_error("starting the AMQP runtime", e))?;
+        let (queues, fanouts) = {
+            let (cfg, opts) = (cfg.clone(), opts.clone());
+            rt.run(async move { fanout::group_queues(&cfg, &opts).await })?
+        };
         let (link_tx, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -103,12 +119,14 @@ impl RabbitSource {
                     .cloned()
                     .collect(),
             ),
+            fanouts: Mutex::new(fanouts),
+            group_queues: queues,
             stopping: AtomicBool::new(false),
             released: AtomicBool::new(false),
         });
         let first = {
-            let (cfg, opts) = (cfg.clone(), opts.clone());
-            rt.run(async move { open(&cfg, &opts, 1).await })?
+            let (cfg, opts, sh) = (cfg.clone(), opts.clone(), shared.clone());
+            rt.run(async move { open(&cfg, &opts, &sh.group_queues, 1).await })?
         };
         rt.handle()
             .spawn(supervise(shared.clone(), cfg.clone(), opts.clone(), first));
@@ -142,6 +160,7 @@ impl RabbitSource {
             // A link that breaks under the question is waited out (up to RECONNECT_FOR), not
             // reported: a lost link costs a reconnect, not the run.
             let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
+            let q = shared.queue(&q).to_string();
             loop {
                 let link = Self::link(&shared).await?;
                 match depth(&link.conn, &q).await {
@@ -160,40 +179,6 @@ impl RabbitSource {
         ready
             .map(u64::from)
             .ok_or_else(|| SourceError::UnknownTopic(queue.to_string()))
-    }
-}
-
-impl RabbitSource {
-    /// At-most-once: acks every delivery of `queue`'s channel up to `tag` (one `multiple`
-    /// ack: the buffer hands them over in tag order) before the engine gets them, so none is
-    /// delivered again. Not auto-ack: RabbitMQ ignores the prefetch of an auto-ack consumer,
-    /// so its buffer had no bound. Whether the ack was written on the link that delivered them.
-    fn ack_handed_over(&self, queue: &str, generation: u64, tag: u64) -> bool {
-        let link = self.shared.link.borrow().clone();
-        let Some(ch) = link
-            .filter(|l| l.generation == generation)
-            .and_then(|l| l.channels.get(queue).cloned())
-        else {
-            return false;
-        };
-        let prefetch = self.opts.prefetch.clamp(1, u16::MAX as usize) as u16;
-        self.rt
-            .run(async move {
-                ch.basic_ack(tag, lapin::options::BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(|e| broker_error("acking", e))?;
-                // An ack has no answer, and one lost with the link would requeue messages
-                // already running. The broker takes a channel's frames in order: the answer to
-                // this (unchanged) prefetch says the ack was taken.
-                tokio::time::timeout(
-                    super::REQUEST_TIMEOUT,
-                    ch.basic_qos(prefetch, BasicQosOptions::default()),
-                )
-                .await
-                .map_err(|_| broker_error("acking", "no answer"))?
-                .map_err(|e| broker_error("acking", e))
-            })
-            .is_ok()
     }
 }
 
@@ -233,7 +218,7 @@ impl Source for RabbitSource {
 
     fn end_offset(&self, topic: &str, _partition: u32) -> Result<u64, SourceError> {
         if let Some(m) = self.cfg.management.clone() {
-            let q = topic.to_string();
+            let q = self.shared.queue(topic).to_string();
             match self.rt.run(async move { m.depth(&q).await }) {
                 // Every consumer's unacked messages, this process's among them.
                 Ok(Some((ready, unacked))) => {
@@ -448,7 +433,30 @@ impl Source for RabbitSource {
                     .insert(topic.to_string());
                 true
             }
-            Err(SourceError::UnknownTopic(_)) => false,
+            // Not a queue: a fanout exchange (outputs are published to it)?
+            Err(SourceError::UnknownTopic(_)) => {
+                let (shared, t) = (self.shared.clone(), topic.to_string());
+                match self.rt.run(async move {
+                    let link = Self::link(&shared).await?;
+                    fanout::exchange_exists(&link.conn, &t).await
+                }) {
+                    Ok(true) => {
+                        self.shared
+                            .fanouts
+                            .lock()
+                            .expect("fanouts")
+                            .insert(topic.to_string());
+                        self.shared
+                            .known
+                            .lock()
+                            .expect("known")
+                            .insert(topic.to_string());
+                        true
+                    }
+                    Ok(false) => false,
+                    Err(_) => true,
+                }
+            }
             Err(_) => true,
         }
     }

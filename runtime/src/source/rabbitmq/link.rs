@@ -49,11 +49,18 @@ pub(super) struct Buffered {
 pub(super) async fn open(
     cfg: &AmqpConfig,
     opts: &ConsumerOptions,
+    group_queues: &HashMap<String, String>,
     generation: u64,
 ) -> Result<(Arc<Link>, Vec<(String, Consumer)>), SourceError> {
     let conn = connect(&cfg.url).await?;
+    let queue = |t: &str| {
+        group_queues
+            .get(t)
+            .cloned()
+            .unwrap_or_else(|| t.to_string())
+    };
     for t in &opts.topics {
-        if depth(&conn, t).await?.is_none() {
+        if depth(&conn, &queue(t)).await?.is_none() {
             return Err(SourceError::UnknownTopic(t.clone()));
         }
     }
@@ -95,7 +102,7 @@ pub(super) async fn open(
         );
         let c = consume
             .basic_consume(
-                t.as_str().into(),
+                queue(t).as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -131,7 +138,7 @@ pub(super) async fn supervise(
     while !shared.stopping.load(Ordering::Relaxed) {
         let (link, consumers) = match next.take() {
             Some(l) => l,
-            None => match open(&cfg, &opts, generation).await {
+            None => match open(&cfg, &opts, &shared.group_queues, generation).await {
                 Ok(l) => {
                     tracing::info!(generation, "reconnected to RabbitMQ");
                     l

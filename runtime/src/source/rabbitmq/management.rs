@@ -104,7 +104,53 @@ impl Management {
             .map_err(|e| broker_error(&what, e))
     }
 
+    /// The queues bound to exchange `exchange` (a fanout topic's groups); `None` when the
+    /// exchange does not exist.
+    pub async fn bound_queues(&self, exchange: &str) -> Result<Option<Vec<String>>, SourceError> {
+        let what = format!(
+            "asking the management API at {} about exchange {exchange}",
+            self.authority
+        );
+        let path = format!(
+            "/api/exchanges/{}/{}/bindings/source",
+            self.vhost,
+            segment(exchange)
+        );
+        let v = tokio::time::timeout(TIMEOUT, self.get_json(&path))
+            .await
+            .map_err(|_| broker_error(&what, "no answer"))?
+            .map_err(|e| broker_error(&what, e))?;
+        Ok(v.map(|v| {
+            let mut qs: Vec<String> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|b| b["destination_type"] == "queue")
+                .filter_map(|b| b["destination"].as_str().map(str::to_string))
+                .collect();
+            qs.sort();
+            qs.dedup();
+            qs
+        }))
+    }
+
     async fn get(&self, queue: &str) -> Result<Option<(u64, u64)>, String> {
+        // Only the two figures: a queue's whole record is large.
+        let path = format!(
+            "/api/queues/{}/{}?columns=messages_ready,messages_unacknowledged",
+            self.vhost,
+            segment(queue)
+        );
+        let Some(v) = self.get_json(&path).await? else {
+            return Ok(None);
+        };
+        // A queue that has not been sampled yet has no figures: nothing counted.
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        Ok(Some((n("messages_ready"), n("messages_unacknowledged"))))
+    }
+
+    /// GETs `path` as JSON; `None` on 404.
+    async fn get_json(&self, path: &str) -> Result<Option<serde_json::Value>, String> {
         let tcp = tokio::net::TcpStream::connect(&self.authority)
             .await
             .map_err(|e| e.to_string())?;
@@ -113,12 +159,6 @@ impl Management {
                 .await
                 .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        // Only the two figures: a queue's whole record is large.
-        let path = format!(
-            "/api/queues/{}/{}?columns=messages_ready,messages_unacknowledged",
-            self.vhost,
-            segment(queue)
-        );
         let req = http::Request::get(path)
             .header(http::header::HOST, &self.authority)
             .header(http::header::AUTHORIZATION, &self.auth)
@@ -126,7 +166,7 @@ impl Management {
             .map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), 64 << 10)
+        let body = http_body_util::Limited::new(resp.into_body(), 4 << 20)
             .collect()
             .await
             .map_err(|e| e.to_string())?
@@ -137,11 +177,9 @@ impl Management {
             401 => return Err("refused the credentials (401)".into()),
             n => return Err(format!("answered {n}")),
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))?;
-        // A queue that has not been sampled yet has no figures: nothing counted.
-        let n = |k: &str| v[k].as_u64().unwrap_or(0);
-        Ok(Some((n("messages_ready"), n("messages_unacknowledged"))))
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| format!("not JSON: {e}"))
     }
 }
 

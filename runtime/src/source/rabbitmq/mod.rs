@@ -20,6 +20,7 @@
 pub mod bench;
 mod broker;
 mod consumer;
+mod fanout;
 mod link;
 mod management;
 mod settle;

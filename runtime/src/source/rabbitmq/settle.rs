@@ -5,10 +5,11 @@ use super::REQUEST_TIMEOUT;
 use super::broker::{depth, publish_confirmed};
 use super::broker_error;
 use super::consumer::Shared;
+use super::fanout::{exchange_exists, route};
 use super::link::Link;
 use crate::source::{Record, SourceError};
 use lapin::options::{BasicAckOptions, BasicPublishOptions};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 /// The acks that settle `tags` given the tags of the queue's channel handed over and not yet
 /// acked (`outstanding`, which still holds `tags`: they leave it once the acks went out): one
@@ -74,20 +75,22 @@ pub(super) async fn settle_on(
         }
         _ => Vec::new(),
     };
+    let fanouts = shared.fanouts.lock().expect("fanouts").clone();
     match &link.publish {
         Some(publish) => {
             let records: Vec<(&str, &Record)> = outputs
                 .iter()
                 .map(|o| (o.topic.as_str(), &o.record))
                 .collect();
-            publish_confirmed(publish, &records).await?;
+            publish_confirmed(publish, &records, &fanouts).await?;
         }
         None => {
             let ch = channel()?;
             for o in outputs {
+                let (exchange, key) = route(&o.topic, &fanouts);
                 ch.basic_publish(
-                    "".into(),
-                    o.topic.as_str().into(),
+                    exchange.into(),
+                    key.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
@@ -107,7 +110,12 @@ pub(super) async fn settle_on(
             dests.sort_unstable();
             dests.dedup();
             for d in dests {
-                if depth(&link.conn, d).await?.is_none() {
+                let there = if fanouts.contains(d) {
+                    exchange_exists(&link.conn, d).await?
+                } else {
+                    depth(&link.conn, d).await?.is_some()
+                };
+                if !there {
                     let _ = ch.tx_rollback().await;
                     shared.known.lock().expect("known").remove(d);
                     return Err(broker_error(
@@ -181,7 +189,9 @@ pub(super) async fn recount_on(
         let ack = || ch.basic_ack(tag, BasicAckOptions { multiple: false });
         match &link.publish {
             Some(publish) => {
-                publish_confirmed(publish, &[(queue, &copy)]).await?;
+                // To the queue it came from (a fanout group's own, not the exchange).
+                publish_confirmed(publish, &[(shared.queue(queue), &copy)], &HashSet::new())
+                    .await?;
                 ack().await.map_err(|e| broker_error("acking", e))
             }
             None => {
@@ -191,7 +201,7 @@ pub(super) async fn recount_on(
                 };
                 ch.basic_publish(
                     "".into(),
-                    queue.into(),
+                    shared.queue(queue).into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
@@ -212,6 +222,40 @@ pub(super) async fn recount_on(
     .await;
     acked();
     r
+}
+
+impl super::consumer::RabbitSource {
+    /// At-most-once: acks every delivery of `queue`'s channel up to `tag` (one `multiple`
+    /// ack: the buffer hands them over in tag order) before the engine gets them, so none is
+    /// delivered again. Not auto-ack: RabbitMQ ignores the prefetch of an auto-ack consumer,
+    /// so its buffer had no bound. Whether the ack was written on the link that delivered them.
+    pub(super) fn ack_handed_over(&self, queue: &str, generation: u64, tag: u64) -> bool {
+        let link = self.shared.link.borrow().clone();
+        let Some(ch) = link
+            .filter(|l| l.generation == generation)
+            .and_then(|l| l.channels.get(queue).cloned())
+        else {
+            return false;
+        };
+        let prefetch = self.opts.prefetch.clamp(1, u16::MAX as usize) as u16;
+        self.rt
+            .run(async move {
+                ch.basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(|e| broker_error("acking", e))?;
+                // An ack has no answer, and one lost with the link would requeue messages
+                // already running. The broker takes a channel's frames in order: the answer to
+                // this (unchanged) prefetch says the ack was taken.
+                tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    ch.basic_qos(prefetch, lapin::options::BasicQosOptions::default()),
+                )
+                .await
+                .map_err(|_| broker_error("acking", "no answer"))?
+                .map_err(|e| broker_error("acking", e))
+            })
+            .is_ok()
+    }
 }
 
 #[cfg(test)]

@@ -189,6 +189,20 @@ impl Broker for SqsBroker {
         self.cfg.capabilities(self.cfg.visibility)
     }
 
+    fn create_fanout(
+        &mut self,
+        topic: &str,
+        _partitions: u32,
+        _replication: Option<i32>,
+        _groups: &[String],
+    ) -> Result<(), SourceError> {
+        Err(SourceError::Invalid(format!(
+            "--fanout on SQS: an SQS queue hands each message to one consumer; fan-out needs an \
+             SNS topic with a queue per group subscribed to it, which weir does not manage: \
+             create {topic} without --fanout for a work queue"
+        )))
+    }
+
     fn create_topic(
         &mut self,
         topic: &str,
