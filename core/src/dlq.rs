@@ -15,6 +15,9 @@ pub const ATTEMPTS: &str = "weir.dlq.attempts";
 pub const ERROR_KIND: &str = "weir.dlq.error-kind";
 pub const ERROR: &str = "weir.dlq.error";
 pub const MODULE: &str = "weir.dlq.module";
+/// The consumer group that gave up on the message (a fanout topic's dead letter is replayed to
+/// that group's queue only).
+pub const GROUP: &str = "weir.dlq.group";
 pub const MODULE_DIGEST: &str = "weir.dlq.module-digest";
 pub const FIRST_FAILURE_MS: &str = "weir.dlq.first-failure-ms";
 pub const LAST_FAILURE_MS: &str = "weir.dlq.last-failure-ms";
@@ -50,6 +53,7 @@ pub struct Failure<'a> {
     pub error: &'a str,
     pub module: &'a str,
     pub digest: &'a str,
+    pub group: &'a str,
     pub first_failure_ms: u64,
     pub last_failure_ms: u64,
 }
@@ -77,6 +81,7 @@ pub fn envelope(d: &Delivery, f: &Failure<'_>, dlq_topic: String) -> Output {
             ),
             (MODULE, f.module.to_string()),
             (MODULE_DIGEST, f.digest.to_string()),
+            (GROUP, f.group.to_string()),
             (FIRST_FAILURE_MS, f.first_failure_ms.to_string()),
             (LAST_FAILURE_MS, f.last_failure_ms.to_string()),
         ],
@@ -391,6 +396,7 @@ mod tests {
             error: &"e".repeat(100_000),
             module: "m",
             digest: "d",
+            group: "g",
             first_failure_ms: 1,
             last_failure_ms: 2,
         };

@@ -103,6 +103,7 @@ pub fn envelope(data: &[u8]) {
         error: &text,
         module: "m",
         digest: "d",
+        group: "g",
         first_failure_ms: 1,
         last_failure_ms: 2,
     };

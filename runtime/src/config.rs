@@ -72,6 +72,7 @@ pub fn resolve(
         engine: crate::engine::EngineConfig {
             group: c.group,
             topics: c.topics,
+            priority: c.priority,
             batch_size: c.batch_size,
             instances: c.instances,
             lanes: c.lanes,

@@ -30,6 +30,8 @@ pub struct Checked {
     pub module: PathBuf,
     pub topics: Vec<String>,
     pub group: String,
+    /// `--priority` and `--priority-weights`; `None`: every topic alike.
+    pub priority: Option<super::Priority>,
     pub batch_size: usize,
     /// Instances at the start (the minimum when scaling).
     pub instances: usize,
@@ -76,6 +78,8 @@ impl RunOptions {
             module: self.module.or(lower.module),
             topic: self.topic.or(lower.topic),
             group: self.group.or(lower.group),
+            priority: self.priority.or(lower.priority),
+            priority_weights: self.priority_weights.or(lower.priority_weights),
             drain: self.drain.or(lower.drain),
             batch_size: self.batch_size.or(lower.batch_size),
             instances: self.instances.or(lower.instances),
@@ -264,6 +268,7 @@ impl RunOptions {
                 "--retry-topic and --dlq-topic must contain `{topic}` (with several topics, each needs its own)".into(),
             ));
         }
+        let priority = super::Priority::check(self.priority, self.priority_weights, &topics)?;
         let lanes = self.lanes.unwrap_or_else(|| defaults::lanes(most));
         if !(1..=4096).contains(&lanes) {
             return Err(ConfigError(format!(
@@ -361,6 +366,7 @@ impl RunOptions {
             module,
             topics,
             group,
+            priority,
             batch_size,
             instances,
             most,

@@ -99,6 +99,14 @@ pub struct RunOptions {
     /// Consumer group: where committed offsets are kept
     #[arg(long, env = "WEIR_GROUP")]
     pub group: Option<String>,
+    /// Topics whose messages an idle instance takes first, highest first (urgent,routine);
+    /// consumed topics not named come after them [default: all alike]
+    #[arg(long, env = "WEIR_PRIORITY", value_delimiter = ',')]
+    pub priority: Option<Vec<String>>,
+    /// With --priority: share the instances by these weights, one per named topic (8,1),
+    /// instead of strictly (where a lower topic waits while a higher one has work ready)
+    #[arg(long, env = "WEIR_PRIORITY_WEIGHTS", value_delimiter = ',')]
+    pub priority_weights: Option<Vec<u32>>,
     /// Exit 0 once every partition is consumed to its end and nothing is in flight [default: off]
     #[arg(long, env = "WEIR_DRAIN", num_args = 0..=1, default_missing_value = "true")]
     pub drain: Option<bool>,
@@ -435,7 +443,9 @@ impl Default for ScalerConfig {
 }
 
 mod check;
+mod priority;
 pub use check::{Checked, CheckedAdmin, parse_allow_http};
+pub use priority::Priority;
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,7 @@ use crate::config::parse_size;
 use crate::engine::dlq as h;
 use crate::host::{HostConfig, Module, Outcome};
 use crate::source::broker::{Broker, DeadLetter};
-use crate::source::{Delivery, Output, Record, SourceError};
+use crate::source::{Delivery, Output, Record};
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,11 +90,7 @@ impl Letter for DeadLetter {
 }
 
 fn exists(b: &mut dyn Broker, topic: &str) -> anyhow::Result<bool> {
-    match b.ends(topic) {
-        Ok(_) => Ok(true),
-        Err(SourceError::UnknownTopic(_)) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+    Ok(b.has_topic(topic)?)
 }
 
 /// The dead-letter topic for what the user typed (`template`, else the broker's default name):

@@ -48,6 +48,8 @@ pub use weir_core::config::{DeliveryMode, RetryMode};
 pub struct EngineConfig {
     pub group: String,
     pub topics: Vec<String>,
+    /// Which topics' messages an idle instance takes first; `None`: all alike.
+    pub priority: Option<weir_core::config::Priority>,
     /// Messages fetched and handed to an instance at once.
     pub batch_size: usize,
     /// Handler instances (worker threads).
@@ -277,7 +279,14 @@ pub async fn run(
     if stats.module.get().is_none() {
         stats.module.set(module.clone());
     }
-    let pool = Pool::start(cfg.instances.max(1), stats.clone());
+    let (levels, weights) = cfg.priority.as_ref().map_or((1, None), |p| {
+        let weights = p
+            .weights
+            .as_ref()
+            .map(|_| (0..p.levels()).map(|l| p.weight(l).unwrap_or(1)).collect());
+        (p.levels(), weights)
+    });
+    let pool = Pool::start(cfg.instances.max(1), stats.clone(), levels, weights);
     let ctx = Arc::new(Ctx {
         source,
         module,

@@ -166,6 +166,11 @@ async fn run(
         .find(|(_, r)| **r == *topic)
         .map(|(origin, _)| origin.clone());
     let is_retry_topic = retry_origin.is_some();
+    // Its jobs' priority level: a retry topic's is its origin's.
+    let level = cfg
+        .priority
+        .as_ref()
+        .map_or(0, |p| p.level_of(retry_origin.as_deref().unwrap_or(&topic)));
     let per_message = ctx.source.capabilities().settle == Settle::PerMessage;
     let mut tracker = if per_message {
         OffsetTracker::per_message(start)
@@ -314,7 +319,7 @@ async fn run(
             let (ctx2, tx) = (ctx.clone(), done_tx.clone());
             // Waits for the pool while this loop goes on with other lanes; reports on `done_tx`.
             tokio::spawn(async move {
-                let result = job::run(&ctx2.pool, msgs, attempts).await;
+                let result = job::run(&ctx2.pool, level, msgs, attempts).await;
                 let _ = tx.send(Done {
                     lane: i,
                     meta,

@@ -18,15 +18,21 @@ use tokio::sync::oneshot;
 
 /// A run of messages for an instance, and where to send the result back.
 struct Job {
+    /// Its priority level (0 first).
+    level: usize,
     msgs: Vec<Delivery>,
     attempts: Vec<u32>,
     reply: oneshot::Sender<(Vec<Delivery>, RunResult)>,
 }
 
+mod queue;
+
+use queue::Jobs;
+
 pub(super) struct Pool {
-    /// Jobs from all lanes of all partitions; any idle instance takes the next one.
-    jobs: flume::Sender<Job>,
-    rx: flume::Receiver<Job>,
+    /// Jobs from all lanes of all partitions; any idle instance takes the next one (by
+    /// priority level, see [`queue`]).
+    jobs: Arc<Jobs<Job>>,
     runtime: InstanceRuntime,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stats: Arc<Stats>,
@@ -35,6 +41,9 @@ pub(super) struct Pool {
     /// How many instances there are.
     alive: Arc<AtomicUsize>,
 }
+
+/// Messages a lower-priority job runs before it looks whether a higher one waits.
+const SLICE: usize = 16;
 
 /// How often an idle instance checks whether it should retire.
 const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
@@ -73,13 +82,17 @@ impl Drop for InstanceRuntime {
 }
 
 impl Pool {
-    /// Starts `instances` instances of the handler in `stats.module`.
-    pub(super) fn start(instances: usize, stats: Arc<Stats>) -> Pool {
+    /// Starts `instances` instances of the handler in `stats.module`, taking jobs from
+    /// `levels` priority levels (weighted by `weights`, or strictly).
+    pub(super) fn start(
+        instances: usize,
+        stats: Arc<Stats>,
+        levels: usize,
+        weights: Option<Vec<u32>>,
+    ) -> Pool {
         // Unbounded: the number of jobs is bounded by the lanes (one job per lane at a time).
-        let (tx, rx) = flume::unbounded::<Job>();
         let pool = Pool {
-            jobs: tx,
-            rx,
+            jobs: Arc::new(Jobs::new(levels, weights)),
             runtime: InstanceRuntime::start(),
             tasks: Default::default(),
             stats,
@@ -103,7 +116,7 @@ impl Pool {
         tasks.retain(|t| !t.is_finished());
         while self.alive.load(Ordering::Relaxed) < n {
             self.alive.fetch_add(1, Ordering::Relaxed);
-            let rx = self.rx.clone();
+            let rx = self.jobs.clone();
             let stats = self.stats.clone();
             let (desired, alive) = (self.desired.clone(), self.alive.clone());
             tasks.push(
@@ -118,18 +131,26 @@ impl Pool {
             .fetch_max(self.size(), Ordering::Relaxed);
     }
 
+    /// Runs `msgs` on an instance, queued at priority `level`.
     pub(super) async fn run(
         &self,
+        level: usize,
         msgs: Vec<Delivery>,
         attempts: Vec<u32>,
     ) -> Result<(Vec<Delivery>, RunResult), EngineError> {
         let (reply, rx) = oneshot::channel();
+        let size = msgs.len();
         self.jobs
-            .send(Job {
-                msgs,
-                attempts,
-                reply,
-            })
+            .push(
+                level,
+                Job {
+                    level,
+                    msgs,
+                    attempts,
+                    reply,
+                },
+                size,
+            )
             .map_err(|_| EngineError::PoolGone)?;
         rx.await.map_err(|_| EngineError::PoolGone)
     }
@@ -137,8 +158,7 @@ impl Pool {
     /// Lets every instance finish its job and end, then stops the runtime.
     pub(super) async fn stop(self) {
         self.desired.store(0, Ordering::Relaxed);
-        drop(self.jobs);
-        drop(self.rx);
+        self.jobs.close();
         let tasks = std::mem::take(&mut *self.tasks.lock().expect("pool lock"));
         for t in tasks {
             let _ = t.await;
@@ -147,7 +167,7 @@ impl Pool {
 }
 
 async fn instance_task(
-    rx: flume::Receiver<Job>,
+    rx: Arc<Jobs<Job>>,
     stats: Arc<Stats>,
     desired: Arc<AtomicUsize>,
     alive: Arc<AtomicUsize>,
@@ -169,8 +189,8 @@ async fn instance_task(
             stats.instances.store(now - 1, Ordering::Relaxed);
             return;
         }
-        match tokio::time::timeout(IDLE_CHECK, rx.recv_async()).await {
-            Ok(Ok(mut job)) => {
+        match tokio::time::timeout(IDLE_CHECK, rx.take()).await {
+            Ok(Some(mut job)) => {
                 // A reload: this job and the next run on the new handler's instances.
                 let now = stats.module.generation();
                 if now != generation
@@ -178,12 +198,11 @@ async fn instance_task(
                 {
                     (module, instance, generation) = (m, None, now);
                 }
-                let result =
-                    serve(&module, &mut instance, &mut job.msgs, &job.attempts, &stats).await;
+                let result = serve(&module, &mut instance, &mut job, &rx, &stats).await;
                 // The lane may be gone (shutdown); nothing to do then.
                 let _ = job.reply.send((job.msgs, result));
             }
-            Ok(Err(flume::RecvError::Disconnected)) => {
+            Ok(None) => {
                 alive.fetch_sub(1, Ordering::Relaxed);
                 return;
             }
@@ -195,13 +214,19 @@ async fn instance_task(
 /// Runs a job on a worker's instance, replacing the instance after a fault. When a batch call
 /// faults, the culprit is unknown: the remaining messages run one at a time on fresh instances,
 /// so that only the faulty message is charged with the fault.
+///
+/// A job below the highest priority level gives way: with strict priority, a single-message
+/// handler runs it [`SLICE`] messages at a time and stops between slices once a higher level's
+/// job waits; what it did not run goes back to its lane (a batch call is not cut).
 async fn serve(
     module: &Handler,
     slot: &mut Option<HandlerInstance>,
-    msgs: &mut [Delivery],
-    attempts: &[u32],
+    job: &mut Job,
+    jobs: &Jobs<Job>,
     stats: &Stats,
 ) -> RunResult {
+    let (msgs, attempts) = (&mut job.msgs[..], &job.attempts[..]);
+    let yields = job.level > 0 && jobs.strict() && !module.is_batch();
     let mut out = RunResult {
         ends: Some(Vec::new()),
         ..RunResult::default()
@@ -220,7 +245,13 @@ async fn serve(
                 }
             },
         };
-        let end = if one_by_one { from + 1 } else { msgs.len() };
+        let end = if one_by_one {
+            from + 1
+        } else if yields {
+            (from + SLICE).min(msgs.len())
+        } else {
+            msgs.len()
+        };
         let started = std::time::Instant::now();
         let r = instance
             .run(&mut msgs[from..end], &attempts[from..end])
@@ -243,6 +274,7 @@ async fn serve(
         out.outputs.extend(r.outputs);
         from += r.done;
         match r.stop {
+            None if yields && from < msgs.len() && jobs.waiting_above(job.level) => return out,
             None => {}
             Some(Outcome::Fault { kind, detail }) => {
                 *slot = None;

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 pub(super) fn config(topic: &str) -> EngineConfig {
     EngineConfig {
+        priority: None,
         group: "g".into(),
         topics: vec![topic.into()],
         batch_size: 8,

@@ -31,6 +31,15 @@ pub trait Broker {
         replication: Option<i32>,
     ) -> Result<(), SourceError>;
 
+    /// Whether `topic` exists (by its partitions' ends, unless the broker knows better).
+    fn has_topic(&mut self, topic: &str) -> Result<bool, SourceError> {
+        match self.ends(topic) {
+            Ok(_) => Ok(true),
+            Err(SourceError::UnknownTopic(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Creates `topic` for fan-out: every consumer group gets every message. On a log (and
     /// on Redis Streams and JetStream) every topic does that already, so this creates a topic;
     /// RabbitMQ declares a fanout exchange and binds a queue for each of `groups`.

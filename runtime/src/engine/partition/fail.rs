@@ -132,6 +132,7 @@ pub(super) fn fail(
         error: &error,
         module: current.name(),
         digest: current.digest(),
+        group: &cfg.group,
         first_failure_ms: first,
         last_failure_ms: now,
     };

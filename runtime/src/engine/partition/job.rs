@@ -29,13 +29,15 @@ pub(super) struct Ran {
     pub outputs: Vec<(Vec<usize>, Vec<Output>)>,
 }
 
-/// Runs `msgs` (with their attempt numbers) and hands them back in the same order.
+/// Runs `msgs` (with their attempt numbers) at priority `level` and hands them back in the
+/// same order.
 pub(super) async fn run(
     pool: &Pool,
+    level: usize,
     msgs: Vec<Delivery>,
     attempts: Vec<u32>,
 ) -> Result<(Vec<Delivery>, Ran), EngineError> {
-    run_with(msgs, attempts, |m, a| pool.run(m, a)).await
+    run_with(msgs, attempts, |m, a| pool.run(level, m, a)).await
 }
 
 /// [`run`] over any caller of the host (the unit tests give a scripted one).

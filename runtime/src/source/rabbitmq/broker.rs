@@ -293,7 +293,7 @@ impl Broker for Rabbit {
                  processes on one queue share its messages"
             )));
         }
-        if self.depth(topic).is_ok() {
+        if self.has_topic(topic)? {
             return Err(SourceError::TopicExists(topic.to_string()));
         }
         let (conn, q, ty) = (
@@ -302,6 +302,14 @@ impl Broker for Rabbit {
             self.cfg.queue_type.clone(),
         );
         self.rt.run(async move { declare(&conn, &q, &ty).await })
+    }
+
+    fn has_topic(&mut self, topic: &str) -> Result<bool, SourceError> {
+        let (conn, t) = (self.conn.clone(), topic.to_string());
+        Ok(self
+            .rt
+            .run(async move { fanout::kind(&conn, &t).await })?
+            .is_some())
     }
 
     fn create_fanout(
@@ -525,7 +533,36 @@ impl Broker for Rabbit {
                 letter.id
             )));
         };
-        let fanouts = self.fanouts(outputs.iter().map(|o| o.topic.as_str()))?;
+        let mut outputs = outputs;
+        let mut fanouts = self.fanouts(outputs.iter().map(|o| o.topic.as_str()))?;
+        // Replayed to a fanout topic, a dead letter goes to the queue of the group that gave
+        // up on it, not to every group again.
+        if !fanouts.is_empty() {
+            let group = letter
+                .delivery
+                .record
+                .headers
+                .iter()
+                .rev()
+                .find(|(n, _)| n == weir_core::dlq::GROUP)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            for o in &mut outputs {
+                if !fanouts.contains(&o.topic) {
+                    continue;
+                }
+                let Some(g) = group.as_deref() else {
+                    return Err(SourceError::Invalid(format!(
+                        "{} is a fanout topic and dead letter {} does not say which group gave \
+                         up on it (it predates weir.dlq.group): replaying it would send it to \
+                         every group; replay it with --module, or produce it to the group's \
+                         queue {}.GROUP",
+                        o.topic, letter.id, o.topic
+                    )));
+                };
+                o.topic = fanout::group_queue(&o.topic, g);
+            }
+            fanouts = self.fanouts(outputs.iter().map(|o| o.topic.as_str()))?;
+        }
         let ch = self.publisher()?;
         self.rt.run(async move {
             let records: Vec<(&str, &Record)> = outputs

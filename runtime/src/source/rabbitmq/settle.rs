@@ -5,7 +5,7 @@ use super::REQUEST_TIMEOUT;
 use super::broker::{depth, publish_confirmed};
 use super::broker_error;
 use super::consumer::Shared;
-use super::fanout::{exchange_exists, route};
+use super::fanout::route;
 use super::link::Link;
 use crate::source::{Record, SourceError};
 use lapin::options::{BasicAckOptions, BasicPublishOptions};
@@ -85,6 +85,17 @@ pub(super) async fn settle_on(
             publish_confirmed(publish, &records, &fanouts).await?;
         }
         None => {
+            // A fanout exchange drops what no group's queue is bound to, and a transaction
+            // has no confirms to say so: refused rather than lose outputs unseen.
+            if let Some(o) = outputs.iter().find(|o| fanouts.contains(&o.topic)) {
+                return Err(SourceError::Invalid(format!(
+                    "--exactly-once on RabbitMQ cannot write to fanout topic {}: an AMQP \
+                     transaction has no confirms, so an output no group's queue takes would be \
+                     dropped unseen; run without --exactly-once (confirmed publishes) or write \
+                     to a queue",
+                    o.topic
+                )));
+            }
             let ch = channel()?;
             for o in outputs {
                 let (exchange, key) = route(&o.topic, &fanouts);
@@ -110,12 +121,7 @@ pub(super) async fn settle_on(
             dests.sort_unstable();
             dests.dedup();
             for d in dests {
-                let there = if fanouts.contains(d) {
-                    exchange_exists(&link.conn, d).await?
-                } else {
-                    depth(&link.conn, d).await?.is_some()
-                };
-                if !there {
+                if depth(&link.conn, d).await?.is_none() {
                     let _ = ch.tx_rollback().await;
                     shared.known.lock().expect("known").remove(d);
                     return Err(broker_error(

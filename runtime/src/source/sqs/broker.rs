@@ -15,6 +15,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Receives in a row with nothing new after which a read ends.
+const STALE_RECEIVES: u32 = 3;
+
 pub struct SqsBroker {
     cfg: SqsConfig,
     rt: Rt,
@@ -73,16 +76,24 @@ impl SqsBroker {
             let mut out: Vec<Received> = Vec::new();
             let mut at: HashMap<String, usize> = HashMap::new();
             let mut held_since = Instant::now();
-            while out.len() < max {
+            // Receives in a row that brought nothing new (only messages whose hold ran out
+            // and came back): the read has seen everything there is.
+            let mut stale = 0;
+            while out.len() < max && stale < STALE_RECEIVES {
                 if held_since.elapsed() >= hold / 2 && !out.is_empty() {
                     let again: Vec<(String, Duration)> =
                         out.iter().map(|m| (m.handle.clone(), hold)).collect();
                     held_since = Instant::now();
-                    // Refused: its hold ran out already; if it comes back it is read again
-                    // and counted once.
-                    let refused = client::change_visibility(&cl, &url, &again).await?;
-                    if !refused.is_empty() {
-                        tracing::debug!(refused = refused.len(), "SQS: some read messages were visible again before their hold was renewed");
+                    // Refused (its hold ran out already) or failed: a message that comes
+                    // back is read again and counted once.
+                    match client::change_visibility(&cl, &url, &again).await {
+                        Ok(refused) if refused.is_empty() => {}
+                        Ok(refused) => {
+                            tracing::debug!(refused = refused.len(), "SQS: some read messages were visible again before their hold was renewed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "SQS: renewing the hold of read messages failed; some may be read twice (counted once)")
+                        }
                     }
                 }
                 let got = client::retrying("receiving", || {
@@ -100,6 +111,7 @@ impl SqsBroker {
                 if got.is_empty() {
                     break;
                 }
+                let before = out.len();
                 for m in got {
                     match at.get(&m.id) {
                         Some(&i) => out[i].handle = m.handle,
@@ -109,6 +121,7 @@ impl SqsBroker {
                         }
                     }
                 }
+                stale = if out.len() == before { stale + 1 } else { 0 };
             }
             Ok(out)
         })
