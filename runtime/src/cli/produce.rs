@@ -27,6 +27,10 @@ pub struct ProduceCommand {
     /// Header NAME=VALUE on every message; repeat for more [default: none]
     #[arg(long = "header", value_name = "NAME=VALUE")]
     headers: Vec<String>,
+    /// Message priority 0..=255 on every message (RabbitMQ priority queues, created with
+    /// `topics create --max-priority`; the `weir.priority` header elsewhere) [default: none]
+    #[arg(long)]
+    priority: Option<u8>,
     /// Read one message per line from this file [default: standard input]
     #[arg(long, conflicts_with = "value")]
     file: Option<PathBuf>,
@@ -119,11 +123,17 @@ pub fn synthetic_order_mixed(n: u64, size: usize, mix: FaultMix) -> Vec<u8> {
 
 impl ProduceCommand {
     pub fn execute(self, g: Globals) -> anyhow::Result<ExitCode> {
-        let headers = self
+        let mut headers = self
             .headers
             .iter()
             .map(|h| parse_pair("--header", h).map(|(k, v)| (k, v.into_bytes())))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(p) = self.priority {
+            headers.push((
+                crate::source::PRIORITY_HEADER.to_string(),
+                p.to_string().into_bytes(),
+            ));
+        }
         let make = |payload: Vec<u8>, key: Option<Vec<u8>>| Record {
             key,
             payload,

@@ -24,6 +24,10 @@ pub enum TopicsCommand {
         /// before they first run (RabbitMQ binds a group's queue when it first runs otherwise)
         #[arg(long = "group", requires = "fanout")]
         groups: Vec<String>,
+        /// RabbitMQ: a priority queue, messages with a higher priority (0..=N, `weir produce
+        /// --priority`, or the AMQP priority another client sets) delivered first
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=255))]
+        max_priority: Option<u8>,
     },
     /// List topics with each partition's depth and each consumer group's committed offset and lag
     List {
@@ -48,14 +52,19 @@ impl TopicsCommand {
                 replication_factor,
                 fanout,
                 groups,
+                max_priority,
             } => {
+                let spec = crate::source::broker::TopicSpec {
+                    fanout,
+                    groups,
+                    max_priority,
+                };
+                log.create_topic_with(&topic, partitions, replication_factor, &spec)?;
                 if fanout {
-                    log.create_fanout(&topic, partitions, replication_factor, &groups)?;
                     eprintln!(
                         "created fan-out topic {topic} with {partitions} partition(s): every group gets every message"
                     );
                 } else {
-                    log.create_topic(&topic, partitions, replication_factor)?;
                     eprintln!("created topic {topic} with {partitions} partition(s)");
                 }
             }

@@ -15,6 +15,17 @@ pub struct DeadLetter {
     pub replayed: bool,
 }
 
+/// What `weir topics create` asks beyond a name and partitions.
+#[derive(Debug, Clone, Default)]
+pub struct TopicSpec {
+    /// `--fanout`: every group gets every message.
+    pub fanout: bool,
+    /// `--group`: with `fanout`, the groups whose queues are declared now.
+    pub groups: Vec<String>,
+    /// `--max-priority`: message priorities 0..=N within the topic (RabbitMQ).
+    pub max_priority: Option<u8>,
+}
+
 /// A broker as `weir topics`, `produce` and `consume` use it. Blocking, one command at a time.
 pub trait Broker {
     /// The broker's name as messages give it (`the embedded log`, `Kafka`, `RabbitMQ`).
@@ -40,16 +51,25 @@ pub trait Broker {
         }
     }
 
-    /// Creates `topic` for fan-out: every consumer group gets every message. On a log (and
-    /// on Redis Streams and JetStream) every topic does that already, so this creates a topic;
-    /// RabbitMQ declares a fanout exchange and binds a queue for each of `groups`.
-    fn create_fanout(
+    /// Creates `topic` as `spec` asks. Fan-out: every consumer group gets every message; on a
+    /// log (and on Redis Streams and JetStream) every topic does that already, so this creates
+    /// a topic; RabbitMQ declares a fanout exchange and binds a queue for each of the groups.
+    /// Message priorities are RabbitMQ's (`x-max-priority`); elsewhere they are refused.
+    fn create_topic_with(
         &mut self,
         topic: &str,
         partitions: u32,
         replication: Option<i32>,
-        _groups: &[String],
+        spec: &TopicSpec,
     ) -> Result<(), SourceError> {
+        if spec.max_priority.is_some() {
+            return Err(SourceError::Invalid(format!(
+                "--max-priority: message priorities within a topic are RabbitMQ's priority \
+                 queues; {} orders a topic's messages by offset. Put urgent work on a topic of \
+                 its own and run with --priority urgent,routine",
+                self.name()
+            )));
+        }
         self.create_topic(topic, partitions, replication)
     }
 

@@ -36,6 +36,10 @@ use std::sync::Arc;
 
 pub use weir_core::record::{Delivery, Headers, Output, Record, clip, wire_size};
 
+/// A message's priority (0..=255) where the broker has priorities (RabbitMQ's priority queues:
+/// the AMQP `priority` property both ways).
+pub const PRIORITY_HEADER: &str = "weir.priority";
+
 /// One atomic step of a consumer: publish `outputs`, move each partition's committed offset
 /// (the next offset to read) to the given value, and mark dead letters as replayed. Either all
 /// of it happens or none.

@@ -5,7 +5,7 @@ use super::{
     AmqpConfig, REQUEST_TIMEOUT, broker_error, check_queue_name, is_not_found,
     is_precondition_failed, redact,
 };
-use crate::source::broker::{Broker, DeadLetter};
+use crate::source::broker::{Broker, DeadLetter, TopicSpec};
 use crate::source::rt::Rt;
 use crate::source::{
     Capabilities, Delivery, GroupOffset, Output, PartitionStats, Record, SourceError, TopicStats,
@@ -89,6 +89,16 @@ pub(crate) async fn declare(
     queue: &str,
     queue_type: &str,
 ) -> Result<(), SourceError> {
+    declare_with(conn, queue, queue_type, None).await
+}
+
+/// [`declare`], with message priorities up to `max_priority` (`x-max-priority`) if given.
+pub(crate) async fn declare_with(
+    conn: &Connection,
+    queue: &str,
+    queue_type: &str,
+    max_priority: Option<u8>,
+) -> Result<(), SourceError> {
     check_queue_name(queue)?;
     let ch = channel(conn).await?;
     let mut args = FieldTable::default();
@@ -96,6 +106,9 @@ pub(crate) async fn declare(
         "x-queue-type".into(),
         AMQPValue::LongString(LongString::from(queue_type)),
     );
+    if let Some(n) = max_priority {
+        args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(n));
+    }
     let opts = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
@@ -312,13 +325,41 @@ impl Broker for Rabbit {
             .is_some())
     }
 
-    fn create_fanout(
+    fn create_topic_with(
         &mut self,
         topic: &str,
         partitions: u32,
-        _replication: Option<i32>,
-        groups: &[String],
+        replication: Option<i32>,
+        spec: &TopicSpec,
     ) -> Result<(), SourceError> {
+        if !spec.fanout {
+            let Some(max) = spec.max_priority else {
+                return self.create_topic(topic, partitions, replication);
+            };
+            if partitions != 1 {
+                return Err(SourceError::Invalid(format!(
+                    "a RabbitMQ queue has no partitions: create {topic} with --partitions 1"
+                )));
+            }
+            if self.has_topic(topic)? {
+                return Err(SourceError::TopicExists(topic.to_string()));
+            }
+            let (conn, q, ty) = (
+                self.conn.clone(),
+                topic.to_string(),
+                self.cfg.queue_type.clone(),
+            );
+            return self
+                .rt
+                .run(async move { declare_with(&conn, &q, &ty, Some(max)).await });
+        }
+        if spec.max_priority.is_some() {
+            return Err(SourceError::Invalid(format!(
+                "--max-priority with --fanout: the groups' queues of {topic} take no priority \
+                 here; create it without one of them"
+            )));
+        }
+        let groups = &spec.groups;
         if partitions != 1 {
             return Err(SourceError::Invalid(format!(
                 "a RabbitMQ fanout topic has no partitions: create {topic} with --partitions 1 \

@@ -229,6 +229,16 @@ pub(crate) fn to_amqp(r: &Record) -> lapin::BasicProperties {
     let mut p = lapin::BasicProperties::default()
         .with_delivery_mode(2)
         .with_headers(FieldTable::from(table));
+    // The `weir.priority` header is the message's AMQP priority (a priority queue's order).
+    if let Some(n) = r
+        .headers
+        .iter()
+        .rev()
+        .find(|(n, _)| n == crate::source::PRIORITY_HEADER)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse::<u8>().ok())
+    {
+        p = p.with_priority(n);
+    }
     if let Some(ms) = r.timestamp_ms {
         p = p.with_timestamp(ms / 1000);
     }
@@ -266,6 +276,18 @@ pub(crate) fn from_amqp(
                 r.headers.push((name.to_string(), value_bytes(value)));
             }
         }
+    }
+    // Another client's AMQP priority reaches the handler (and its outputs) as the header.
+    if let Some(p) = props.priority()
+        && !r
+            .headers
+            .iter()
+            .any(|(n, _)| n == crate::source::PRIORITY_HEADER)
+    {
+        r.headers.push((
+            crate::source::PRIORITY_HEADER.to_string(),
+            p.to_string().into_bytes(),
+        ));
     }
     let redeliveries = match count {
         Some(n) => n.min(u32::MAX as u64) as u32,

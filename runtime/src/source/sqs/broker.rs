@@ -5,7 +5,7 @@
 
 use super::client::{self, Outgoing, Received};
 use super::{NAMING, SqsConfig, error};
-use crate::source::broker::{Broker, DeadLetter};
+use crate::source::broker::{Broker, DeadLetter, TopicSpec};
 use crate::source::rt::Rt;
 use crate::source::{
     Capabilities, Delivery, GroupOffset, Output, PartitionStats, Record, SourceError, TopicStats,
@@ -202,13 +202,23 @@ impl Broker for SqsBroker {
         self.cfg.capabilities(self.cfg.visibility)
     }
 
-    fn create_fanout(
+    fn create_topic_with(
         &mut self,
         topic: &str,
-        _partitions: u32,
-        _replication: Option<i32>,
-        _groups: &[String],
+        partitions: u32,
+        replication: Option<i32>,
+        spec: &TopicSpec,
     ) -> Result<(), SourceError> {
+        if spec.max_priority.is_some() {
+            return Err(SourceError::Invalid(
+                "--max-priority: SQS queues have no message priorities; use two queues and \
+                 weir run --priority"
+                    .into(),
+            ));
+        }
+        if !spec.fanout {
+            return self.create_topic(topic, partitions, replication);
+        }
         Err(SourceError::Invalid(format!(
             "--fanout on SQS: an SQS queue hands each message to one consumer; fan-out needs an \
              SNS topic with a queue per group subscribed to it, which weir does not manage: \
