@@ -9,6 +9,7 @@ mod consume;
 mod dlq;
 mod new;
 mod produce;
+mod request;
 mod run;
 mod status;
 mod test_handler;
@@ -78,6 +79,8 @@ enum Command {
     Produce(produce::ProduceCommand),
     /// Print messages of a topic
     Consume(consume::ConsumeCommand),
+    /// Send a request to a topic and print the handler's answer (request/reply)
+    Request(request::RequestCommand),
     /// Run a handler module over topics
     Run(run::RunCommand),
     /// Check that a file is a handler component weir can run
@@ -309,6 +312,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topics(c) => c.execute(globals),
         Command::Produce(c) => c.execute(globals),
         Command::Consume(c) => c.execute(globals),
+        Command::Request(c) => c.execute(globals),
         Command::Run(c) => c.execute(globals),
         Command::Check(c) => c.execute(globals),
         Command::Dlq(c) => c.execute(globals),

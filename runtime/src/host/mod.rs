@@ -17,11 +17,12 @@
 mod bindings;
 pub mod http;
 pub mod native;
+pub mod reply;
 mod stderr;
 
 use crate::source::{Delivery, Output, OutputCheck, Record};
 use bindings::exports::weir::r#stream::{batch_handler, handler};
-use bindings::weir::r#stream::{config, emit, log, types};
+use bindings::weir::r#stream::{config, emit, log, reply as reply_wit, types};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -373,6 +374,7 @@ impl Module {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(link_err)?;
         types::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
         emit::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
+        reply_wit::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
         log::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
         config::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(link_err)?;
 
@@ -487,6 +489,7 @@ impl Module {
             emit_error: None,
             shared: self.shared.clone(),
             context: Context::default(),
+            reply: reply::Target::default(),
             stderr,
             logs: Vec::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
@@ -773,8 +776,9 @@ impl Instance {
     }
 
     /// Readies the store for a call of `messages` messages; returns the call's deadline.
-    fn arm(&mut self, messages: usize, context: Context) -> Duration {
+    fn arm(&mut self, messages: usize, context: Context, reply: reply::Target) -> Duration {
         let s = self.store.data_mut();
+        s.reply = reply;
         s.outputs.clear();
         s.output_budget = MAX_OUTPUTS_PER_MESSAGE.saturating_mul(messages.max(1));
         s.emit_error = None;
@@ -794,7 +798,11 @@ impl Instance {
             ..RunResult::default()
         };
         for (d, &attempt) in msgs.iter_mut().zip(attempts) {
-            let deadline = self.arm(1, Context::of(d, false));
+            let deadline = self.arm(
+                1,
+                Context::of(d, false),
+                reply::Target::of(&d.record.headers, false),
+            );
             let m = lend(d, attempt);
             let call = timeout(deadline, guest.call_handle(&mut self.store, &m)).await;
             give_back(d, m);
@@ -840,7 +848,14 @@ impl Instance {
         if msgs.is_empty() {
             return result;
         }
-        let deadline = self.arm(msgs.len(), Context::of(&msgs[0], true));
+        let deadline = self.arm(
+            msgs.len(),
+            Context::of(&msgs[0], true),
+            reply::Target {
+                batch: true,
+                ..Default::default()
+            },
+        );
         let batch: Vec<types::Message> = msgs
             .iter_mut()
             .zip(attempts)
@@ -934,6 +949,8 @@ struct State {
     shared: Arc<Shared>,
     /// Which message(s) the current call is about, for log lines.
     context: Context,
+    /// Where the current message wants its answer (`reply`).
+    reply: reply::Target,
     /// The tail of what the guest printed on stderr during the current call.
     stderr: stderr::Tail,
     /// Log lines kept with [`HostConfig::capture_logs`].
@@ -1009,6 +1026,15 @@ impl emit::Host for State {
             headers,
             timestamp_ms: None,
         };
+        self.push_output(Output { topic, record })
+    }
+}
+
+impl State {
+    /// Queues an output of the current call (an emit or a reply), within the budget and
+    /// checked by the source.
+    fn push_output(&mut self, out: Output) -> Result<(), String> {
+        let Output { topic, record } = out;
         let refused = if self.outputs.len() >= self.output_budget {
             Some(format!(
                 "emitted more than {MAX_OUTPUTS_PER_MESSAGE} messages for one message"

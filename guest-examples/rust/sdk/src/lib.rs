@@ -162,6 +162,13 @@ pub fn emit(
     imp::emit(topic, key, payload, headers)
 }
 
+/// Answers the message being handled (request/reply): the host sends `payload` where the
+/// request said (its `reply-to`), with its `correlation-id`, once the message succeeds. An error
+/// says the message asked for no answer, or was answered already.
+pub fn reply(payload: &[u8], headers: &[(&str, &[u8])]) -> Result<(), String> {
+    imp::reply(payload, headers)
+}
+
 /// A setting the operator gave the handler (`--handler-config KEY=VALUE`).
 pub fn config(key: &str) -> Option<String> {
     imp::config(key)
@@ -239,7 +246,17 @@ pub fn __call(
 #[cfg(target_arch = "wasm32")]
 mod imp {
     use super::Level;
-    use crate::bindings::weir::stream::{config as wconfig, emit as wemit, log as wlog};
+    use crate::bindings::weir::stream::{
+        config as wconfig, emit as wemit, log as wlog, reply as wreply,
+    };
+
+    pub fn reply(payload: &[u8], headers: &[(&str, &[u8])]) -> Result<(), String> {
+        let headers: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(n, v)| ((*n).to_string(), v.to_vec()))
+            .collect();
+        wreply::send(payload, &headers)
+    }
 
     pub fn emit(
         topic: &str,
@@ -305,6 +322,43 @@ mod imp {
         STUB.with(|s| s.borrow().config.get(key).cloned())
     }
 
+    /// As the host: to the message's `reply-to`, with its `correlation-id`, once.
+    pub fn reply(payload: &[u8], headers: &[(&str, &[u8])]) -> Result<(), String> {
+        STUB.with(|s| {
+            let mut s = s.borrow_mut();
+            let header = |name: &str| {
+                s.request
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.clone())
+            };
+            let Some(to) = header("reply-to").filter(|t| !t.is_empty()) else {
+                return Err("this message asked for no reply (it has no reply-to)".into());
+            };
+            if s.answered {
+                return Err("this message was answered already".into());
+            }
+            let id = header("correlation-id");
+            let mut headers: Vec<(String, Vec<u8>)> = headers
+                .iter()
+                .filter(|(n, _)| *n != "correlation-id")
+                .map(|(n, v)| ((*n).to_string(), v.to_vec()))
+                .collect();
+            if let Some(id) = &id {
+                headers.push(("correlation-id".into(), id.clone()));
+            }
+            s.answered = true;
+            s.emitted.push(Emitted {
+                topic: String::from_utf8_lossy(&to).into_owned(),
+                key: id,
+                payload: payload.to_vec(),
+                headers,
+            });
+            Ok(())
+        })
+    }
+
     pub fn log(level: Level, message: &str) {
         STUB.with(|s| s.borrow_mut().logs.push((level, message.to_string())))
     }
@@ -342,6 +396,9 @@ pub mod testing {
         pub(crate) logs: Vec<(Level, String)>,
         pub(crate) config: HashMap<String, String>,
         pub(crate) topics: Option<Vec<String>>,
+        /// The headers of the message being handled (for `reply`).
+        pub(crate) request: Vec<(String, Vec<u8>)>,
+        pub(crate) answered: bool,
     }
 
     thread_local! {
@@ -366,6 +423,8 @@ pub mod testing {
             let mut s = s.borrow_mut();
             s.emitted.clear();
             s.logs.clear();
+            s.request = msg.headers.clone();
+            s.answered = false;
         });
         let outcome = handle(msg);
         STUB.with(|s| {

@@ -22,6 +22,14 @@ impl Broker for LogHandle {
         LogHandle::create_topic(self, topic, partitions)
     }
 
+    /// From the topic list: through another process's socket, a missing topic's error does not
+    /// keep its kind.
+    fn has_topic(&mut self, topic: &str) -> Result<bool, SourceError> {
+        Ok(LogHandle::stats(self, None)?
+            .iter()
+            .any(|t| t.topic == topic))
+    }
+
     fn stats(
         &mut self,
         topic: Option<&str>,
