@@ -54,6 +54,14 @@ impl RequestCommand {
                 b.name()
             )));
         }
+        if b.holds_data_dir() {
+            // Waiting here would hold the directory and keep any `weir run` out of it.
+            return Err(bad_input(format!(
+                "weir request {}: no `weir run` serves the data directory, so nothing would \
+                 answer; start one with a handler that replies (weir run --module ... --topic {})",
+                self.topic, self.topic
+            )));
+        }
         if !b.has_topic(&self.topic)? {
             return Err(SourceError::UnknownTopic(self.topic.clone()).into());
         }

@@ -42,6 +42,12 @@ pub trait Broker {
         replication: Option<i32>,
     ) -> Result<(), SourceError>;
 
+    /// Whether this command opened the embedded log's data directory itself (no `weir run`
+    /// serves it): nothing else can use the log while the command holds it.
+    fn holds_data_dir(&self) -> bool {
+        false
+    }
+
     /// Whether `topic` exists (by its partitions' ends, unless the broker knows better).
     fn has_topic(&mut self, topic: &str) -> Result<bool, SourceError> {
         match self.ends(topic) {

@@ -38,6 +38,8 @@ pub(super) struct Pending {
     settling: Vec<u64>,
     /// For each of `commit.outputs`, the offset of the message it came from (if one message).
     origins: Vec<Option<u64>>,
+    /// Error answers to failed requests, each with its message's offset (see [`Later::Answer`]).
+    answers: Vec<(Output, u64)>,
 }
 
 /// What finished messages leave to write (see [`Later`]). Each item belongs to a span of
@@ -70,6 +72,9 @@ pub(super) enum Later {
     Output(Output),
     /// A dead letter or a copy for the retry topic.
     Letter(Output),
+    /// The error answer to a request that failed for good: written only if its reply-to topic
+    /// exists (looked up with the commit, off the partition loop).
+    Answer(Output),
     /// An idempotency key marked done, with when the mark expires.
     Mark(Vec<u8>, u64),
     /// The claim of a message done with an idempotency key, let go once its mark is written.
@@ -139,6 +144,7 @@ impl Pending {
                         self.commit.outputs.push(o);
                         self.origins.push(origin);
                     }
+                    Later::Answer(o) => self.answers.push((o, first)),
                     Later::Mark(key, expires) => {
                         self.held.done_keys.remove(&key);
                         self.commit.dedupe_done.push((key, expires));
@@ -153,12 +159,16 @@ impl Pending {
 
     pub fn any(&self) -> bool {
         !self.commit.outputs.is_empty()
+            || !self.answers.is_empty()
             || !self.commit.dedupe_done.is_empty()
             || !self.commit.delayed.is_empty()
             || !self.release.is_empty()
             || self.acked + self.dead + self.deduped > 0
     }
 }
+
+/// How long a commit waits for the shared store to let go of failed messages' claims.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// A commit on its way: its task, and the offset it commits once it is done.
 pub(super) struct InFlight {
@@ -226,10 +236,27 @@ pub(super) fn start(
         .collect();
     p.settling = c.settled.iter().map(|(_, _, o)| *o).collect();
     p.settling.extend(c.delayed.iter().map(|(_, _, o, _)| *o));
+    let answers = std::mem::take(&mut p.answers);
+    let answered_topic = topic.clone();
     let ctx = ctx.clone();
     let task = tokio::spawn(async move {
         if !announce.is_empty() {
             announce_finished(&ctx, announce).await?;
+        }
+        if !answers.is_empty() {
+            // A reply-to naming no topic costs the caller its answer, not the commit.
+            let src = ctx.source.clone();
+            let kept = blocking(move || {
+                Ok(answers
+                    .into_iter()
+                    .filter(|(a, _)| src.topic_exists(&a.topic))
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+            for (a, at) in kept {
+                c.outputs.push(a);
+                c.origins.push(Some((answered_topic.clone(), at)));
+            }
         }
         write(&ctx, c, &p.release).await?;
         Ok(p)
@@ -303,14 +330,18 @@ async fn write(ctx: &Arc<Ctx>, mut c: Commit, release: &[Vec<u8>]) -> Result<(),
         _ => blocking(move || src.commit(&group, c)).await?,
     }
     if let Some(store) = store.filter(|_| !undone.is_empty()) {
-        // A failed message's claim goes, so another copy may run. Best effort: a claim
-        // also expires by itself.
+        // A failed (or, at a stop, unrun) message's claim goes, so another copy may run. Best
+        // effort, a claim also expires by itself; but waited for (a little), so a stopping
+        // process does not exit before it is sent (seen under load: claims left for minutes).
         let (group, token) = (ctx.cfg.group.clone(), ctx.token.clone());
-        tokio::task::spawn_blocking(move || {
+        let release = tokio::task::spawn_blocking(move || {
             if let Err(e) = store.release(&group, &undone, &token) {
                 tracing::debug!(error = %e, "releasing dedupe claims failed; they expire");
             }
         });
+        if tokio::time::timeout(RELEASE_WAIT, release).await.is_err() {
+            tracing::debug!("releasing dedupe claims is slow; going on (they expire)");
+        }
     }
     Ok(())
 }

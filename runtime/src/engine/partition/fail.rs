@@ -145,10 +145,9 @@ pub(super) fn fail(
     // A request that failed for good is answered with the error, so its caller learns it now
     // rather than at its timeout (with the dead letter, in the same commit).
     if let Some(answer) = crate::host::reply::error_answer(&w.msg.record.headers, kind, &error)
-        && ctx.source.topic_exists(&answer.topic)
         && ctx.source.fits(&answer.record).is_ok()
     {
-        pending.hold(w.at, w.at, Later::Letter(answer));
+        pending.hold(w.at, w.at, Later::Answer(answer));
     }
     // Not done: a later copy of it may run.
     if w.claimed

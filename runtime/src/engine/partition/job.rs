@@ -16,7 +16,7 @@ use crate::source::{Delivery, Output};
 pub(super) enum Fate {
     Done,
     Failed(Outcome),
-    /// Not run: its key failed earlier in the run.
+    /// Not run: its key failed earlier in the run, or the run gave way to a higher priority.
     Held,
 }
 

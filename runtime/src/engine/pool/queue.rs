@@ -16,6 +16,9 @@ use tokio::sync::Notify;
 pub(super) struct Jobs<J> {
     state: Mutex<State<J>>,
     ready: Notify,
+    /// Instances waiting in [`Jobs::take`]: a waiting job goes to one of them without any
+    /// running job giving way.
+    idle: std::sync::atomic::AtomicUsize,
 }
 
 struct State<J> {
@@ -45,6 +48,7 @@ impl<J> Jobs<J> {
                 closed: false,
             }),
             ready: Notify::new(),
+            idle: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -97,6 +101,16 @@ impl<J> Jobs<J> {
             if self.state.lock().expect("jobs lock").closed {
                 return None;
             }
+            use std::sync::atomic::Ordering::Relaxed;
+            self.idle.fetch_add(1, Relaxed);
+            // Counted down however the wait ends (a job, or the caller's timeout dropping it).
+            struct Idle<'a>(&'a std::sync::atomic::AtomicUsize);
+            impl Drop for Idle<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Relaxed);
+                }
+            }
+            let _idle = Idle(&self.idle);
             notified.await;
         }
     }
@@ -106,8 +120,11 @@ impl<J> Jobs<J> {
         self.state.lock().expect("jobs lock").weights.is_none()
     }
 
-    /// Whether a job of a level above `level` waits.
+    /// Whether a job of a level above `level` waits with no idle instance to take it.
     pub(super) fn waiting_above(&self, level: usize) -> bool {
+        if self.idle.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return false;
+        }
         let st = self.state.lock().expect("jobs lock");
         st.levels[..level.min(st.levels.len())]
             .iter()

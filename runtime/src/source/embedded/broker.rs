@@ -22,6 +22,10 @@ impl Broker for LogHandle {
         LogHandle::create_topic(self, topic, partitions)
     }
 
+    fn holds_data_dir(&self) -> bool {
+        matches!(self, LogHandle::Local(_))
+    }
+
     /// From the topic list: through another process's socket, a missing topic's error does not
     /// keep its kind.
     fn has_topic(&mut self, topic: &str) -> Result<bool, SourceError> {

@@ -119,8 +119,14 @@ pub(crate) async fn declare_with(
             Ok(())
         }
         // It exists with other arguments (another queue type): it exists, which is what the
-        // caller needs.
-        Err(e) if is_precondition_failed(&e) => Ok(()),
+        // caller needs (unless it asked for priorities, which the broker refused).
+        Err(e) if is_precondition_failed(&e) && max_priority.is_none() => Ok(()),
+        Err(e) if max_priority.is_some() => Err(broker_error(
+            &format!("declaring priority queue {queue}"),
+            format!(
+                "{e} (quorum queues take no x-max-priority: add --source-property queue-type=classic)"
+            ),
+        )),
         Err(e) => Err(broker_error(&format!("declaring queue {queue}"), e)),
     }
 }

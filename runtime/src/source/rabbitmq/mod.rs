@@ -229,6 +229,21 @@ pub(crate) fn to_amqp(r: &Record) -> lapin::BasicProperties {
     let mut p = lapin::BasicProperties::default()
         .with_delivery_mode(2)
         .with_headers(FieldTable::from(table));
+    // Request/reply: the `reply-to` and `correlation-id` headers are AMQP's own properties too,
+    // so a client that reads those (not the headers) finds its answer.
+    let last = |name: &str| {
+        r.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| ShortString::try_new(String::from_utf8_lossy(v).as_ref()).ok())
+    };
+    if let Some(id) = last(crate::host::reply::CORRELATION_ID) {
+        p = p.with_correlation_id(id);
+    }
+    if let Some(to) = last(crate::host::reply::REPLY_TO) {
+        p = p.with_reply_to(to);
+    }
     // The `weir.priority` header is the message's AMQP priority (a priority queue's order).
     if let Some(n) = r
         .headers
@@ -275,6 +290,19 @@ pub(crate) fn from_amqp(
             } else {
                 r.headers.push((name.to_string(), value_bytes(value)));
             }
+        }
+    }
+    // Another client's AMQP reply_to and correlation_id reach the handler (and `reply`) as
+    // the headers request/reply reads.
+    for (name, value) in [
+        (crate::host::reply::REPLY_TO, props.reply_to()),
+        (crate::host::reply::CORRELATION_ID, props.correlation_id()),
+    ] {
+        if let Some(v) = value
+            && !r.headers.iter().any(|(n, _)| n == name)
+        {
+            r.headers
+                .push((name.to_string(), v.as_str().as_bytes().to_vec()));
         }
     }
     // Another client's AMQP priority reaches the handler (and its outputs) as the header.
