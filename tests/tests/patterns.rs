@@ -597,3 +597,53 @@ fn rabbitmq_answers_an_amqp_clients_request() {
     assert_eq!(payload, b"HELLO");
     assert_eq!(id.as_deref(), Some("c-7"));
 }
+
+/// Request/reply over HTTP: 1,000 `POST /topics/ask/request` calls against a running `answer`
+/// handler, each answered with its own reply (payload and correlation id checked); a request
+/// the handler rejects is a 502 with the error; a topic no handler answers is a 504 after the
+/// timeout; an unknown topic a 400.
+#[test]
+fn admin_requests_get_their_own_answers() {
+    let w = Weir::new();
+    w.create_topic("ask", 2);
+    w.create_topic("idle", 1);
+    let module = guest("answer");
+    let log = w.data_dir().with_extension("log");
+    let (mut run, addr) = w.spawn_with_admin(
+        &[
+            "run",
+            "--module",
+            module.to_str().unwrap(),
+            "--topic",
+            "ask",
+            "--group",
+            "answerers",
+        ],
+        &log,
+    );
+    for i in 0..1_000 {
+        let q = format!("q-{i}");
+        let (status, body) = weir_tests::http("POST", &addr, "/topics/ask/request", Some(&q));
+        assert_eq!(status, 200, "{q}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["payload"], q.to_uppercase(), "{body}");
+        assert_eq!(
+            v["headers"]["correlation-id"], v["correlation_id"],
+            "{body}"
+        );
+    }
+    let (status, body) = weir_tests::http("POST", &addr, "/topics/ask/request", Some("fail"));
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("rejected: asked to fail"), "{body}");
+    let (status, body) = weir_tests::http(
+        "POST",
+        &addr,
+        "/topics/idle/request?timeout=300ms",
+        Some("x"),
+    );
+    assert_eq!(status, 504, "{body}");
+    let (status, body) =
+        weir_tests::http("POST", &addr, "/topics/nope/request?timeout=1s", Some("x"));
+    assert_eq!(status, 400, "{body}");
+    run.kill();
+}

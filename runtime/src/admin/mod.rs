@@ -10,6 +10,7 @@
 mod guard;
 mod listener;
 mod metrics;
+mod request;
 mod write;
 
 pub use guard::Policy;
@@ -162,10 +163,11 @@ fn router(served: Arc<Served>) -> Router {
         .route("/api/history", get(history))
         .route("/module", post(reload))
         .route("/topics/{topic}/messages", post(ingest))
+        .route("/topics/{topic}/request", post(request_reply))
         .fallback(|| async {
             Answer::error(
                 404,
-                "no such page; try /, /metrics, /healthz, /readyz, /api/status, /api/history or POST /topics/{topic}/messages",
+                "no such page; try /, /metrics, /healthz, /readyz, /api/status, /api/history, POST /topics/{topic}/messages or POST /topics/{topic}/request",
             )
         })
         .layer(middleware::from_fn_with_state(served.clone(), guard))
@@ -258,4 +260,18 @@ async fn ingest(
     body: Bytes,
 ) -> Answer {
     write::ingest(&served.admin, topic, &body).await
+}
+
+#[derive(serde::Deserialize)]
+struct RequestQuery {
+    timeout: Option<String>,
+}
+
+async fn request_reply(
+    State(served): State<Arc<Served>>,
+    Path(topic): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RequestQuery>,
+    body: Bytes,
+) -> Answer {
+    request::request(&served.admin, topic, q.timeout, &body).await
 }

@@ -1,0 +1,121 @@
+//! `POST /topics/{topic}/request?timeout=5s`: request/reply over HTTP, so a synchronous API can
+//! sit in front of asynchronous workers. The body is the request's payload; the request goes to
+//! `topic` with `reply-to: <topic>.replies` and a fresh `correlation-id`, and the HTTP answer is
+//! the handler's reply (200, `{"correlation_id", "payload", "headers"}`), its failure (502, the
+//! host's error answer), or 504 after the timeout. On the embedded log, as ingest.
+
+use super::{Admin, Answer};
+use crate::host::reply::{CORRELATION_ID, ERROR, REPLY_TO};
+use crate::source::{Record, SourceError};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+/// The longest wait a caller may ask for.
+const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub(super) async fn request(
+    admin: &Admin,
+    topic: String,
+    timeout: Option<String>,
+    body: &[u8],
+) -> Answer {
+    let Some(log) = admin.log.clone() else {
+        return Answer::error(
+            404,
+            "request is served on the embedded log only; on other sources, use weir request",
+        );
+    };
+    let timeout = match timeout
+        .as_deref()
+        .map(|t| weir_core::config::parse_duration("timeout", t))
+    {
+        None => Duration::from_secs(5),
+        Some(Ok(t)) if t <= MAX_TIMEOUT && !t.is_zero() => t,
+        Some(Ok(_)) => return Answer::error(400, "timeout: from 1ms to 60s"),
+        Some(Err(e)) => return Answer::error(400, e.0),
+    };
+    let reply_to = format!("{topic}.replies");
+    let id = hex::encode(rand::random::<[u8; 16]>());
+    let request = Record {
+        key: None,
+        payload: body.to_vec(),
+        headers: vec![
+            (REPLY_TO.to_string(), reply_to.clone().into_bytes()),
+            (CORRELATION_ID.to_string(), id.clone().into_bytes()),
+        ],
+        timestamp_ms: None,
+    };
+    // Where the reply topic ends now: the answer comes after.
+    let sent = {
+        let (log, topic, reply_to) = (log.clone(), topic.clone(), reply_to.clone());
+        tokio::task::spawn_blocking(move || {
+            if !log.topic_names().contains(&topic) {
+                return Err(SourceError::UnknownTopic(topic));
+            }
+            log.ensure_topic(&reply_to, 1)?;
+            let from: Vec<(u32, u64)> = log.stats(Some(&reply_to))?[0]
+                .partitions
+                .iter()
+                .map(|p| (p.partition, p.end_offset))
+                .collect();
+            log.append(&topic, vec![request])?;
+            Ok(from)
+        })
+        .await
+    };
+    let mut from = match sent {
+        Ok(Ok(from)) => from,
+        Ok(Err(e)) if e.is_bad_input() => return Answer::error(400, e),
+        Ok(Err(e)) => return Answer::error(503, e),
+        Err(e) => return Answer::error(503, e),
+    };
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    while started.elapsed() < timeout {
+        for (partition, at) in from.iter_mut() {
+            let got = match log.read(&reply_to, *partition, *at, 1000) {
+                Ok(g) => g,
+                Err(e) => return Answer::error(503, e),
+            };
+            if let Some(last) = got.last() {
+                *at = last.offset + 1;
+            }
+            let mine = got.into_iter().find(|d| {
+                d.record
+                    .headers
+                    .iter()
+                    .any(|(n, v)| n == CORRELATION_ID && v == id.as_bytes())
+            });
+            if let Some(d) = mine {
+                return answered(&id, &d.record);
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+    Answer::error(
+        504,
+        format!(
+            "no answer within {timeout:?} (request {id} on {topic}; is a handler that replies consuming it?)"
+        ),
+    )
+}
+
+fn answered(id: &str, r: &Record) -> Answer {
+    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    if let Some((_, e)) = r.headers.iter().rev().find(|(n, _)| n == ERROR) {
+        return Answer::json(
+            502,
+            json!({ "error": format!("the handler failed on the request: {}", text(e)), "correlation_id": id }),
+        );
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = r
+        .headers
+        .iter()
+        .map(|(n, v)| (n.clone(), json!(text(v))))
+        .collect();
+    Answer::json(
+        200,
+        json!({ "correlation_id": id, "payload": text(&r.payload), "headers": headers }),
+    )
+}
