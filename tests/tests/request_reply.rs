@@ -1,0 +1,209 @@
+//! Request/reply (issue 18): `weir request` on the logs, `POST /topics/T/request` on the
+//! admin server, and an AMQP client's `reply_to` on RabbitMQ, against the `answer` handler.
+
+use std::time::Duration;
+use weir_tests::{Broker, Weir, guest, wait_until};
+
+/// Request/reply: `weir request` calls, eight at a time, against a running `answer` handler:
+/// each gets its own answer (the handler upper-cases the payload, and the answer is matched by
+/// its correlation id); a request the handler rejects gets the error at once, not a timeout;
+/// with no handler running, a request times out with exit code 124.
+fn request_reply(w: Weir) {
+    w.create_topic("ask", 2);
+    // Created up front: the mock cluster takes topics only from the harness.
+    w.create_topic("ask.replies", 1);
+    let module = guest("answer");
+    let mut run = w.spawn(&[
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "ask",
+        "--group",
+        "answerers",
+        "--admin",
+        "off",
+    ]);
+    if matches!(w.broker(), Broker::Embedded) {
+        // Requests reach the log through the run once it owns the data directory; one sent
+        // before would open the directory itself and keep the run out.
+        wait_until("the run serves the log", Duration::from_secs(60), || {
+            w.data_dir().join("weir.sock").exists()
+        });
+    }
+    let n = 64;
+    let mut failures = Vec::new();
+    for round in 0..n / 8 {
+        let calls: Vec<(String, std::process::Child)> = (0..8)
+            .map(|j| {
+                let q = format!("request-{}", round * 8 + j);
+                let child = w
+                    .cmd(&["request", "ask", &q, "--timeout", "30s"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("start weir request");
+                (q, child)
+            })
+            .collect();
+        for (q, child) in calls {
+            let out = child.wait_with_output().expect("wait for weir request");
+            let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !out.status.success() || got != q.to_uppercase() {
+                failures.push(format!("{q}: {got:?} {out:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+    let out = w.output(&["request", "ask", "fail", "--timeout", "30s"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rejected: asked to fail"),
+        "{out:?}"
+    );
+    run.kill();
+    let out = w.output(&["request", "ask", "nobody", "--timeout", "1s"]);
+    if matches!(w.broker(), Broker::Embedded) {
+        // Nothing serves the data directory: refused at once rather than hold it.
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no `weir run` serves"),
+            "{out:?}"
+        );
+    } else {
+        assert_eq!(out.status.code(), Some(124), "{out:?}");
+    }
+}
+
+#[test]
+fn request_reply_embedded() {
+    request_reply(Weir::new());
+}
+
+#[test]
+fn request_reply_kafka() {
+    request_reply(Weir::kafka_mock());
+}
+
+#[test]
+fn request_reply_redis() {
+    request_reply(Weir::redis());
+}
+
+#[test]
+fn request_reply_nats() {
+    request_reply(Weir::nats());
+}
+
+/// Request/reply with another AMQP client: it publishes a request with AMQP's own `reply_to` (a
+/// queue) and `correlation_id`, as RabbitMQ's RPC tutorial does; the `answer` handler's reply
+/// reaches that queue with the correlation id as an AMQP property.
+#[test]
+fn rabbitmq_answers_an_amqp_clients_request() {
+    use lapin::options::{BasicGetOptions, BasicPublishOptions};
+    let w = Weir::rabbitmq();
+    let Broker::Rabbit(v) = w.broker() else {
+        unreachable!()
+    };
+    let url = v.url();
+    w.create_topic("ask", 1);
+    w.create_topic("answers", 1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let props = lapin::BasicProperties::default()
+            .with_reply_to("answers".into())
+            .with_correlation_id("c-7".into());
+        ch.basic_publish(
+            "".into(),
+            "ask".into(),
+            BasicPublishOptions::default(),
+            b"hello",
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let _ = conn.close(200, "sent".into()).await;
+    });
+    let s = w.drain(&guest("answer"), "ask", "g", &[]);
+    assert_eq!(s["processed"], 1, "{s}");
+    let (payload, id) = rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let got = ch
+            .basic_get("answers".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("an answer in the reply queue");
+        let d = got.delivery;
+        (
+            d.data.clone(),
+            d.properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.to_string()),
+        )
+    });
+    assert_eq!(payload, b"HELLO");
+    assert_eq!(id.as_deref(), Some("c-7"));
+}
+
+/// Request/reply over HTTP: 1,000 `POST /topics/ask/request` calls against a running `answer`
+/// handler, each answered with its own reply (payload and correlation id checked); a request
+/// the handler rejects is a 502 with the error; a topic no handler answers is a 504 after the
+/// timeout; an unknown topic a 400.
+#[test]
+fn admin_requests_get_their_own_answers() {
+    let w = Weir::new();
+    w.create_topic("ask", 2);
+    w.create_topic("idle", 1);
+    let module = guest("answer");
+    let log = w.data_dir().with_extension("log");
+    let (mut run, addr) = w.spawn_with_admin(
+        &[
+            "run",
+            "--module",
+            module.to_str().unwrap(),
+            "--topic",
+            "ask",
+            "--group",
+            "answerers",
+        ],
+        &log,
+    );
+    for i in 0..1_000 {
+        let q = format!("q-{i}");
+        let (status, body) = weir_tests::http("POST", &addr, "/topics/ask/request", Some(&q));
+        assert_eq!(status, 200, "{q}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["payload"], q.to_uppercase(), "{body}");
+        assert_eq!(
+            v["headers"]["correlation-id"], v["correlation_id"],
+            "{body}"
+        );
+    }
+    let (status, body) = weir_tests::http("POST", &addr, "/topics/ask/request", Some("fail"));
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("rejected: asked to fail"), "{body}");
+    let (status, body) = weir_tests::http(
+        "POST",
+        &addr,
+        "/topics/idle/request?timeout=300ms",
+        Some("x"),
+    );
+    assert_eq!(status, 504, "{body}");
+    let (status, body) =
+        weir_tests::http("POST", &addr, "/topics/nope/request?timeout=1s", Some("x"));
+    assert_eq!(status, 400, "{body}");
+    run.kill();
+}
