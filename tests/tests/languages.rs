@@ -250,6 +250,37 @@ fn assert_adapter_is_the_crates(lang: Lang, project: &Path) {
     }
 }
 
+/// Request/reply in each language: the `orders` example answers a request (a `reply-to`
+/// header) with its confirmation: `reply` in Rust, Python and C, an emit to the reply-to topic
+/// with the correlation id in JavaScript (a batch handler, which `reply` does not serve).
+fn answers_a_request(lang: Lang) {
+    let w = Weir::new();
+    w.create_topic("orders", 1);
+    w.create_topic("confirmations", 1);
+    w.create_topic("orders.replies", 1);
+    let module = orders_in(lang);
+    let _run = w.spawn(&[
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "orders",
+        "--group",
+        "g",
+        "--admin",
+        "off",
+    ]);
+    weir_tests::wait_until(
+        "the run serves the log",
+        std::time::Duration::from_secs(60),
+        || w.data_dir().join("weir.sock").exists(),
+    );
+    let out = w.ok(&["request", "orders", ORDERS[0], "--timeout", "30s"]);
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("a JSON confirmation");
+    assert_eq!(answer["order_id"], "o-1", "{answer}");
+    assert_eq!(answer["status"], "confirmed", "{answer}");
+}
+
 macro_rules! per_language {
     ($($lang:ident => $module:ident),* $(,)?) => {$(
         mod $module {
@@ -261,6 +292,10 @@ macro_rules! per_language {
             #[test]
             fn weir_test_checks_orders() {
                 super::weir_test_checks(Lang::$lang);
+            }
+            #[test]
+            fn orders_answers_a_request() {
+                super::answers_a_request(Lang::$lang);
             }
             #[test]
             fn weir_new_builds_and_passes_weir_test() {

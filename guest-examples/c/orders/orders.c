@@ -349,6 +349,21 @@ bool exports_weir_stream_handler_handle(exports_weir_stream_handler_message_t *m
     consumer_string_set(&line, text);
     weir_stream_log_log(WEIR_STREAM_LOG_LEVEL_DEBUG, &line);
     ok = true;
+    // A request (`weir request`, a `reply-to` header) gets the confirmation as its answer.
+    bool asked = false;
+    for (size_t i = 0; i < msg->headers.len; i++) {
+      consumer_string_t *name = &msg->headers.ptr[i].f0;
+      if (name->len == 8 && memcmp(name->ptr, "reply-to", 8) == 0) asked = true;
+    }
+    if (asked) {
+      weir_stream_reply_headers_t none = {NULL, 0};
+      consumer_string_t reply_err;
+      if (!weir_stream_reply_send(&payload, &none, &reply_err)) {
+        set_reject(err, "cannot answer the request");
+        consumer_string_free(&reply_err);
+        ok = false;
+      }
+    }
   } else {
     set_retry(err, (const char *)emit_err.ptr, emit_err.len, 0, 0);
     consumer_string_free(&emit_err);

@@ -80,6 +80,20 @@ function handleOne(msg) {
   } catch (e) {
     throw { tag: "retry", val: { reason: String(e.payload ?? e), delayMs: undefined } };
   }
+  // A request (`weir request`) gets the confirmation as its answer. A batch call cannot use
+  // the `reply` import (no single message to answer): it emits to the request's reply-to topic
+  // with its correlation-id, which is what `reply` does for one message.
+  const header = (name) => msg.headers.findLast(([n]) => n === name)?.[1];
+  const replyTo = header("reply-to");
+  if (replyTo !== undefined && replyTo.length > 0) {
+    const id = header("correlation-id");
+    try {
+      send(new TextDecoder().decode(replyTo), id, encoder.encode(confirmation),
+        id === undefined ? [] : [["correlation-id", id]]);
+    } catch (e) {
+      throw reject(`cannot answer: ${String(e.payload ?? e)}`);
+    }
+  }
   log("debug", `confirmed order ${order.id}`);
 }
 

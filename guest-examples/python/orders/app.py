@@ -12,7 +12,7 @@ import json
 
 from componentize_py_types import Err
 from wit_world import exports
-from wit_world.imports import config, emit, log, types
+from wit_world.imports import config, emit, log, reply, types
 
 
 class Handler(exports.Handler):
@@ -59,4 +59,10 @@ class Handler(exports.Handler):
             )
         except Err as e:
             raise Err(types.Failure_Retry(types.RetryRequest(reason=str(e.value), delay_ms=None)))
+        # A request (`weir request`, `reply-to` header) gets the confirmation as its answer.
+        if any(name == "reply-to" for name, _ in msg.headers):
+            try:
+                reply.send(confirmation, [])
+            except Err as e:
+                raise Err(types.Failure_Reject(f"cannot answer: {e.value}"))
         log.log(log.Level.DEBUG, f"confirmed order {order_id}")

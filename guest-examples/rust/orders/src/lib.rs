@@ -74,6 +74,10 @@ fn handle(msg: Message) -> Outcome {
         ],
     )
     .map_err(Failure::retry)?;
+    // A request (`weir request`, a `reply-to` header) gets the confirmation as its answer.
+    if msg.headers.iter().any(|(n, _)| n == "reply-to") {
+        weir_guest::reply(&payload, &[]).map_err(Failure::reject)?;
+    }
     weir_guest::debug!("confirmed order {}", order.id);
     Ok(())
 }
