@@ -207,3 +207,10 @@ fn admin_requests_get_their_own_answers() {
     assert_eq!(status, 400, "{body}");
     run.kill();
 }
+
+/// On RabbitMQ `weir request` declares an exclusive reply queue of its own (RabbitMQ's RPC
+/// pattern), so callers never read each other's answers.
+#[test]
+fn request_reply_rabbitmq() {
+    request_reply(Weir::rabbitmq());
+}

@@ -8,8 +8,8 @@
 //!
 //! Exit codes: 0 and the answer's payload on standard output; 1 when the handler failed for good
 //! (the host's error answer, printed on standard error); 124 on timeout (as `timeout(1)`);
-//! 2 for bad input. On logs (embedded, Kafka, Redis Streams, JetStream); RabbitMQ and SQS not
-//! yet (docs/patterns.md).
+//! 2 for bad input. On logs (embedded, Kafka, Redis Streams, JetStream) through a reply topic;
+//! on RabbitMQ through an exclusive reply queue (`Broker::request_reply`); SQS not yet.
 
 use super::{Globals, bad_input, shown};
 use crate::host::reply::{CORRELATION_ID, ERROR, REPLY_TO};
@@ -47,12 +47,11 @@ impl RequestCommand {
         let timeout = weir_core::config::parse_duration("--timeout", &self.timeout)
             .map_err(|e| bad_input(e.0))?;
         let mut b = g.source.broker()?;
-        if matches!(b.name(), "RabbitMQ" | "SQS") {
-            return Err(bad_input(format!(
-                "weir request on {}: not built yet (request/reply runs on the embedded log, \
-                 Kafka, Redis Streams and JetStream; see docs/patterns.md)",
-                b.name()
-            )));
+        if b.name() == "SQS" {
+            return Err(bad_input(
+                "weir request on SQS: not built yet (request/reply runs on the embedded log, \
+                 Kafka, RabbitMQ, Redis Streams and JetStream; see docs/patterns.md)",
+            ));
         }
         if b.holds_data_dir() {
             // Waiting here would hold the directory and keep any `weir run` out of it.
@@ -65,6 +64,29 @@ impl RequestCommand {
         if !b.has_topic(&self.topic)? {
             return Err(SourceError::UnknownTopic(self.topic.clone()).into());
         }
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let mut headers = Vec::new();
+        for h in &self.headers {
+            let (k, v) = crate::config::parse_pair("--header", h).map_err(|e| bad_input(e.0))?;
+            headers.push((k, v.into_bytes()));
+        }
+        headers.push((CORRELATION_ID.to_string(), id.clone().into_bytes()));
+        let mut request = Record {
+            key: self.key.as_ref().map(|k| k.as_bytes().to_vec()),
+            payload: self.payload.clone().into_bytes(),
+            headers,
+            timestamp_ms: None,
+        };
+        let sent = Instant::now();
+        // A broker with its own reply routing (RabbitMQ: an exclusive queue per caller).
+        if self.reply_to.is_none()
+            && let Some(answer) = b.request_reply(&self.topic, request.clone(), timeout)
+        {
+            return match answer? {
+                Some(a) => Ok(answered(&a, sent.elapsed())),
+                None => Ok(timed_out(&id, &self.topic, timeout, "its reply queue")),
+            };
+        }
         let reply_to = self
             .reply_to
             .clone()
@@ -76,21 +98,9 @@ impl RequestCommand {
             }
         }
         let mut from: Vec<(u32, u64)> = b.ends(&reply_to)?;
-        let id = hex::encode(rand::random::<[u8; 16]>());
-        let mut headers = Vec::new();
-        for h in &self.headers {
-            let (k, v) = crate::config::parse_pair("--header", h).map_err(|e| bad_input(e.0))?;
-            headers.push((k, v.into_bytes()));
-        }
-        headers.push((REPLY_TO.to_string(), reply_to.clone().into_bytes()));
-        headers.push((CORRELATION_ID.to_string(), id.clone().into_bytes()));
-        let request = Record {
-            key: self.key.as_ref().map(|k| k.as_bytes().to_vec()),
-            payload: self.payload.clone().into_bytes(),
-            headers,
-            timestamp_ms: None,
-        };
-        let sent = Instant::now();
+        request
+            .headers
+            .push((REPLY_TO.to_string(), reply_to.clone().into_bytes()));
         b.append(&self.topic, vec![request])?;
         let mut pause = Duration::from_millis(2);
         while sent.elapsed() < timeout {
@@ -118,13 +128,17 @@ impl RequestCommand {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(50));
         }
-        eprintln!(
-            "error: no answer to request {id} on {} within {:?} (the answer goes to {reply_to}): \
-             is a `weir run` with a handler that replies consuming {}?",
-            self.topic, timeout, self.topic
-        );
-        Ok(ExitCode::from(TIMED_OUT))
+        Ok(timed_out(&id, &self.topic, timeout, &reply_to))
     }
+}
+
+/// Says no answer came, and exits with [`TIMED_OUT`].
+fn timed_out(id: &str, topic: &str, timeout: Duration, reply_to: &str) -> ExitCode {
+    eprintln!(
+        "error: no answer to request {id} on {topic} within {timeout:?} (the answer goes to \
+         {reply_to}): is a `weir run` with a handler that replies consuming {topic}?"
+    );
+    ExitCode::from(TIMED_OUT)
 }
 
 /// Prints an answer: its payload on standard output, or the host's error answer on standard

@@ -42,6 +42,18 @@ pub trait Broker {
         replication: Option<i32>,
     ) -> Result<(), SourceError>;
 
+    /// Sends `request` to `topic` and waits up to `timeout` for the answer with its
+    /// `correlation-id`, where the broker has its own way to route one (RabbitMQ: an exclusive
+    /// reply queue per caller). `None`: it has not, and `weir request` reads a reply topic.
+    fn request_reply(
+        &mut self,
+        _topic: &str,
+        _request: Record,
+        _timeout: std::time::Duration,
+    ) -> Option<Result<Option<Record>, SourceError>> {
+        None
+    }
+
     /// Whether this command opened the embedded log's data directory itself (no `weir run`
     /// serves it): nothing else can use the log while the command holds it.
     fn holds_data_dir(&self) -> bool {

@@ -147,7 +147,9 @@ pub(crate) async fn publish_confirmed(
                 exchange.into(),
                 key.into(),
                 BasicPublishOptions {
-                    mandatory: true,
+                    // An answer to a caller's own reply queue that is gone (the caller gave
+                    // up) is dropped, as RabbitMQ's RPC pattern expects: never an error.
+                    mandatory: !fanout::is_reply_queue(queue),
                     ..BasicPublishOptions::default()
                 },
                 &r.payload,
@@ -228,7 +230,7 @@ impl Rabbit {
     }
 
     /// The confirm-mode channel appends go through, opened at the first.
-    fn publisher(&mut self) -> Result<Arc<Channel>, SourceError> {
+    pub(super) fn publisher(&mut self) -> Result<Arc<Channel>, SourceError> {
         if let Some(ch) = &self.publisher {
             return Ok(ch.clone());
         }
@@ -321,6 +323,15 @@ impl Broker for Rabbit {
             self.cfg.queue_type.clone(),
         );
         self.rt.run(async move { declare(&conn, &q, &ty).await })
+    }
+
+    fn request_reply(
+        &mut self,
+        topic: &str,
+        request: Record,
+        timeout: std::time::Duration,
+    ) -> Option<Result<Option<Record>, SourceError>> {
+        Some(self.request_over_amqp(topic, request, timeout))
     }
 
     fn has_topic(&mut self, topic: &str) -> Result<bool, SourceError> {

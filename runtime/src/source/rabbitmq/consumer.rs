@@ -418,7 +418,10 @@ impl Source for RabbitSource {
     }
 
     fn topic_exists(&self, topic: &str) -> bool {
-        if self.shared.known.lock().expect("known").contains(topic) {
+        // A caller's exclusive reply queue cannot be looked up from here; an answer to one
+        // that is gone is dropped (published without `mandatory`).
+        if fanout::is_reply_queue(topic) || self.shared.known.lock().expect("known").contains(topic)
+        {
             return true;
         }
         // Only the broker's "no such queue" says no: a lost link is not a missing queue (the

@@ -130,6 +130,12 @@ fn check_group(topic: &str, group: &str) -> Result<(), SourceError> {
     check_queue_name(&group_queue(topic, group))
 }
 
+/// Whether `name` is a caller's server-named reply queue (`amq.gen-...`, exclusive to the
+/// caller's connection: other connections can publish to it but not look it up).
+pub(crate) fn is_reply_queue(name: &str) -> bool {
+    name.starts_with("amq.gen-")
+}
+
 /// Where a message for `name` is published: (exchange, routing key).
 pub(crate) fn route<'a>(name: &'a str, fanouts: &HashSet<String>) -> (&'a str, &'a str) {
     if fanouts.contains(name) {

@@ -23,6 +23,7 @@ mod consumer;
 mod fanout;
 mod link;
 mod management;
+mod request;
 mod settle;
 
 use super::{Capabilities, Record, Settle, SourceError};

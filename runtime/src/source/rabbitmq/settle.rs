@@ -5,7 +5,7 @@ use super::REQUEST_TIMEOUT;
 use super::broker::{depth, publish_confirmed};
 use super::broker_error;
 use super::consumer::Shared;
-use super::fanout::route;
+use super::fanout::{is_reply_queue, route};
 use super::link::Link;
 use crate::source::{Record, SourceError};
 use lapin::options::{BasicAckOptions, BasicPublishOptions};
@@ -103,7 +103,7 @@ pub(super) async fn settle_on(
                     exchange.into(),
                     key.into(),
                     BasicPublishOptions {
-                        mandatory: true,
+                        mandatory: !is_reply_queue(&o.topic),
                         ..BasicPublishOptions::default()
                     },
                     &o.record.payload,
@@ -120,7 +120,8 @@ pub(super) async fn settle_on(
             let mut dests: Vec<&str> = outputs.iter().map(|o| o.topic.as_str()).collect();
             dests.sort_unstable();
             dests.dedup();
-            for d in dests {
+            // (A caller's reply queue cannot be looked up from here; its answer may drop.)
+            for d in dests.into_iter().filter(|d| !is_reply_queue(d)) {
                 if depth(&link.conn, d).await?.is_none() {
                     let _ = ch.tx_rollback().await;
                     shared.known.lock().expect("known").remove(d);
