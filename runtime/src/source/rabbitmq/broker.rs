@@ -1,6 +1,7 @@
 //! RabbitMQ as `weir topics`, `produce` and `consume` use it.
 
 use super::fanout::{self, Kind};
+pub(crate) use super::publish::publish_confirmed;
 use super::{
     AmqpConfig, REQUEST_TIMEOUT, broker_error, check_queue_name, is_not_found,
     is_precondition_failed, redact,
@@ -10,13 +11,9 @@ use crate::source::rt::Rt;
 use crate::source::{
     Capabilities, Delivery, GroupOffset, Output, PartitionStats, Record, SourceError, TopicStats,
 };
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
-use std::collections::HashSet;
+use lapin::{Channel, Connection, ConnectionProperties};
 use std::sync::Arc;
 
 /// Connects to the broker, within [`REQUEST_TIMEOUT`].
@@ -129,75 +126,6 @@ pub(crate) async fn declare_with(
         )),
         Err(e) => Err(broker_error(&format!("declaring queue {queue}"), e)),
     }
-}
-
-/// Publishes `records` to their queues (or, for the names in `fanouts`, their fanout
-/// exchanges) on `ch` (in confirm mode) and waits for every confirm.
-pub(crate) async fn publish_confirmed(
-    ch: &Channel,
-    records: &[(&str, &Record)],
-    fanouts: &HashSet<String>,
-) -> Result<(), SourceError> {
-    let mut confirms = Vec::new();
-    for &(queue, r) in records {
-        super::fits(r).map_err(SourceError::Invalid)?;
-        let (exchange, key) = fanout::route(queue, fanouts);
-        let c = ch
-            .basic_publish(
-                exchange.into(),
-                key.into(),
-                BasicPublishOptions {
-                    // An answer to a caller's own reply queue that is gone (the caller gave
-                    // up) is dropped, as RabbitMQ's RPC pattern expects: never an error.
-                    mandatory: !fanout::is_reply_queue(queue),
-                    ..BasicPublishOptions::default()
-                },
-                &r.payload,
-                super::to_amqp(r),
-            )
-            .await
-            .map_err(|e| broker_error(&format!("publishing to {queue}"), e))?;
-        confirms.push((queue.to_string(), c));
-    }
-    for (queue, c) in confirms {
-        let confirmed = tokio::time::timeout(REQUEST_TIMEOUT, c)
-            .await
-            .map_err(|_| broker_error(&format!("publishing to {queue}"), "no confirm"))?
-            .map_err(|e| broker_error(&format!("publishing to {queue}"), e))?;
-        match confirmed {
-            Confirmation::Ack(None) => {}
-            Confirmation::Ack(Some(returned)) if fanouts.contains(&queue) => {
-                // Mandatory and unroutable: no group's queue is bound to the exchange.
-                return Err(broker_error(
-                    &format!("publishing to fanout topic {queue}"),
-                    format!(
-                        "returned by the broker ({}): no group's queue is bound to it yet, so \
-                         nothing would receive it; start a group on it, or name the groups \
-                         with weir topics create {queue} --fanout --group NAME",
-                        returned.reply_text
-                    ),
-                ));
-            }
-            Confirmation::Ack(Some(returned)) => {
-                // Mandatory and unroutable: the queue is gone.
-                return Err(broker_error(
-                    &format!("publishing to {queue}"),
-                    format!(
-                        "returned by the broker ({}); does the queue exist?",
-                        returned.reply_text
-                    ),
-                ));
-            }
-            Confirmation::Nack(_) => {
-                return Err(broker_error(
-                    &format!("publishing to {queue}"),
-                    "refused by the broker (nack)",
-                ));
-            }
-            Confirmation::NotRequested => {}
-        }
-    }
-    Ok(())
 }
 
 /// A connection for one command, with a confirm-mode channel for appends and the messages

@@ -23,6 +23,7 @@ mod consumer;
 mod fanout;
 mod link;
 mod management;
+mod publish;
 mod request;
 mod settle;
 
