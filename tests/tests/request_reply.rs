@@ -2,7 +2,7 @@
 //! admin server, and an AMQP client's `reply_to` on RabbitMQ, against the `answer` handler.
 
 use std::time::Duration;
-use weir_tests::{Broker, Weir, guest, wait_until};
+use weir_tests::{Broker, Weir, guest, scaled, wait_until};
 
 /// Request/reply: `weir request` calls, eight at a time, against a running `answer` handler:
 /// each gets its own answer (the handler upper-cases the payload, and the answer is matched by
@@ -31,7 +31,7 @@ fn request_reply(w: Weir) {
             w.data_dir().join("weir.sock").exists()
         });
     }
-    let n = 64;
+    let n = scaled(64, 8).div_ceil(8) * 8;
     let mut failures = Vec::new();
     for round in 0..n / 8 {
         let calls: Vec<(String, std::process::Child)> = (0..8)
@@ -158,15 +158,15 @@ fn rabbitmq_answers_an_amqp_clients_request() {
     assert_eq!(id.as_deref(), Some("c-7"));
 }
 
-/// Request/reply over HTTP: 1,000 `POST /topics/ask/request` calls against a running `answer`
-/// handler, each answered with its own reply (payload and correlation id checked); a request
-/// the handler rejects is a 502 with the error; a topic no handler answers is a 504 after the
-/// timeout; an unknown topic a 400.
-#[test]
-fn admin_requests_get_their_own_answers() {
-    let w = Weir::new();
+/// Request/reply over HTTP: `POST /topics/ask/request` calls, four at a time, against a running
+/// `answer` handler, each answered with its own reply (payload and correlation id checked); a
+/// request the handler rejects is a 502 with the error; a topic no handler answers is a 504 after
+/// the timeout; an unknown topic a 400.
+fn admin_requests(w: Weir, n: u64) {
     w.create_topic("ask", 2);
+    w.create_topic("ask.replies", 1);
     w.create_topic("idle", 1);
+    w.create_topic("idle.replies", 1);
     let module = guest("answer");
     let log = w.data_dir().with_extension("log");
     let (mut run, addr) = w.spawn_with_admin(
@@ -181,18 +181,50 @@ fn admin_requests_get_their_own_answers() {
         ],
         &log,
     );
-    for i in 0..1_000 {
-        let q = format!("q-{i}");
-        let (status, body) = weir_tests::http("POST", &addr, "/topics/ask/request", Some(&q));
-        assert_eq!(status, 200, "{q}: {body}");
-        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-        assert_eq!(v["payload"], q.to_uppercase(), "{body}");
-        assert_eq!(
-            v["headers"]["correlation-id"], v["correlation_id"],
-            "{body}"
-        );
-    }
-    let (status, body) = weir_tests::http("POST", &addr, "/topics/ask/request", Some("fail"));
+    let failures: Vec<String> = std::thread::scope(|s| {
+        let callers: Vec<_> = (0..4)
+            .map(|t| {
+                let addr = &addr;
+                s.spawn(move || {
+                    let mut failures = Vec::new();
+                    for i in (t..n).step_by(4) {
+                        let q = format!("q-{i}");
+                        let (status, body) = weir_tests::http(
+                            "POST",
+                            addr,
+                            "/topics/ask/request?timeout=30s",
+                            Some(&q),
+                        );
+                        let v: serde_json::Value =
+                            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+                        if status != 200
+                            || v["payload"] != q.to_uppercase()
+                            || v["headers"]["correlation-id"] != v["correlation_id"]
+                            || !v["correlation_id"].is_string()
+                        {
+                            failures.push(format!("{q}: {status} {body}"));
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        callers
+            .into_iter()
+            .flat_map(|c| c.join().expect("caller thread"))
+            .collect()
+    });
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    let (status, body) = weir_tests::http(
+        "POST",
+        &addr,
+        "/topics/ask/request?timeout=30s",
+        Some("fail"),
+    );
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("rejected: asked to fail"), "{body}");
     let (status, body) = weir_tests::http(
@@ -205,6 +237,109 @@ fn admin_requests_get_their_own_answers() {
     let (status, body) =
         weir_tests::http("POST", &addr, "/topics/nope/request?timeout=1s", Some("x"));
     assert_eq!(status, 400, "{body}");
+    run.kill();
+}
+
+#[test]
+fn admin_requests_get_their_own_answers() {
+    admin_requests(Weir::new(), scaled(1_000, 100));
+}
+
+#[test]
+fn admin_requests_kafka() {
+    admin_requests(Weir::kafka_mock(), scaled(200, 40));
+}
+
+#[test]
+fn admin_requests_rabbitmq() {
+    admin_requests(Weir::rabbitmq(), scaled(200, 40));
+}
+
+#[test]
+fn admin_requests_nats() {
+    admin_requests(Weir::nats(), scaled(200, 40));
+}
+
+#[test]
+fn admin_requests_redis() {
+    admin_requests(Weir::redis(), scaled(200, 40));
+}
+
+/// RabbitMQ's direct reply-to: a client consumes the pseudo-queue `amq.rabbitmq.reply-to` and
+/// publishes its request with `reply_to` naming it on the same channel (no queue declared); the
+/// `answer` handler's reply reaches it, with the correlation id.
+#[test]
+fn rabbitmq_answers_a_direct_reply_to_request() {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+    let w = Weir::rabbitmq();
+    let Broker::Rabbit(v) = w.broker() else {
+        unreachable!()
+    };
+    let url = v.url();
+    w.create_topic("ask", 1);
+    let module = guest("answer");
+    let mut run = w.spawn(&[
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "ask",
+        "--group",
+        "answerers",
+        "--admin",
+        "off",
+    ]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (payload, id) = rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let mut answers = ch
+            .basic_consume(
+                "amq.rabbitmq.reply-to".into(),
+                "caller".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let props = lapin::BasicProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_correlation_id("c-9".into());
+        ch.basic_publish(
+            "".into(),
+            "ask".into(),
+            BasicPublishOptions::default(),
+            b"direct",
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(60), answers.next())
+            .await
+            .expect("an answer within 60 s")
+            .expect("the consumer is open")
+            .expect("a delivery");
+        (
+            d.data.clone(),
+            d.properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.to_string()),
+        )
+    });
+    assert_eq!(payload, b"DIRECT");
+    assert_eq!(id.as_deref(), Some("c-9"));
     run.kill();
 }
 

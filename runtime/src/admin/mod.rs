@@ -14,6 +14,7 @@ mod request;
 mod write;
 
 pub use guard::Policy;
+pub use request::Brokers;
 
 use crate::engine::Stats;
 use crate::source::Source;
@@ -46,6 +47,8 @@ pub struct Admin {
     pub source: Arc<dyn Source>,
     /// Set on the embedded log: `POST /topics/{topic}/messages` appends here.
     pub log: Option<Arc<EmbeddedLog>>,
+    /// Set on a broker: `POST /topics/{topic}/request` connects here.
+    pub brokers: Option<Arc<Brokers>>,
     pub max_depth: Option<MaxDepth>,
     pub group: String,
     pub topics: Vec<String>,

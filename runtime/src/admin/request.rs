@@ -2,13 +2,60 @@
 //! sit in front of asynchronous workers. The body is the request's payload; the request goes to
 //! `topic` with `reply-to: <topic>.replies` and a fresh `correlation-id`, and the HTTP answer is
 //! the handler's reply (200, `{"correlation_id", "payload", "headers"}`), its failure (502, the
-//! host's error answer), or 504 after the timeout. On the embedded log, as ingest.
+//! host's error answer), or 504 after the timeout.
+//!
+//! On the embedded log the run's own log is read; on a broker, [`crate::source::request::call`]
+//! does what `weir request` does, on a broker connection taken from [`Brokers`].
 
 use super::{Admin, Answer};
 use crate::host::reply::{CORRELATION_ID, ERROR, REPLY_TO};
+use crate::source::broker::Broker;
+use crate::source::connect::SourceSpec;
+use crate::source::request::{Called, call, is_answer_to};
 use crate::source::{Record, SourceError};
 use serde_json::json;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Broker connections for requests, each used by one call at a time and kept for the next
+/// (connecting costs more than a request).
+pub struct Brokers {
+    spec: SourceSpec,
+    idle: Mutex<Vec<Box<dyn Broker>>>,
+}
+
+/// Connections kept idle at most; more calls at once connect for themselves.
+const MAX_IDLE: usize = 16;
+
+impl Brokers {
+    pub fn new(spec: SourceSpec) -> Brokers {
+        Brokers {
+            spec,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// One call on a kept connection (or a new one); the connection is kept after unless the
+    /// call failed (it may be the connection that failed).
+    fn call(
+        &self,
+        topic: &str,
+        request: Record,
+        timeout: Duration,
+    ) -> Result<(String, Called), SourceError> {
+        let kept = self.idle.lock().expect("brokers lock").pop();
+        let mut b = match kept {
+            Some(b) => b,
+            None => self.spec.broker()?,
+        };
+        let called = call(b.as_mut(), topic, request, None, timeout)?;
+        let mut idle = self.idle.lock().expect("brokers lock");
+        if idle.len() < MAX_IDLE {
+            idle.push(b);
+        }
+        Ok(called)
+    }
+}
 
 /// The longest wait a caller may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
@@ -19,12 +66,6 @@ pub(super) async fn request(
     timeout: Option<String>,
     body: &[u8],
 ) -> Answer {
-    let Some(log) = admin.log.clone() else {
-        return Answer::error(
-            404,
-            "request is served on the embedded log only; on other sources, use weir request",
-        );
-    };
     let timeout = match timeout
         .as_deref()
         .map(|t| weir_core::config::parse_duration("timeout", t))
@@ -33,6 +74,26 @@ pub(super) async fn request(
         Some(Ok(t)) if t <= MAX_TIMEOUT && !t.is_zero() => t,
         Some(Ok(_)) => return Answer::error(400, "timeout: from 1ms to 60s"),
         Some(Err(e)) => return Answer::error(400, e.0),
+    };
+    let Some(log) = admin.log.clone() else {
+        let Some(brokers) = admin.brokers.clone() else {
+            return Answer::error(404, "request/reply is not served by this run");
+        };
+        let request = Record {
+            key: None,
+            payload: body.to_vec(),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        };
+        let to = topic.clone();
+        let called = tokio::task::spawn_blocking(move || brokers.call(&to, request, timeout)).await;
+        return match called {
+            Ok(Ok((id, Called::Answered(r)))) => answered(&id, &r),
+            Ok(Ok((id, Called::TimedOut { .. }))) => timed_out(timeout, &id, &topic),
+            Ok(Err(e)) if e.is_bad_input() => Answer::error(400, e),
+            Ok(Err(e)) => Answer::error(503, e),
+            Err(e) => Answer::error(503, e),
+        };
     };
     let reply_to = format!("{topic}.replies");
     let id = hex::encode(rand::random::<[u8; 16]>());
@@ -80,12 +141,7 @@ pub(super) async fn request(
             if let Some(last) = got.last() {
                 *at = last.offset + 1;
             }
-            let mine = got.into_iter().find(|d| {
-                d.record
-                    .headers
-                    .iter()
-                    .any(|(n, v)| n == CORRELATION_ID && v == id.as_bytes())
-            });
+            let mine = got.into_iter().find(|d| is_answer_to(&d.record, &id));
             if let Some(d) = mine {
                 return answered(&id, &d.record);
             }
@@ -93,6 +149,10 @@ pub(super) async fn request(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));
     }
+    timed_out(timeout, &id, &topic)
+}
+
+fn timed_out(timeout: Duration, id: &str, topic: &str) -> Answer {
     Answer::error(
         504,
         format!(

@@ -12,8 +12,9 @@
 //! on RabbitMQ through an exclusive reply queue (`Broker::request_reply`); SQS not yet.
 
 use super::{Globals, bad_input, shown};
-use crate::host::reply::{CORRELATION_ID, ERROR, REPLY_TO};
-use crate::source::{Record, SourceError};
+use crate::host::reply::ERROR;
+use crate::source::Record;
+use crate::source::request::{self, Called};
 use clap::Args;
 use std::io::Write;
 use std::process::ExitCode;
@@ -47,12 +48,6 @@ impl RequestCommand {
         let timeout = weir_core::config::parse_duration("--timeout", &self.timeout)
             .map_err(|e| bad_input(e.0))?;
         let mut b = g.source.broker()?;
-        if b.name() == "SQS" {
-            return Err(bad_input(
-                "weir request on SQS: not built yet (request/reply runs on the embedded log, \
-                 Kafka, RabbitMQ, Redis Streams and JetStream; see docs/patterns.md)",
-            ));
-        }
         if b.holds_data_dir() {
             // Waiting here would hold the directory and keep any `weir run` out of it.
             return Err(bad_input(format!(
@@ -61,74 +56,29 @@ impl RequestCommand {
                 self.topic, self.topic
             )));
         }
-        if !b.has_topic(&self.topic)? {
-            return Err(SourceError::UnknownTopic(self.topic.clone()).into());
-        }
-        let id = hex::encode(rand::random::<[u8; 16]>());
         let mut headers = Vec::new();
         for h in &self.headers {
             let (k, v) = crate::config::parse_pair("--header", h).map_err(|e| bad_input(e.0))?;
             headers.push((k, v.into_bytes()));
         }
-        headers.push((CORRELATION_ID.to_string(), id.clone().into_bytes()));
-        let mut request = Record {
+        let request = Record {
             key: self.key.as_ref().map(|k| k.as_bytes().to_vec()),
             payload: self.payload.clone().into_bytes(),
             headers,
             timestamp_ms: None,
         };
         let sent = Instant::now();
-        // A broker with its own reply routing (RabbitMQ: an exclusive queue per caller).
-        if self.reply_to.is_none()
-            && let Some(answer) = b.request_reply(&self.topic, request.clone(), timeout)
-        {
-            return match answer? {
-                Some(a) => Ok(answered(&a, sent.elapsed())),
-                None => Ok(timed_out(&id, &self.topic, timeout, "its reply queue")),
-            };
-        }
-        let reply_to = self
-            .reply_to
-            .clone()
-            .unwrap_or_else(|| format!("{}.replies", self.topic));
-        if !b.has_topic(&reply_to)? {
-            match b.create_topic(&reply_to, 1, None) {
-                Ok(()) | Err(SourceError::TopicExists(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let mut from: Vec<(u32, u64)> = b.ends(&reply_to)?;
-        request
-            .headers
-            .push((REPLY_TO.to_string(), reply_to.clone().into_bytes()));
-        b.append(&self.topic, vec![request])?;
-        let mut pause = Duration::from_millis(2);
-        while sent.elapsed() < timeout {
-            let ends = b.ends(&reply_to)?;
-            for (partition, end) in ends {
-                let Some(at) = from.iter_mut().find(|(p, _)| *p == partition) else {
-                    from.push((partition, 0));
-                    continue;
-                };
-                while at.1 < end {
-                    let got = b.read(&reply_to, partition, at.1, end, 1000)?;
-                    let Some(last) = got.last() else { break };
-                    at.1 = last.offset + 1;
-                    let answer = got.into_iter().find(|d| {
-                        d.record
-                            .headers
-                            .iter()
-                            .any(|(n, v)| n == CORRELATION_ID && v == id.as_bytes())
-                    });
-                    if let Some(a) = answer {
-                        return Ok(answered(&a.record, sent.elapsed()));
-                    }
-                }
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
-        Ok(timed_out(&id, &self.topic, timeout, &reply_to))
+        let (id, called) = request::call(
+            b.as_mut(),
+            &self.topic,
+            request,
+            self.reply_to.as_deref(),
+            timeout,
+        )?;
+        Ok(match called {
+            Called::Answered(a) => answered(&a, sent.elapsed()),
+            Called::TimedOut { reply_to } => timed_out(&id, &self.topic, timeout, &reply_to),
+        })
     }
 }
 

@@ -142,6 +142,8 @@ impl RunCommand {
                     stats: stats.clone(),
                     source: source.clone(),
                     log: log.clone(),
+                    brokers: (!g.source.is_embedded())
+                        .then(|| Arc::new(crate::admin::Brokers::new(g.source.clone()))),
                     max_depth: max_depth.clone(),
                     group: settings.engine.group.clone(),
                     topics: settings.engine.topics.clone(),

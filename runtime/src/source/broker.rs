@@ -26,8 +26,9 @@ pub struct TopicSpec {
     pub max_priority: Option<u8>,
 }
 
-/// A broker as `weir topics`, `produce` and `consume` use it. Blocking, one command at a time.
-pub trait Broker {
+/// A broker as `weir topics`, `produce` and `consume` use it. Blocking, one command at a time;
+/// `Send`, so the admin server can keep connections for requests between calls.
+pub trait Broker: Send {
     /// The broker's name as messages give it (`the embedded log`, `Kafka`, `RabbitMQ`).
     fn name(&self) -> &'static str;
 

@@ -28,6 +28,7 @@ pub mod nats;
 pub mod rabbitmq;
 pub mod receipts;
 pub mod redis;
+pub mod request;
 pub(crate) mod rt;
 pub mod sqs;
 pub mod tls;

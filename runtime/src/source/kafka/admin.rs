@@ -468,10 +468,25 @@ impl Publisher {
     }
 
     /// Waits until everything queued was delivered; an error names how many failed and why.
+    ///
+    /// Not rdkafka's `flush`: it waits on the delivery reports in steps of 100 ms that a report
+    /// does not cut short, so every flush took at least 100 ms even against a broker that
+    /// answers in under one (measured: `POST /topics/T/request` on Kafka took 104 ms a call,
+    /// all of it in `flush`). Here `rd_kafka_flush(0)` sends what lingers at once and says
+    /// whether all is delivered; between asks, delivery reports are served for at most 1 ms.
     pub(crate) fn flush(&self) -> Result<(), SourceError> {
-        self.producer
-            .flush(DELIVERY_TIMEOUT)
-            .map_err(|e| storage("waiting for delivery reports", e))?;
+        let deadline = Instant::now() + DELIVERY_TIMEOUT;
+        loop {
+            match self.producer.flush(Duration::ZERO) {
+                Ok(()) => break,
+                Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+                    if Instant::now() < deadline =>
+                {
+                    self.producer.poll(Duration::from_millis(1));
+                }
+                Err(e) => return Err(storage("waiting for delivery reports", e)),
+            }
+        }
         match self.failures() {
             None => Ok(()),
             Some((n, why)) => Err(storage(

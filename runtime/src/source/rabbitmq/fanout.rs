@@ -130,10 +130,13 @@ fn check_group(topic: &str, group: &str) -> Result<(), SourceError> {
     check_queue_name(&group_queue(topic, group))
 }
 
-/// Whether `name` is a caller's server-named reply queue (`amq.gen-...`, exclusive to the
-/// caller's connection: other connections can publish to it but not look it up).
+/// Whether `name` is a caller's reply queue: server-named (`amq.gen-...`, exclusive to the
+/// caller's connection: other connections can publish to it but not look it up), or direct
+/// reply-to (`amq.rabbitmq.reply-to.<caller>`, the name RabbitMQ gives the caller's pseudo-queue
+/// in the request's `reply_to`). Either is gone when its caller is: an answer to it is published
+/// without `mandatory` and dropped then, as RabbitMQ's RPC pattern expects.
 pub(crate) fn is_reply_queue(name: &str) -> bool {
-    name.starts_with("amq.gen-")
+    name.starts_with("amq.gen-") || name.starts_with("amq.rabbitmq.reply-to")
 }
 
 /// Where a message for `name` is published: (exchange, routing key).
