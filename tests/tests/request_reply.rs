@@ -4,26 +4,43 @@
 use std::time::Duration;
 use weir_tests::{Broker, Weir, guest, scaled, wait_until};
 
+/// `args` and, on librdkafka's mock cluster, a short fetch wait: the mock holds a fetch that
+/// finds nothing for the whole `fetch.wait.max.ms` (500 ms) and does not answer it when a record
+/// arrives, as a broker does, so each request and each answer would wait up to half a second.
+fn with_fetch_wait<'a>(w: &Weir, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = args.to_vec();
+    if matches!(w.broker(), Broker::Mock(_)) {
+        all.extend_from_slice(&["--source-property", "fetch.wait.max.ms=10"]);
+    }
+    all
+}
+
 /// Request/reply: `weir request` calls, eight at a time, against a running `answer` handler:
 /// each gets its own answer (the handler upper-cases the payload, and the answer is matched by
 /// its correlation id); a request the handler rejects gets the error at once, not a timeout;
 /// with no handler running, a request times out with exit code 124.
 fn request_reply(w: Weir) {
     w.create_topic("ask", 2);
-    // Created up front: the mock cluster takes topics only from the harness.
-    w.create_topic("ask.replies", 1);
+    if !matches!(w.broker(), Broker::Sqs(_)) {
+        // Created up front: the mock cluster takes topics only from the harness. (On SQS each
+        // call has a queue of its own.)
+        w.create_topic("ask.replies", 1);
+    }
     let module = guest("answer");
-    let mut run = w.spawn(&[
-        "run",
-        "--module",
-        module.to_str().unwrap(),
-        "--topic",
-        "ask",
-        "--group",
-        "answerers",
-        "--admin",
-        "off",
-    ]);
+    let mut run = w.spawn(&with_fetch_wait(
+        &w,
+        &[
+            "run",
+            "--module",
+            module.to_str().unwrap(),
+            "--topic",
+            "ask",
+            "--group",
+            "answerers",
+            "--admin",
+            "off",
+        ],
+    ));
     if matches!(w.broker(), Broker::Embedded) {
         // Requests reach the log through the run once it owns the data directory; one sent
         // before would open the directory itself and keep the run out.
@@ -38,7 +55,10 @@ fn request_reply(w: Weir) {
             .map(|j| {
                 let q = format!("request-{}", round * 8 + j);
                 let child = w
-                    .cmd(&["request", "ask", &q, "--timeout", "30s"])
+                    .cmd(&with_fetch_wait(
+                        &w,
+                        &["request", "ask", &q, "--timeout", "30s"],
+                    ))
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
                     .spawn()
@@ -164,37 +184,44 @@ fn rabbitmq_answers_an_amqp_clients_request() {
 /// the timeout; an unknown topic a 400.
 fn admin_requests(w: Weir, n: u64) {
     w.create_topic("ask", 2);
-    w.create_topic("ask.replies", 1);
     w.create_topic("idle", 1);
-    w.create_topic("idle.replies", 1);
+    if !matches!(w.broker(), Broker::Sqs(_)) {
+        w.create_topic("ask.replies", 1);
+        w.create_topic("idle.replies", 1);
+    }
     let module = guest("answer");
     let log = w.data_dir().with_extension("log");
     let (mut run, addr) = w.spawn_with_admin(
-        &[
-            "run",
-            "--module",
-            module.to_str().unwrap(),
-            "--topic",
-            "ask",
-            "--group",
-            "answerers",
-        ],
+        &with_fetch_wait(
+            &w,
+            &[
+                "run",
+                "--module",
+                module.to_str().unwrap(),
+                "--topic",
+                "ask",
+                "--group",
+                "answerers",
+            ],
+        ),
         &log,
     );
-    let failures: Vec<String> = std::thread::scope(|s| {
+    let (failures, mut took): (Vec<String>, Vec<Duration>) = std::thread::scope(|s| {
         let callers: Vec<_> = (0..4)
             .map(|t| {
                 let addr = &addr;
                 s.spawn(move || {
-                    let mut failures = Vec::new();
+                    let (mut failures, mut took) = (Vec::new(), Vec::new());
                     for i in (t..n).step_by(4) {
                         let q = format!("q-{i}");
+                        let started = std::time::Instant::now();
                         let (status, body) = weir_tests::http(
                             "POST",
                             addr,
                             "/topics/ask/request?timeout=30s",
                             Some(&q),
                         );
+                        took.push(started.elapsed());
                         let v: serde_json::Value =
                             serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
                         if status != 200
@@ -205,15 +232,26 @@ fn admin_requests(w: Weir, n: u64) {
                             failures.push(format!("{q}: {status} {body}"));
                         }
                     }
-                    failures
+                    (failures, took)
                 })
             })
             .collect();
         callers
             .into_iter()
-            .flat_map(|c| c.join().expect("caller thread"))
-            .collect()
+            .map(|c| c.join().expect("caller thread"))
+            .fold((Vec::new(), Vec::new()), |(mut f, mut t), (f1, t1)| {
+                f.extend(f1);
+                t.extend(t1);
+                (f, t)
+            })
     });
+    took.sort();
+    // A figure for docs/patterns.md (run with --no-capture), not a bound: timing is a benchmark's.
+    eprintln!(
+        "{n} calls, 4 at a time: p50 {:?}, p99 {:?}",
+        took[took.len() / 2],
+        took[took.len() * 99 / 100]
+    );
     assert!(
         failures.is_empty(),
         "{} failed: {failures:?}",
@@ -258,6 +296,16 @@ fn admin_requests_rabbitmq() {
 #[test]
 fn admin_requests_nats() {
     admin_requests(Weir::nats(), scaled(200, 40));
+}
+
+#[test]
+fn admin_requests_sqs() {
+    admin_requests(Weir::sqs(), scaled(40, 20));
+}
+
+#[test]
+fn request_reply_sqs() {
+    request_reply(Weir::sqs());
 }
 
 #[test]

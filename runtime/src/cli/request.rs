@@ -9,7 +9,8 @@
 //! Exit codes: 0 and the answer's payload on standard output; 1 when the handler failed for good
 //! (the host's error answer, printed on standard error); 124 on timeout (as `timeout(1)`);
 //! 2 for bad input. On logs (embedded, Kafka, Redis Streams, JetStream) through a reply topic;
-//! on RabbitMQ through an exclusive reply queue (`Broker::request_reply`); SQS not yet.
+//! on RabbitMQ through an exclusive reply queue, on SQS through a queue per call
+//! (`Broker::request_reply`).
 
 use super::{Globals, bad_input, shown};
 use crate::host::reply::ERROR;

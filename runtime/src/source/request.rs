@@ -6,7 +6,7 @@
 //! the host publishes the answer there once the request succeeds. The caller reads the reply
 //! topic from where it ended before the request was sent until the answer with its id comes, or
 //! the timeout passes. A broker with its own reply routing (RabbitMQ: an exclusive queue per
-//! caller) answers through [`Broker::request_reply`] instead.
+//! caller; SQS: a queue per call) answers through [`Broker::request_reply`] instead.
 
 use super::broker::Broker;
 use super::{Record, SourceError};
@@ -32,13 +32,6 @@ pub fn call(
     reply_to: Option<&str>,
     timeout: Duration,
 ) -> Result<(String, Called), SourceError> {
-    if b.name() == "SQS" {
-        return Err(SourceError::Invalid(
-            "request/reply on SQS: not built yet (it runs on the embedded log, Kafka, RabbitMQ, \
-             Redis Streams and JetStream; see docs/patterns.md)"
-                .into(),
-        ));
-    }
     if !b.has_topic(topic)? {
         return Err(SourceError::UnknownTopic(topic.to_string()));
     }

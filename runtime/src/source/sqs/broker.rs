@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 const STALE_RECEIVES: u32 = 3;
 
 pub struct SqsBroker {
-    cfg: SqsConfig,
-    rt: Rt,
-    client: Client,
+    pub(super) cfg: SqsConfig,
+    pub(super) rt: Rt,
+    pub(super) client: Client,
     /// A snapshot of a queue `read` took: (topic, its URL, the messages), held invisible.
     snapshot: Option<(String, String, Vec<Received>)>,
     /// What `take` took, to delete in `settle_taken`: (URL, handles).
@@ -45,7 +45,7 @@ impl SqsBroker {
         })
     }
 
-    fn url(&self, topic: &str) -> Result<String, SourceError> {
+    pub(super) fn url(&self, topic: &str) -> Result<String, SourceError> {
         let (cl, name) = (self.client.clone(), self.cfg.queue(topic));
         self.rt
             .run(async move { client::queue_url(&cl, &name).await })?
@@ -200,6 +200,15 @@ impl Broker for SqsBroker {
 
     fn capabilities(&self) -> Capabilities {
         self.cfg.capabilities(self.cfg.visibility)
+    }
+
+    fn request_reply(
+        &mut self,
+        topic: &str,
+        request: Record,
+        timeout: Duration,
+    ) -> Option<Result<Option<Record>, SourceError>> {
+        Some(self.request_over_sqs(topic, request, timeout))
     }
 
     fn create_topic_with(

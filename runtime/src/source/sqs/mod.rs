@@ -32,6 +32,7 @@ mod client;
 mod consumer;
 mod encode;
 mod receive;
+mod request;
 
 use super::{Capabilities, Record, Settle, SourceError};
 use std::time::Duration;
