@@ -5,6 +5,7 @@ mod bench;
 mod bench_kafka;
 mod bench_queue;
 mod check;
+mod check_data;
 mod consume;
 mod dlq;
 mod new;
@@ -85,6 +86,8 @@ enum Command {
     Run(run::RunCommand),
     /// Check that a file is a handler component weir can run
     Check(check::CheckCommand),
+    /// Verify the embedded log's data directory (records, offsets, dedupe marks)
+    CheckData(check_data::CheckDataCommand),
     /// List, show and replay dead letters
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -315,6 +318,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Request(c) => c.execute(globals),
         Command::Run(c) => c.execute(globals),
         Command::Check(c) => c.execute(globals),
+        Command::CheckData(c) => c.execute(globals),
         Command::Dlq(c) => c.execute(globals),
         Command::Test(c) => c.execute(globals),
         Command::New(c) => c.execute(globals),

@@ -2,9 +2,9 @@ use super::Globals;
 use crate::config::{RunOptions, parse_pair};
 use crate::engine;
 use crate::host::Module;
-use crate::source::Source;
 use crate::source::connect::ConsumerOptions;
 use crate::source::embedded::local;
+use crate::source::{Source, SourceError};
 use clap::Args;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -168,11 +168,21 @@ impl RunCommand {
                     }
                 },
             };
-            let _socket = log.and_then(|log| local::serve(log, max_depth));
+            let _socket = log.clone().and_then(|log| local::serve(log, max_depth));
             let _watch = self
                 .watch
                 .then(|| AbortOnDrop(tokio::spawn(watch(module_path.clone(), reloader))));
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            // A failed write to the data directory (disk full, I/O error) stops the run: the
+            // log takes no more writes, so nothing more can be committed.
+            let _storage = log.clone().map(|log| {
+                let stop = stop_tx.clone();
+                AbortOnDrop(tokio::spawn(async move {
+                    log.failed().await;
+                    tracing::error!("stopping: the data directory cannot be written");
+                    let _ = stop.send(true);
+                }))
+            });
             // Owns the signal handlers; flips the shutdown flag every partition task watches.
             tokio::spawn(async move {
                 wait_for_signal().await;
@@ -182,6 +192,16 @@ impl RunCommand {
             engine::run(source, module, settings.engine, stop_rx, stats).await
         })?;
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        if let Some(first) = log.as_ref().and_then(|l| l.failure()) {
+            return Err(SourceError::Storage {
+                dir: g.data_dir.display().to_string(),
+                detail: format!(
+                    "{first}; the run stopped. Free space (or fix the disk), then start it \
+                     again: what was committed is kept, the rest runs again"
+                ),
+            }
+            .into());
+        }
         let secs = started.elapsed().as_secs_f64();
         if json {
             let mut v = serde_json::to_value(summary)?;

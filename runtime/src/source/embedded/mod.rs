@@ -11,6 +11,8 @@
 //! it, other `weir` commands reach the log through its local socket (see [`local`]).
 
 mod broker;
+pub mod check;
+mod health;
 pub(crate) use weir_core::codec;
 pub mod local;
 
@@ -85,6 +87,8 @@ pub struct EmbeddedLog {
     /// Woken after every durable append, so idle partitions fetch at once instead of at their
     /// next poll.
     appended: Arc<tokio::sync::Notify>,
+    /// Set by the first failed write; every later write is refused.
+    health: health::Health,
 }
 
 impl std::fmt::Debug for EmbeddedLog {
@@ -191,6 +195,7 @@ impl EmbeddedLog {
             topics: Default::default(),
             write: Mutex::new(()),
             appended: Default::default(),
+            health: Default::default(),
         };
         log.load_topics()?;
         log.move_dedupe_marks()?;
@@ -257,6 +262,25 @@ impl EmbeddedLog {
         }
     }
 
+    /// A write (batch, insert or fsync) failed: no later write is taken.
+    fn write_failed(&self, e: impl std::fmt::Display) -> SourceError {
+        self.health.fail(&self.dir.display().to_string(), e)
+    }
+
+    fn writable(&self) -> Result<(), SourceError> {
+        self.health.check(&self.dir.display().to_string())
+    }
+
+    /// The first failed write's error, once one failed (the log takes no more).
+    pub fn failure(&self) -> Option<&str> {
+        self.health.failure()
+    }
+
+    /// Waits until a write fails.
+    pub async fn failed(&self) {
+        self.health.failed().await
+    }
+
     fn corrupt(&self, detail: String) -> SourceError {
         SourceError::Corrupt {
             dir: self.dir.display().to_string(),
@@ -318,6 +342,7 @@ impl EmbeddedLog {
                 "--partitions must be between 1 and {MAX_PARTITIONS}, not {partitions}"
             )));
         }
+        self.writable()?;
         let _w = self.write.lock().expect("write lock");
         let mut topics = self.topics.write().expect("topic table lock");
         if topics.contains_key(name) {
@@ -330,10 +355,10 @@ impl EmbeddedLog {
         let value = serde_json::to_vec(&meta).expect("topic meta serialises");
         self.meta
             .insert(codec::topic_key(name), value)
-            .map_err(|e| self.storage(e))?;
+            .map_err(|e| self.write_failed(e))?;
         self.db
             .persist(PersistMode::SyncAll)
-            .map_err(|e| self.storage(e))?;
+            .map_err(|e| self.write_failed(e))?;
         let ends = (0..partitions).map(|_| AtomicU64::new(0)).collect();
         topics.insert(
             name.to_string(),
@@ -382,13 +407,14 @@ impl EmbeddedLog {
             let mut batch = self.db.batch();
             let mut ends = Ends::default();
             let placed = self.stage(&mut batch, topic, &t, records, now_ms(), &mut ends);
-            batch.commit().map_err(|e| self.storage(e))?;
+            self.writable()?;
+            batch.commit().map_err(|e| self.write_failed(e))?;
             ends.apply();
             placed
         };
         self.db
             .persist(PersistMode::SyncAll)
-            .map_err(|e| self.storage(e))?;
+            .map_err(|e| self.write_failed(e))?;
         self.appended.notify_waiters();
         Ok(placed)
     }
@@ -542,12 +568,13 @@ impl EmbeddedLog {
                     now.to_be_bytes(),
                 );
             }
-            batch.commit().map_err(|e| self.storage(e))?;
+            self.writable()?;
+            batch.commit().map_err(|e| self.write_failed(e))?;
             ends.apply();
         }
         self.db
             .persist(PersistMode::SyncAll)
-            .map_err(|e| self.storage(e))?;
+            .map_err(|e| self.write_failed(e))?;
         if has_outputs {
             self.appended.notify_waiters();
         }
@@ -742,7 +769,8 @@ impl Source for EmbeddedLog {
             }
             batch.remove(&self.dedupe, index.to_vec());
         }
-        batch.commit().map_err(|e| self.storage(e))?;
+        self.writable()?;
+        batch.commit().map_err(|e| self.write_failed(e))?;
         Ok(doomed.len())
     }
 }
