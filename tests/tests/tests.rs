@@ -28,4 +28,5 @@ mod request_reply;
 mod scaling;
 mod shared_dedupe;
 mod sqs;
+mod storage_faults;
 mod tls;

@@ -22,7 +22,13 @@ use std::time::{Duration, Instant};
 pub struct Brokers {
     spec: SourceSpec,
     idle: Mutex<Vec<Box<dyn Broker>>>,
+    /// Calls in flight at most: each holds a blocking thread of the run's I/O runtime (which
+    /// its commits use too) and a broker connection for up to its timeout.
+    calls: tokio::sync::Semaphore,
 }
+
+/// Broker calls in flight at most; past it, callers get 503 with Retry-After.
+const MAX_CALLS: usize = 64;
 
 /// Connections kept idle at most; more calls at once connect for themselves.
 const MAX_IDLE: usize = 16;
@@ -32,6 +38,7 @@ impl Brokers {
         Brokers {
             spec,
             idle: Mutex::new(Vec::new()),
+            calls: tokio::sync::Semaphore::new(MAX_CALLS),
         }
     }
 
@@ -85,8 +92,17 @@ pub(super) async fn request(
             headers: Vec::new(),
             timestamp_ms: None,
         };
+        let Ok(permit) = brokers.calls.try_acquire() else {
+            return Answer::error(
+                503,
+                format!("{MAX_CALLS} requests are waiting for answers already; try again"),
+            )
+            .retry_after(1);
+        };
         let to = topic.clone();
-        let called = tokio::task::spawn_blocking(move || brokers.call(&to, request, timeout)).await;
+        let b = brokers.clone();
+        let called = tokio::task::spawn_blocking(move || b.call(&to, request, timeout)).await;
+        drop(permit);
         return match called {
             Ok(Ok((id, Called::Answered(r)))) => answered(&id, &r),
             Ok(Ok((id, Called::TimedOut { .. }))) => timed_out(timeout, &id, &topic),

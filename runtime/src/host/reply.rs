@@ -93,6 +93,15 @@ pub fn error_answer(headers: &[(String, Vec<u8>)], kind: &str, error: &str) -> O
 impl reply::Host for State {
     fn send(&mut self, payload: Vec<u8>, headers: types::Headers) -> Result<(), String> {
         let out = self.reply.answer(payload, headers)?;
+        // A reply topic that is gone (a caller's queue, deleted when it stopped waiting) costs
+        // the answer, not the message: it is dropped, and the message succeeds.
+        if let Err(e) = (self.shared.check_output)(&out.topic, &out.record)
+            && e.contains(crate::source::NO_SUCH_TOPIC)
+        {
+            tracing::warn!(topic = %crate::source::clip(&out.topic, 200), "the request's reply-to topic does not exist (a caller that stopped waiting?): answer dropped");
+            self.reply.answered = true;
+            return Ok(());
+        }
         // Checked and counted as every output is (a refused answer fails the message if the
         // handler returns ok regardless).
         self.push_output(out)?;

@@ -247,11 +247,15 @@ pub type OutputCheck = Arc<dyn Fn(&str, &Record) -> Result<(), String> + Send + 
 
 /// The [`OutputCheck`] of `source`: the topic exists, and the record fits weir's limits and
 /// the broker's ([`Source::fits`]).
+/// How an [`output_check`] says the topic is missing (an answer to a reply topic that is gone is
+/// dropped rather than failed: host/reply.rs).
+pub const NO_SUCH_TOPIC: &str = "which does not exist";
+
 pub fn output_check(source: Arc<dyn Source>) -> OutputCheck {
     Arc::new(move |topic: &str, r: &Record| {
         source.fits(r)?;
         if !source.topic_exists(topic) {
-            return Err(format!("emitted to topic `{topic}`, which does not exist"));
+            return Err(format!("emitted to topic `{topic}`, {NO_SUCH_TOPIC}"));
         }
         Ok(())
     })

@@ -35,6 +35,14 @@ pub fn call(
     if !b.has_topic(topic)? {
         return Err(SourceError::UnknownTopic(topic.to_string()));
     }
+    if reply_to.is_some() && b.name() == "SQS" {
+        return Err(SourceError::Invalid(
+            "--reply-to on SQS: a queue hands each message to one reader, so a reply queue \
+             cannot be shared or read without taking it; leave --reply-to out (each call gets \
+             a queue of its own)"
+                .into(),
+        ));
+    }
     let id = hex::encode(rand::random::<[u8; 16]>());
     request
         .headers
@@ -61,6 +69,16 @@ pub fn call(
         match b.create_topic(&reply_to, 1, None) {
             Ok(()) | Err(SourceError::TopicExists(_)) => {}
             Err(e) => return Err(e),
+        }
+        // A broker may list a new topic a moment after it answers the create (Kafka's
+        // metadata): wait for it, within the call's time.
+        let mut pause = Duration::from_millis(5);
+        while !b.has_topic(&reply_to)? {
+            if sent.elapsed() >= timeout {
+                return Ok((id, Called::TimedOut { reply_to }));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
     // Where the reply topic ends now: the answer comes after.

@@ -52,8 +52,8 @@ pub(super) fn create_stream(
 }
 
 pub struct RedisBroker {
-    cfg: RedisConfig,
-    conns: Conns,
+    pub(super) cfg: RedisConfig,
+    pub(super) conns: Conns,
     /// Where the last `read` of a stream ended: (topic, next offset) -> the last id read, so
     /// reading a stream page by page does not count from its start each time.
     cursor: HashMap<(String, u64), String>,
@@ -122,6 +122,15 @@ impl Broker for RedisBroker {
 
     fn capabilities(&self) -> Capabilities {
         self.cfg.capabilities()
+    }
+
+    fn request_reply(
+        &mut self,
+        topic: &str,
+        request: Record,
+        timeout: std::time::Duration,
+    ) -> Option<Result<Option<Record>, SourceError>> {
+        Some(self.request_over_streams(topic, request, timeout))
     }
 
     fn create_topic(

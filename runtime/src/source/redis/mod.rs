@@ -35,6 +35,7 @@ mod broker;
 mod conns;
 mod consumer;
 mod read;
+mod request;
 mod scripts;
 
 use super::tls::TlsFiles;

@@ -124,10 +124,13 @@ impl SqsSource {
             .rt
             .run(async move { client::queue_url(&cl, &name).await })?
             .ok_or_else(|| SourceError::UnknownTopic(topic.to_string()))?;
-        self.urls
-            .lock()
-            .expect("urls")
-            .insert(topic.to_string(), url.clone());
+        // A caller's reply queue lives for one call: not kept.
+        if !super::request::is_reply_queue(topic) {
+            self.urls
+                .lock()
+                .expect("urls")
+                .insert(topic.to_string(), url.clone());
+        }
         Ok(url)
     }
 
@@ -310,12 +313,23 @@ impl Source for SqsSource {
         }
         // The outputs by destination queue, in order.
         let outgoing = self.fifo_ids(&commit.outputs, &commit.origins);
-        let mut by_queue: Vec<(String, Vec<Outgoing>)> = Vec::new();
+        // (url, messages, whether a failure drops them: an answer to a caller's reply queue,
+        // which the caller deletes when it stops waiting; a caller that gave up costs its
+        // answer, never the commit.)
+        let mut by_queue: Vec<(String, Vec<Outgoing>, bool)> = Vec::new();
         for (o, m) in commit.outputs.iter().zip(outgoing) {
-            let url = self.url(&o.topic)?;
-            match by_queue.iter_mut().find(|(u, _)| *u == url) {
-                Some((_, v)) => v.push(m),
-                None => by_queue.push((url, vec![m])),
+            let reply = super::request::is_reply_queue(&o.topic);
+            let url = match self.url(&o.topic) {
+                Ok(u) => u,
+                Err(SourceError::UnknownTopic(_)) if reply => {
+                    tracing::warn!(queue = %o.topic, "SQS: the caller's reply queue is gone (it stopped waiting): answer dropped");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match by_queue.iter_mut().find(|(u, _, _)| *u == url) {
+                Some((_, v, _)) => v.push(m),
+                None => by_queue.push((url, vec![m], reply)),
             }
         }
         // Per queue URL: the handles to delete and those to delay.
@@ -335,8 +349,14 @@ impl Source for SqsSource {
         let (n_out, n_settle) = (commit.outputs.len(), commit.settled.len());
         // Outputs first, each batch accepted before any input is deleted.
         let sent = self.rt.run(async move {
-            for (url, msgs) in &by_queue {
-                client::send(&cl, url, msgs).await?;
+            for (url, msgs, reply) in &by_queue {
+                match client::send(&cl, url, msgs).await {
+                    Ok(()) => {}
+                    Err(e) if *reply => {
+                        tracing::warn!(error = %e, "SQS: an answer to a caller's reply queue was not sent (the caller stopped waiting?): dropped");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             for (url, handles, delayed) in &settling {
                 let refused = client::delete(&cl, url, handles).await?;

@@ -3,8 +3,9 @@
 //! (a message received and put back counts a receive, and hides from its owner meanwhile). Each
 //! call gets a queue of its own, as AWS's temporary queue client does: `weir-reply-<random>`,
 //! created before the request is sent, named in its `reply-to` header, and deleted when the call
-//! ends, answered or not. A handler's answer to a queue that is gone fails its output check and
-//! is dropped with the rest of that message's error answer, as on other sources.
+//! ends, answered or not. A handler's answer to a queue that is gone is dropped (the message
+//! succeeds), as an answer to a RabbitMQ caller's queue that is gone is. A caller killed while it
+//! waits leaves its queue behind: delete `weir-reply-*` queues older than a call's timeout.
 
 use super::broker::SqsBroker;
 use super::client;
@@ -12,6 +13,14 @@ use crate::host::reply::{CORRELATION_ID, REPLY_TO};
 use crate::source::broker::Broker;
 use crate::source::{Record, SourceError};
 use std::time::{Duration, Instant};
+
+/// What a call's reply queue is named: this, then random hex.
+const REPLY_PREFIX: &str = "weir-reply-";
+
+/// Whether `topic` is a caller's reply queue (made by [`SqsBroker::request_over_sqs`]).
+pub(super) fn is_reply_queue(topic: &str) -> bool {
+    topic.starts_with(REPLY_PREFIX)
+}
 
 /// The longest single receive SQS allows (long polling).
 const LONGEST_WAIT: Duration = Duration::from_secs(20);
@@ -31,10 +40,13 @@ impl SqsBroker {
             .find(|(n, _)| n == CORRELATION_ID)
             .map(|(_, v)| v.clone())
             .unwrap_or_default();
-        let reply = format!("weir-reply-{}", hex::encode(rand::random::<[u8; 12]>()));
+        let reply = format!("{REPLY_PREFIX}{}", hex::encode(rand::random::<[u8; 12]>()));
         self.create_topic(&reply, 1, None)?;
         let answer = self.await_answer(topic, &mut request, &reply, &id, started, timeout);
         let (cl, url) = (self.client.clone(), self.url(&reply));
+        if let Err(e) = &url {
+            tracing::warn!(queue = %reply, error = %e, "SQS: could not look up a request's reply queue to delete it; delete it by hand");
+        }
         if let Ok(url) = url {
             let gone = self.rt.run(async move {
                 cl.delete_queue()

@@ -1,0 +1,275 @@
+//! The embedded log under storage faults (issue 22): the disk fills up at random moments, and
+//! the journal's last bytes are cut off or corrupted after a `kill -9`. After each fault weir
+//! either refuses to start with an error that says what to do, or starts and has lost nothing
+//! acknowledged and written no output twice; `weir check-data` finds the directory sound.
+
+use rand::Rng;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use weir_tests::{Weir, guest, scaled, skip, wait_until};
+
+/// A size-limited tmpfs mounted on the test's data directory, unmounted on drop.
+struct Disk {
+    at: PathBuf,
+    mb: u64,
+}
+
+impl Disk {
+    /// Mounts `mb` MiB over `at`; `None` (the test skipped) where mounting is not allowed.
+    fn mount(at: &Path, mb: u64) -> Option<Disk> {
+        std::fs::create_dir_all(at).expect("create the mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            skip("mounting a tmpfs needs root (CAP_SYS_ADMIN): run the tests as root");
+            return None;
+        }
+        Some(Disk {
+            at: at.to_path_buf(),
+            mb,
+        })
+    }
+
+    /// Gives the filesystem `mb` MiB more room.
+    fn grow(&mut self, mb: u64) {
+        self.mb += mb;
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={}m", self.mb)])
+            .arg(&self.at)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remounting the tmpfs at {} bigger", self.at.display());
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+/// Every produced order once in `confirmations`: none lost, none twice, and the directory sound.
+fn assert_each_order_once(w: &Weir, acked: &[(u64, u64)], failed: &[(u64, u64)]) {
+    let per_id = w.confirmations_per_id();
+    let mut lost = Vec::new();
+    for &(start, n) in acked {
+        for i in start..start + n {
+            if !per_id.contains_key(&format!("m-{i}")) {
+                lost.push(i);
+            }
+        }
+    }
+    let twice: Vec<_> = per_id.iter().filter(|(_, c)| **c > 1).collect();
+    // A produce that failed left none of its orders (no half batches).
+    let mut from_failed = 0;
+    for &(start, n) in failed {
+        from_failed += (start..start + n)
+            .filter(|i| per_id.contains_key(&format!("m-{i}")))
+            .count();
+    }
+    let out = w.output(&["check-data"]);
+    assert!(
+        lost.is_empty() && twice.is_empty() && from_failed == 0 && out.status.success(),
+        "lost {} acknowledged orders (first {:?}), {} written twice (first {:?}), {from_failed} \
+         orders of failed produces visible; check-data: {}",
+        lost.len(),
+        lost.first(),
+        twice.len(),
+        twice.first(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The issue's case: `weir run` with the `orders` handler while producers fill the disk, again
+/// and again, each time at a moment the random batch sizes decide. The run stops with a storage
+/// error each time; the disk is grown and the run started again. At the end, after a drain,
+/// every acknowledged order has exactly one confirmation and no failed produce left any order.
+#[test]
+fn disk_full_at_random_moments_loses_and_doubles_nothing() {
+    let fills = scaled(3, 3);
+    let w = Weir::new();
+    let Some(mut disk) = Disk::mount(&w.data_dir(), 12) else {
+        return;
+    };
+    w.create_topic("orders", 2);
+    w.create_topic("confirmations", 2);
+    let module = guest("orders");
+    let mut rng = rand::rng();
+    let (mut acked, mut failed) = (Vec::new(), Vec::new());
+    let mut next = 0u64;
+    for fill in 0..fills {
+        let log = w.path(&format!("run-{fill}.log"));
+        let mut run = w.spawn_logged(
+            &[
+                "run",
+                "--module",
+                module.to_str().unwrap(),
+                "--topic",
+                "orders",
+                "--group",
+                "g",
+                "--admin",
+                "off",
+            ],
+            &log,
+        );
+        wait_until("the run serves the log", Duration::from_secs(60), || {
+            w.data_dir().join("weir.sock").exists()
+        });
+        // Produce until a produce fails: the disk is full.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "fill {fill}: the disk never filled"
+            );
+            let n = rng.random_range(200..3_000u64);
+            let size = rng.random_range(100..800u32);
+            let out = w.output(&[
+                "produce",
+                "orders",
+                "--count",
+                &n.to_string(),
+                "--start",
+                &next.to_string(),
+                "--size",
+                &size.to_string(),
+            ]);
+            if out.status.success() {
+                acked.push((next, n));
+                next += n;
+            } else {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    err.contains("No space left") || err.contains("storage"),
+                    "fill {fill}: produce failed for another reason: {err}"
+                );
+                failed.push((next, n));
+                next += n;
+                break;
+            }
+        }
+        // The run stops on its own, with the storage error and a non-zero exit.
+        wait_until("the run stops", Duration::from_secs(120), || {
+            !run.is_running()
+        });
+        let out = run.wait();
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            !out.status.success() && said.contains("storage error"),
+            "fill {fill}: the run ended with {} and said:\n{said}",
+            out.status
+        );
+        assert!(!said.contains("panicked"), "fill {fill}: {said}");
+        disk.grow(rng.random_range(4..10));
+    }
+    disk.grow(64);
+    w.drain(&module, "orders", "g", &[]);
+    assert_each_order_once(&w, &acked, &failed);
+    eprintln!(
+        "{fills} fills: {} produces acknowledged ({} orders), {} failed",
+        acked.len(),
+        acked.iter().map(|(_, n)| n).sum::<u64>(),
+        failed.len()
+    );
+}
+
+/// What a torn write leaves: a run is killed mid-work, then the journal it was writing loses
+/// its last bytes (cut at a random offset past what was durable before the run began), or
+/// has a byte flipped there. The orders were all produced (and fsynced) before; only the run's
+/// commits (outputs with their offsets, one batch each) are in the damaged part. Restarted,
+/// weir either refuses with an error that names the directory, or drains and every order has
+/// exactly one confirmation: a commit is lost whole or kept whole.
+#[test]
+fn a_torn_journal_tail_loses_commits_whole() {
+    let rounds = scaled(4, 4);
+    let mut rng = rand::rng();
+    for round in 0..rounds {
+        let w = Weir::new();
+        let n = 6_000u64;
+        w.create_topic("orders", 2);
+        w.create_topic("confirmations", 2);
+        w.ok(&["produce", "orders", "--count", &n.to_string()]);
+        let journal = newest_journal(&w.data_dir());
+        let durable = std::fs::metadata(&journal).expect("journal").len();
+        let module = guest("orders");
+        let mut run = w.spawn(&[
+            "run",
+            "--module",
+            module.to_str().unwrap(),
+            "--topic",
+            "orders",
+            "--group",
+            "g",
+            "--batch-size",
+            "16",
+            "--admin",
+            "off",
+        ]);
+        let at = rng.random_range(n / 5..n * 4 / 5);
+        wait_until(
+            "the run has committed some",
+            Duration::from_secs(120),
+            || w.committed("orders", "g") >= at,
+        );
+        run.kill();
+        let jnl = newest_journal(&w.data_dir());
+        let len = std::fs::metadata(&jnl).expect("journal").len();
+        // Only what the run wrote: in the journal the produce wrote, past its length.
+        let from = if jnl == journal { durable } else { 0 };
+        let cut = rng.random_range(from..len.max(from + 1));
+        let flip = rng.random_bool(0.5);
+        if flip {
+            let mut bytes = std::fs::read(&jnl).unwrap();
+            if (cut as usize) < bytes.len() {
+                bytes[cut as usize] ^= 0x5a;
+            }
+            std::fs::write(&jnl, bytes).unwrap();
+        } else {
+            let f = std::fs::OpenOptions::new().write(true).open(&jnl).unwrap();
+            f.set_len(cut).unwrap();
+        }
+        let how = if flip { "a byte flipped" } else { "cut" };
+        let out = w.output(&["check-data"]);
+        // A cut tail (a short file) is a torn write fjall's recovery drops; a damaged byte
+        // inside the journal (even in its last batch) makes fjall refuse to open.
+        assert!(
+            flip || out.status.success(),
+            "round {round}: cut at {cut} of {len}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            // Refused: it must say what is wrong and where.
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(&w.data_dir().display().to_string()),
+                "round {round} ({how} at {cut} of {len}): {err}"
+            );
+            eprintln!("round {round}: {how} at {cut} of {len}: refused: {err}");
+            continue;
+        }
+        w.drain(&module, "orders", "g", &[]);
+        assert_each_order_once(&w, &[(0, n)], &[]);
+        eprintln!("round {round}: {how} at {cut} of {len} (run's part from {from}): sound");
+    }
+}
+
+/// The journal file written last.
+fn newest_journal(data: &Path) -> PathBuf {
+    let dir = data.join("log");
+    std::fs::read_dir(&dir)
+        .expect("the log's directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+        .max_by_key(|p| {
+            p.file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .expect("a journal file")
+}
