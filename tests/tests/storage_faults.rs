@@ -102,24 +102,45 @@ fn disk_full_at_random_moments_loses_and_doubles_nothing() {
     let (mut acked, mut failed) = (Vec::new(), Vec::new());
     let mut next = 0u64;
     for fill in 0..fills {
-        let log = w.path(&format!("run-{fill}.log"));
-        let mut run = w.spawn_logged(
-            &[
-                "run",
-                "--module",
-                module.to_str().unwrap(),
-                "--topic",
-                "orders",
-                "--group",
-                "g",
-                "--admin",
-                "off",
-            ],
-            &log,
-        );
-        wait_until("the run serves the log", Duration::from_secs(60), || {
-            w.data_dir().join("weir.sock").exists()
-        });
+        // Started again once the disk has grown; if it has not grown enough for the run to
+        // open the log (fjall writes as it recovers), the run must say so and stop: the disk
+        // grows more.
+        let mut attempt = 0;
+        let (mut run, log) = loop {
+            attempt += 1;
+            let log = w.path(&format!("run-{fill}-{attempt}.log"));
+            // The last run has exited: a socket file it left is not a run serving.
+            let _ = std::fs::remove_file(w.data_dir().join("weir.sock"));
+            let mut run = w.spawn_logged(
+                &[
+                    "run",
+                    "--module",
+                    module.to_str().unwrap(),
+                    "--topic",
+                    "orders",
+                    "--group",
+                    "g",
+                    "--admin",
+                    "off",
+                ],
+                &log,
+            );
+            wait_until(
+                "the run serves the log, or stops",
+                Duration::from_secs(60),
+                || w.data_dir().join("weir.sock").exists() || !run.is_running(),
+            );
+            if run.is_running() {
+                break (run, log);
+            }
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                said.contains("storage error") && !said.contains("panicked") && attempt < 5,
+                "fill {fill}: the run did not start: {said}"
+            );
+            eprintln!("fill {fill}: the run refused to start on a full disk (attempt {attempt})");
+            disk.grow(8);
+        };
         // Produce until a produce fails: the disk is full.
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {

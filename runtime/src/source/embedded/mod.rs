@@ -174,9 +174,29 @@ impl EmbeddedLog {
             dir: shown.clone(),
             detail: e.to_string(),
         })?;
-        let db = Database::builder(&db_dir)
-            .open()
-            .map_err(|e| map_open_error(&shown, e))?;
+        // fjall asserts on some damaged journal entries (a length that disagrees with another,
+        // in debug builds) rather than return its error: a damaged directory is an error that
+        // says so, never a crash.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Database::builder(&db_dir).open()
+        }));
+        let db = match opened {
+            Ok(db) => db.map_err(|e| map_open_error(&shown, e))?,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                return Err(SourceError::Corrupt {
+                    dir: shown,
+                    detail: format!(
+                        "its journal could not be read: {}",
+                        why.lines().next().unwrap_or(why)
+                    ),
+                });
+            }
+        };
         let records = db
             .keyspace("records", KeyspaceCreateOptions::default)
             .map_err(|e| map_open_error(&shown, e))?;
