@@ -147,8 +147,16 @@ impl ProduceCommand {
                         batch: Vec<Record>|
          -> anyhow::Result<()> {
             let n = batch.len() as u64;
-            log.append(&self.topic, batch)
-                .with_context(|| format!("producing to topic {}", self.topic))?;
+            // A produce is written in chunks, each all or nothing: a failure says how many
+            // messages before it are stored, so a producer can go on from there.
+            log.append(&self.topic, batch).with_context(|| {
+                format!(
+                    "producing to topic {}: the first {total} message(s) are stored; the {n} \
+                     of the chunk that failed are not (after a failed fsync they may be: \
+                     dedupe when you send them again), nor any after it",
+                    self.topic
+                )
+            })?;
             total += n;
             Ok(())
         };

@@ -435,6 +435,9 @@ impl EmbeddedLog {
         self.db
             .persist(PersistMode::SyncAll)
             .map_err(|e| self.write_failed(e))?;
+        // Another writer's fsync may have failed meanwhile: after that, a later fsync's success
+        // does not vouch for this write (Linux reports a writeback error once).
+        self.writable()?;
         self.appended.notify_waiters();
         Ok(placed)
     }
@@ -595,6 +598,7 @@ impl EmbeddedLog {
         self.db
             .persist(PersistMode::SyncAll)
             .map_err(|e| self.write_failed(e))?;
+        self.writable()?;
         if has_outputs {
             self.appended.notify_waiters();
         }
