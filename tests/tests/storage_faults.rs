@@ -97,7 +97,18 @@ fn assert_each_order_once(w: &Weir, acked: &[(u64, u64)], failed: &[(u64, u64)])
 /// every acknowledged order has exactly one confirmation and no failed produce left any order.
 #[test]
 fn disk_full_at_random_moments_loses_and_doubles_nothing() {
-    let fills = scaled(3, 3);
+    disk_full(scaled(3, 3), false);
+}
+
+/// The same with `--dedupe header` (the dedupe marks live with the log and fill the disk too),
+/// and a producer that sends each failed produce again once there is room: with dedupe, every
+/// order is confirmed exactly once whether or not the failed chunk was kept.
+#[test]
+fn disk_full_with_dedupe_and_retried_produces_confirms_each_order_once() {
+    disk_full(scaled(2, 2), true);
+}
+
+fn disk_full(fills: u64, dedupe: bool) {
     let w = Weir::new();
     let Some(mut disk) = Disk::mount(&w.data_dir(), 12) else {
         return;
@@ -108,6 +119,37 @@ fn disk_full_at_random_moments_loses_and_doubles_nothing() {
     let mut rng = rand::rng();
     let (mut acked, mut failed) = (Vec::new(), Vec::new());
     let mut next = 0u64;
+    // A failed produce, to send again (with dedupe) once the disk has grown.
+    let mut retry: Option<(u64, u64)> = None;
+    // Sends a failed produce again; false when the disk is full again (it stays to retry).
+    let send_again = |w: &Weir, (start, n): (u64, u64), acked: &mut Vec<(u64, u64)>| {
+        let out = w.output(&[
+            "produce",
+            "orders",
+            "--count",
+            &n.to_string(),
+            "--start",
+            &start.to_string(),
+        ]);
+        if out.status.success() {
+            acked.push((start, n));
+        }
+        out.status.success()
+    };
+    let mut run_args = vec![
+        "run",
+        "--module",
+        module.to_str().unwrap(),
+        "--topic",
+        "orders",
+        "--group",
+        "g",
+        "--admin",
+        "off",
+    ];
+    if dedupe {
+        run_args.extend_from_slice(&["--dedupe", "header"]);
+    }
     for fill in 0..fills {
         // Started again once the disk has grown; if it has not grown enough for the run to
         // open the log (fjall writes as it recovers), the run must say so and stop: the disk
@@ -118,20 +160,7 @@ fn disk_full_at_random_moments_loses_and_doubles_nothing() {
             let log = w.path(&format!("run-{fill}-{attempt}.log"));
             // The last run has exited: a socket file it left is not a run serving.
             let _ = std::fs::remove_file(w.data_dir().join("weir.sock"));
-            let mut run = w.spawn_logged(
-                &[
-                    "run",
-                    "--module",
-                    module.to_str().unwrap(),
-                    "--topic",
-                    "orders",
-                    "--group",
-                    "g",
-                    "--admin",
-                    "off",
-                ],
-                &log,
-            );
+            let mut run = w.spawn_logged(&run_args, &log);
             wait_until(
                 "the run serves the log, or stops",
                 Duration::from_secs(60),
@@ -148,9 +177,18 @@ fn disk_full_at_random_moments_loses_and_doubles_nothing() {
             eprintln!("fill {fill}: the run refused to start on a full disk (attempt {attempt})");
             disk.grow(8);
         };
+        // A producer sends what failed again first; if the disk is full again (the restart's
+        // own writes took the room), that is this fill's failure.
+        let full_again = match retry.take() {
+            Some(r) if !send_again(&w, r, &mut acked) => {
+                retry = Some(r);
+                true
+            }
+            _ => false,
+        };
         // Produce until a produce fails: the disk is full.
         let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
+        while !full_again {
             assert!(
                 Instant::now() < deadline,
                 "fill {fill}: the disk never filled"
@@ -176,7 +214,11 @@ fn disk_full_at_random_moments_loses_and_doubles_nothing() {
                     err.contains("No space left") || err.contains("storage"),
                     "fill {fill}: produce failed for another reason: {err}"
                 );
-                failed.push((next, n));
+                if dedupe {
+                    retry = Some((next, n));
+                } else {
+                    failed.push((next, n));
+                }
                 next += n;
                 break;
             }
@@ -196,7 +238,18 @@ fn disk_full_at_random_moments_loses_and_doubles_nothing() {
         disk.grow(rng.random_range(4..10));
     }
     disk.grow(64);
-    w.drain(&module, "orders", "g", &[]);
+    if let Some(r) = retry.take() {
+        assert!(
+            send_again(&w, r, &mut acked),
+            "a retried produce failed with room"
+        );
+    }
+    w.drain(
+        &module,
+        "orders",
+        "g",
+        if dedupe { &["--dedupe", "header"] } else { &[] },
+    );
     // A full disk fails the journal write itself: nothing of a failed produce is kept.
     assert_eq!(assert_each_order_once(&w, &acked, &failed), 0);
     eprintln!(
