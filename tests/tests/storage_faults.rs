@@ -188,7 +188,11 @@ fn disk_full(fills: u64, dedupe: bool) {
         };
         // Produce until a produce fails: the disk is full.
         let deadline = Instant::now() + Duration::from_secs(300);
-        while !full_again {
+        loop {
+            // Nothing to produce when the retry found the disk full again.
+            if full_again {
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
                 "fill {fill}: the disk never filled"
