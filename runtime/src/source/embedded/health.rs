@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 pub(super) struct Health {
     /// The first failed write's error.
     failed: OnceLock<String>,
-    /// Woken once, when a write fails.
+    /// Wakes every waiter when a write fails.
     notify: tokio::sync::Notify,
 }
 
@@ -24,7 +24,7 @@ impl Health {
         let detail = e.to_string();
         if self.failed.set(detail.clone()).is_ok() {
             tracing::error!(dir, error = %detail, "a write to the data directory failed: the log takes no more writes until weir starts again");
-            self.notify.notify_one();
+            self.notify.notify_waiters();
         }
         SourceError::Storage {
             dir: dir.to_string(),
@@ -53,8 +53,16 @@ impl Health {
 
     /// Waits until a write fails.
     pub(super) async fn failed(&self) {
-        if self.failed.get().is_none() {
-            self.notify.notified().await;
+        loop {
+            // Registered before the check, so a failure between the two still wakes it; any
+            // number of waiters.
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.failed.get().is_some() {
+                return;
+            }
+            notified.await;
         }
     }
 }
@@ -77,15 +85,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_waiter_learns_of_a_failure_before_or_after_it_waits() {
+    async fn every_waiter_learns_of_a_failure_before_or_after_it_waits() {
         let h = std::sync::Arc::new(Health::default());
-        let waiter = {
-            let h = h.clone();
-            tokio::spawn(async move { h.failed().await })
-        };
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let h = h.clone();
+                tokio::spawn(async move { h.failed().await })
+            })
+            .collect();
         tokio::task::yield_now().await;
         h.fail("d", "EIO");
-        waiter.await.unwrap();
+        for w in waiters {
+            w.await.unwrap();
+        }
         // Already failed: returns at once.
         h.failed().await;
     }
