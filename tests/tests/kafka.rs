@@ -357,12 +357,18 @@ fn txn_broker_exactly_once_survives_a_kill() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let w = &on.w;
     let committed = || on.committed();
-    // Three kills, each a moment later in the input: a kill lands inside an open transaction
-    // almost always, three make the test's own check below (aborted copies exist) all but sure.
-    let logs: Vec<_> = (0..4).map(|i| w.path(&format!("run-{i}.log"))).collect();
+    // Six kills, each a moment later in the input. A kill lands after a transaction's outputs
+    // were delivered and before its commit some of the time: with each flush taking 100 ms
+    // (rdkafka's flush, until 2026-12-07) almost always, now that a flush returns with its
+    // delivery reports about half the time; three kills once all missed (the check below
+    // failed with 'the kill aborted no transaction'), six make it all but sure.
+    const KILLS: usize = 6;
+    let logs: Vec<_> = (0..=KILLS)
+        .map(|i| w.path(&format!("run-{i}.log")))
+        .collect();
     let mut run = w.spawn_logged(&args, &logs[0]);
     let mut before = 0;
-    for i in 0..3 {
+    for i in 0..KILLS {
         // Each run is killed once it has made some progress of its own.
         wait_until("the run commits", Duration::from_secs(240), || {
             committed() >= before + n / 50
