@@ -1,7 +1,8 @@
 //! Membership of one consumer group: the poller thread, the per-partition buffers the engine
 //! fetches from, the rebalance callbacks, and the committer thread.
 
-use super::admin::{Admin, Publisher, bad_config, to_delivery};
+use super::admin::{Admin, bad_config, to_delivery};
+use super::publisher::Publisher;
 use super::{KafkaConfig, REQUEST_TIMEOUT, storage};
 use crate::source::{Commit, Delivery, GroupEvent, Output, SourceError};
 use rdkafka::client::ClientContext;

@@ -25,6 +25,7 @@ mod admin;
 pub mod bench;
 mod broker;
 mod group;
+mod publisher;
 
 use super::{Commit, GroupEvent, Record, Source, SourceError, TopicStats};
 use rdkafka::ClientConfig;
@@ -35,8 +36,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use admin::{Admin, Publisher, Reader};
+pub use admin::{Admin, Reader};
 pub use broker::KafkaBroker;
+pub use publisher::Publisher;
 
 /// How to reach the brokers, and what to pass through to librdkafka.
 #[derive(Debug, Clone, Default)]
