@@ -9,6 +9,21 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use weir_tests::{Weir, guest, scaled, skip, wait_until};
 
+/// `weir run` of the `orders` handler over `orders`, group `g`, no admin server.
+fn orders_run(module: &Path) -> Vec<&str> {
+    vec![
+        "run",
+        "--module",
+        module.to_str().expect("UTF-8 path"),
+        "--topic",
+        "orders",
+        "--group",
+        "g",
+        "--admin",
+        "off",
+    ]
+}
+
 /// A size-limited tmpfs mounted on the test's data directory, unmounted on drop.
 struct Disk {
     at: PathBuf,
@@ -136,17 +151,7 @@ fn disk_full(fills: u64, dedupe: bool) {
         }
         out.status.success()
     };
-    let mut run_args = vec![
-        "run",
-        "--module",
-        module.to_str().unwrap(),
-        "--topic",
-        "orders",
-        "--group",
-        "g",
-        "--admin",
-        "off",
-    ];
+    let mut run_args = orders_run(&module);
     if dedupe {
         run_args.extend_from_slice(&["--dedupe", "header"]);
     }
@@ -406,17 +411,7 @@ fn failed_fsyncs_and_writes_lose_and_double_nothing() {
         let log = w.path(&format!("run-{round}.log"));
         let _ = std::fs::remove_file(w.data_dir().join("weir.sock"));
         let child = w
-            .cmd(&[
-                "run",
-                "--module",
-                module.to_str().unwrap(),
-                "--topic",
-                "orders",
-                "--group",
-                "g",
-                "--admin",
-                "off",
-            ])
+            .cmd(&orders_run(&module))
             .env("LD_PRELOAD", &shim)
             .env("WEIR_FAILFS_TRIGGER", &trigger)
             .env("WEIR_FAILFS_OPS", ops)
@@ -510,17 +505,7 @@ fn kill_9_through_journal_rotation_and_flushes_loses_and_doubles_nothing() {
     let mut seen = initial.clone();
     for _ in 0..kills {
         let _ = std::fs::remove_file(w.data_dir().join("weir.sock"));
-        let mut run = w.spawn(&[
-            "run",
-            "--module",
-            module.to_str().unwrap(),
-            "--topic",
-            "orders",
-            "--group",
-            "g",
-            "--admin",
-            "off",
-        ]);
+        let mut run = w.spawn(&orders_run(&module));
         wait_until("the run serves the log", Duration::from_secs(60), || {
             w.data_dir().join("weir.sock").exists()
         });
