@@ -85,6 +85,32 @@ pub fn expiry_key(expires_ms: u64, mark: &[u8]) -> Vec<u8> {
     k
 }
 
+/// Key of a topic's segment: `s/topic 0 id(u64 BE)`; the value says where it begins.
+pub fn segment_key(topic: &str, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(topic.len() + 11);
+    k.extend_from_slice(b"s/");
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Splits a key made by [`segment_key`] into (topic, id).
+pub fn parse_segment_key(key: &[u8]) -> Option<(String, u64)> {
+    let rest = key.strip_prefix(b"s/")?;
+    let (head, id) = rest.split_at(rest.len().checked_sub(8)?);
+    let topic = std::str::from_utf8(head.strip_suffix(&[0])?).ok()?;
+    Some((topic.to_string(), u64::from_be_bytes(id.try_into().ok()?)))
+}
+
+/// Key of the count of records a group skipped because retention deleted them before it read
+/// them: `k/group 0 topic 0 partition(u32 BE)`, the value a u64 BE.
+pub fn skipped_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
+    let mut k = group_key(group, topic, partition);
+    k[0] = b'k';
+    k
+}
+
 pub fn topic_key(topic: &str) -> Vec<u8> {
     let mut k = b"t/".to_vec();
     k.extend_from_slice(topic.as_bytes());

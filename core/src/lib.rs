@@ -20,6 +20,7 @@ pub mod dlq;
 pub mod fuzzing;
 pub mod ingest;
 pub mod record;
+pub mod retention;
 pub mod retry;
 pub mod socket;
 pub mod topic;

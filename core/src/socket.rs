@@ -16,6 +16,14 @@ pub enum Request {
     CreateTopic {
         topic: String,
         partitions: u32,
+        /// What it keeps, as changed from the default for new topics.
+        #[serde(default)]
+        retention: crate::retention::RetentionChange,
+    },
+    /// Topic and group administration (`weir topics alter|delete`, `weir groups`); answered
+    /// with a JSON value.
+    Admin {
+        admin: AdminRequest,
     },
     Stats {
         topic: Option<String>,
@@ -38,6 +46,33 @@ pub enum Request {
     Replayed {
         topic: String,
         partition: u32,
+    },
+}
+
+/// What `Request::Admin` asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "do", rename_all = "kebab-case")]
+#[doc(hidden)]
+pub enum AdminRequest {
+    AlterTopic {
+        topic: String,
+        change: crate::retention::RetentionChange,
+    },
+    DeleteTopic {
+        topic: String,
+    },
+    Usage {
+        topic: Option<String>,
+    },
+    Groups,
+    SeekGroup {
+        group: String,
+        topic: String,
+        partition: Option<u32>,
+        to: crate::retention::SeekTo,
+    },
+    DeleteGroup {
+        group: String,
     },
 }
 

@@ -566,7 +566,10 @@ impl Weir {
         let file = std::fs::File::create(log).expect("create the log file");
         let child = self
             .cmd(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(file)
             .spawn()

@@ -25,6 +25,7 @@ mod rabbitmq_timeout;
 mod redis;
 mod reload;
 mod request_reply;
+mod retention;
 mod scaling;
 mod shared_dedupe;
 mod sqs;

@@ -284,7 +284,7 @@ impl ConfigError {
     }
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is milliseconds).
+/// Parses `250ms`, `5s`, `2m`, `1h`, `7d` (a bare number is milliseconds).
 pub fn parse_duration(name: &str, s: &str) -> Result<Duration, ConfigError> {
     let s = s.trim();
     let split = s
@@ -301,9 +301,10 @@ pub fn parse_duration(name: &str, s: &str) -> Result<Duration, ConfigError> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86_400.0,
         other => {
             return Err(ConfigError(format!(
-                "{name}: unknown unit `{other}` in `{s}`; use ms, s, m or h"
+                "{name}: unknown unit `{other}` in `{s}`; use ms, s, m, h or d"
             )));
         }
     };
@@ -328,9 +329,10 @@ pub fn parse_size(name: &str, s: &str) -> Result<usize, ConfigError> {
         "KiB" | "K" | "KB" => 1 << 10,
         "MiB" | "M" | "MB" => 1 << 20,
         "GiB" | "G" | "GB" => 1 << 30,
+        "TiB" | "T" | "TB" => 1 << 40,
         other => {
             return Err(ConfigError(format!(
-                "{name}: unknown unit `{other}` in `{s}`; use KiB, MiB or GiB"
+                "{name}: unknown unit `{other}` in `{s}`; use KiB, MiB, GiB or TiB"
             )));
         }
     };

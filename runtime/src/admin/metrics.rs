@@ -5,6 +5,7 @@
 use super::Admin;
 use crate::engine::metrics::Histogram;
 use crate::engine::{Stats, now_ms};
+use crate::source::lifecycle::TopicUsage;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -47,6 +48,16 @@ pub(super) async fn partitions(admin: &Admin) -> Result<Vec<Part>, String> {
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// What each topic of the embedded log holds on disk (empty on other sources).
+pub(super) async fn usage(admin: &Admin) -> Vec<TopicUsage> {
+    let Some(log) = admin.log.clone() else {
+        return Vec::new();
+    };
+    tokio::task::spawn_blocking(move || log.usage(None).unwrap_or_default())
+        .await
+        .unwrap_or_default()
 }
 
 /// (name, digest, loaded at ms) of the handler running now.
@@ -102,6 +113,7 @@ struct Scrape {
     stats: Arc<Stats>,
     group: String,
     parts: Vec<Part>,
+    usage: Vec<TopicUsage>,
 }
 
 /// A metric family's description, then one sample per label set.
@@ -213,6 +225,41 @@ impl Collector for Scrape {
         };
         family(
             &mut e,
+            "weir_log_bytes",
+            "Bytes a topic of the embedded log holds on disk (what retention bounds).",
+            self.usage
+                .iter()
+                .map(|u| (vec![("topic", u.topic.clone())], gauge(u.bytes))),
+            MetricType::Gauge,
+        )?;
+        family(
+            &mut e,
+            "weir_log_oldest_record_age_seconds",
+            "Age of the oldest record a topic of the embedded log keeps.",
+            self.usage.iter().filter_map(|u| {
+                u.oldest_age_s
+                    .map(|a| (vec![("topic", u.topic.clone())], ConstGauge::new(a)))
+            }),
+            MetricType::Gauge,
+        )?;
+        family(
+            &mut e,
+            "weir_records_skipped_by_retention",
+            "Records the group's offset passed because retention deleted them before it read them.",
+            s.metrics
+                .messages()
+                .into_iter()
+                .filter(|((_, o), _)| *o == "skipped-by-retention")
+                .map(|((topic, _), n)| {
+                    (
+                        vec![("topic", topic), ("group", self.group.clone())],
+                        counter(n),
+                    )
+                }),
+            MetricType::Counter,
+        )?;
+        family(
+            &mut e,
             "weir_consumer_lag",
             "Messages in a partition the group has not committed (end offset - committed offset).",
             per_part(|p| p.end.saturating_sub(p.committed), true),
@@ -307,12 +354,13 @@ impl Collector for Scrape {
 }
 
 /// The OpenMetrics text of the run's metrics.
-pub(super) fn metrics_text(admin: &Admin, parts: Vec<Part>) -> String {
+pub(super) fn metrics_text(admin: &Admin, parts: Vec<Part>, usage: Vec<TopicUsage>) -> String {
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register_collector(Box::new(Scrape {
         stats: admin.stats.clone(),
         group: admin.group.clone(),
         parts,
+        usage,
     }));
     let mut out = String::with_capacity(8192);
     prometheus_client::encoding::text::encode(&mut out, &registry)
@@ -320,7 +368,7 @@ pub(super) fn metrics_text(admin: &Admin, parts: Vec<Part>) -> String {
     out
 }
 
-pub(super) fn status_json(admin: &Admin, parts: &[Part]) -> Value {
+pub(super) fn status_json(admin: &Admin, parts: &[Part], usage: &[TopicUsage]) -> Value {
     let s = &admin.stats;
     let mut per_topic: serde_json::Map<String, Value> = serde_json::Map::new();
     for ((topic, outcome), n) in s.metrics.messages() {
@@ -364,5 +412,6 @@ pub(super) fn status_json(admin: &Admin, parts: &[Part]) -> Value {
             "lag": p.end.saturating_sub(p.committed),
         })).collect::<Vec<_>>(),
         "lag_note": admin.source.lag_note(),
+        "storage": usage,
     })
 }

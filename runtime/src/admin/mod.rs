@@ -19,7 +19,7 @@ pub use request::Brokers;
 use crate::engine::Stats;
 use crate::source::Source;
 use crate::source::embedded::EmbeddedLog;
-use crate::source::embedded::local::MaxDepth;
+use crate::source::embedded::local::Served as RunServed;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -49,7 +49,7 @@ pub struct Admin {
     pub log: Option<Arc<EmbeddedLog>>,
     /// Set on a broker: `POST /topics/{topic}/request` connects here.
     pub brokers: Option<Arc<Brokers>>,
-    pub max_depth: Option<MaxDepth>,
+    pub max_depth: Option<RunServed>,
     pub group: String,
     pub topics: Vec<String>,
     pub started_ms: u64,
@@ -127,7 +127,8 @@ pub async fn serve(
             loop {
                 tick.tick().await;
                 if let Ok(parts) = metrics::partitions(&served.admin).await {
-                    let v = metrics::status_json(&served.admin, &parts);
+                    let usage = metrics::usage(&served.admin).await;
+                    let v = metrics::status_json(&served.admin, &parts, &usage);
                     let mut h = served.history.lock().expect("history lock");
                     if h.len() == HISTORY_LEN {
                         h.pop_front();
@@ -234,7 +235,7 @@ async fn metrics_page(State(served): State<Arc<Served>>) -> Response {
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            metrics::metrics_text(&served.admin, parts),
+            metrics::metrics_text(&served.admin, parts, metrics::usage(&served.admin).await),
         )
             .into_response(),
         Err(e) => Answer::error(503, e).into_response(),
@@ -243,7 +244,10 @@ async fn metrics_page(State(served): State<Arc<Served>>) -> Response {
 
 async fn status(State(served): State<Arc<Served>>) -> Answer {
     match metrics::partitions(&served.admin).await {
-        Ok(parts) => Answer::json(200, metrics::status_json(&served.admin, &parts)),
+        Ok(parts) => {
+            let usage = metrics::usage(&served.admin).await;
+            Answer::json(200, metrics::status_json(&served.admin, &parts, &usage))
+        }
         Err(e) => Answer::error(503, e),
     }
 }

@@ -38,7 +38,11 @@ pub(super) async fn ingest(admin: &Admin, topic: String, body: &[u8]) -> Answer 
             429,
             format!(
                 "slow down: the topic holds {depth} unconsumed messages, over --max-depth {}",
-                admin.max_depth.as_ref().map_or(0, |l| l.max)
+                admin
+                    .max_depth
+                    .as_ref()
+                    .and_then(|l| l.max_depth)
+                    .unwrap_or(0)
             ),
         )
         .retry_after(1),

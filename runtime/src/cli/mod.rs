@@ -8,6 +8,7 @@ mod check;
 mod check_data;
 mod consume;
 mod dlq;
+mod groups;
 mod new;
 mod produce;
 mod request;
@@ -73,9 +74,12 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create and list topics
+    /// Create, list, alter and delete topics
     #[command(subcommand)]
     Topics(topics::TopicsCommand),
+    /// List, describe, move (seek) and delete consumer groups
+    #[command(subcommand)]
+    Groups(groups::GroupsCommand),
     /// Append messages to a topic
     Produce(produce::ProduceCommand),
     /// Print messages of a topic
@@ -313,6 +317,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match cli.command {
         Command::Topics(c) => c.execute(globals),
+        Command::Groups(c) => c.execute(globals),
         Command::Produce(c) => c.execute(globals),
         Command::Consume(c) => c.execute(globals),
         Command::Request(c) => c.execute(globals),

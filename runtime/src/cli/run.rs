@@ -84,6 +84,7 @@ impl RunCommand {
         // broker is shared by every member of the group.
         let (source, log): (Arc<dyn Source>, _) = if g.source.is_embedded() {
             let log = local::open_owned(&g.data_dir)?;
+            log.keep_retention();
             (log.clone(), Some(log))
         } else {
             let e = &settings.engine;
@@ -106,11 +107,11 @@ impl RunCommand {
         }
         let exists = crate::source::output_check(source.clone());
         let module = Module::load(&module_path, &settings.host, exists)?;
-        let max_depth = settings.max_depth.map(|max| local::MaxDepth {
-            max,
+        let served = local::Served {
+            max_depth: settings.max_depth,
             group: settings.engine.group.clone(),
             topics: settings.engine.topics.clone(),
-        });
+        };
         let runtime = super::io_runtime()?;
         let started = Instant::now();
         let stats = Arc::new(engine::Stats::default());
@@ -144,7 +145,7 @@ impl RunCommand {
                     log: log.clone(),
                     brokers: (!g.source.is_embedded())
                         .then(|| Arc::new(crate::admin::Brokers::new(g.source.clone()))),
-                    max_depth: max_depth.clone(),
+                    max_depth: Some(served.clone()),
                     group: settings.engine.group.clone(),
                     topics: settings.engine.topics.clone(),
                     started_ms: loaded_ms,
@@ -168,7 +169,7 @@ impl RunCommand {
                     }
                 },
             };
-            let _socket = log.clone().and_then(|log| local::serve(log, max_depth));
+            let _socket = log.clone().and_then(|log| local::serve(log, served));
             let _watch = self
                 .watch
                 .then(|| AbortOnDrop(tokio::spawn(watch(module_path.clone(), reloader))));

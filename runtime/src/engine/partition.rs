@@ -231,6 +231,22 @@ async fn run(
                         Err(e) => return Err(e),
                     }
                 });
+            if let Some(first) = batch.first()
+                && first.offset > next
+                && ctx.source.capabilities().dense_offsets
+            {
+                // Offsets are dense: what lies between was deleted by retention before this
+                // group read it. Counted with the commit that passes it (exactly once).
+                tracing::warn!(
+                    topic = %topic,
+                    partition,
+                    from = next,
+                    to = first.offset,
+                    "retention deleted {} record(s) this group had not read; going on from the oldest kept",
+                    first.offset - next
+                );
+                pending.hold(next, first.offset - 1, Later::Skipped(first.offset - next));
+            }
             if let Some(last) = batch.last() {
                 next = last.offset + 1;
             }

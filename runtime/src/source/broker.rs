@@ -2,7 +2,9 @@
 //! topics, append, read a partition, and a group's committed offsets. One implementation per
 //! broker, beside its [`Source`](super::Source); [`super::connect`] picks one by URL.
 
+use super::lifecycle::{GroupInfo, SeekMove, TopicUsage};
 use super::{Capabilities, Delivery, Output, Record, SourceError, TopicStats};
+use weir_core::retention::{RetentionChange, SeekTo};
 
 /// A dead letter as `weir dlq` shows it.
 #[derive(Debug, Clone)]
@@ -24,6 +26,8 @@ pub struct TopicSpec {
     pub groups: Vec<String>,
     /// `--max-priority`: message priorities 0..=N within the topic (RabbitMQ).
     pub max_priority: Option<u8>,
+    /// `--retention`, `--retention-bytes`, `--retention-policy`, `--segment-bytes`.
+    pub retention: RetentionChange,
 }
 
 /// A broker as `weir topics`, `produce` and `consume` use it. Blocking, one command at a time;
@@ -89,6 +93,7 @@ pub trait Broker: Send {
                 self.name()
             )));
         }
+        refuse_retention(self.name(), spec)?;
         self.create_topic(topic, partitions, replication)
     }
 
@@ -98,6 +103,50 @@ pub trait Broker: Send {
             "deleting topics on {} is not supported; {topic} stays",
             self.name()
         )))
+    }
+
+    /// Changes what `topic` keeps (`weir topics alter`), where the broker has a retention
+    /// weir can set.
+    fn alter_topic(&mut self, topic: &str, change: &RetentionChange) -> Result<(), SourceError> {
+        let _ = change;
+        Err(self.not_here(&format!("changing what topic {topic} keeps")))
+    }
+
+    /// Bytes on disk, retention and oldest record per topic, where the broker says.
+    fn usage(&mut self, topic: Option<&str>) -> Result<Vec<TopicUsage>, SourceError> {
+        let _ = topic;
+        Ok(Vec::new())
+    }
+
+    /// The consumer groups and where each one is.
+    fn list_groups(&mut self) -> Result<Vec<GroupInfo>, SourceError> {
+        Err(self.not_here("listing consumer groups"))
+    }
+
+    /// Moves `group`'s committed offsets on `topic` (every partition, or `partition`).
+    fn seek_group(
+        &mut self,
+        group: &str,
+        topic: &str,
+        partition: Option<u32>,
+        to: SeekTo,
+    ) -> Result<Vec<SeekMove>, SourceError> {
+        let _ = (topic, partition, to);
+        Err(self.not_here(&format!("moving group {group}")))
+    }
+
+    /// Deletes `group` and its committed offsets.
+    fn delete_group(&mut self, group: &str) -> Result<(), SourceError> {
+        Err(self.not_here(&format!("deleting group {group}")))
+    }
+
+    /// The error of a lifecycle verb the broker does not have.
+    fn not_here(&self, what: &str) -> SourceError {
+        SourceError::Invalid(format!(
+            "{what} is not something weir does on {}; use the broker's own tools (see \
+             docs/sources.md)",
+            self.name()
+        ))
     }
 
     /// Every topic (or `topic`) with each partition's end and, per group (or only `group`),
@@ -193,6 +242,17 @@ pub fn check_single_partition_topic(
         }),
         None => Ok(()),
     }
+}
+
+/// Refuses `--retention` and its kin where the broker keeps records by rules weir does not set.
+pub fn refuse_retention(broker: &str, spec: &TopicSpec) -> Result<(), SourceError> {
+    if spec.retention.is_empty() {
+        return Ok(());
+    }
+    Err(SourceError::Invalid(format!(
+        "--retention, --retention-bytes, --retention-policy and --segment-bytes set the embedded \
+         log's retention; {broker} keeps messages by its own rules (see docs/sources.md)"
+    )))
 }
 
 /// Keeps only `group`'s offsets in `stats`, when a group is given.

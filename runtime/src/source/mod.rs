@@ -20,6 +20,7 @@ pub mod connect;
 pub mod dead_letters;
 pub mod embedded;
 pub mod kafka;
+pub mod lifecycle;
 #[cfg(test)]
 pub mod memory;
 #[cfg(test)]
@@ -66,6 +67,10 @@ pub struct Commit {
     /// belong to all its messages). A broker that drops a message published twice under one id
     /// (JetStream's `Nats-Msg-Id`) names each output by it. Empty where the engine does not say.
     pub origins: Vec<Option<(Arc<str>, u64)>>,
+    /// Records of (topic, partition) that this step's offset passes without the group having
+    /// read them, because retention deleted them first (the embedded log keeps the count with
+    /// the offset, so it is counted once whatever crashes).
+    pub skipped: Vec<(Arc<str>, u32, u64)>,
 }
 
 /// How a broker learns that messages are done.
@@ -102,6 +107,9 @@ pub struct Capabilities {
     /// a lane behind them). `None`: the broker waits as long as the link lives (RabbitMQ, up
     /// to its `consumer_timeout`), or nothing is leased (logs).
     pub lease: Option<std::time::Duration>,
+    /// Offsets are dense (the embedded log): a fetch that begins past the offset asked for
+    /// means retention deleted what lies between.
+    pub dense_offsets: bool,
 }
 
 impl Capabilities {
@@ -115,6 +123,7 @@ impl Capabilities {
         batch_size: None,
         delayed_retry: false,
         lease: None,
+        dense_offsets: false,
     };
 }
 

@@ -31,6 +31,8 @@ pub(super) struct Pending {
     pub emitted: u64,
     pub dead: u64,
     pub deduped: u64,
+    /// Records retention deleted before this group read them, which this commit passes.
+    pub skipped: u64,
     /// What finished messages leave to write, until the commit point passes them.
     held: Waiting,
     /// The offsets this commit settles or gives back (per-message sources), for the tracker
@@ -77,6 +79,9 @@ pub(super) enum Later {
     Answer(Output),
     /// An idempotency key marked done, with when the mark expires.
     Mark(Vec<u8>, u64),
+    /// Records retention deleted before the group read them: the span they took (a fetch
+    /// found the next record further on); counted with the offset that passes them.
+    Skipped(u64),
     /// The claim of a message done with an idempotency key, let go once its mark is written.
     /// (A failed message's claim goes with the next commit, straight through `release`: a copy
     /// that runs meanwhile publishes nothing that its failure did not.)
@@ -150,6 +155,7 @@ impl Pending {
                         self.commit.dedupe_done.push((key, expires));
                     }
                     Later::Release(key) => self.release.push(key),
+                    Later::Skipped(n) => self.skipped += n,
                 }
             }
         }
@@ -163,7 +169,7 @@ impl Pending {
             || !self.commit.dedupe_done.is_empty()
             || !self.commit.delayed.is_empty()
             || !self.release.is_empty()
-            || self.acked + self.dead + self.deduped > 0
+            || self.acked + self.dead + self.deduped + self.skipped > 0
     }
 }
 
@@ -229,6 +235,9 @@ pub(super) fn start(
         .map(|o| (topic.clone(), partition, o))
         .collect();
     c.offsets.push((topic.clone(), partition, point));
+    if p.skipped > 0 {
+        c.skipped.push((topic.clone(), partition, p.skipped));
+    }
     c.origins = p
         .origins
         .drain(..)
@@ -370,6 +379,7 @@ pub(super) fn finish(
     m.count(topic, "ok", p.acked);
     m.count(topic, "deduped", p.deduped);
     m.count(topic, "dlq", p.dead);
+    m.count(topic, "skipped-by-retention", p.skipped);
     // Messages appended together share a timestamp: one histogram update per run of them.
     let now = now_ms();
     for run in p.acked_at.chunk_by(|a, b| a == b) {

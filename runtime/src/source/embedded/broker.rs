@@ -1,8 +1,10 @@
 //! The embedded log as `weir topics`, `produce` and `consume` use it.
 
 use super::local::LogHandle;
-use crate::source::broker::{Broker, DeadLetter, filter_group};
+use crate::source::broker::{Broker, DeadLetter, TopicSpec, filter_group};
+use crate::source::lifecycle::{GroupInfo, SeekMove, TopicUsage};
 use crate::source::{Capabilities, Delivery, Output, Record, SourceError, TopicStats};
+use weir_core::retention::{RetentionChange, SeekTo};
 
 impl Broker for LogHandle {
     fn name(&self) -> &'static str {
@@ -19,7 +21,56 @@ impl Broker for LogHandle {
         partitions: u32,
         _replication: Option<i32>,
     ) -> Result<(), SourceError> {
-        LogHandle::create_topic(self, topic, partitions)
+        LogHandle::create_topic(self, topic, partitions, RetentionChange::default())
+    }
+
+    fn create_topic_with(
+        &mut self,
+        topic: &str,
+        partitions: u32,
+        replication: Option<i32>,
+        spec: &TopicSpec,
+    ) -> Result<(), SourceError> {
+        if spec.retention.is_empty() {
+            return Broker::create_topic(self, topic, partitions, replication);
+        }
+        let mut plain = spec.clone();
+        plain.retention = RetentionChange::default();
+        // The checks every broker makes (priorities), then the topic with its retention.
+        if plain.max_priority.is_some() {
+            return Broker::create_topic_with(self, topic, partitions, replication, &plain);
+        }
+        LogHandle::create_topic(self, topic, partitions, spec.retention)
+    }
+
+    fn delete_topic(&mut self, topic: &str) -> Result<(), SourceError> {
+        LogHandle::delete_topic(self, topic)
+    }
+
+    fn alter_topic(&mut self, topic: &str, change: &RetentionChange) -> Result<(), SourceError> {
+        LogHandle::alter_topic(self, topic, *change)
+    }
+
+    fn usage(&mut self, topic: Option<&str>) -> Result<Vec<TopicUsage>, SourceError> {
+        LogHandle::usage(self, topic)
+    }
+
+    fn list_groups(&mut self) -> Result<Vec<GroupInfo>, SourceError> {
+        LogHandle::groups(self)
+    }
+
+    fn seek_group(
+        &mut self,
+        group: &str,
+        topic: &str,
+        partition: Option<u32>,
+        to: SeekTo,
+    ) -> Result<Vec<SeekMove>, SourceError> {
+        LogHandle::seek_group(self, group, topic, partition, to)
+    }
+
+    fn delete_group(&mut self, group: &str) -> Result<(), SourceError> {
+        LogHandle::delete_group(self, group)
     }
 
     fn holds_data_dir(&self) -> bool {

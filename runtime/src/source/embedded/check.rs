@@ -1,7 +1,8 @@
 //! `weir check-data`: verifies a data directory against the log's invariants.
 //!
 //! - Every record belongs to a defined topic and a partition below its count, and decodes.
-//! - A partition's offsets are dense from 0 (nothing deletes records yet).
+//! - A partition's offsets are dense from its first kept record (retention deletes the oldest
+//!   segments whole), and each record lies in the segment whose span holds its offset.
 //! - A group's committed offset names a topic and partition that exist, and is at most the
 //!   partition's end (an offset past the end would skip what is appended next).
 //! - A replay mark names a stored dead letter.
@@ -12,9 +13,11 @@
 //! Opening the log already runs fjall's journal recovery, which drops a torn batch at the
 //! journal's end: that is the repair a crash needs, done before these checks.
 
-use super::{EmbeddedLog, codec};
+use super::{EmbeddedLog, Topic, codec};
 use crate::source::SourceError;
+use fjall::Keyspace;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// What a check found: counts, and every problem (empty when the directory is sound).
 #[derive(Debug, Default, serde::Serialize)]
@@ -55,34 +58,88 @@ impl EmbeddedLog {
         r.topics = topics.len();
         // Records: (topic, partition) -> the next offset expected.
         let mut ends: HashMap<(String, u32), u64> = HashMap::new();
-        for item in self.records.iter() {
-            let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
-            r.records += 1;
-            let Some((topic, partition, offset)) = split_record_key(&k) else {
-                r.problem(format!("a record key that is not one: {}", hex::encode(&k)));
-                continue;
-            };
-            match topics.get(&topic) {
-                None => r.problem(format!(
-                    "record {topic}/{partition}@{offset} of a topic that is not defined"
-                )),
-                Some(&n) if partition >= n => r.problem(format!(
-                    "record {topic}/{partition}@{offset}: the topic has {n} partition(s)"
-                )),
-                Some(_) => {}
+        let all: Vec<(String, Arc<Topic>)> = self
+            .topics
+            .read()
+            .expect("topic table lock")
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        // Which topics hold each segment (segment 0 is shared by the topics that held records
+        // before segments; a topic that dropped it leaves its records there until all have).
+        let mut holders: HashMap<u64, (Keyspace, Vec<String>)> = HashMap::new();
+        for (name, t) in &all {
+            let segs = t.segments.read().expect("segment list lock").clone();
+            for s in &segs {
+                holders
+                    .entry(s.id)
+                    .or_insert_with(|| (s.ks.clone(), Vec::new()))
+                    .1
+                    .push(name.clone());
             }
-            let next = ends.entry((topic.clone(), partition)).or_insert(0);
-            if offset != *next {
-                r.problem(format!(
-                    "{topic}/{partition}: offset {offset} follows {} (offsets must be dense)",
-                    next.wrapping_sub(1)
-                ));
+            for p in 0..t.partitions {
+                let mut next = segs[0].base[p as usize];
+                for (i, s) in segs.iter().enumerate() {
+                    let stop = segs.get(i + 1).map(|n| n.base[p as usize]);
+                    if s.base[p as usize] != next {
+                        r.problem(format!(
+                            "{name}/{p}: segment {} begins at {} where the one before ends at {next}",
+                            s.id, s.base[p as usize]
+                        ));
+                    }
+                    for item in s.ks.prefix(codec::partition_prefix(name, p)) {
+                        let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
+                        r.records += 1;
+                        let Some(offset) = codec::offset_of(&k) else {
+                            r.problem(format!("a record key that is not one: {}", hex::encode(&k)));
+                            continue;
+                        };
+                        if offset != next {
+                            r.problem(format!(
+                                "{name}/{p}: offset {offset} follows {} (offsets must be dense)",
+                                next.wrapping_sub(1)
+                            ));
+                        }
+                        if stop.is_some_and(|stop| offset >= stop) {
+                            r.problem(format!(
+                                "{name}/{p}@{offset} is in segment {}, which ends at {}",
+                                s.id,
+                                stop.unwrap_or_default()
+                            ));
+                        }
+                        next = offset + 1;
+                        if let Err(e) = codec::decode(&v) {
+                            r.problem(format!("record {name}/{p}@{offset} does not decode: {e}"));
+                        }
+                    }
+                    if let Some(stop) = stop {
+                        next = next.max(stop);
+                    }
+                }
+                ends.insert((name.clone(), p), next);
             }
-            *next = offset + 1;
-            if let Err(e) = codec::decode(&v) {
-                r.problem(format!(
-                    "record {topic}/{partition}@{offset} does not decode: {e}"
-                ));
+        }
+        // Records no topic holds in a segment: of a topic not defined, a partition past its
+        // count, or another topic's (a segment holds one topic's records, but segment 0).
+        for (id, (ks, owners)) in &holders {
+            for item in ks.iter() {
+                let k = item.key().map_err(|e| self.storage(e))?;
+                let Some((topic, partition, offset)) = split_record_key(&k) else {
+                    r.problem(format!("a record key that is not one: {}", hex::encode(&k)));
+                    continue;
+                };
+                match topics.get(&topic) {
+                    None if *id != 0 => r.problem(format!(
+                        "record {topic}/{partition}@{offset} of a topic that is not defined"
+                    )),
+                    Some(&n) if partition >= n => r.problem(format!(
+                        "record {topic}/{partition}@{offset}: the topic has {n} partition(s)"
+                    )),
+                    Some(_) if *id != 0 && !owners.contains(&topic) => r.problem(format!(
+                        "record {topic}/{partition}@{offset} in segment {id} of another topic"
+                    )),
+                    _ => {}
+                }
             }
         }
         let end = |t: &str, p: u32| ends.get(&(t.to_string(), p)).copied().unwrap_or(0);
@@ -216,10 +273,11 @@ mod tests {
         let log = EmbeddedLog::open(dir.path()).unwrap();
         log.create_topic("in", 1).unwrap();
         log.append("in", vec![rec("a"), rec("b")]).unwrap();
+        let seg = log.topic("in").unwrap().active();
         let mut b = log.db.batch();
         // A gap at offset 2, a record that does not decode, an offset past the end, a mark
         // without its index entry, a record of no topic.
-        b.insert(&log.records, codec::record_key("in", 0, 3), [9u8, 9, 9]);
+        b.insert(&seg.ks, codec::record_key("in", 0, 3), [9u8, 9, 9]);
         b.insert(
             &log.meta,
             codec::group_key("g", "in", 0),
@@ -230,7 +288,7 @@ mod tests {
             codec::dedupe_key("g", b"k"),
             5u64.to_be_bytes(),
         );
-        b.insert(&log.records, codec::record_key("ghost", 0, 0), [1u8, 0]);
+        b.insert(&seg.ks, codec::record_key("ghost", 0, 0), [1u8, 0]);
         b.commit().unwrap();
         let r = log.check().unwrap();
         let all = r.problems.join("\n");

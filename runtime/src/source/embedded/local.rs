@@ -16,8 +16,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use weir_core::retention::{Retention, RetentionChange};
 pub use weir_core::socket::parse_request;
-use weir_core::socket::{Request, WireRecord};
+use weir_core::socket::{AdminRequest, Request, WireRecord};
 
 pub const SOCKET_NAME: &str = "weir.sock";
 
@@ -63,21 +64,29 @@ enum Response {
         depth: u64,
         max: u64,
     },
+    /// The answer to an admin request.
+    Value {
+        value: serde_json::Value,
+    },
 }
 
-/// `weir run --max-depth`: appends through the socket to a topic the run consumes are refused
-/// with "slow down" while the topic holds more than `max` messages the run's group has not
-/// committed.
+/// What the socket knows of the run that serves it: its group and topics (what admin requests
+/// may not pull from under it), and `weir run --max-depth`: appends through the socket to a topic
+/// the run consumes are refused with "slow down" while the topic holds more than `max` messages
+/// the run's group has not committed.
 #[derive(Debug, Clone)]
-pub struct MaxDepth {
-    pub max: u64,
+pub struct Served {
+    pub max_depth: Option<u64>,
     pub group: String,
     pub topics: Vec<String>,
 }
 
-impl MaxDepth {
+impl Served {
     /// The topic's depth when it is over the bound.
     pub fn over(&self, log: &EmbeddedLog, topic: &str) -> Result<Option<u64>, SourceError> {
+        let Some(max) = self.max_depth else {
+            return Ok(None);
+        };
         if !self.topics.iter().any(|t| t == topic) {
             return Ok(None);
         }
@@ -86,7 +95,7 @@ impl MaxDepth {
             let end = log.end_offset(topic, p)?;
             depth += end.saturating_sub(log.committed_offset(&self.group, topic, p)?);
         }
-        Ok((depth > self.max).then_some(depth))
+        Ok((depth > max).then_some(depth))
     }
 }
 
@@ -118,7 +127,7 @@ fn error_response(e: SourceError) -> Response {
     }
 }
 
-fn serve_one(log: &EmbeddedLog, req: Request, limit: Option<&MaxDepth>) -> Response {
+fn serve_one(log: &EmbeddedLog, req: Request, limit: Option<&Served>) -> Response {
     let r = match req {
         Request::Produce { topic, records } => {
             match limit.map(|l| l.over(log, &topic)).transpose() {
@@ -126,7 +135,7 @@ fn serve_one(log: &EmbeddedLog, req: Request, limit: Option<&MaxDepth>) -> Respo
                 Ok(Some(Some(depth))) => {
                     return Response::SlowDown {
                         depth,
-                        max: limit.map_or(0, |l| l.max),
+                        max: limit.and_then(|l| l.max_depth).unwrap_or(0),
                     };
                 }
                 Ok(_) => log
@@ -134,9 +143,20 @@ fn serve_one(log: &EmbeddedLog, req: Request, limit: Option<&MaxDepth>) -> Respo
                     .map(|placed| Response::Placed { placed }),
             }
         }
-        Request::CreateTopic { topic, partitions } => log
-            .create_topic(&topic, partitions)
+        Request::CreateTopic {
+            topic,
+            partitions,
+            retention,
+        } => log
+            .create_topic_retained(
+                &topic,
+                partitions,
+                retention.apply(Retention::default_for_new_topics()),
+            )
             .map(|()| Response::Done),
+        Request::Admin { admin } => {
+            super::admin::serve(log, admin, limit).map(|value| Response::Value { value })
+        }
         Request::Stats { topic } => log
             .stats(topic.as_deref())
             .map(|topics| Response::Stats { topics }),
@@ -191,8 +211,8 @@ fn serve_one(log: &EmbeddedLog, req: Request, limit: Option<&MaxDepth>) -> Respo
 
 /// Serves `log` on `<data-dir>/weir.sock` until the returned guard is dropped. Returns `None`
 /// (with a warning) when the socket cannot be made; `weir run` works without it.
-pub fn serve(log: Arc<EmbeddedLog>, limit: Option<MaxDepth>) -> Option<SocketGuard> {
-    let limit = limit.map(Arc::new);
+pub fn serve(log: Arc<EmbeddedLog>, limit: Served) -> Option<SocketGuard> {
+    let limit = Some(Arc::new(limit));
     let path = log.dir().join(SOCKET_NAME);
     // We hold the data directory's lock, so a socket file left here is from a dead process.
     let _ = std::fs::remove_file(&path);
@@ -243,7 +263,7 @@ pub fn serve(log: Arc<EmbeddedLog>, limit: Option<MaxDepth>) -> Option<SocketGua
 async fn connection(
     log: Arc<EmbeddedLog>,
     stream: tokio::net::UnixStream,
-    limit: Option<Arc<MaxDepth>>,
+    limit: Option<Arc<Served>>,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let (read, mut write) = stream.into_split();
@@ -352,6 +372,14 @@ impl Client {
                 dir: self.dir.clone(),
                 detail: format!("unreadable answer: {e}"),
             }),
+        }
+    }
+
+    /// Sends an admin request; its JSON answer.
+    pub(super) fn admin(&mut self, admin: AdminRequest) -> Result<serde_json::Value, SourceError> {
+        match self.call(&Request::Admin { admin })? {
+            Response::Value { value } => Ok(value),
+            r => Err(self.unexpected(r)),
         }
     }
 
@@ -468,12 +496,22 @@ impl LogHandle {
         }
     }
 
-    pub fn create_topic(&mut self, topic: &str, partitions: u32) -> Result<(), SourceError> {
+    pub fn create_topic(
+        &mut self,
+        topic: &str,
+        partitions: u32,
+        retention: RetentionChange,
+    ) -> Result<(), SourceError> {
         match self {
-            LogHandle::Local(log) => log.create_topic(topic, partitions),
+            LogHandle::Local(log) => log.create_topic_retained(
+                topic,
+                partitions,
+                retention.apply(Retention::default_for_new_topics()),
+            ),
             LogHandle::Remote(c) => match c.call(&Request::CreateTopic {
                 topic: topic.into(),
                 partitions,
+                retention,
             })? {
                 Response::Done => Ok(()),
                 r => Err(c.unexpected(r)),

@@ -10,9 +10,12 @@
 //! One process owns a data directory at a time (fjall holds a file lock). While `weir run` owns
 //! it, other `weir` commands reach the log through its local socket (see [`local`]).
 
+mod admin;
 mod broker;
 pub mod check;
 mod health;
+mod retention;
+mod segments;
 pub(crate) use weir_core::codec;
 pub mod local;
 
@@ -25,6 +28,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
+use weir_core::retention::Retention;
+
+/// The journal bytes past which fjall flushes memtables so it can drop old journal files
+/// (its default is 512 MiB): what the data directory holds beyond the topics' retention.
+const MAX_JOURNAL_BYTES: u64 = 64 << 20;
 
 /// The most partitions a topic may have; a guard against typos like `--partitions 40000`.
 pub const MAX_PARTITIONS: u32 = 1024;
@@ -33,21 +41,53 @@ pub const MAX_PARTITIONS: u32 = 1024;
 struct TopicMeta {
     partitions: u32,
     created_ms: u64,
+    /// Absent in topics made before retention: they keep everything.
+    #[serde(default = "keep_forever")]
+    retention: Retention,
+}
+
+fn keep_forever() -> Retention {
+    Retention::FOREVER
 }
 
 struct Topic {
     partitions: u32,
+    /// Oldest first; the last takes appends. Changed under `EmbeddedLog::write` (a roll) or by
+    /// retention (the first one goes).
+    segments: std::sync::RwLock<Vec<Arc<segments::Segment>>>,
+    retention: std::sync::RwLock<Retention>,
     /// Next offset per partition. Only changed under `EmbeddedLog::write`.
     ends: Vec<AtomicU64>,
     /// Where the next keyless record goes (round robin).
     next_keyless: AtomicU64,
 }
 
-/// The end offsets a write batch moves, kept apart until the batch is committed.
+/// The end offsets a write batch moves and the segments it starts, kept apart until the batch
+/// is committed.
 #[derive(Default)]
-struct Ends(Vec<(Arc<Topic>, u32, u64)>);
+struct Ends(
+    Vec<(Arc<Topic>, u32, u64)>,
+    Vec<(Arc<Topic>, Arc<segments::Segment>)>,
+);
 
 impl Ends {
+    /// The next offset of the partition, counting what this batch staged already.
+    fn peek(&self, t: &Arc<Topic>, p: u32) -> u64 {
+        self.0
+            .iter()
+            .find(|(x, q, _)| Arc::ptr_eq(x, t) && *q == p)
+            .map_or_else(|| t.ends[p as usize].load(Ordering::Acquire), |e| e.2)
+    }
+
+    /// The segment this batch appends the topic's records to.
+    fn segment(&self, t: &Arc<Topic>) -> Arc<segments::Segment> {
+        self.1
+            .iter()
+            .rev()
+            .find(|(x, _)| Arc::ptr_eq(x, t))
+            .map_or_else(|| t.active(), |(_, s)| s.clone())
+    }
+
     /// The next offset of the partition, counting what this batch staged already.
     fn take(&mut self, t: &Arc<Topic>, p: u32) -> u64 {
         if let Some(e) = self
@@ -63,8 +103,18 @@ impl Ends {
         next
     }
 
-    /// Makes the staged records readable: their batch is committed.
+    /// Makes the staged records readable: their batch is committed. New segments are listed
+    /// before the ends move, so a reader never looks for a record in a segment it cannot see.
     fn apply(self) {
+        for (t, s) in self.1 {
+            let mut segs = t.segments.write().expect("segment list lock");
+            // The segment it seals takes no more appends: flush it to tables now, so that its
+            // size on disk is known and the journal can be let go.
+            if let Some(sealed) = segs.last() {
+                segments::flush(&sealed.ks);
+            }
+            segs.push(s);
+        }
         for (t, p, end) in self.0 {
             t.ends[p as usize].store(end, Ordering::Release);
         }
@@ -74,7 +124,6 @@ impl Ends {
 pub struct EmbeddedLog {
     dir: PathBuf,
     db: Database,
-    records: Keyspace,
     meta: Keyspace,
     /// Dedupe done marks (`d/`) and their expiry index (`x/`): a keyspace of their own, so the
     /// point lookups of new keys do not wade through the offsets rewritten on every commit.
@@ -89,6 +138,10 @@ pub struct EmbeddedLog {
     appended: Arc<tokio::sync::Notify>,
     /// Set by the first failed write; every later write is refused.
     health: health::Health,
+    /// The id the next segment gets.
+    next_segment: AtomicU64,
+    /// Records groups skipped because retention deleted them first, since the log opened.
+    skipped: AtomicU64,
 }
 
 impl std::fmt::Debug for EmbeddedLog {
@@ -178,7 +231,9 @@ impl EmbeddedLog {
         // in debug builds) rather than return its error: a damaged directory is an error that
         // says so, never a crash.
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Database::builder(&db_dir).open()
+            Database::builder(&db_dir)
+                .max_journaling_size(MAX_JOURNAL_BYTES)
+                .open()
         }));
         let db = match opened {
             Ok(db) => db.map_err(|e| map_open_error(&shown, e))?,
@@ -197,9 +252,6 @@ impl EmbeddedLog {
                 });
             }
         };
-        let records = db
-            .keyspace("records", KeyspaceCreateOptions::default)
-            .map_err(|e| map_open_error(&shown, e))?;
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(|e| map_open_error(&shown, e))?;
@@ -209,13 +261,14 @@ impl EmbeddedLog {
         let log = Self {
             dir: dir.to_path_buf(),
             db,
-            records,
             meta,
             dedupe,
             topics: Default::default(),
             write: Mutex::new(()),
             appended: Default::default(),
             health: Default::default(),
+            next_segment: AtomicU64::new(1),
+            skipped: AtomicU64::new(0),
         };
         log.load_topics()?;
         log.move_dedupe_marks()?;
@@ -309,7 +362,7 @@ impl EmbeddedLog {
     }
 
     fn load_topics(&self) -> Result<(), SourceError> {
-        let mut topics = HashMap::new();
+        let mut metas = Vec::new();
         for item in self.meta.prefix(b"t/") {
             let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
             let name = std::str::from_utf8(&k[2..])
@@ -317,16 +370,40 @@ impl EmbeddedLog {
                 .to_string();
             let meta: TopicMeta = serde_json::from_slice(&v)
                 .map_err(|e| self.corrupt(format!("topic `{name}` metadata: {e}")))?;
+            metas.push((name, meta));
+        }
+        let names: Vec<(String, u32)> = metas
+            .iter()
+            .map(|(n, m)| (n.clone(), m.partitions))
+            .collect();
+        let mut segments = self.load_segments(&names)?;
+        let mut topics = HashMap::new();
+        for (name, meta) in metas {
+            let segs = segments.remove(&name).unwrap_or_default();
+            let Some(active) = segs.last() else {
+                return Err(self.corrupt(format!("topic `{name}` has no segment")));
+            };
+            if segs
+                .iter()
+                .any(|s| s.base.len() != meta.partitions as usize)
+            {
+                return Err(self.corrupt(format!(
+                    "a segment of topic `{name}` does not have {} partitions",
+                    meta.partitions
+                )));
+            }
+            // Appends go to the newest segment only: a partition ends at its last record
+            // there, or where the segment begins when it holds none of that partition.
             let mut ends = Vec::with_capacity(meta.partitions as usize);
             for p in 0..meta.partitions {
-                let last = self
-                    .records
+                let last = active
+                    .ks
                     .prefix(codec::partition_prefix(&name, p))
                     .next_back()
                     .map(|g| g.key().map_err(|e| self.storage(e)))
                     .transpose()?;
                 let end = match last {
-                    None => 0,
+                    None => active.base[p as usize],
                     Some(k) => {
                         codec::offset_of(&k)
                             .ok_or_else(|| self.corrupt(format!("bad record key in `{name}`")))?
@@ -337,6 +414,8 @@ impl EmbeddedLog {
             }
             let topic = Topic {
                 partitions: meta.partitions,
+                segments: std::sync::RwLock::new(segs),
+                retention: std::sync::RwLock::new(meta.retention),
                 ends,
                 next_keyless: AtomicU64::new(u64::from(rand::random::<u32>())),
             };
@@ -356,6 +435,16 @@ impl EmbeddedLog {
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) -> Result<(), SourceError> {
+        self.create_topic_retained(name, partitions, Retention::default_for_new_topics())
+    }
+
+    /// Creates a topic that keeps what `retention` says.
+    pub fn create_topic_retained(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention: Retention,
+    ) -> Result<(), SourceError> {
         validate_topic_name(name)?;
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(SourceError::Invalid(format!(
@@ -368,14 +457,17 @@ impl EmbeddedLog {
         if topics.contains_key(name) {
             return Err(SourceError::TopicExists(name.to_string()));
         }
+        let now = now_ms();
         let meta = TopicMeta {
             partitions,
-            created_ms: now_ms(),
+            created_ms: now,
+            retention,
         };
         let value = serde_json::to_vec(&meta).expect("topic meta serialises");
-        self.meta
-            .insert(codec::topic_key(name), value)
-            .map_err(|e| self.write_failed(e))?;
+        let mut batch = self.db.batch();
+        batch.insert(&self.meta, codec::topic_key(name), value);
+        let first = self.new_segment(&mut batch, name, vec![0; partitions as usize], now)?;
+        batch.commit().map_err(|e| self.write_failed(e))?;
         self.db
             .persist(PersistMode::SyncAll)
             .map_err(|e| self.write_failed(e))?;
@@ -384,6 +476,8 @@ impl EmbeddedLog {
             name.to_string(),
             Arc::new(Topic {
                 partitions,
+                segments: std::sync::RwLock::new(vec![first]),
+                retention: std::sync::RwLock::new(retention),
                 ends,
                 next_keyless: AtomicU64::new(0),
             }),
@@ -392,8 +486,15 @@ impl EmbeddedLog {
     }
 
     /// Creates the topic unless it exists (with any partition count).
+    /// Dead-letter topics (`<topic>.dlq`) keep everything: they hold work an operator has to
+    /// look at, and they are small.
     pub fn ensure_topic(&self, name: &str, partitions: u32) -> Result<(), SourceError> {
-        match self.create_topic(name, partitions) {
+        let retention = if name.ends_with(".dlq") {
+            Retention::FOREVER
+        } else {
+            Retention::default_for_new_topics()
+        };
+        match self.create_topic_retained(name, partitions, retention) {
             Err(SourceError::TopicExists(_)) => Ok(()),
             other => other,
         }
@@ -426,7 +527,7 @@ impl EmbeddedLog {
             let _w = self.write.lock().expect("write lock");
             let mut batch = self.db.batch();
             let mut ends = Ends::default();
-            let placed = self.stage(&mut batch, topic, &t, records, now_ms(), &mut ends);
+            let placed = self.stage(&mut batch, topic, &t, records, now_ms(), &mut ends)?;
             self.writable()?;
             batch.commit().map_err(|e| self.write_failed(e))?;
             ends.apply();
@@ -453,10 +554,22 @@ impl EmbeddedLog {
         records: Vec<Record>,
         now: u64,
         ends: &mut Ends,
-    ) -> Vec<(u32, u64)> {
+    ) -> Result<Vec<(u32, u64)>, SourceError> {
         let mut placed = Vec::with_capacity(records.len());
         let mut buf = Vec::new();
+        let mut seg = ends.segment(t);
+        let (seg_bytes, seg_ms) = {
+            let r = t.retention.read().expect("retention lock");
+            (r.segment_bytes(), r.segment_ms())
+        };
         for mut r in records {
+            let written = seg.written.load(Ordering::Relaxed);
+            if written >= seg_bytes || (written > 0 && now.saturating_sub(seg.created_ms) >= seg_ms)
+            {
+                let base = (0..t.partitions).map(|p| ends.peek(t, p)).collect();
+                seg = self.new_segment(batch, topic, base, now)?;
+                ends.1.push((t.clone(), seg.clone()));
+            }
             let p = match &r.key {
                 Some(k) => partition_for_key(k, t.partitions),
                 None => {
@@ -468,14 +581,11 @@ impl EmbeddedLog {
             let offset = ends.take(t, p);
             buf.clear();
             codec::encode(&r, &mut buf);
-            batch.insert(
-                &self.records,
-                codec::record_key(topic, p, offset),
-                buf.as_slice(),
-            );
+            batch.insert(&seg.ks, codec::record_key(topic, p, offset), buf.as_slice());
+            seg.written.fetch_add(buf.len() as u64, Ordering::Relaxed);
             placed.push((p, offset));
         }
-        placed
+        Ok(placed)
     }
 
     pub fn read(
@@ -510,11 +620,16 @@ impl EmbeddedLog {
             return Ok(Vec::new());
         }
         let name: Arc<str> = Arc::from(topic);
-        let start = codec::record_key(topic, partition, from);
-        let stop = codec::record_key(topic, partition, end);
         let mut out = Vec::with_capacity(max.min((end - from) as usize).min(1024));
         let mut bytes = 0usize;
-        for item in self.records.range(start..stop).take(max) {
+        let spans = t.spans(partition, from, end);
+        let records = spans.iter().flat_map(|(ks, from, to)| {
+            ks.range(
+                codec::record_key(topic, partition, *from)
+                    ..codec::record_key(topic, partition, *to),
+            )
+        });
+        for item in records.take(max) {
             if bytes >= max_bytes {
                 break;
             }
@@ -546,7 +661,12 @@ impl EmbeddedLog {
             .get(codec::group_key(group, topic, partition))
             .map_err(|e| self.storage(e))?
         {
-            None => Ok(0),
+            // A group that never committed starts at the oldest record kept.
+            None => Ok(self
+                .topic(topic)
+                .ok()
+                .filter(|t| partition < t.partitions)
+                .map_or(0, |t| t.start(partition))),
             Some(v) => {
                 let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| {
                     self.corrupt(format!("offset of group `{group}` on {topic}/{partition}"))
@@ -559,6 +679,7 @@ impl EmbeddedLog {
     /// Publishes outputs and moves offsets in one atomic, durable write.
     pub fn commit_batch(&self, group: &str, commit: Commit) -> Result<(), SourceError> {
         let has_outputs = !commit.outputs.is_empty();
+        let commit_skipped: u64 = commit.skipped.iter().map(|(_, _, n)| n).sum();
         let mut output_topics = Vec::new();
         for o in &commit.outputs {
             output_topics.push(self.topic(&o.topic)?);
@@ -570,7 +691,7 @@ impl EmbeddedLog {
             let now = now_ms();
             let mut ends = Ends::default();
             for (o, t) in commit.outputs.into_iter().zip(&output_topics) {
-                self.stage(&mut batch, &o.topic, t, vec![o.record], now, &mut ends);
+                self.stage(&mut batch, &o.topic, t, vec![o.record], now, &mut ends)?;
             }
             for (topic, partition, next) in &commit.offsets {
                 batch.insert(
@@ -583,6 +704,14 @@ impl EmbeddedLog {
                 let mark = codec::dedupe_key(group, key);
                 batch.insert(&self.dedupe, codec::expiry_key(*expires, &mark), []);
                 batch.insert(&self.dedupe, mark, expires.to_be_bytes());
+            }
+            for (topic, partition, n) in &commit.skipped {
+                let key = codec::skipped_key(group, topic, *partition);
+                let before = self.meta.get(&key).map_err(|e| self.storage(e))?;
+                let before = before
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map_or(0, u64::from_be_bytes);
+                batch.insert(&self.meta, key, (before + n).to_be_bytes());
             }
             for (topic, partition, offset) in &commit.replayed {
                 batch.insert(
@@ -599,6 +728,8 @@ impl EmbeddedLog {
             .persist(PersistMode::SyncAll)
             .map_err(|e| self.write_failed(e))?;
         self.writable()?;
+        let skipped: u64 = commit_skipped;
+        self.skipped.fetch_add(skipped, Ordering::Relaxed);
         if has_outputs {
             self.appended.notify_waiters();
         }
@@ -705,6 +836,7 @@ fn map_open_error(dir: &str, e: fjall::Error) -> SourceError {
 pub(crate) const CAPABILITIES: crate::source::Capabilities = crate::source::Capabilities {
     dedupe_marks: true,
     transactions: true,
+    dense_offsets: true,
     ..crate::source::Capabilities::LOG
 };
 
@@ -800,286 +932,6 @@ impl Source for EmbeddedLog {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::source::Output;
-
-    /// A tmpfs of its own, unmounted when dropped; `None` where this process may not mount.
-    struct SmallDisk(tempfile::TempDir);
-
-    impl SmallDisk {
-        fn mount(size: &str) -> Option<SmallDisk> {
-            let dir = tempfile::tempdir().ok()?;
-            let ok = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(dir.path())
-                .status()
-                .ok()?
-                .success();
-            ok.then_some(SmallDisk(dir))
-        }
-    }
-
-    impl Drop for SmallDisk {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(self.0.path())
-                .status();
-        }
-    }
-
-    /// Issue 19, finding 11: an append whose write failed (the disk full) still moved the
-    /// partition's end offset in memory: the offsets it took stayed a hole that readers and
-    /// `--drain` waited on. The end now moves only once the write batch is committed.
-    #[test]
-    fn a_failed_append_leaves_no_hole_in_the_offsets() {
-        let Some(disk) = SmallDisk::mount("8m") else {
-            // CI runs as root, where mounting works; elsewhere say so rather than pass quietly.
-            assert!(std::env::var_os("CI").is_none(), "cannot mount a tmpfs");
-            eprintln!("SKIPPED: cannot mount a tmpfs here");
-            return;
-        };
-        let log = EmbeddedLog::open(&disk.0.path().join("data")).unwrap();
-        log.create_topic("t", 1).unwrap();
-        log.append("t", vec![rec(None, "first")]).unwrap();
-        // Fill the disk, then append what does not fit (text that does not compress).
-        let filler = disk.0.path().join("filler");
-        let _ = std::fs::write(&filler, vec![0u8; 16 << 20]);
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let noise: String = (0..1_000_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (b'a' + (x % 26) as u8) as char
-            })
-            .collect();
-        let failed = (0..4)
-            .filter(|_| log.append("t", vec![rec(None, &noise)]).is_err())
-            .count();
-        assert!(failed > 0, "no append failed on a full disk");
-        // fjall refuses every write after a failed one (it is poisoned until reopened); what
-        // readers see must still end where the stored records end.
-        let stored = log.read("t", 0, 0, 100).unwrap().len() as u64;
-        let end = log.end_offset("t", 0).unwrap();
-        assert_eq!(
-            end, stored,
-            "after {failed} failed appends the end offset is {end}, with {stored} records stored"
-        );
-        drop(log);
-        std::fs::remove_file(&filler).unwrap();
-    }
-
-    fn rec(key: Option<&str>, payload: &str) -> Record {
-        Record {
-            key: key.map(|k| k.as_bytes().to_vec()),
-            payload: payload.as_bytes().to_vec(),
-            ..Record::default()
-        }
-    }
-
-    #[test]
-    fn append_read_commit_and_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let log = EmbeddedLog::open(dir.path()).unwrap();
-            log.create_topic("in", 2).unwrap();
-            log.create_topic("out", 1).unwrap();
-            let placed = log
-                .append("in", vec![rec(None, "a"), rec(None, "b"), rec(None, "c")])
-                .unwrap();
-            assert_eq!(placed, vec![(0, 0), (1, 0), (0, 1)]);
-            let got = log.read("in", 0, 0, 10).unwrap();
-            assert_eq!(
-                got.iter()
-                    .map(|d| d.record.payload.clone())
-                    .collect::<Vec<_>>(),
-                vec![b"a".to_vec(), b"c".to_vec()]
-            );
-            assert!(got[0].record.timestamp_ms.is_some());
-            log.commit_batch(
-                "g",
-                Commit {
-                    offsets: vec![(Arc::from("in"), 0, 2)],
-                    outputs: vec![Output {
-                        topic: "out".into(),
-                        record: rec(Some("k"), "A"),
-                    }],
-                    replayed: vec![("in".into(), 1, 0)],
-                    dedupe_done: vec![(b"id-1".to_vec(), 5_000), (b"id-2".to_vec(), 1_000)],
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        }
-        let log = EmbeddedLog::open(dir.path()).unwrap();
-        assert_eq!(log.committed_offset("g", "in", 0).unwrap(), 2);
-        assert_eq!(log.committed_offset("g", "in", 1).unwrap(), 0);
-        assert_eq!(
-            log.replayed("in", 1)
-                .unwrap()
-                .into_iter()
-                .collect::<Vec<_>>(),
-            vec![0]
-        );
-        assert!(log.replayed("in", 0).unwrap().is_empty());
-        // Done marks are per group and expire; eviction removes only expired ones.
-        assert!(log.dedupe_done("g", b"id-1", 2_000).unwrap());
-        assert!(
-            !log.dedupe_done("g", b"id-2", 2_000).unwrap(),
-            "expired at 1000"
-        );
-        assert!(!log.dedupe_done("other", b"id-1", 2_000).unwrap());
-        assert_eq!(log.evict_dedupe(2_000, 100).unwrap(), 1);
-        assert_eq!(log.evict_dedupe(2_000, 100).unwrap(), 0);
-        assert!(
-            log.dedupe_done("g", b"id-1", 2_000).unwrap(),
-            "unexpired marks stay"
-        );
-        assert_eq!(log.end_offset("in", 0).unwrap(), 2);
-        assert_eq!(log.read("out", 0, 0, 10).unwrap()[0].record.payload, b"A");
-        let stats = log.stats(Some("in")).unwrap();
-        assert_eq!(stats[0].partitions[0].groups[0].lag, 0);
-        assert_eq!(stats[0].partitions[1].groups.len(), 0);
-        // Appends after reopen continue the offsets (of whichever partition round robin picks).
-        let (p, o) = log.append("in", vec![rec(None, "d")]).unwrap()[0];
-        assert_eq!(o, if p == 0 { 2 } else { 1 });
-    }
-
-    #[test]
-    fn keys_pick_a_stable_partition() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(dir.path()).unwrap();
-        log.create_topic("t", 4).unwrap();
-        let placed = log
-            .append("t", vec![rec(Some("x"), "1"), rec(Some("x"), "2")])
-            .unwrap();
-        assert_eq!(placed[0].0, placed[1].0);
-        assert_eq!(placed[0].0, partition_for_key(b"x", 4));
-    }
-
-    #[test]
-    fn bad_input_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(dir.path()).unwrap();
-        assert!(matches!(
-            log.append("nope", vec![]),
-            Err(SourceError::UnknownTopic(_))
-        ));
-        assert!(matches!(
-            log.create_topic("a/b", 1),
-            Err(SourceError::InvalidTopic { .. })
-        ));
-        assert!(matches!(
-            log.create_topic("a", 0),
-            Err(SourceError::Invalid(_))
-        ));
-        log.create_topic("a", 1).unwrap();
-        assert!(matches!(
-            log.create_topic("a", 1),
-            Err(SourceError::TopicExists(_))
-        ));
-        assert!(matches!(
-            log.read("a", 3, 0, 1),
-            Err(SourceError::UnknownPartition { .. })
-        ));
-        // Outputs to a missing topic fail the whole commit, offsets included.
-        let err = log
-            .commit_batch(
-                "g",
-                Commit {
-                    offsets: vec![(Arc::from("a"), 0, 1)],
-                    outputs: vec![Output {
-                        topic: "missing".into(),
-                        record: rec(None, "x"),
-                    }],
-                    ..Default::default()
-                },
-            )
-            .unwrap_err();
-        assert!(matches!(err, SourceError::UnknownTopic(_)));
-        assert_eq!(log.committed_offset("g", "a", 0).unwrap(), 0);
-    }
-
-    #[test]
-    fn marks_kept_in_meta_by_older_versions_move_to_their_keyspace() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let log = EmbeddedLog::open(dir.path()).unwrap();
-            // What an older weir wrote: the mark and its expiry index in `meta`.
-            let mark = codec::dedupe_key("g", b"id-1");
-            let mut batch = log.db.batch();
-            batch.insert(&log.meta, codec::expiry_key(5_000, &mark), []);
-            batch.insert(&log.meta, mark, 5_000u64.to_be_bytes());
-            batch.commit().unwrap();
-            assert!(!log.dedupe_done("g", b"id-1", 1_000).unwrap());
-        }
-        let log = EmbeddedLog::open(dir.path()).unwrap();
-        assert!(log.dedupe_done("g", b"id-1", 1_000).unwrap());
-        assert_eq!(
-            log.meta.prefix(b"d/").count() + log.meta.prefix(b"x/").count(),
-            0
-        );
-        assert_eq!(
-            log.evict_dedupe(6_000, 10).unwrap(),
-            1,
-            "the index moved too"
-        );
-        assert!(!log.dedupe_done("g", b"id-1", 1_000).unwrap());
-    }
-
-    #[test]
-    fn marks_in_the_old_dedupe_keyspace_move_to_marks() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let log = EmbeddedLog::open(dir.path()).unwrap();
-            // What the previous version wrote: a keyspace `dedupe` with default options.
-            let old = log
-                .db
-                .keyspace("dedupe", KeyspaceCreateOptions::default)
-                .unwrap();
-            let mark = codec::dedupe_key("g", b"id-2");
-            let mut batch = log.db.batch();
-            batch.insert(&old, codec::expiry_key(5_000, &mark), []);
-            batch.insert(&old, mark, 5_000u64.to_be_bytes());
-            batch.commit().unwrap();
-        }
-        let log = EmbeddedLog::open(dir.path()).unwrap();
-        assert!(log.dedupe_done("g", b"id-2", 1_000).unwrap());
-        assert!(
-            !log.db.keyspace_exists("dedupe"),
-            "the old keyspace is gone"
-        );
-        assert_eq!(
-            log.evict_dedupe(6_000, 10).unwrap(),
-            1,
-            "the index moved too"
-        );
-        drop(log);
-        // Reopening finds nothing more to move and keeps what moved.
-        let log = EmbeddedLog::open(dir.path()).unwrap();
-        assert!(!log.dedupe_done("g", b"id-2", 1_000).unwrap());
-    }
-
-    #[test]
-    fn a_second_open_reports_the_lock() {
-        let dir = tempfile::tempdir().unwrap();
-        let _log = EmbeddedLog::open(dir.path()).unwrap();
-        assert!(matches!(
-            EmbeddedLog::open(dir.path()),
-            Err(SourceError::Locked { .. })
-        ));
-    }
-
-    #[test]
-    fn a_foreign_directory_is_refused_untouched() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
-        assert!(matches!(
-            EmbeddedLog::open(dir.path()),
-            Err(SourceError::Corrupt { .. })
-        ));
-        assert!(!dir.path().join("log").exists());
-    }
-}
+mod retention_tests;
+#[cfg(test)]
+mod tests;

@@ -42,6 +42,7 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     delayed_retry: true,
     // The real lease is `ack-wait` ([`NatsConfig::capabilities`]).
     lease: None,
+    dense_offsets: false,
 };
 
 /// Subjects: letters, digits, `-`, `_` and `.` between tokens (no wildcards, no spaces).

@@ -277,6 +277,7 @@ impl Broker for Rabbit {
         replication: Option<i32>,
         spec: &TopicSpec,
     ) -> Result<(), SourceError> {
+        crate::source::broker::refuse_retention(self.name(), spec)?;
         if !spec.fanout {
             let Some(max) = spec.max_priority else {
                 return self.create_topic(topic, partitions, replication);

@@ -48,6 +48,7 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     delayed_retry: false,
     // A message is held as long as its channel lives, up to the broker's `consumer_timeout`.
     lease: None,
+    dense_offsets: false,
 };
 
 /// The header that carries a record's key.

@@ -57,6 +57,7 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     delayed_retry: false,
     // The real lease is `claim-idle` ([`RedisConfig::capabilities`]).
     lease: None,
+    dense_offsets: false,
 };
 
 /// Stream keys are binary-safe strings; weir takes any UTF-8 name up to 1 KiB (`orders:eu`).

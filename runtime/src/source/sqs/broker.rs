@@ -218,6 +218,7 @@ impl Broker for SqsBroker {
         replication: Option<i32>,
         spec: &TopicSpec,
     ) -> Result<(), SourceError> {
+        crate::source::broker::refuse_retention(self.name(), spec)?;
         if spec.max_priority.is_some() {
             return Err(SourceError::Invalid(
                 "--max-priority: SQS queues have no message priorities; use two queues and \

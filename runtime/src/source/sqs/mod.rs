@@ -52,6 +52,7 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     delayed_retry: true,
     // The real lease is the queue's visibility timeout, read when a run starts.
     lease: Some(Duration::from_secs(30)),
+    dense_offsets: false,
 };
 
 /// Queue names: letters, digits, `-` and `_`, 80 at most with `.fifo`.

@@ -1,0 +1,268 @@
+//! Segments, retention and the lifecycle verbs on a real log in a temporary directory.
+
+use super::*;
+use weir_core::retention::{Policy, SeekTo};
+
+fn rec(payload: &str) -> Record {
+    Record {
+        payload: payload.as_bytes().to_vec(),
+        ..Record::default()
+    }
+}
+
+fn at(ts: u64) -> Record {
+    Record {
+        payload: b"x".to_vec(),
+        timestamp_ms: Some(ts),
+        ..Record::default()
+    }
+}
+
+fn small(max_bytes: Option<u64>, policy: Policy) -> Retention {
+    Retention {
+        max_bytes,
+        segment_bytes: Some(10_000),
+        policy,
+        ..Retention::FOREVER
+    }
+}
+
+/// Every offset of the partition from `from`, read as a consumer does (in pages).
+fn offsets(log: &EmbeddedLog, topic: &str, p: u32, from: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut at = from;
+    loop {
+        let page = log.read(topic, p, at, 37).unwrap();
+        let Some(last) = page.last() else { break };
+        at = last.offset + 1;
+        out.extend(page.iter().map(|d| d.offset));
+    }
+    out
+}
+
+fn fill(log: &EmbeddedLog, topic: &str, n: usize) {
+    let body = "y".repeat(100);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        log.append(topic, chunk.iter().map(|_| rec(&body)).collect())
+            .unwrap();
+    }
+}
+
+#[test]
+fn segments_roll_reads_cross_them_and_retention_drops_whole_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path()).unwrap();
+    log.create_topic_retained("t", 2, small(Some(40_000), Policy::Limits))
+        .unwrap();
+    fill(&log, "t", 1000);
+    let t = log.topic("t").unwrap();
+    let before = t.segments.read().unwrap().len();
+    assert!(
+        before > 5,
+        "100 KB in 10 KB segments made {before} segments"
+    );
+    for p in 0..2 {
+        let all = offsets(&log, "t", p, 0);
+        assert_eq!(
+            all,
+            (0..500).collect::<Vec<_>>(),
+            "partition {p} across segments"
+        );
+    }
+    log.commit_batch(
+        "slow",
+        Commit {
+            offsets: vec![(Arc::from("t"), 0, 3)],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dropped = log.retain(now_ms()).unwrap();
+    assert!(dropped > 0, "100 KB over a 40 KB bound dropped nothing");
+    let starts: Vec<u64> = (0..2).map(|p| t.start(p)).collect();
+    assert!(starts.iter().all(|&s| s > 0), "{starts:?}");
+    let kept: u64 = {
+        let segs = t.segments.read().unwrap();
+        segs.iter()
+            .enumerate()
+            .map(|(i, s)| s.bytes(i + 1 < segs.len()))
+            .sum()
+    };
+    assert!(kept <= 40_000, "{kept} bytes kept over a 40,000 byte bound");
+    // A read from below the start begins at the oldest kept record, densely to the end.
+    for p in 0..2 {
+        let from_zero = offsets(&log, "t", p, 0);
+        assert_eq!(from_zero, (starts[p as usize]..500).collect::<Vec<_>>());
+    }
+    // A group that never committed starts at the oldest kept record; one that did keeps its
+    // offset (its consumer finds the gap and counts it).
+    assert_eq!(log.committed_offset("new", "t", 1).unwrap(), starts[1]);
+    assert_eq!(log.committed_offset("slow", "t", 0).unwrap(), 3);
+    let r = log.check().unwrap();
+    assert!(r.problems.is_empty(), "{r:?}");
+    // What is kept survives a restart, and appends go on from the ends.
+    drop(t);
+    drop(log);
+    let log = EmbeddedLog::open(dir.path()).unwrap();
+    let t = log.topic("t").unwrap();
+    assert_eq!((0..2).map(|p| t.start(p)).collect::<Vec<_>>(), starts);
+    assert_eq!(log.end_offset("t", 0).unwrap(), 500);
+    log.append("t", vec![rec("after")]).unwrap();
+    assert_eq!(
+        offsets(&log, "t", 0, 0).len() + offsets(&log, "t", 1, 0).len(),
+        1001 - starts.iter().sum::<u64>() as usize
+    );
+    assert!(log.check().unwrap().problems.is_empty());
+}
+
+#[test]
+fn interest_keeps_what_a_group_has_not_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path()).unwrap();
+    log.create_topic_retained("t", 1, small(Some(1), Policy::Interest))
+        .unwrap();
+    fill(&log, "t", 500);
+    assert_eq!(log.retain(now_ms()).unwrap(), 0, "no group yet: all kept");
+    let commit = |g: &str, o: u64| {
+        log.commit_batch(
+            g,
+            Commit {
+                offsets: vec![(Arc::from("t"), 0, o)],
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    commit("fast", 500);
+    commit("slow", 0);
+    assert_eq!(log.retain(now_ms()).unwrap(), 0, "slow has read nothing");
+    commit("slow", 250);
+    assert!(log.retain(now_ms()).unwrap() > 0);
+    let start = log.topic("t").unwrap().start(0);
+    assert!(
+        start > 0 && start <= 250,
+        "start {start} passed what slow committed"
+    );
+    assert_eq!(offsets(&log, "t", 0, 250).first(), Some(&250));
+}
+
+#[test]
+fn a_commit_counts_skipped_records_once_with_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path()).unwrap();
+    log.create_topic("t", 1).unwrap();
+    fill(&log, "t", 10);
+    for (offset, skipped) in [(4, 3), (10, 2)] {
+        log.commit_batch(
+            "g",
+            Commit {
+                offsets: vec![(Arc::from("t"), 0, offset)],
+                skipped: vec![(Arc::from("t"), 0, skipped)],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    let g = log.groups(Some("g")).unwrap();
+    assert_eq!(g[0].partitions[0].skipped_by_retention, Some(5));
+    assert_eq!(log.skipped_by_retention(), 5);
+}
+
+#[test]
+fn seek_by_time_offset_and_ends_then_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path()).unwrap();
+    log.create_topic("t", 1).unwrap();
+    log.append("t", (0..10).map(|i| at(1_000 + i)).collect())
+        .unwrap();
+    log.append("t", (0..10).map(|i| at(5_000 + i)).collect())
+        .unwrap();
+    let seek = |to| log.seek_group("g", "t", None, to).unwrap()[0].to;
+    assert_eq!(seek(SeekTo::Time(5_000)), 10);
+    assert_eq!(seek(SeekTo::Time(1_005)), 5);
+    assert_eq!(seek(SeekTo::Time(0)), 0);
+    assert_eq!(seek(SeekTo::Time(9_999)), 20);
+    assert_eq!(seek(SeekTo::Latest), 20);
+    assert_eq!(seek(SeekTo::Offset(7)), 7);
+    assert_eq!(seek(SeekTo::Offset(99)), 20, "kept within the partition");
+    assert_eq!(seek(SeekTo::Earliest), 0);
+    assert_eq!(log.committed_offset("g", "t", 0).unwrap(), 0);
+    assert!(matches!(
+        log.seek_group("g", "t", Some(3), SeekTo::Latest),
+        Err(SourceError::UnknownPartition { .. })
+    ));
+    log.delete_group("g").unwrap();
+    assert!(log.groups(None).unwrap().is_empty());
+    assert!(log.delete_group("g").is_err(), "a group that is not there");
+    // A deleted topic takes its records; one made again under its name starts empty.
+    log.commit_batch(
+        "h",
+        Commit {
+            offsets: vec![(Arc::from("t"), 0, 20)],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    log.delete_topic("t").unwrap();
+    assert!(matches!(
+        log.read("t", 0, 0, 1),
+        Err(SourceError::UnknownTopic(_))
+    ));
+    log.create_topic("t", 1).unwrap();
+    assert!(log.read("t", 0, 0, 100).unwrap().is_empty());
+    assert_eq!(
+        log.committed_offset("h", "t", 0).unwrap(),
+        0,
+        "offsets went too"
+    );
+    drop(log);
+    let log = EmbeddedLog::open(dir.path()).unwrap();
+    assert!(log.read("t", 0, 0, 100).unwrap().is_empty());
+    assert!(log.check().unwrap().problems.is_empty());
+}
+
+/// A directory made before segments: every topic's records in one keyspace, `records`, and
+/// topic definitions without a retention. It opens with that keyspace as each topic's segment
+/// 0, keeps everything, and lets it go once retention drops it from every topic.
+#[test]
+fn a_directory_from_before_segments_opens_and_lets_go_of_its_keyspace() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Database::builder(dir.path().join("log")).open().unwrap();
+        let records = db
+            .keyspace("records", KeyspaceCreateOptions::default)
+            .unwrap();
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
+        for t in ["a", "b"] {
+            meta.insert(codec::topic_key(t), r#"{"partitions":1,"created_ms":1}"#)
+                .unwrap();
+            for o in 0..5u64 {
+                let mut buf = Vec::new();
+                codec::encode(&rec(&format!("{t}{o}")), &mut buf);
+                records.insert(codec::record_key(t, 0, o), buf).unwrap();
+            }
+        }
+        db.persist(PersistMode::SyncAll).unwrap();
+    }
+    let log = EmbeddedLog::open(dir.path()).unwrap();
+    assert_eq!(offsets(&log, "a", 0, 0), (0..5).collect::<Vec<_>>());
+    assert_eq!(log.end_offset("b", 0).unwrap(), 5);
+    assert_eq!(log.usage(Some("a")).unwrap()[0].retention, "forever");
+    assert!(log.check().unwrap().problems.is_empty());
+    for t in ["a", "b"] {
+        log.set_retention(t, small(Some(1), Policy::Limits))
+            .unwrap();
+        // Enough to seal segment 0 (its 5 records are counted from its size on disk, so a
+        // segment holding them is full) and start another.
+        fill(&log, t, 300);
+    }
+    log.retain(now_ms()).unwrap();
+    assert!(log.topic("a").unwrap().start(0) >= 5);
+    drop(log);
+    let log = EmbeddedLog::open(dir.path()).unwrap();
+    assert!(
+        !log.db.keyspace_exists("records"),
+        "segment 0 is gone from every topic, its keyspace should be too"
+    );
+    assert!(log.check().unwrap().problems.is_empty());
+}
