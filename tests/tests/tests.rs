@@ -16,6 +16,7 @@ mod hardening;
 mod http;
 mod kafka;
 mod languages;
+mod lifecycle;
 mod nats;
 mod patterns;
 mod priority;

@@ -85,14 +85,7 @@ pub trait Broker: Send {
         replication: Option<i32>,
         spec: &TopicSpec,
     ) -> Result<(), SourceError> {
-        if spec.max_priority.is_some() {
-            return Err(SourceError::Invalid(format!(
-                "--max-priority: message priorities within a topic are RabbitMQ's priority \
-                 queues; {} orders a topic's messages by offset. Put urgent work on a topic of \
-                 its own and run with --priority urgent,routine",
-                self.name()
-            )));
-        }
+        refuse_priority(self.name(), spec)?;
         refuse_retention(self.name(), spec)?;
         self.create_topic(topic, partitions, replication)
     }
@@ -242,6 +235,18 @@ pub fn check_single_partition_topic(
         }),
         None => Ok(()),
     }
+}
+
+/// Refuses `--max-priority` on a log: priorities within a topic are RabbitMQ's.
+pub fn refuse_priority(broker: &str, spec: &TopicSpec) -> Result<(), SourceError> {
+    if spec.max_priority.is_none() {
+        return Ok(());
+    }
+    Err(SourceError::Invalid(format!(
+        "--max-priority: message priorities within a topic are RabbitMQ's priority queues; \
+         {broker} orders a topic's messages by offset. Put urgent work on a topic of its own and \
+         run with --priority urgent,routine"
+    )))
 }
 
 /// Refuses `--retention` and its kin where the broker keeps records by rules weir does not set.

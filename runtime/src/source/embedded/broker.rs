@@ -31,15 +31,8 @@ impl Broker for LogHandle {
         replication: Option<i32>,
         spec: &TopicSpec,
     ) -> Result<(), SourceError> {
-        if spec.retention.is_empty() {
-            return Broker::create_topic(self, topic, partitions, replication);
-        }
-        let mut plain = spec.clone();
-        plain.retention = RetentionChange::default();
-        // The checks every broker makes (priorities), then the topic with its retention.
-        if plain.max_priority.is_some() {
-            return Broker::create_topic_with(self, topic, partitions, replication, &plain);
-        }
+        let _ = replication;
+        crate::source::broker::refuse_priority(self.name(), spec)?;
         LogHandle::create_topic(self, topic, partitions, spec.retention)
     }
 

@@ -21,12 +21,12 @@ const TOPICS_REFRESH: Duration = Duration::from_secs(1);
 
 /// Metadata, watermarks and topic administration.
 pub struct Admin {
-    cfg: KafkaConfig,
+    pub(super) cfg: KafkaConfig,
     /// A group-less consumer: metadata and watermark requests (it never creates topics).
-    meta: BaseConsumer<Logged>,
-    admin: AdminClient<Logged>,
+    pub(super) meta: BaseConsumer<Logged>,
+    pub(super) admin: AdminClient<Logged>,
     /// Topics known to exist, and when the set was last read.
-    known: Mutex<(HashSet<String>, Option<Instant>)>,
+    pub(super) known: Mutex<(HashSet<String>, Option<Instant>)>,
 }
 
 impl Admin {
@@ -98,7 +98,7 @@ impl Admin {
     }
 
     /// A consumer of `group` that never joins it: reads and commits the group's offsets.
-    fn group_client(&self, group: &str) -> Result<BaseConsumer<Logged>, SourceError> {
+    pub(super) fn group_client(&self, group: &str) -> Result<BaseConsumer<Logged>, SourceError> {
         self.cfg
             .client(&[("enable.auto.commit", "false")])
             .set("group.id", group)
@@ -169,17 +169,31 @@ impl Admin {
         partitions: u32,
         replication: i32,
     ) -> Result<(), SourceError> {
+        self.create_topic_configured(topic, partitions, replication, &[])
+    }
+
+    /// Creates `topic` with topic configs (`retention.ms`...).
+    pub fn create_topic_configured(
+        &self,
+        topic: &str,
+        partitions: u32,
+        replication: i32,
+        configs: &[(&str, String)],
+    ) -> Result<(), SourceError> {
         crate::source::embedded::validate_topic_name(topic)?;
         if partitions == 0 || partitions > 100_000 {
             return Err(SourceError::Invalid(format!(
                 "--partitions: {partitions} is not between 1 and 100000"
             )));
         }
-        let new = NewTopic::new(
+        let mut new = NewTopic::new(
             topic,
             partitions as i32,
             TopicReplication::Fixed(replication),
         );
+        for (k, v) in configs {
+            new = new.set(k, v);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
         let results = futures_executor::block_on(self.admin.create_topics([&new], &opts))
             .map_err(|e| unreachable_brokers(&self.cfg, e))?;
@@ -351,7 +365,7 @@ pub(crate) fn bad_config(cfg: &KafkaConfig, e: KafkaError) -> SourceError {
     ))
 }
 
-fn unreachable_brokers(cfg: &KafkaConfig, e: KafkaError) -> SourceError {
+pub(super) fn unreachable_brokers(cfg: &KafkaConfig, e: KafkaError) -> SourceError {
     storage(
         &format!("the Kafka brokers at {} did not answer", cfg.brokers),
         e,

@@ -1,8 +1,10 @@
 //! Kafka as `weir topics`, `produce` and `consume` use it.
 
 use super::{Admin, KafkaConfig, Publisher, Reader};
-use crate::source::broker::{Broker, filter_group};
+use crate::source::broker::{Broker, TopicSpec, filter_group, refuse_priority};
+use crate::source::lifecycle::{GroupInfo, SeekMove};
 use crate::source::{Capabilities, Delivery, Record, SourceError, TopicStats};
+use weir_core::retention::{RetentionChange, SeekTo};
 
 /// The admin client, with a producer and a reader made when first needed.
 pub struct KafkaBroker {
@@ -39,6 +41,45 @@ impl Broker for KafkaBroker {
     ) -> Result<(), SourceError> {
         self.admin
             .create_topic(topic, partitions, replication.unwrap_or(-1))
+    }
+
+    fn create_topic_with(
+        &mut self,
+        topic: &str,
+        partitions: u32,
+        replication: Option<i32>,
+        spec: &TopicSpec,
+    ) -> Result<(), SourceError> {
+        refuse_priority(self.name(), spec)?;
+        let configs = super::lifecycle::retention_configs(&spec.retention)?;
+        self.admin
+            .create_topic_configured(topic, partitions, replication.unwrap_or(-1), &configs)
+    }
+
+    fn delete_topic(&mut self, topic: &str) -> Result<(), SourceError> {
+        self.admin.delete_topic(topic)
+    }
+
+    fn alter_topic(&mut self, topic: &str, change: &RetentionChange) -> Result<(), SourceError> {
+        self.admin.set_retention(topic, change)
+    }
+
+    fn list_groups(&mut self) -> Result<Vec<GroupInfo>, SourceError> {
+        self.admin.groups()
+    }
+
+    fn seek_group(
+        &mut self,
+        group: &str,
+        topic: &str,
+        partition: Option<u32>,
+        to: SeekTo,
+    ) -> Result<Vec<SeekMove>, SourceError> {
+        self.admin.seek_group(group, topic, partition, to)
+    }
+
+    fn delete_group(&mut self, group: &str) -> Result<(), SourceError> {
+        self.admin.delete_group(group)
     }
 
     fn stats(

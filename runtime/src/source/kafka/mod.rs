@@ -25,6 +25,7 @@ mod admin;
 pub mod bench;
 mod broker;
 mod group;
+mod lifecycle;
 mod publisher;
 
 use super::{Commit, GroupEvent, Record, Source, SourceError, TopicStats};
