@@ -5,6 +5,7 @@
 
 use super::Globals;
 use super::bad_input;
+use super::bench_report::{Report, dir_bytes, print_report};
 use super::produce::{FaultMix, synthetic_order, synthetic_order_mixed};
 use crate::config::RunOptions;
 use crate::engine::{self, Stats};
@@ -13,7 +14,6 @@ use crate::source::embedded::local;
 use crate::source::{Delivery, Record, Source};
 use anyhow::Context;
 use clap::Args;
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -71,55 +71,10 @@ pub struct BenchCommand {
     /// Print the report as JSON on standard output
     #[arg(long)]
     json: bool,
-}
-
-/// What `weir bench` reports.
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub module: String,
-    pub module_bytes: u64,
-    /// `backlog` (produced first, drained at full speed) or `rate` (appended at --rate while
-    /// consuming).
-    pub mode: String,
-    pub rate: Option<u64>,
-    pub entry: &'static str,
-    pub messages: u64,
-    pub message_bytes: usize,
-    pub partitions: u32,
-    pub instances: usize,
-    pub batch_size: usize,
-    pub delivery: String,
-    /// First load: compile and write the compiled cache.
-    pub compile_ms: f64,
-    /// `weir run` ready: data directory open and module loaded from the compiled cache.
-    pub ready_ms: f64,
-    /// A new instance from the pre-instantiated component.
-    pub instantiate_us: f64,
-    /// Resident memory one more instance costs after handling one message.
-    pub idle_instance_kib: f64,
-    /// Producing the messages (durable appends).
-    pub produce_seconds: f64,
-    /// The run: from start to the last commit of the drained topic.
-    pub seconds: f64,
-    pub messages_per_second: f64,
-    pub mb_per_second: f64,
-    /// Per message, wall time of the run over the messages.
-    pub us_per_message: f64,
-    /// CPU time (user + system) the process used during the run.
-    pub cpu_seconds: f64,
-    /// Peak resident memory during the run.
-    pub peak_rss_mib: f64,
-    /// Append to ack, from the run's histogram: the upper bounds of the buckets the
-    /// percentiles fall in (append timestamps have millisecond precision).
-    pub latency_p50_ms: Option<f64>,
-    pub latency_p99_ms: Option<f64>,
-    pub latency_p999_ms: Option<f64>,
-    /// Most instances that ran at once.
-    pub instances_peak: usize,
-    pub processed: u64,
-    pub emitted: u64,
-    pub dead_lettered: u64,
-    pub retries: u64,
+    /// Retention of the input topic (`--retention-bytes 500MiB`, `--retention-policy interest`,
+    /// `--segment-bytes`), enforced while the run consumes [default: keep everything]
+    #[command(flatten)]
+    retention: super::topics::RetentionArgs,
 }
 
 impl BenchCommand {
@@ -243,7 +198,11 @@ impl BenchCommand {
         };
         let ready_ms = ms(ready_started.elapsed());
 
-        log.create_topic("bench", self.partitions)?;
+        let retention = self
+            .retention
+            .change()?
+            .apply(weir_core::retention::Retention::FOREVER);
+        log.create_topic_retained("bench", self.partitions, retention)?;
         for t in &self.output_topics {
             log.ensure_topic(t, self.partitions)?;
         }
@@ -275,6 +234,10 @@ impl BenchCommand {
             }
         }
         let produce_seconds = produce_started.elapsed().as_secs_f64();
+        if retention != weir_core::retention::Retention::FOREVER {
+            log.keep_retention();
+        }
+        let dir_peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
         let runtime = super::io_runtime()?;
         let instances = settings.engine.instances;
@@ -324,9 +287,13 @@ impl BenchCommand {
             let watcher = {
                 let (handled, bar) = (handled.clone(), bar.clone());
                 let drain = self.rate.is_none();
+                let (dir, peak) = (dir.path().to_path_buf(), dir_peak.clone());
                 tokio::spawn(async move {
-                    loop {
+                    for tick in 0u64.. {
                         tokio::time::sleep(Duration::from_millis(100)).await;
+                        if tick % 10 == 0 {
+                            peak.fetch_max(dir_bytes(&dir), Ordering::Relaxed);
+                        }
                         let h = handled();
                         bar.set_position(h);
                         if !drain && h >= count {
@@ -399,6 +366,10 @@ impl BenchCommand {
             emitted: summary.emitted,
             dead_lettered: summary.dead_lettered,
             retries: summary.retries,
+            retention: retention.describe(),
+            skipped_by_retention: log.skipped_by_retention(),
+            data_dir_peak_mib: dir_peak.load(Ordering::Relaxed).max(dir_bytes(dir.path())) as f64
+                / (1 << 20) as f64,
         };
         if self.json {
             println!("{}", serde_json::to_string(&report)?);
@@ -499,47 +470,6 @@ impl BenchCommand {
         super::bench_queue::print(&r, g.source.kind);
         Ok(ExitCode::SUCCESS)
     }
-}
-
-fn print_report(r: &Report) {
-    println!(
-        "module      {} ({} bytes, {})",
-        r.module, r.module_bytes, r.entry
-    );
-    println!(
-        "load        compile {:.0} ms; ready from the compiled cache {:.1} ms; new instance {:.1} µs; idle instance {:.0} KiB",
-        r.compile_ms, r.ready_ms, r.instantiate_us, r.idle_instance_kib
-    );
-    println!(
-        "input       {} messages of {} bytes over {} partitions (produced in {:.2}s)",
-        r.messages, r.message_bytes, r.partitions, r.produce_seconds
-    );
-    println!(
-        "run         {} instances, batch {}, {}",
-        r.instances, r.batch_size, r.delivery
-    );
-    println!(
-        "result      {:.0} msg/s, {:.1} MB/s, {:.2} µs/msg; {:.2}s wall, {:.2}s CPU; peak RSS {:.0} MiB",
-        r.messages_per_second,
-        r.mb_per_second,
-        r.us_per_message,
-        r.seconds,
-        r.cpu_seconds,
-        r.peak_rss_mib
-    );
-    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("<={v} ms"));
-    println!(
-        "latency     append to ack: p50 {}, p99 {}, p99.9 {} ({} mode{})",
-        ms(r.latency_p50_ms),
-        ms(r.latency_p99_ms),
-        ms(r.latency_p999_ms),
-        r.mode,
-        r.rate.map(|r| format!(", {r} msg/s")).unwrap_or_default()
-    );
-    println!(
-        "outcomes    processed {}, emitted {}, dead-lettered {}, retried {}; peak instances {}",
-        r.processed, r.emitted, r.dead_lettered, r.retries, r.instances_peak
-    );
 }
 
 /// Average time of a new instance, and the resident memory one more costs after it handled a

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_kafka;
 mod bench_queue;
+mod bench_report;
 mod check;
 mod check_data;
 mod consume;

@@ -185,7 +185,7 @@ impl TopicsCommand {
 
 /// What a topic keeps (`topics create` and `alter`; the embedded log).
 #[derive(Debug, clap::Args)]
-pub struct RetentionArgs {
+pub(super) struct RetentionArgs {
     /// Delete records older than this (`7d`, `12h`), or `forever`. New topics keep 7 days
     #[arg(long, value_name = "AGE|forever")]
     retention: Option<String>,
