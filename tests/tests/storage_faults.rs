@@ -479,7 +479,9 @@ fn failed_fsyncs_and_writes_lose_and_double_nothing() {
 /// tables: each run gets 30,000 more orders of 400 bytes through its socket before it is killed,
 /// so more than fjall's 64 MiB memtable of records goes through while runs are alive. Each
 /// restart goes on from what was committed; at the end every order has exactly one confirmation
-/// and the directory is sound. The test checks that the journal rotated while runs wrote.
+/// and the directory is sound. The test checks that the journal rotated and that compactions
+/// merged tables away while runs wrote (fjall compacts in the background: the kills land among
+/// them).
 #[test]
 fn kill_9_through_journal_rotation_and_flushes_loses_and_doubles_nothing() {
     let kills = scaled(6, 6);
@@ -503,6 +505,19 @@ fn kill_9_through_journal_rotation_and_flushes_loses_and_doubles_nothing() {
     };
     let initial = journals(&w);
     let mut seen = initial.clone();
+    // Table files per keyspace, sampled while runs write: one that is gone later while its
+    // keyspace is still there was merged away by a compaction.
+    let mut tables: std::collections::BTreeSet<PathBuf> = Default::default();
+    let sample = |w: &Weir, into: &mut std::collections::BTreeSet<PathBuf>| {
+        let Ok(spaces) = std::fs::read_dir(w.data_dir().join("log").join("keyspaces")) else {
+            return;
+        };
+        for ks in spaces.flatten() {
+            if let Ok(files) = std::fs::read_dir(ks.path().join("tables")) {
+                into.extend(files.flatten().map(|f| f.path()));
+            }
+        }
+    };
     for _ in 0..kills {
         let _ = std::fs::remove_file(w.data_dir().join("weir.sock"));
         let mut run = w.spawn(&orders_run(&module));
@@ -525,7 +540,10 @@ fn kill_9_through_journal_rotation_and_flushes_loses_and_doubles_nothing() {
         wait_until(
             "the run has committed more",
             Duration::from_secs(300),
-            || w.committed("orders", "g") >= at,
+            || {
+                sample(&w, &mut tables);
+                w.committed("orders", "g") >= at
+            },
         );
         run.kill();
         seen.extend(journals(&w));
@@ -538,7 +556,18 @@ fn kill_9_through_journal_rotation_and_flushes_loses_and_doubles_nothing() {
         "the journal never rotated while runs wrote ({initial:?} after producing, {seen:?} \
          after): the test did not reach a memtable flush"
     );
+    let compacted = tables
+        .iter()
+        .filter(|t| !t.exists() && t.parent().is_some_and(Path::exists))
+        .count();
+    assert!(
+        compacted > 0,
+        "no table was merged away while runs wrote ({} tables seen): no compaction ran",
+        tables.len()
+    );
     eprintln!(
-        "{kills} kills, {produced} orders, journals: {initial:?} before the runs, {seen:?} seen in all"
+        "{kills} kills, {produced} orders, journals: {initial:?} before the runs, {seen:?} seen \
+         in all; {} table files seen, {compacted} merged away by compactions",
+        tables.len()
     );
 }

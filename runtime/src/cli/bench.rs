@@ -253,11 +253,13 @@ impl BenchCommand {
         let stats = Arc::new(Stats::default());
         let count = self.count;
         let handled = {
-            let stats = stats.clone();
+            let (stats, log) = (stats.clone(), log.clone());
+            // Records retention deleted before the run read them are done with too.
             move || {
                 stats.processed.load(Ordering::Relaxed)
                     + stats.dead_lettered.load(Ordering::Relaxed)
                     + stats.deduped.load(Ordering::Relaxed)
+                    + log.skipped_by_retention()
             }
         };
         let bar = progress_bar(count);

@@ -107,10 +107,18 @@ impl RunCommand {
         }
         let exists = crate::source::output_check(source.clone());
         let module = Module::load(&module_path, &settings.host, exists)?;
+        // What the run reads (its topics, their retry topics) and where its dead letters go:
+        // not deleted under it through the socket.
+        let mut touched = settings.engine.topics.clone();
+        for t in &settings.engine.topics {
+            touched.push(settings.engine.dlq_for(t));
+            touched.push(settings.engine.retry_for(t));
+        }
         let served = local::Served {
             max_depth: settings.max_depth,
             group: settings.engine.group.clone(),
             topics: settings.engine.topics.clone(),
+            guarded: touched,
         };
         let runtime = super::io_runtime()?;
         let started = Instant::now();

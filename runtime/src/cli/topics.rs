@@ -32,14 +32,15 @@ pub enum TopicsCommand {
         #[command(flatten)]
         retention: RetentionArgs,
     },
-    /// Change what a topic keeps (the embedded log): retention by age, size or interest
+    /// Change what a topic keeps: retention by age or size (the embedded log and Kafka), or
+    /// by interest (the embedded log)
     Alter {
         topic: String,
         #[command(flatten)]
         retention: RetentionArgs,
     },
-    /// Delete a topic, its records and every group's offsets on it (embedded log, RabbitMQ,
-    /// Redis, NATS, SQS; on Kafka use its tools)
+    /// Delete a topic, its records and (on the embedded log) every group's offsets on it;
+    /// refused while a run reads or writes it
     Delete { topic: String },
     /// What a topic keeps and holds (the embedded log): retention, segments, bytes on disk,
     /// the oldest record's age, and each partition's first kept offset

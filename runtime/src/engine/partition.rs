@@ -231,6 +231,9 @@ async fn run(
                         Err(e) => return Err(e),
                     }
                 });
+            // Records retention deleted before this group read them (at most once: counted
+            // with the commit made at fetch, below).
+            let mut skipped = 0;
             if let Some(first) = batch.first()
                 && first.offset > next
                 && ctx.source.capabilities().dense_offsets
@@ -245,7 +248,10 @@ async fn run(
                     "retention deleted {} record(s) this group had not read; going on from the oldest kept",
                     first.offset - next
                 );
-                pending.hold(next, first.offset - 1, Later::Skipped(first.offset - next));
+                skipped = first.offset - next;
+                if cfg.delivery != Mode::AtMostOnce {
+                    pending.hold(next, first.offset - 1, Later::Skipped(skipped));
+                }
             }
             if let Some(last) = batch.last() {
                 next = last.offset + 1;
@@ -303,11 +309,18 @@ async fn run(
                 }
                 let (src, group, t) = (ctx.source.clone(), cfg.group.clone(), topic.clone());
                 let commit = Commit {
+                    skipped: (skipped > 0)
+                        .then(|| (t.clone(), partition, skipped))
+                        .into_iter()
+                        .collect(),
                     offsets: vec![(t, partition, next)],
                     ..Default::default()
                 };
                 blocking(move || src.commit(&group, commit)).await?;
                 committed = next;
+                ctx.stats
+                    .metrics
+                    .count(&topic, "skipped-by-retention", skipped);
             }
         }
 

@@ -257,14 +257,19 @@ pub(super) fn serve(
     };
     match req {
         AdminRequest::AlterTopic { topic, change } => {
-            let t = log.topic(&topic)?;
-            let now = *t.retention.read().expect("retention lock");
-            log.set_retention(&topic, change.apply(now))?;
+            log.set_retention(&topic, |now| change.apply(now))?;
             Ok(serde_json::Value::Null)
         }
         AdminRequest::DeleteTopic { topic } => {
-            if run.is_some_and(|r| r.topics.contains(&topic)) {
+            if run.is_some_and(|r| r.guarded.contains(&topic)) {
                 return Err(busy(&format!("topic `{topic}`")));
+            }
+            if run.is_some() && log.topic(&topic)?.written.load(Ordering::Relaxed) {
+                return Err(SourceError::Invalid(format!(
+                    "topic `{topic}` takes the outputs of the `weir run` that owns {}; stop it \
+                     first (its next commit would fail)",
+                    log.dir().display()
+                )));
             }
             log.delete_topic(&topic)?;
             Ok(serde_json::Value::Null)

@@ -79,6 +79,9 @@ pub struct Served {
     pub max_depth: Option<u64>,
     pub group: String,
     pub topics: Vec<String>,
+    /// The topics the run reads or dead-letters to (its topics, their retry and dead-letter
+    /// topics): not deleted under it.
+    pub guarded: Vec<String>,
 }
 
 impl Served {
@@ -93,7 +96,8 @@ impl Served {
         let mut depth = 0u64;
         for p in 0..log.partitions(topic)? {
             let end = log.end_offset(topic, p)?;
-            depth += end.saturating_sub(log.committed_offset(&self.group, topic, p)?);
+            let from = log.committed_offset(&self.group, topic, p)?;
+            depth += end.saturating_sub(from.max(log.start_offset(topic, p)?));
         }
         Ok((depth > max).then_some(depth))
     }

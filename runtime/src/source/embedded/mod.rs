@@ -60,6 +60,8 @@ struct Topic {
     ends: Vec<AtomicU64>,
     /// Where the next keyless record goes (round robin).
     next_keyless: AtomicU64,
+    /// A commit (a run's outputs or dead letters) wrote to it in this process.
+    written: std::sync::atomic::AtomicBool,
 }
 
 /// The end offsets a write batch moves and the segments it starts, kept apart until the batch
@@ -418,6 +420,7 @@ impl EmbeddedLog {
                 retention: std::sync::RwLock::new(meta.retention),
                 ends,
                 next_keyless: AtomicU64::new(u64::from(rand::random::<u32>())),
+                written: Default::default(),
             };
             topics.insert(name, Arc::new(topic));
         }
@@ -480,9 +483,32 @@ impl EmbeddedLog {
                 retention: std::sync::RwLock::new(retention),
                 ends,
                 next_keyless: AtomicU64::new(0),
+                written: Default::default(),
             }),
         );
         Ok(())
+    }
+
+    /// The first offset of the partition still kept.
+    pub fn start_offset(&self, topic: &str, partition: u32) -> Result<u64, SourceError> {
+        let t = self.topic(topic)?;
+        if partition >= t.partitions {
+            return Err(SourceError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+                partitions: t.partitions,
+            });
+        }
+        Ok(t.start(partition))
+    }
+
+    /// `t` is still the topic named `name` (not deleted, nor made again, since it was looked
+    /// up). Called under `self.write`, which a deletion takes too.
+    fn still_there(&self, name: &str, t: &Arc<Topic>) -> Result<(), SourceError> {
+        match self.topics.read().expect("topic table lock").get(name) {
+            Some(now) if Arc::ptr_eq(now, t) => Ok(()),
+            _ => Err(SourceError::UnknownTopic(name.to_string())),
+        }
     }
 
     /// Creates the topic unless it exists (with any partition count).
@@ -525,6 +551,7 @@ impl EmbeddedLog {
         }
         let placed = {
             let _w = self.write.lock().expect("write lock");
+            self.still_there(topic, &t)?;
             let mut batch = self.db.batch();
             let mut ends = Ends::default();
             let placed = self.stage(&mut batch, topic, &t, records, now_ms(), &mut ends)?;
@@ -690,7 +717,13 @@ impl EmbeddedLog {
             let mut batch = self.db.batch();
             let now = now_ms();
             let mut ends = Ends::default();
+            let mut checked: Option<&Arc<Topic>> = None;
             for (o, t) in commit.outputs.into_iter().zip(&output_topics) {
+                if !checked.is_some_and(|c| Arc::ptr_eq(c, t)) {
+                    self.still_there(&o.topic, t)?;
+                    t.written.store(true, Ordering::Relaxed);
+                    checked = Some(t);
+                }
                 self.stage(&mut batch, &o.topic, t, vec![o.record], now, &mut ends)?;
             }
             for (topic, partition, next) in &commit.offsets {
@@ -785,7 +818,8 @@ impl EmbeddedLog {
                         .map(|(group, committed)| GroupOffset {
                             group,
                             committed,
-                            lag: end.saturating_sub(committed),
+                            // What retention deleted is not waiting for the group.
+                            lag: end.saturating_sub(committed.max(t.start(p))),
                         })
                         .collect();
                     PartitionStats {

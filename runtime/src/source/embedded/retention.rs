@@ -180,11 +180,17 @@ impl EmbeddedLog {
         Ok(out)
     }
 
-    /// Sets what `topic` keeps from now on (`weir topics alter`).
-    pub fn set_retention(&self, topic: &str, retention: Retention) -> Result<(), SourceError> {
+    /// Changes what `topic` keeps from now on (`weir topics alter`): `change` gets what it
+    /// keeps now, under the write lock (two alters at once both count).
+    pub fn set_retention(
+        &self,
+        topic: &str,
+        change: impl FnOnce(Retention) -> Retention,
+    ) -> Result<(), SourceError> {
         let t = self.topic(topic)?;
         self.writable()?;
         let _w = self.write.lock().expect("write lock");
+        let retention = change(*t.retention.read().expect("retention lock"));
         let key = codec::topic_key(topic);
         let old = self
             .meta

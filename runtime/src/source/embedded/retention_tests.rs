@@ -81,6 +81,16 @@ fn segments_roll_reads_cross_them_and_retention_drops_whole_ones() {
     assert!(dropped > 0, "100 KB over a 40 KB bound dropped nothing");
     let starts: Vec<u64> = (0..2).map(|p| t.start(p)).collect();
     assert!(starts.iter().all(|&s| s > 0), "{starts:?}");
+    // The deleted segments' files are closed, not only unlinked: their space is free.
+    let open_deleted = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| {
+            target.starts_with(dir.path()) && target.to_string_lossy().ends_with("(deleted)")
+        })
+        .count();
+    assert_eq!(open_deleted, 0, "files of deleted segments are still open");
     let kept: u64 = {
         let segs = t.segments.read().unwrap();
         segs.iter()
@@ -250,7 +260,7 @@ fn a_directory_from_before_segments_opens_and_lets_go_of_its_keyspace() {
     assert_eq!(log.usage(Some("a")).unwrap()[0].retention, "forever");
     assert!(log.check().unwrap().problems.is_empty());
     for t in ["a", "b"] {
-        log.set_retention(t, small(Some(1), Policy::Limits))
+        log.set_retention(t, |_| small(Some(1), Policy::Limits))
             .unwrap();
         // Enough to seal segment 0 (its 5 records are counted from its size on disk, so a
         // segment holding them is full) and start another.

@@ -72,6 +72,8 @@ impl Admin {
             let r = r.map_err(|code| {
                 SourceError::Invalid(format!("reading topic `{topic}`'s configs: {code}"))
             })?;
+            // (A sensitive config comes back without its value and cannot be sent back: the
+            // brokers drop it. Retention is set by kafka-configs on such topics.)
             for e in r.entries {
                 if matches!(e.source, ConfigSource::DynamicTopic)
                     && let Some(v) = e.value
@@ -225,15 +227,22 @@ impl Admin {
                 SeekTo::Earliest => low,
                 SeekTo::Latest => high,
                 SeekTo::Offset(o) => o.clamp(low, high),
-                SeekTo::Time(_) => match by_time
-                    .as_ref()
-                    .and_then(|t| t.find_partition(topic, *p as i32))
-                    .map(|e| e.offset())
-                {
-                    Some(Offset::Offset(n)) if n >= 0 => (n as u64).clamp(low, high),
-                    // No record at or after the time.
-                    _ => high,
-                },
+                SeekTo::Time(ms) => {
+                    let found = by_time
+                        .as_ref()
+                        .and_then(|t| t.find_partition(topic, *p as i32));
+                    match found.as_ref().map(|e| (e.offset(), e.error())) {
+                        Some((Offset::Offset(n), Ok(()))) if n >= 0 => (n as u64).clamp(low, high),
+                        // No record at or after the time.
+                        Some((Offset::End, Ok(()))) => high,
+                        other => {
+                            return Err(SourceError::Invalid(format!(
+                                "the brokers did not look up {topic}/{p} by time {ms} ({other:?}); \
+                                 nothing moved. Seek with --offset instead"
+                            )));
+                        }
+                    }
+                }
             };
             targets.push((*p, target));
         }
