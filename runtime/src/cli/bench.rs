@@ -370,6 +370,7 @@ impl BenchCommand {
             retries: summary.retries,
             retention: retention.describe(),
             skipped_by_retention: log.skipped_by_retention(),
+            segments_deleted: log.segments_dropped(),
             data_dir_peak_mib: dir_peak.load(Ordering::Relaxed).max(dir_bytes(dir.path())) as f64
                 / (1 << 20) as f64,
         };

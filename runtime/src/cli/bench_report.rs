@@ -54,6 +54,8 @@ pub struct Report {
     pub retention: String,
     /// Records the group never read because retention deleted them first.
     pub skipped_by_retention: u64,
+    /// Segments retention deleted during the run.
+    pub segments_deleted: u64,
     /// The data directory's largest size, sampled every second during the run.
     pub data_dir_peak_mib: f64,
 }
@@ -98,8 +100,8 @@ pub(super) fn print_report(r: &Report) {
         r.processed, r.emitted, r.dead_lettered, r.retries, r.instances_peak
     );
     println!(
-        "storage     input keeps {}; skipped by retention {}; data directory at most {:.0} MiB",
-        r.retention, r.skipped_by_retention, r.data_dir_peak_mib
+        "storage     input keeps {}; {} segments deleted, {} records skipped; data directory at most {:.0} MiB",
+        r.retention, r.segments_deleted, r.skipped_by_retention, r.data_dir_peak_mib
     );
 }
 

@@ -144,6 +144,8 @@ pub struct EmbeddedLog {
     next_segment: AtomicU64,
     /// Records groups skipped because retention deleted them first, since the log opened.
     skipped: AtomicU64,
+    /// Segments retention deleted since the log opened.
+    dropped: AtomicU64,
 }
 
 impl std::fmt::Debug for EmbeddedLog {
@@ -271,6 +273,7 @@ impl EmbeddedLog {
             health: Default::default(),
             next_segment: AtomicU64::new(1),
             skipped: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         };
         log.load_topics()?;
         log.move_dedupe_marks()?;

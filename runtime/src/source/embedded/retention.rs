@@ -102,6 +102,7 @@ impl EmbeddedLog {
             let n = doomed(&retention, &only, groups, now);
             for (id, info) in infos.iter().take(n) {
                 self.drop_oldest_segment(&name, &t, *id)?;
+                self.dropped.fetch_add(1, Ordering::Relaxed);
                 dropped += 1;
                 tracing::info!(
                     topic = %name,
@@ -211,6 +212,11 @@ impl EmbeddedLog {
             .map_err(|e| self.write_failed(e))?;
         *t.retention.write().expect("retention lock") = retention;
         Ok(())
+    }
+
+    /// Segments retention deleted (in this process).
+    pub fn segments_dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Records groups skipped because retention had deleted them (counted in this process).
