@@ -149,4 +149,26 @@ fn print_status(v: &Value) {
     if let Some(note) = v["lag_note"].as_str() {
         println!("note: {note}");
     }
+    let storage = v["storage"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+    if !storage.is_empty() {
+        println!(
+            "{:<24} {:<30} {:>12} {:>12}",
+            "TOPIC", "KEEPS", "BYTES", "OLDEST"
+        );
+    }
+    for u in storage {
+        println!(
+            "{:<24} {:<30} {:>12} {:>12}",
+            u["topic"].as_str().unwrap_or("?"),
+            u["retention"].as_str().unwrap_or("?"),
+            n(&u["bytes"]),
+            u["oldest_age_s"]
+                .as_f64()
+                .map_or("-".to_string(), |a| format!("{a:.0}s ago"))
+        );
+    }
 }
