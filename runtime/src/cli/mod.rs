@@ -189,8 +189,11 @@ fn io_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("warn,weir=info,lapin=off"));
+    // lsm-tree warns for each table of a deleted segment whose file went with its folder
+    // first ("Failed to cleanup deleted table ... NotFound"): the files are gone either way.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("warn,weir=info,lapin=off,lsm_tree::table::inner=error")
+    });
     use std::io::IsTerminal;
     // Colour only on a terminal: logs piped to a file or a collector stay plain text.
     let builder = tracing_subscriber::fmt()

@@ -73,6 +73,7 @@ impl EmbeddedLog {
 
     /// One retention pass over every topic: returns how many segments went.
     pub fn retain(&self, now: u64) -> Result<usize, SourceError> {
+        self.settle_pool()?;
         let committed = self.committed_by_topic()?;
         let topics: Vec<(String, Arc<Topic>)> = self
             .topics

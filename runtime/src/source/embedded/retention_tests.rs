@@ -276,3 +276,39 @@ fn a_directory_from_before_segments_opens_and_lets_go_of_its_keyspace() {
     );
     assert!(log.check().unwrap().problems.is_empty());
 }
+
+/// Segments come and go without keyspaces coming and going: a deleted segment's keyspace is
+/// emptied and reused, so fjall's own record of keyspaces (which grew without bound under
+/// creates and deletes) stops changing once the pool is warm; what is kept reads back whole.
+#[test]
+fn deleted_segments_keyspaces_are_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path()).unwrap();
+    log.create_topic_retained("t", 1, small(Some(30_000), Policy::Limits))
+        .unwrap();
+    // Every keyspace name seen, after each round.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut counts = Vec::new();
+    for _ in 0..30 {
+        fill(&log, "t", 200);
+        log.retain(now_ms()).unwrap();
+        seen.extend(log.db.list_keyspace_names().iter().map(|n| n.to_string()));
+        counts.push(seen.len());
+    }
+    assert!(
+        log.segments_dropped() > 40,
+        "{} dropped",
+        log.segments_dropped()
+    );
+    assert!(
+        counts[29] <= counts[10] + 1,
+        "new keyspaces kept being made: {counts:?}"
+    );
+    let start = log.topic("t").unwrap().start(0);
+    assert_eq!(offsets(&log, "t", 0, 0), (start..6000).collect::<Vec<_>>());
+    assert!(log.check().unwrap().problems.is_empty());
+    drop(log);
+    let log = EmbeddedLog::open(dir.path()).unwrap();
+    assert_eq!(offsets(&log, "t", 0, 0), (start..6000).collect::<Vec<_>>());
+    assert!(log.check().unwrap().problems.is_empty());
+}

@@ -24,6 +24,8 @@ pub(super) const LEGACY: &str = "records";
 
 pub(super) struct Segment {
     pub id: u64,
+    /// Its keyspace's name.
+    pub name: String,
     pub ks: Keyspace,
     /// First offset of each partition in this segment.
     pub base: Vec<u64>,
@@ -36,7 +38,27 @@ pub(super) struct Segment {
 pub(super) struct SegmentMeta {
     pub base: Vec<u64>,
     pub created_ms: u64,
+    /// The keyspace holding it (a recycled one keeps its name); absent: `seg.<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyspace: Option<String>,
 }
+
+/// Emptied segment keyspaces, kept for the next segments: fjall 3.1.13 records every keyspace
+/// created or deleted in its own metadata tree, which grew without bound under that churn (3,000
+/// creates and deletes left 9 GB there, measured), so a deleted segment's keyspace is emptied
+/// and reused rather than deleted.
+#[derive(Default)]
+pub(super) struct Pool {
+    /// Empty, ready for a new segment.
+    ready: Vec<(String, Keyspace)>,
+    /// Waiting for a flush fjall has pending (emptied once it is done, so the flush cannot
+    /// write old records into a reused keyspace).
+    waiting: Vec<(String, Keyspace)>,
+}
+
+/// Emptied keyspaces kept; past this, one more is deleted (rare: retention deletes as many
+/// segments as rolls create).
+const POOL_MAX: usize = 64;
 
 pub(super) fn keyspace_name(id: u64) -> String {
     if id == 0 {
@@ -99,6 +121,7 @@ impl EmbeddedLog {
                 let m = SegmentMeta {
                     base: vec![0; *partitions as usize],
                     created_ms: 0,
+                    keyspace: None,
                 };
                 batch.insert(
                     &self.meta,
@@ -118,11 +141,13 @@ impl EmbeddedLog {
         for (topic, list) in defs {
             let mut segs = Vec::with_capacity(list.len());
             for (id, m) in list {
-                let ks = self.segment_keyspace(id)?;
-                named.insert(keyspace_name(id));
+                let name = m.keyspace.clone().unwrap_or_else(|| keyspace_name(id));
+                let ks = self.segment_keyspace_named(&name)?;
+                named.insert(name.clone());
                 max_id = max_id.max(id);
                 segs.push(Arc::new(Segment {
                     id,
+                    name,
                     written: AtomicU64::new(self.size_at_open(&ks, id)?),
                     ks,
                     base: m.base,
@@ -138,11 +163,15 @@ impl EmbeddedLog {
             if let Some(id) = segment_id_of(&name) {
                 max_id = max_id.max(id);
             }
-            if orphan {
+            if orphan && name == LEGACY {
                 let ks = self.segment_keyspace_named(&name)?;
                 drop_tables(&ks);
                 self.db.delete_keyspace(ks).map_err(|e| self.storage(e))?;
                 tracing::info!(keyspace = %name, "deleted a segment no topic holds");
+            } else if orphan {
+                // Its segment was deleted (or never defined: a crash): empty, for reuse.
+                let ks = self.segment_keyspace_named(&name)?;
+                self.recycle(name, ks)?;
             }
         }
         self.next_segment.store(max_id + 1, Ordering::Relaxed);
@@ -187,12 +216,20 @@ impl EmbeddedLog {
         now: u64,
     ) -> Result<Arc<Segment>, SourceError> {
         let id = self.next_segment.fetch_add(1, Ordering::Relaxed);
-        let ks = self
-            .segment_keyspace(id)
-            .map_err(|e| self.write_failed(e))?;
+        let reused = self.pool.lock().expect("pool lock").ready.pop();
+        let (name, ks) = match reused {
+            Some(free) => free,
+            None => {
+                let ks = self
+                    .segment_keyspace(id)
+                    .map_err(|e| self.write_failed(e))?;
+                (keyspace_name(id), ks)
+            }
+        };
         let m = SegmentMeta {
             base,
             created_ms: now,
+            keyspace: Some(name.clone()),
         };
         batch.insert(
             &self.meta,
@@ -201,6 +238,7 @@ impl EmbeddedLog {
         );
         Ok(Arc::new(Segment {
             id,
+            name,
             ks,
             base: m.base,
             created_ms: now,
@@ -252,10 +290,47 @@ impl EmbeddedLog {
                 return Ok(());
             }
         }
-        drop_tables(&seg.ks);
+        if seg.id == 0 && seg.name == LEGACY {
+            drop_tables(&seg.ks);
+            return self
+                .db
+                .delete_keyspace(seg.ks.clone())
+                .map_err(|e| self.write_failed(e));
+        }
+        self.recycle(seg.name.clone(), seg.ks.clone())
+    }
+
+    /// Empties a keyspace no segment holds and keeps it for the next segment; one that fjall
+    /// still has a flush pending for waits for it ([`EmbeddedLog::settle_pool`]).
+    fn recycle(&self, name: String, ks: Keyspace) -> Result<(), SourceError> {
+        if ks.sealed_memtable_count() > 0 {
+            self.pool
+                .lock()
+                .expect("pool lock")
+                .waiting
+                .push((name, ks));
+            return Ok(());
+        }
+        drop_tables(&ks);
+        ks.clear().map_err(|e| self.write_failed(e))?;
+        let mut pool = self.pool.lock().expect("pool lock");
+        if pool.ready.len() < POOL_MAX {
+            pool.ready.push((name, ks));
+            return Ok(());
+        }
+        drop(pool);
         self.db
-            .delete_keyspace(seg.ks.clone())
+            .delete_keyspace(ks)
             .map_err(|e| self.write_failed(e))
+    }
+
+    /// Empties the keyspaces whose pending flushes are done (retention calls it every pass).
+    pub(super) fn settle_pool(&self) -> Result<(), SourceError> {
+        let waiting = std::mem::take(&mut self.pool.lock().expect("pool lock").waiting);
+        for (name, ks) in waiting {
+            self.recycle(name, ks)?;
+        }
+        Ok(())
     }
 }
 
