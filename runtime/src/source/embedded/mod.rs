@@ -16,6 +16,7 @@ pub mod check;
 mod health;
 mod retention;
 mod segments;
+mod sync;
 pub(crate) use weir_core::codec;
 pub mod local;
 
@@ -133,8 +134,11 @@ pub struct EmbeddedLog {
     /// Topic table; read on every fetch, written only by `create_topic`.
     topics: std::sync::RwLock<HashMap<String, Arc<Topic>>>,
     /// Serialises offset assignment and the write batch that uses it, so offsets are dense
-    /// and increasing. The fsync happens after it is released, so concurrent writers share one.
+    /// and increasing. The fsync happens after it is released, through [`sync::GroupSync`], so
+    /// concurrent writers share one.
     write: Mutex<()>,
+    /// Group commit: one fsync for the batches committed while the last one ran.
+    sync: sync::GroupSync,
     /// Woken after every durable append, so idle partitions fetch at once instead of at their
     /// next poll.
     appended: Arc<tokio::sync::Notify>,
@@ -271,6 +275,7 @@ impl EmbeddedLog {
             dedupe,
             topics: Default::default(),
             write: Mutex::new(()),
+            sync: sync::GroupSync::default(),
             appended: Default::default(),
             health: Default::default(),
             next_segment: AtomicU64::new(1),
@@ -346,6 +351,21 @@ impl EmbeddedLog {
     /// A write (batch, insert or fsync) failed: no later write is taken.
     fn write_failed(&self, e: impl std::fmt::Display) -> SourceError {
         self.health.fail(&self.dir.display().to_string(), e)
+    }
+
+    /// Waits until the batch of `ticket` is on disk: one fsync shared with the writers that
+    /// committed meanwhile ([`sync::GroupSync`]).
+    fn durable(&self, ticket: u64) -> Result<(), SourceError> {
+        self.sync.wait(ticket, || {
+            self.db
+                .persist(PersistMode::SyncAll)
+                .map_err(|e| self.write_failed(e))
+        })
+    }
+
+    /// fsyncs that made appends and commits durable since the log opened.
+    pub fn syncs(&self) -> u64 {
+        self.sync.syncs()
     }
 
     fn writable(&self) -> Result<(), SourceError> {
@@ -555,7 +575,7 @@ impl EmbeddedLog {
         for r in &records {
             codec::check(r).map_err(SourceError::Invalid)?;
         }
-        let placed = {
+        let (placed, ticket) = {
             let _w = self.write.lock().expect("write lock");
             self.still_there(topic, &t)?;
             let mut batch = self.db.batch();
@@ -564,11 +584,9 @@ impl EmbeddedLog {
             self.writable()?;
             batch.commit().map_err(|e| self.write_failed(e))?;
             ends.apply();
-            placed
+            (placed, self.sync.ticket())
         };
-        self.db
-            .persist(PersistMode::SyncAll)
-            .map_err(|e| self.write_failed(e))?;
+        self.durable(ticket)?;
         // Another writer's fsync may have failed meanwhile: after that, a later fsync's success
         // does not vouch for this write (Linux reports a writeback error once).
         self.writable()?;
@@ -727,7 +745,7 @@ impl EmbeddedLog {
             output_topics.push(self.topic(&o.topic)?);
             codec::check(&o.record).map_err(SourceError::Invalid)?;
         }
-        {
+        let ticket = {
             let _w = self.write.lock().expect("write lock");
             let mut batch = self.db.batch();
             let now = now_ms();
@@ -771,10 +789,9 @@ impl EmbeddedLog {
             self.writable()?;
             batch.commit().map_err(|e| self.write_failed(e))?;
             ends.apply();
-        }
-        self.db
-            .persist(PersistMode::SyncAll)
-            .map_err(|e| self.write_failed(e))?;
+            self.sync.ticket()
+        };
+        self.durable(ticket)?;
         self.writable()?;
         let skipped: u64 = commit_skipped;
         self.skipped.fetch_add(skipped, Ordering::Relaxed);
