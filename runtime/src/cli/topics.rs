@@ -198,7 +198,7 @@ pub(super) struct RetentionArgs {
     #[arg(long, value_name = "limits|interest")]
     retention_policy: Option<String>,
     /// Bytes a segment takes before the next begins (retention deletes whole segments)
-    /// [default: a tenth of --retention-bytes, 1 MiB to 256 MiB; 128 MiB without it]
+    /// [default: a twentieth of --retention-bytes, 1 MiB to 256 MiB; 128 MiB without it]
     #[arg(long, value_name = "SIZE")]
     segment_bytes: Option<String>,
 }
