@@ -21,7 +21,9 @@ impl EmbeddedLog {
         let t = self.topic(topic)?;
         let mut batch = self.db.batch();
         batch.remove(&self.meta, codec::topic_key(topic));
-        let segs = t.segments.read().expect("segment list lock").clone();
+        // Taken off the topic (under the write lock, as retention takes a segment), so a
+        // retention pass running now finds nothing left to delete.
+        let segs = std::mem::take(&mut *t.segments.write().expect("segment list lock"));
         for s in &segs {
             batch.remove(&self.meta, codec::segment_key(topic, s.id));
         }

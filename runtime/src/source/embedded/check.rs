@@ -113,6 +113,13 @@ impl EmbeddedLog {
                         }
                     }
                     if let Some(stop) = stop {
+                        if next < stop {
+                            r.problem(format!(
+                                "{name}/{p}: segment {} holds records up to {}, but the next begins at {stop}",
+                                s.id,
+                                next.wrapping_sub(1)
+                            ));
+                        }
                         next = next.max(stop);
                     }
                 }

@@ -674,6 +674,7 @@ impl EmbeddedLog {
         let mut out = Vec::with_capacity(max.min((end - from) as usize).min(1024));
         let mut bytes = 0usize;
         let spans = t.spans(partition, from, end);
+        let wanted = spans.first().map_or(from, |s| s.1);
         let records = spans.iter().flat_map(|(ks, from, to)| {
             ks.range(
                 codec::record_key(topic, partition, *from)
@@ -687,6 +688,15 @@ impl EmbeddedLog {
             let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
             let offset = codec::offset_of(&k)
                 .ok_or_else(|| self.corrupt(format!("bad record key in `{topic}`")))?;
+            // Records missing where retention keeps them are damage, not a skip: the consumer
+            // would count them as deleted by retention. (Past the oldest kept record, the
+            // segment holding them must have been deleted while this read went through it.)
+            if out.is_empty() && offset != wanted && offset > t.start(partition) {
+                return Err(self.corrupt(format!(
+                    "{topic}/{partition}: offsets {wanted} to {} are missing, though retention keeps them",
+                    offset - 1
+                )));
+            }
             // A segment retention deleted while this read went through it leaves a hole: what
             // comes after is returned by the next read, which begins past the hole, so the
             // consumer sees (and counts) the skip.

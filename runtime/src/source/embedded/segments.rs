@@ -50,7 +50,7 @@ pub(super) struct SegmentMeta {
 #[derive(Default)]
 pub(super) struct Pool {
     /// Empty, ready for a new segment.
-    ready: Vec<(String, Keyspace)>,
+    pub(super) ready: Vec<(String, Keyspace)>,
     /// Waiting for a flush fjall has pending (emptied once it is done, so the flush cannot
     /// write old records into a reused keyspace).
     waiting: Vec<(String, Keyspace)>,
@@ -248,26 +248,33 @@ impl EmbeddedLog {
 
     /// Deletes the oldest segment of `topic` (never its only one). The definition goes first,
     /// durably; the keyspace after (its files once no reader holds it).
+    ///
+    /// Under the write lock, which `delete_topic` holds while it takes a topic's segments: the
+    /// segment is taken off the list by whichever comes first, and only that one empties its
+    /// keyspace. (Without it, a topic deleted while retention trimmed it had its oldest
+    /// segment's keyspace emptied twice, the second time after a new segment might have taken
+    /// it from the pool.)
     pub(super) fn drop_oldest_segment(
         &self,
         topic: &str,
         t: &Topic,
         id: u64,
     ) -> Result<(), SourceError> {
-        {
-            let segs = t.segments.read().expect("segment list lock");
+        let gone = {
+            let _w = self.write.lock().expect("write lock");
+            let mut segs = t.segments.write().expect("segment list lock");
             if segs.len() < 2 || segs[0].id != id {
                 return Ok(());
             }
-        }
-        let mut batch = self.db.batch();
-        batch.remove(&self.meta, codec::segment_key(topic, id));
-        self.writable()?;
-        batch.commit().map_err(|e| self.write_failed(e))?;
+            let mut batch = self.db.batch();
+            batch.remove(&self.meta, codec::segment_key(topic, id));
+            self.writable()?;
+            batch.commit().map_err(|e| self.write_failed(e))?;
+            segs.remove(0)
+        };
         self.db
             .persist(fjall::PersistMode::SyncAll)
             .map_err(|e| self.write_failed(e))?;
-        let gone = t.segments.write().expect("segment list lock").remove(0);
         self.delete_segment_keyspace(gone)
     }
 
@@ -314,6 +321,11 @@ impl EmbeddedLog {
         drop_tables(&ks);
         ks.clear().map_err(|e| self.write_failed(e))?;
         let mut pool = self.pool.lock().expect("pool lock");
+        if pool.ready.iter().any(|(n, _)| *n == name) {
+            // Already given back: twice in the pool, two new segments would share it.
+            debug_assert!(false, "keyspace {name} recycled twice");
+            return Ok(());
+        }
         if pool.ready.len() < POOL_MAX {
             pool.ready.push((name, ks));
             return Ok(());
@@ -369,7 +381,12 @@ impl Topic {
 
     /// The first offset of `partition` still kept.
     pub(super) fn start(&self, partition: u32) -> u64 {
-        self.segments.read().expect("segment list lock")[0].base[partition as usize]
+        // A topic being deleted has none left.
+        self.segments
+            .read()
+            .expect("segment list lock")
+            .first()
+            .map_or(0, |s| s.base[partition as usize])
     }
 
     pub(super) fn active(&self) -> Arc<Segment> {
