@@ -354,7 +354,7 @@ impl EmbeddedLog {
 /// keyspace is such a compaction. (It and the `tree` field are public but hidden from fjall's
 /// docs; fjall is pinned to the version this was written against.) A failure leaves the files
 /// to the end of the process.
-fn drop_tables(ks: &Keyspace) {
+pub(super) fn drop_tables(ks: &Keyspace) {
     use fjall::AbstractTree;
     if let Err(e) = ks.tree.drop_range::<&[u8], _>(..) {
         tracing::debug!(error = %e, "dropping a deleted segment's tables failed; its files go when weir exits");
