@@ -36,7 +36,11 @@ impl Guest for Handler {
         let mut headers = msg.headers.clone();
         match what {
             "header-name" => headers.push(("h".repeat(n), b"v".to_vec())),
-            "header-name-multibyte" => headers.push(("é".repeat(n / 2), b"v".to_vec())),
+            // One byte, then two-byte characters: byte 16 falls inside a character (the old
+            // error message's `&name[..16]` panicked there).
+            "header-name-multibyte" => {
+                headers.push((format!("a{}", "é".repeat(n / 2)), b"v".to_vec()))
+            }
             "header-value" => headers.push(("big".into(), vec![b'v'; n])),
             "headers" => headers.extend((0..n).map(|i| (format!("h{i}"), vec![b'v']))),
             "key" => key = Some(vec![b'k'; n]),
